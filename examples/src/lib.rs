@@ -1,0 +1,1 @@
+//! Runnable unimic examples live in `examples/examples/`.
