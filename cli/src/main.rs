@@ -1,1 +1,68 @@
-fn main() {}
+//! The `unimic` command-line tool.
+
+use clap::{Parser, Subcommand};
+
+mod bench_codec;
+mod bench_tokenizer;
+mod bench_transport;
+mod train_entropy;
+mod train_tokenizer;
+
+/// unimic: token-based multimodal coding between edge devices and cloud AI agents.
+#[derive(Parser)]
+#[command(name = "unimic", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure codecs, tokenizers and transports; one JSON object per line with --json.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+    /// Train the project's models on ../shared/data.
+    Train {
+        #[command(subcommand)]
+        what: TrainCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Entropy models on token grids, images or captions.
+    Codec(bench_codec::Args),
+    /// The image tokenizer against JPEG/WebP/AVIF at equal bytes.
+    Tokenizer(bench_tokenizer::Args),
+    /// unimic over QUIC against a plain quinn echo and HTTP+JSON.
+    Transport(bench_transport::Args),
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// The VQ image tokenizer.
+    Tokenizer(train_tokenizer::Args),
+    /// The transformer entropy models.
+    Entropy(train_entropy::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench { what } => match what {
+            BenchCommand::Codec(a) => bench_codec::run(a),
+            BenchCommand::Tokenizer(a) => bench_tokenizer::run(a),
+            BenchCommand::Transport(a) => bench_transport::run(a),
+        },
+        Command::Train { what } => match what {
+            TrainCommand::Tokenizer(a) => train_tokenizer::run(a),
+            TrainCommand::Entropy(a) => train_entropy::run(a),
+        },
+    }
+}

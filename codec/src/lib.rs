@@ -1,1 +1,10 @@
-//! placeholder crate root, filled by its issue.
+//! unimic-codec: tokenizers (image VQ, text BPE), entropy models, range coding and the session
+//! context. It knows nothing of sockets or LMMs.
+//!
+//! Feature `vq` (default) adds the candle VQ image tokenizer, image I/O and training; without it the
+//! crate still codes token grids and text.
+#![warn(missing_docs)]
+
+pub mod grid;
+#[cfg(feature = "vq")]
+pub mod tokenizer;
