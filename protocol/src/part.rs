@@ -1,0 +1,483 @@
+//! Part headers and chunks: what one piece of a message is and how it is coded.
+//!
+//! A part is text tokens, an image token grid, or a raw attachment. On a message stream it is a
+//! [`PartHeader`] frame followed by one or more [`PartChunk`] frames, the last with `fin` set.
+//! Each chunk's payload is decodable on its own: for coded parts it is one complete entropy-coded
+//! message (docs/CODING.md) whose model state continues from the previous chunks of the part.
+
+use bytes::{Buf, BufMut, Bytes};
+
+use crate::coding::{
+    need, put_len, put_len_bytes, read_bounded, read_count, read_hash, read_len_bytes, read_string,
+    read_varint, Decode, DecodeError, Encode,
+};
+use crate::limits::{Limits, MAX_CONTEXT_REFS, MAX_MEDIA_TYPE_LEN, MAX_MODELS, MAX_RECTS};
+use crate::varint::VarInt;
+
+/// A reference to an earlier part of the session: the context a coded part depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ContextRef {
+    /// The id of the message that carried the part.
+    pub message_id: VarInt,
+    /// The index of the part within that message.
+    pub part_index: VarInt,
+}
+
+impl Encode for ContextRef {
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        self.message_id.encode(buf);
+        self.part_index.encode(buf);
+    }
+}
+
+impl Decode for ContextRef {
+    fn decode<B: Buf>(buf: &mut B, _limits: &Limits) -> Result<Self, DecodeError> {
+        Ok(ContextRef {
+            message_id: read_varint(buf)?,
+            part_index: read_varint(buf)?,
+        })
+    }
+}
+
+/// The header of one part: its index in the message and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct PartHeader {
+    /// Position of the part in its message: 0 for the first, then 1, 2, … with no gaps.
+    pub index: VarInt,
+    /// What the part holds.
+    pub body: PartBody,
+}
+
+/// What a part holds. Wire value in parentheses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[non_exhaustive]
+pub enum PartBody {
+    /// (0) Text token ids, entropy-coded. Shape is 1 × count.
+    Text(CodedPart),
+    /// (1) An image token grid, entropy-coded. Shape is height × width.
+    Image(CodedPart),
+    /// (2) An opaque attachment; its chunks carry the raw bytes.
+    Raw(RawPart),
+}
+
+impl PartBody {
+    /// The wire value of the part kind.
+    pub fn kind(&self) -> u8 {
+        match self {
+            PartBody::Text(_) => 0,
+            PartBody::Image(_) => 1,
+            PartBody::Raw(_) => 2,
+        }
+    }
+
+    /// The coded description, for text and image parts.
+    pub fn coded(&self) -> Option<&CodedPart> {
+        match self {
+            PartBody::Text(c) | PartBody::Image(c) => Some(c),
+            PartBody::Raw(_) => None,
+        }
+    }
+}
+
+/// How a text or image part is coded, and what it depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct CodedPart {
+    /// Index into the tokenizer table of the server hello.
+    pub tokenizer: VarInt,
+    /// Index into the entropy model table of the server hello.
+    pub entropy_model: VarInt,
+    /// Rows × columns: `1 × n` for text (`n` = 0 when the total is not yet known), grid
+    /// height × width for images.
+    pub shape: Shape,
+    /// Number of tokens the chunks carry in total. Text: equal to `shape.cols` (0 = not yet
+    /// known). Image: `rows × cols`, except masked mode, where it is the number of cells in the
+    /// region.
+    pub token_count: VarInt,
+    /// The coding mode.
+    pub mode: CodingMode,
+    /// The earlier parts the coding conditions on, in the order the model reads them.
+    pub context: Vec<ContextRef>,
+    /// The context digest (docs/PROTOCOL.md §8) of `context`, computed by the sender; always
+    /// present, also when `context` is empty.
+    pub context_digest: [u8; 32],
+}
+
+/// Rows × columns of a part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Shape {
+    /// Rows (grid height; 1 for text).
+    pub rows: VarInt,
+    /// Columns (grid width; token count for text).
+    pub cols: VarInt,
+}
+
+/// How the tokens of a part are entropy-coded. Wire value in parentheses. The probability models
+/// behind each mode are specified in docs/CODING.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[non_exhaustive]
+pub enum CodingMode {
+    /// (0) Every token id equally likely (no model inference).
+    Uniform,
+    /// (1) The entropy model's unconditional (autoregressive) prediction.
+    Generic,
+    /// (2) Only the cells inside the region are coded, conditioned on the image in the context
+    /// (the cells outside are taken from it). Image parts only.
+    Masked(Region),
+    /// (3) Conditioned on the text parts in the context.
+    TextConditioned,
+    /// (4) Conditioned on an earlier image in the context.
+    ImageConditioned,
+}
+
+impl CodingMode {
+    /// The wire value of the mode.
+    pub fn wire_value(&self) -> u8 {
+        match self {
+            CodingMode::Uniform => 0,
+            CodingMode::Generic => 1,
+            CodingMode::Masked(_) => 2,
+            CodingMode::TextConditioned => 3,
+            CodingMode::ImageConditioned => 4,
+        }
+    }
+}
+
+/// A set of grid cells. Wire value in parentheses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[non_exhaustive]
+pub enum Region {
+    /// (0) One bit per cell in row-major order; cell `i` is bit `i % 8` (least significant first)
+    /// of byte `i / 8`. Exactly `ceil(rows × cols / 8)` bytes; padding bits are zero.
+    Bitmap(#[cfg_attr(feature = "arbitrary", arbitrary(with = arbitrary_bytes))] Bytes),
+    /// (1) The union of rectangles, each inside the grid.
+    Rects(Vec<Rect>),
+}
+
+/// A rectangle of grid cells: rows `top..top+height`, columns `left..left+width`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Rect {
+    /// First row.
+    pub top: VarInt,
+    /// First column.
+    pub left: VarInt,
+    /// Number of rows, at least 1.
+    pub height: VarInt,
+    /// Number of columns, at least 1.
+    pub width: VarInt,
+}
+
+/// An opaque attachment (a file, a pixel fallback).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct RawPart {
+    /// The media type, for example `image/png` (1 to 127 bytes).
+    pub media_type: String,
+}
+
+/// A piece of a part's payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct PartChunk {
+    /// The index of the part this chunk belongs to (the part whose header came last).
+    pub part_index: VarInt,
+    /// Sequence number within the part: 0, 1, 2, …
+    pub seq: VarInt,
+    /// Set on the last chunk of the part.
+    pub fin: bool,
+    /// How many tokens the payload codes (0 for raw parts).
+    pub token_count: VarInt,
+    /// The entropy-coded tokens (docs/CODING.md) or, for raw parts, the attachment bytes.
+    /// It runs to the end of the frame.
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = arbitrary_bytes))]
+    pub payload: Bytes,
+}
+
+#[cfg(feature = "arbitrary")]
+pub(crate) fn arbitrary_bytes(u: &mut arbitrary::Unstructured<'_>) -> arbitrary::Result<Bytes> {
+    let v: Vec<u8> = u.arbitrary()?;
+    Ok(Bytes::from(v))
+}
+
+fn malformed(what: &'static str, reason: &'static str) -> DecodeError {
+    DecodeError::Malformed { what, reason }
+}
+
+impl Encode for PartHeader {
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        self.index.encode(buf);
+        VarInt::from(self.body.kind()).encode(buf);
+        match &self.body {
+            PartBody::Text(c) | PartBody::Image(c) => c.encode(buf),
+            PartBody::Raw(r) => put_len_bytes(buf, r.media_type.as_bytes()),
+        }
+    }
+}
+
+impl Encode for CodedPart {
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        self.tokenizer.encode(buf);
+        self.entropy_model.encode(buf);
+        self.shape.rows.encode(buf);
+        self.shape.cols.encode(buf);
+        self.token_count.encode(buf);
+        VarInt::from(self.mode.wire_value()).encode(buf);
+        if let CodingMode::Masked(region) = &self.mode {
+            match region {
+                Region::Bitmap(bits) => {
+                    VarInt::ZERO.encode(buf);
+                    put_len_bytes(buf, bits);
+                }
+                Region::Rects(rects) => {
+                    VarInt::from_u32(1).encode(buf);
+                    put_len(buf, rects.len());
+                    for r in rects {
+                        r.top.encode(buf);
+                        r.left.encode(buf);
+                        r.height.encode(buf);
+                        r.width.encode(buf);
+                    }
+                }
+            }
+        }
+        put_len(buf, self.context.len());
+        for r in &self.context {
+            r.encode(buf);
+        }
+        buf.put_slice(&self.context_digest);
+    }
+}
+
+impl Decode for PartHeader {
+    fn decode<B: Buf>(buf: &mut B, limits: &Limits) -> Result<Self, DecodeError> {
+        let index = read_varint(buf)?;
+        let kind = read_varint(buf)?.into_inner();
+        let body = match kind {
+            0 => PartBody::Text(CodedPart::decode_kind(buf, limits, false)?),
+            1 => PartBody::Image(CodedPart::decode_kind(buf, limits, true)?),
+            2 => {
+                let media_type = read_string(buf, "media type length", MAX_MEDIA_TYPE_LEN)?;
+                if media_type.is_empty() {
+                    return Err(malformed("media type", "empty"));
+                }
+                PartBody::Raw(RawPart { media_type })
+            }
+            other => {
+                return Err(DecodeError::Unsupported {
+                    what: "part kind",
+                    value: other,
+                })
+            }
+        };
+        Ok(PartHeader { index, body })
+    }
+}
+
+impl CodedPart {
+    /// The largest token count a text part may announce under `limits`: what fits in the
+    /// receiver's context memory at 4 bytes per token.
+    pub fn max_text_tokens(limits: &Limits) -> u64 {
+        limits.max_context_bytes.into_inner() / 4
+    }
+
+    fn decode_kind<B: Buf>(buf: &mut B, limits: &Limits, image: bool) -> Result<Self, DecodeError> {
+        let tokenizer = read_bounded(buf, "tokenizer index", MAX_MODELS - 1)?;
+        let entropy_model = read_bounded(buf, "entropy model index", MAX_MODELS - 1)?;
+        let (shape, token_count) = if image {
+            let rows = read_bounded(buf, "grid height", limits.max_grid_height.into_inner())?;
+            let cols = read_bounded(buf, "grid width", limits.max_grid_width.into_inner())?;
+            if rows == VarInt::ZERO || cols == VarInt::ZERO {
+                return Err(malformed("image shape", "zero height or width"));
+            }
+            let cells = rows
+                .into_inner()
+                .checked_mul(cols.into_inner())
+                .ok_or(malformed("image shape", "cell count overflows"))?;
+            let token_count = read_bounded(buf, "image token count", cells)?;
+            (Shape { rows, cols }, token_count)
+        } else {
+            let rows = read_varint(buf)?;
+            if rows.into_inner() != 1 {
+                return Err(malformed("text shape", "rows must be 1"));
+            }
+            let max = Self::max_text_tokens(limits);
+            let cols = read_bounded(buf, "text token count", max)?;
+            let token_count = read_bounded(buf, "text token count", max)?;
+            if token_count != cols {
+                return Err(malformed("text shape", "token count differs from columns"));
+            }
+            (Shape { rows, cols }, token_count)
+        };
+        let cells = shape
+            .rows
+            .into_inner()
+            .saturating_mul(shape.cols.into_inner());
+        let mode = match read_varint(buf)?.into_inner() {
+            0 => CodingMode::Uniform,
+            1 => CodingMode::Generic,
+            2 => {
+                if !image {
+                    return Err(malformed("coding mode", "masked mode on a text part"));
+                }
+                CodingMode::Masked(decode_region(buf, shape, token_count)?)
+            }
+            3 => CodingMode::TextConditioned,
+            4 => CodingMode::ImageConditioned,
+            other => {
+                return Err(DecodeError::Unsupported {
+                    what: "coding mode",
+                    value: other,
+                })
+            }
+        };
+        if image && !matches!(mode, CodingMode::Masked(_)) && token_count.into_inner() != cells {
+            return Err(malformed(
+                "image token count",
+                "differs from height × width outside masked mode",
+            ));
+        }
+        // Each reference takes at least 2 bytes.
+        let n = read_count(buf, "context reference count", MAX_CONTEXT_REFS, 2)?;
+        let mut context = Vec::with_capacity(n);
+        for _ in 0..n {
+            context.push(ContextRef::decode(buf, limits)?);
+        }
+        let context_digest = read_hash(buf)?;
+        Ok(CodedPart {
+            tokenizer,
+            entropy_model,
+            shape,
+            token_count,
+            mode,
+            context,
+            context_digest,
+        })
+    }
+}
+
+fn decode_region<B: Buf>(
+    buf: &mut B,
+    shape: Shape,
+    token_count: VarInt,
+) -> Result<Region, DecodeError> {
+    let rows = shape.rows.into_inner();
+    let cols = shape.cols.into_inner();
+    match read_varint(buf)?.into_inner() {
+        0 => {
+            // rows and cols are bounded by the grid limits, but those may be large: compute the
+            // bitmap size with checked arithmetic before comparing it with what arrives.
+            let cells = rows
+                .checked_mul(cols)
+                .ok_or(malformed("image shape", "cell count overflows"))?;
+            let expected = cells.div_ceil(8);
+            let bits = read_len_bytes(buf, "region bitmap length", expected)?;
+            if bits.len() as u64 != expected {
+                return Err(malformed(
+                    "region bitmap",
+                    "length is not ceil(rows × cols / 8)",
+                ));
+            }
+            // 0..=7 padding bits at the top of the last byte.
+            let pad = expected.saturating_mul(8).saturating_sub(cells);
+            if pad > 0 {
+                if let Some(last) = bits.last() {
+                    if last
+                        .checked_shr(8u32.saturating_sub(pad as u32))
+                        .unwrap_or(0)
+                        != 0
+                    {
+                        return Err(malformed("region bitmap", "padding bits are not zero"));
+                    }
+                }
+            }
+            let set: u64 = bits.iter().map(|b| u64::from(b.count_ones())).sum();
+            if set != token_count.into_inner() {
+                return Err(malformed(
+                    "image token count",
+                    "differs from the number of cells in the bitmap",
+                ));
+            }
+            Ok(Region::Bitmap(bits))
+        }
+        1 => {
+            // Each rectangle takes at least 4 bytes.
+            let n = read_count(buf, "region rectangle count", MAX_RECTS, 4)?;
+            if n == 0 {
+                return Err(malformed("region", "no rectangles"));
+            }
+            let mut rects = Vec::with_capacity(n);
+            for _ in 0..n {
+                let r = Rect {
+                    top: read_varint(buf)?,
+                    left: read_varint(buf)?,
+                    height: read_varint(buf)?,
+                    width: read_varint(buf)?,
+                };
+                if r.height == VarInt::ZERO || r.width == VarInt::ZERO {
+                    return Err(malformed("region rectangle", "empty"));
+                }
+                let bottom = r.top.into_inner().checked_add(r.height.into_inner());
+                let right = r.left.into_inner().checked_add(r.width.into_inner());
+                match (bottom, right) {
+                    (Some(b), Some(rt)) if b <= rows && rt <= cols => {}
+                    _ => return Err(malformed("region rectangle", "outside the grid")),
+                }
+                rects.push(r);
+            }
+            Ok(Region::Rects(rects))
+        }
+        other => Err(DecodeError::Unsupported {
+            what: "region kind",
+            value: other,
+        }),
+    }
+}
+
+impl Encode for PartChunk {
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        self.encode_head(buf);
+        buf.put_slice(&self.payload);
+    }
+}
+
+impl PartChunk {
+    /// Encodes every field but the payload (the payload follows to the end of the frame).
+    pub(crate) fn encode_head<B: BufMut>(&self, buf: &mut B) {
+        self.part_index.encode(buf);
+        self.seq.encode(buf);
+        buf.put_u8(u8::from(self.fin));
+        self.token_count.encode(buf);
+    }
+
+    /// Decodes a chunk whose payload is everything left in `buf` (a frame payload).
+    pub(crate) fn decode_rest(buf: &mut Bytes, limits: &Limits) -> Result<Self, DecodeError> {
+        let part_index = read_varint(buf)?;
+        let seq = read_varint(buf)?;
+        need(buf, 1)?;
+        let flags = buf.get_u8();
+        if flags & !1 != 0 {
+            return Err(malformed("chunk flags", "reserved bits set"));
+        }
+        let limit = limits
+            .max_grid_height
+            .into_inner()
+            .saturating_mul(limits.max_grid_width.into_inner())
+            .max(CodedPart::max_text_tokens(limits));
+        let token_count = read_bounded(buf, "chunk token count", limit)?;
+        let payload = buf.split_off(0);
+        Ok(PartChunk {
+            part_index,
+            seq,
+            fin: flags & 1 == 1,
+            token_count,
+            payload,
+        })
+    }
+}
