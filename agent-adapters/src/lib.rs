@@ -1,1 +1,33 @@
-//! placeholder crate root, filled by its issue.
+//! unimic-agents: the [`Agent`] trait that plugs a large multimodal model (LMM) into the receiving
+//! side of a unimic session, and its implementations.
+//!
+//! An agent is called once per incoming turn with the conversation so far and a [`ReplySink`] that
+//! takes streamed output (text deltas and image token chunks). Agents never see QUIC or the wire
+//! format: the transport decodes parts into [`Content`] before calling them, and codes what they
+//! emit.
+//!
+//! Implementations here: [`echo::Echo`] (returns what it was sent; for tests and demos). The
+//! OpenAI-compatible HTTP adapter, the token-native trait and the local agent are planned; see the
+//! project's docs/ARCHITECTURE.md.
+//!
+//! ```
+//! use unimic_agents::{Agent, Content, Conversation, Role, Turn, CollectSink, echo::Echo};
+//! # let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+//! # rt.block_on(async {
+//! let conversation = Conversation {
+//!     turns: vec![Turn { role: Role::User, content: vec![Content::text("hello")] }],
+//! };
+//! let mut sink = CollectSink::default();
+//! Echo::default().respond(&conversation, &mut sink).await.unwrap();
+//! assert_eq!(sink.text, "hello");
+//! # });
+//! ```
+#![warn(missing_docs)]
+
+mod agent;
+pub mod echo;
+
+pub use agent::{
+    Agent, AgentError, AgentFuture, Capabilities, CollectSink, Content, Conversation, ReplySink,
+    Role, SinkError, Turn,
+};

@@ -1,0 +1,170 @@
+//! The [`Agent`] trait and the types it is called with.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use thiserror::Error;
+use unimic_codec::grid::TokenGrid;
+
+/// Who spoke a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Role {
+    /// Instructions that frame the conversation.
+    System,
+    /// The edge user.
+    User,
+    /// The agent.
+    Assistant,
+}
+
+/// One piece of a turn's content, as decoded by the transport.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Content {
+    /// Text, with the token ids it was sent as when it arrived as tokens.
+    Text {
+        /// The text (detokenized when it arrived as ids).
+        text: String,
+        /// The tokenizer's ids, when known (token-native agents use them directly).
+        ids: Option<Vec<u32>>,
+    },
+    /// An image as a grid of VQ codebook indices. Pixel-based agents detokenize it with the
+    /// session's image tokenizer; token-native agents consume the ids.
+    Image(TokenGrid),
+    /// An opaque attachment the caller chose to send raw.
+    Raw {
+        /// IANA media type, e.g. `image/png`.
+        media_type: String,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+}
+
+impl Content {
+    /// Text content without ids.
+    pub fn text(text: impl Into<String>) -> Self {
+        Content::Text {
+            text: text.into(),
+            ids: None,
+        }
+    }
+}
+
+/// One turn of the conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    /// Who spoke.
+    pub role: Role,
+    /// What was said, in order.
+    pub content: Vec<Content>,
+}
+
+/// The conversation so far, oldest turn first; the last turn is the one to answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Conversation {
+    /// The turns.
+    pub turns: Vec<Turn>,
+}
+
+/// What an agent can take and produce. Defaults are conservative: text in, text out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Accepts images (as pixels or tokens).
+    pub image_input: bool,
+    /// Emits image token grids.
+    pub image_output: bool,
+    /// Streams its output in deltas rather than all at once.
+    pub streaming: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self {
+            image_input: false,
+            image_output: false,
+            streaming: false,
+        }
+    }
+}
+
+/// The receiver stopped taking output (for example the turn was cancelled).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("reply sink closed: {0}")]
+pub struct SinkError(pub String);
+
+/// Where an agent writes its reply as it produces it.
+pub trait ReplySink: Send {
+    /// Appends a text delta to the reply.
+    fn text_delta(&mut self, delta: &str) -> Result<(), SinkError>;
+    /// Appends a chunk of image token ids (row-major) to the reply's image of the given shape;
+    /// `last` marks the final chunk.
+    fn image_tokens(&mut self, shape: (u32, u32), ids: &[u32], last: bool)
+        -> Result<(), SinkError>;
+}
+
+/// A [`ReplySink`] that collects everything in memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CollectSink {
+    /// All text deltas, concatenated.
+    pub text: String,
+    /// Image token chunks received, with their declared shapes and final flags.
+    pub image_chunks: Vec<((u32, u32), Vec<u32>, bool)>,
+}
+
+impl ReplySink for CollectSink {
+    fn text_delta(&mut self, delta: &str) -> Result<(), SinkError> {
+        self.text.push_str(delta);
+        Ok(())
+    }
+
+    fn image_tokens(
+        &mut self,
+        shape: (u32, u32),
+        ids: &[u32],
+        last: bool,
+    ) -> Result<(), SinkError> {
+        self.image_chunks.push((shape, ids.to_vec(), last));
+        Ok(())
+    }
+}
+
+/// Why an agent could not answer.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The conversation has no turn to answer.
+    #[error("the conversation is empty")]
+    EmptyConversation,
+    /// The agent cannot take this content (see [`Capabilities`]).
+    #[error("unsupported content: {0}")]
+    Unsupported(String),
+    /// The reply sink refused output.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The model or its server failed.
+    #[error("backend error: {0}")]
+    Backend(String),
+}
+
+/// The future an [`Agent`] returns.
+pub type AgentFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>> + Send + 'a>>;
+
+/// An LMM on the receiving side of a session.
+///
+/// The server calls [`Agent::respond`] once per incoming turn. The agent streams its reply into
+/// `sink` and returns when done; dropping the future cancels the turn.
+pub trait Agent: Send + Sync {
+    /// What this agent accepts and produces.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    /// Answers the last turn of `conversation`, writing the reply into `sink`.
+    fn respond<'a>(
+        &'a self,
+        conversation: &'a Conversation,
+        sink: &'a mut dyn ReplySink,
+    ) -> AgentFuture<'a>;
+}
