@@ -83,8 +83,21 @@ pub fn reject() -> Reject {
     }
 }
 
-/// The digest used in examples (not a real digest; the protocol does not check it).
-pub const DIGEST: [u8; 32] = [0xd1; 32];
+fn hex32(s: &str) -> [u8; 32] {
+    let mut d = [0u8; 32];
+    hex::decode_to_slice(s, &mut d).unwrap();
+    d
+}
+
+/// Context digest of `[(4, 0)]` where part (4, 0) is the text `[17, 300, 70000]`.
+pub fn text_context_digest() -> [u8; 32] {
+    hex32("cd7221d896a94b67aefdc7bfce094b2b681b0db613a5ae138d2c990d0cf94b06")
+}
+
+/// Context digest of `[(4, 1)]` where part (4, 1) is the 2×3 image grid `[1, 2, 3, 4, 5, 6]`.
+pub fn image_context_digest() -> [u8; 32] {
+    hex32("11942814493ad17466ca7f4ac102af9669cff34ec73dad47e5837c74e3e9b387")
+}
 
 /// A user turn: a 3-token text prompt, and a 2×3 image coded conditioned on it in two chunks.
 pub fn sample_message() -> Message {
@@ -134,7 +147,7 @@ pub fn sample_message() -> Message {
                             message_id: v(4),
                             part_index: v(0),
                         }],
-                        context_digest: DIGEST,
+                        context_digest: text_context_digest(),
                     }),
                 },
                 chunks: vec![
@@ -158,7 +171,8 @@ pub fn sample_message() -> Message {
     }
 }
 
-/// A masked edit of a 4×4 grid: the region is a 2×2 rectangle, conditioned on an earlier image.
+/// A masked edit of the 2×3 image of message 4: the region is the 2×2 rectangle at row 0,
+/// column 1, conditioned on that image.
 pub fn masked_part_header() -> PartHeader {
     PartHeader {
         index: v(0),
@@ -166,12 +180,12 @@ pub fn masked_part_header() -> PartHeader {
             tokenizer: v(0),
             entropy_model: v(0),
             shape: Shape {
-                rows: v(4),
-                cols: v(4),
+                rows: v(2),
+                cols: v(3),
             },
             token_count: v(4),
             mode: CodingMode::Masked(Region::Rects(vec![Rect {
-                top: v(1),
+                top: v(0),
                 left: v(1),
                 height: v(2),
                 width: v(2),
@@ -180,7 +194,7 @@ pub fn masked_part_header() -> PartHeader {
                 message_id: v(4),
                 part_index: v(1),
             }],
-            context_digest: DIGEST,
+            context_digest: image_context_digest(),
         }),
     }
 }
@@ -189,8 +203,8 @@ pub fn masked_part_header() -> PartHeader {
 pub fn bitmap_part_header() -> PartHeader {
     let mut h = masked_part_header();
     if let PartBody::Image(c) = &mut h.body {
-        // Cells 5, 6, 9, 10 of a 4×4 grid: bits 5 and 6 of byte 0, bits 1 and 2 of byte 1.
-        c.mode = CodingMode::Masked(Region::Bitmap(Bytes::from_static(&[0x60, 0x06])));
+        // Cells 1, 2, 4, 5 of a 2×3 grid: bits 1, 2, 4, 5 of the single byte.
+        c.mode = CodingMode::Masked(Region::Bitmap(Bytes::from_static(&[0x36])));
     }
     h
 }
@@ -206,13 +220,7 @@ pub fn raw_part_header() -> PartHeader {
 
 /// The SHA-256 context digest with no references (see docs/PROTOCOL.md).
 pub fn empty_digest() -> [u8; 32] {
-    let mut d = [0u8; 32];
-    hex::decode_to_slice(
-        "0d211c00364688509496f5e8329e0a6a8bdb3d91d7d830ea4a70ae111291abcb",
-        &mut d,
-    )
-    .unwrap();
-    d
+    hex32("0d211c00364688509496f5e8329e0a6a8bdb3d91d7d830ea4a70ae111291abcb")
 }
 
 /// One of each control frame.
