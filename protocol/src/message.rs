@@ -271,6 +271,8 @@ pub struct Reader {
     current: Option<(u8, Option<u64>)>,
     /// Tokens received so far in the open part.
     tokens: u64,
+    /// The first error, returned again by every later call.
+    failed: Option<DecodeError>,
 }
 
 fn order(reason: &'static str) -> DecodeError {
@@ -290,6 +292,7 @@ impl Reader {
             next_part: VarInt::ZERO,
             current: None,
             tokens: 0,
+            failed: None,
         }
     }
 
@@ -303,8 +306,20 @@ impl Reader {
         self.frames.needed()
     }
 
-    /// The next event, `Ok(None)` if more bytes are needed.
+    /// The next event, `Ok(None)` if more bytes are needed. After an error the reader stays
+    /// failed and returns that error again.
     pub fn next_event(&mut self) -> Result<Option<Event>, DecodeError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let result = self.try_next_event();
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+
+    fn try_next_event(&mut self) -> Result<Option<Event>, DecodeError> {
         let Some(frame) = self.frames.next_frame()? else {
             return Ok(None);
         };
@@ -321,6 +336,9 @@ impl Reader {
 
     /// Declares the end of the stream: an error unless the message ended exactly there.
     pub fn finish(&self) -> Result<(), DecodeError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
         self.frames.finish()?;
         if self.state == State::Done {
             Ok(())

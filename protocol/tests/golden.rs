@@ -50,8 +50,14 @@ fn frame_vectors() -> Vec<(&'static str, Vec<Frame>)> {
         ("server_hello", vec![Frame::ServerHello(server_hello())]),
         ("reject", vec![Frame::Reject(reject())]),
         ("message_stream", sample_message().frames().collect()),
-        ("masked_rects", vec![Frame::PartHeader(masked_part_header())]),
-        ("masked_bitmap", vec![Frame::PartHeader(bitmap_part_header())]),
+        (
+            "masked_rects",
+            vec![Frame::PartHeader(masked_part_header())],
+        ),
+        (
+            "masked_bitmap",
+            vec![Frame::PartHeader(bitmap_part_header())],
+        ),
         ("raw_part", vec![Frame::PartHeader(raw_part_header())]),
         ("ack", vec![c[0].clone()]),
         ("cancel", vec![c[1].clone()]),
@@ -81,7 +87,10 @@ fn spec_frames_decode_and_reencode_byte_for_byte() {
             continue;
         };
         if bytes != expected {
-            problems.push(format!("golden {name} differs; the code encodes:\n{}", dump(&expected)));
+            problems.push(format!(
+                "golden {name} differs; the code encodes:\n{}",
+                dump(&expected)
+            ));
             continue;
         }
         // Decode from the spec's bytes and re-encode.
@@ -134,7 +143,12 @@ fn spec_context_digests() {
     assert_eq!(golden("digest_empty").as_deref(), Some(&digest[..]));
 
     let (input, digest) = context_digest(&[(4, 0, 0, 1, 3, &[17, 300, 70000])]);
-    assert_eq!(golden("digest_text_input"), Some(input), "{}", "digest_text_input");
+    assert_eq!(
+        golden("digest_text_input"),
+        Some(input),
+        "{}",
+        "digest_text_input"
+    );
     assert_eq!(golden("digest_text").as_deref(), Some(&digest[..]));
     assert_eq!(digest, text_context_digest());
 
@@ -161,8 +175,15 @@ fn spec_varint_table() {
 #[test]
 fn spec_lists_every_error_code() {
     for code in ErrorCode::ALL {
-        let row = format!("| `{:#04x}` | `{}` |", code.into_inner(), code.name().unwrap());
-        assert!(SPEC.contains(&row), "PROTOCOL.md lacks the row starting {row}");
+        let row = format!(
+            "| `{:#04x}` | `{}` |",
+            code.into_inner(),
+            code.name().unwrap()
+        );
+        assert!(
+            SPEC.contains(&row),
+            "PROTOCOL.md lacks the row starting {row}"
+        );
     }
 }
 
@@ -170,6 +191,9 @@ fn spec_lists_every_error_code() {
 fn spec_lists_every_frame_type() {
     for ty in 1..=0x0c {
         let row = format!("| `{:#04x}` | `{}` |", ty, frame::type_name(v(ty)));
-        assert!(SPEC.contains(&row), "PROTOCOL.md lacks the row starting {row}");
+        assert!(
+            SPEC.contains(&row),
+            "PROTOCOL.md lacks the row starting {row}"
+        );
     }
 }

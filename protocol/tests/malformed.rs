@@ -487,7 +487,12 @@ fn stream_err(frames: &[Frame]) -> DecodeError {
         match reader.next_event() {
             Ok(Some(_)) => {}
             Ok(None) => return reader.finish().unwrap_err(),
-            Err(e) => return e,
+            Err(e) => {
+                // The reader stays failed.
+                assert_eq!(reader.next_event(), Err(e.clone()));
+                assert_eq!(reader.finish(), Err(e.clone()));
+                return e;
+            }
         }
     }
 }
