@@ -118,8 +118,11 @@ fn spec_message_stream_is_a_valid_message() {
     assert_eq!(m, sample_message());
 }
 
+/// One context entry: message id, part index, kind, rows, cols, token ids.
+type Entry<'a> = (u64, u64, u64, u64, u64, &'a [u32]);
+
 /// The context digest of docs/PROTOCOL.md §8, written out independently of any codec code.
-fn context_digest(refs: &[(u64, u64, u64, u64, u64, &[u32])]) -> (Vec<u8>, [u8; 32]) {
+fn context_digest(refs: &[Entry<'_>]) -> (Vec<u8>, [u8; 32]) {
     let mut input = b"unimic-context-v1".to_vec();
     v(refs.len() as u64).encode(&mut input);
     for &(message, part, kind, rows, cols, tokens) in refs {
