@@ -103,6 +103,6 @@ pub use limits::Limits;
 pub use message::{Message, MessageEnd, MessageHeader, Part, Role};
 pub use part::{
     CodedPart, CodingMode, ContextRef, PartBody, PartChunk, PartHeader, RawPart, Rect, Region,
-    Shape,
+    Shape, CONTEXT_DIGEST_DOMAIN, EMPTY_CONTEXT_DIGEST,
 };
 pub use varint::{VarInt, VarIntBoundsExceeded};

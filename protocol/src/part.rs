@@ -14,6 +14,21 @@ use crate::coding::{
 use crate::limits::{Limits, MAX_CONTEXT_REFS, MAX_MEDIA_TYPE_LEN, MAX_MODELS, MAX_RECTS};
 use crate::varint::VarInt;
 
+/// The domain-separation prefix of the context digest (docs/PROTOCOL.md §8): the 17 ASCII bytes
+/// `unimic-context-v1`.
+///
+/// The digest is `SHA-256(CONTEXT_DIGEST_DOMAIN || varint(N) || for each reference:
+/// varint(message_id) || varint(part_index) || varint(kind) || varint(rows) || varint(cols) ||
+/// rows × cols token ids as u32 little-endian)`, with kind 0 for text (rows 1) and 1 for an image
+/// grid. The codec's session context computes it; this crate only carries the 32 bytes.
+pub const CONTEXT_DIGEST_DOMAIN: &[u8; 17] = b"unimic-context-v1";
+
+/// The context digest of an empty context: SHA-256 of `unimic-context-v1` followed by `0x00`.
+pub const EMPTY_CONTEXT_DIGEST: [u8; 32] = [
+    0x0d, 0x21, 0x1c, 0x00, 0x36, 0x46, 0x88, 0x50, 0x94, 0x96, 0xf5, 0xe8, 0x32, 0x9e, 0x0a, 0x6a,
+    0x8b, 0xdb, 0x3d, 0x91, 0xd7, 0xd8, 0x30, 0xea, 0x4a, 0x70, 0xae, 0x11, 0x12, 0x91, 0xab, 0xcb,
+];
+
 /// A reference to an earlier part of the session: the context a coded part depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]

@@ -124,6 +124,7 @@ type Entry<'a> = (u64, u64, u64, u64, u64, &'a [u32]);
 /// The context digest of docs/PROTOCOL.md §8, written out independently of any codec code.
 fn context_digest(refs: &[Entry<'_>]) -> (Vec<u8>, [u8; 32]) {
     let mut input = b"unimic-context-v1".to_vec();
+    assert_eq!(input.len(), 17);
     v(refs.len() as u64).encode(&mut input);
     for &(message, part, kind, rows, cols, tokens) in refs {
         for x in [message, part, kind, rows, cols] {
@@ -142,7 +143,9 @@ fn context_digest(refs: &[Entry<'_>]) -> (Vec<u8>, [u8; 32]) {
 fn spec_context_digests() {
     let (input, digest) = context_digest(&[]);
     assert_eq!(input, b"unimic-context-v1\x00");
+    assert_eq!(&input[..17], CONTEXT_DIGEST_DOMAIN);
     assert_eq!(digest, empty_digest());
+    assert_eq!(digest, EMPTY_CONTEXT_DIGEST);
     assert_eq!(golden("digest_empty").as_deref(), Some(&digest[..]));
 
     let (input, digest) = context_digest(&[(4, 0, 0, 1, 3, &[17, 300, 70000])]);
