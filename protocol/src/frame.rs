@@ -9,7 +9,7 @@
 //! the payload is buffered. A payload must be consumed exactly by its fields.
 //!
 //! [`Decoder`] parses a byte stream that may arrive split at any byte boundary; with the `codec`
-//! feature [`Codec`] does the same for tokio-util's `FramedRead` / `FramedWrite`.
+//! feature `Codec` does the same for tokio-util's `FramedRead` / `FramedWrite`.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 

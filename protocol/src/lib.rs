@@ -11,7 +11,7 @@
 //!   [`DecodeError`], which tells *need more bytes* from *malformed*, *limit exceeded* and
 //!   *unsupported*.
 //! - [`frame`]: [`Frame`] (`type | length | payload`), the streaming [`frame::Decoder`] and,
-//!   with the `codec` feature, a tokio-util `Encoder`/`Decoder` ([`frame::Codec`]).
+//!   with the `codec` feature, a tokio-util `Encoder`/`Decoder` (`frame::Codec`).
 //! - [`handshake`]: hellos, [`Reject`], and the [`handshake::Client`] / [`handshake::Server`]
 //!   state machines.
 //! - [`message`]: [`MessageHeader`], [`MessageEnd`], a whole [`Message`], and the
@@ -70,7 +70,7 @@
 //! ```
 //!
 //! # Features
-//! - `codec`: [`frame::Codec`], a `tokio_util::codec::{Decoder, Encoder}` for frames.
+//! - `codec`: `frame::Codec`, a `tokio_util::codec::{Decoder, Encoder}` for frames.
 //! - `arbitrary`: `arbitrary::Arbitrary` for every wire type (fuzzing).
 
 #![warn(missing_docs)]
