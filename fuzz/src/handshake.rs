@@ -54,13 +54,36 @@ fn wire(frame: &Frame) -> Option<Frame> {
     }
 }
 
+/// What one run reached, for checking that the seeds exercise the interesting paths.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reached {
+    /// The server accepted a client hello.
+    pub accepted: bool,
+    /// The server rejected a client hello.
+    pub rejected: bool,
+    /// The client established a session.
+    pub established: bool,
+}
+
 /// Runs the target on one input.
 pub fn run(data: &[u8]) {
+    run_reached(data);
+}
+
+/// Runs the target on one input and says what it reached.
+pub fn run_reached(data: &[u8]) -> Reached {
+    let mut reached = Reached::default();
     let mut u = Unstructured::new(data);
     let Ok(mut input) = Input::arbitrary(&mut u) else {
-        return;
+        return reached;
     };
     if input.share {
+        // Make acceptance likely: common version and models, an accepted token, legal limits.
+        input.hello.limits = raise_to_floor(input.hello.limits);
+        input.server_limits = raise_to_floor(input.server_limits);
+        if let Some(tokens) = input.server_tokens.as_mut() {
+            tokens.push(input.hello.token.to_vec());
+        }
         input
             .server_versions
             .extend(input.hello.versions.first().copied());
@@ -115,6 +138,7 @@ pub fn run(data: &[u8]) {
                 }
                 match result {
                     Ok(ServerEvent::Accepted { hello, negotiated }) => {
+                        reached.accepted = true;
                         let Frame::ClientHello(offer) = &frame else {
                             panic!("accepted without a client hello");
                         };
@@ -128,6 +152,7 @@ pub fn run(data: &[u8]) {
                         }
                     }
                     Ok(ServerEvent::Rejected(reject)) => {
+                        reached.rejected = true;
                         let Frame::ClientHello(offer) = &frame else {
                             panic!("rejected without a client hello");
                         };
@@ -159,6 +184,7 @@ pub fn run(data: &[u8]) {
                 }
                 match result {
                     Ok(ClientEvent::Established(n)) => {
+                        reached.established = true;
                         let hello = client.hello();
                         assert!(hello.versions.contains(&n.version));
                         assert!(n.limits.within(&hello.limits));
@@ -185,6 +211,20 @@ pub fn run(data: &[u8]) {
                 }
             }
         }
+    }
+    reached
+}
+
+/// Each field at least the protocol floor.
+fn raise_to_floor(l: Limits) -> Limits {
+    let f = Limits::FLOOR;
+    Limits {
+        max_frame_bytes: l.max_frame_bytes.max(f.max_frame_bytes),
+        max_message_bytes: l.max_message_bytes.max(f.max_message_bytes),
+        max_grid_height: l.max_grid_height.max(f.max_grid_height),
+        max_grid_width: l.max_grid_width.max(f.max_grid_width),
+        max_context_bytes: l.max_context_bytes.max(f.max_context_bytes),
+        max_concurrent_messages: l.max_concurrent_messages.max(f.max_concurrent_messages),
     }
 }
 

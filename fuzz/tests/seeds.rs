@@ -54,3 +54,24 @@ fn good_seeds_are_valid() {
         d.finish().unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+/// The handshake seeds reach acceptance, rejection and an established session.
+#[test]
+fn handshake_seeds_reach_every_outcome() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/handshake");
+    let mut total = unimic_fuzz::handshake::Reached::default();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let r = unimic_fuzz::handshake::run_reached(&std::fs::read(entry.unwrap().path()).unwrap());
+        total.accepted |= r.accepted;
+        total.rejected |= r.rejected;
+        total.established |= r.established;
+    }
+    assert_eq!(
+        total,
+        unimic_fuzz::handshake::Reached {
+            accepted: true,
+            rejected: true,
+            established: true
+        }
+    );
+}
