@@ -1,0 +1,679 @@
+//! Training of the transformer entropy models with candle (feature `vq`).
+//!
+//! The networks ([`GenericNet`], [`MaskedNet`], [`TextCondNet`]) mirror the deterministic models
+//! of [`crate::entropy::generic`], [`crate::entropy::masked`] and [`crate::entropy::text_cond`]
+//! tensor for tensor; [`train`] optimises one of them on a [`GridSet`] and writes
+//! `<out>/<id>.safetensors` plus its JSON [`Manifest`] (architecture, data, steps, validation bits
+//! per token, SHA-256 content hash, reproduction command), which the deterministic models load.
+//!
+//! Training is seeded and resumable: batch `s` is drawn from an RNG seeded with
+//! `(seed, s)`, and a checkpoint (`<id>.safetensors`, `<id>.opt.safetensors` with the AdamW
+//! moments, `<id>.json`) is written every `checkpoint_every` steps, so a run restarted with the
+//! same options continues where the last checkpoint left off and sees the same batches.
+//!
+//! Losses are reported in **bits per token** (`log2 K` for a uniform model).
+
+mod blocks;
+mod generic;
+mod masked;
+mod text_cond;
+
+pub use blocks::Body;
+pub use generic::GenericNet;
+pub use masked::{masked_example, random_unknown, MaskedNet};
+pub use text_cond::TextCondNet;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub use candle_core::Device;
+use candle_core::{DType, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::entropy::generic::GenericConfig;
+use crate::entropy::masked::MaskedConfig;
+use crate::entropy::text_cond::TextCondConfig;
+use crate::nn::model::{Manifest, TrainingRecord};
+use crate::nn::weights::{sha256_hex, splitmix64};
+
+/// Why training failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// A candle operation failed.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The data or options are unusable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One training example: a grid's ids (row-major) and, for the text model, its caption's o200k ids.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Sample {
+    /// Token ids, `height * width` of them.
+    pub ids: Vec<u32>,
+    /// Caption token ids (empty when there is none).
+    pub text: Vec<u32>,
+}
+
+/// o200k ids of each caption (ordinary text, no special tokens), for the text model.
+pub fn tokenize_captions(captions: &[&str]) -> Result<Vec<Vec<u32>>, TrainError> {
+    let bpe = tiktoken_rs::o200k_base().map_err(|e| TrainError::Invalid(format!("o200k: {e}")))?;
+    Ok(captions
+        .iter()
+        .map(|c| {
+            bpe.encode_ordinary(c)
+                .into_iter()
+                .map(|x| x as u32)
+                .collect()
+        })
+        .collect())
+}
+
+/// Grids of one shape and codebook: a training or validation set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GridSet {
+    /// Rows of every grid.
+    pub height: usize,
+    /// Columns of every grid.
+    pub width: usize,
+    /// Codebook size; every id is below it.
+    pub codebook_size: usize,
+    /// The examples.
+    pub samples: Vec<Sample>,
+}
+
+impl GridSet {
+    /// Checks shapes and id ranges.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let n = self.height * self.width;
+        if n == 0 || self.samples.is_empty() {
+            return Err(TrainError::Invalid("empty grid set".into()));
+        }
+        for (i, s) in self.samples.iter().enumerate() {
+            if s.ids.len() != n {
+                return Err(TrainError::Invalid(format!(
+                    "sample {i} has {} ids, expected {n}",
+                    s.ids.len()
+                )));
+            }
+            if let Some(&bad) = s.ids.iter().find(|&&id| id as usize >= self.codebook_size) {
+                return Err(TrainError::Invalid(format!(
+                    "sample {i} has id {bad} >= codebook size {}",
+                    self.codebook_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deterministic synthetic grids with learnable structure (smooth regions of a few ids with
+    /// noise): for smoke tests of the training loop. Sample `i` draws from `splitmix64`.
+    pub fn synthetic(
+        height: usize,
+        width: usize,
+        codebook_size: usize,
+        count: usize,
+        seed: u64,
+    ) -> Self {
+        let mut samples = Vec::with_capacity(count);
+        let mut z = seed;
+        let mut next = move || {
+            z = splitmix64(z);
+            z
+        };
+        for _ in 0..count {
+            let base = (next() % codebook_size as u64) as u32;
+            let stripe = 1 + (next() % 4) as usize;
+            let mut ids = Vec::with_capacity(height * width);
+            for r in 0..height {
+                for c in 0..width {
+                    let v = if next() % 8 == 0 {
+                        (next() % codebook_size as u64) as u32
+                    } else {
+                        (base + ((r / stripe + c / stripe) % 3) as u32) % codebook_size as u32
+                    };
+                    ids.push(v);
+                }
+            }
+            let text = vec![base, stripe as u32];
+            samples.push(Sample { ids, text });
+        }
+        Self {
+            height,
+            width,
+            codebook_size,
+            samples,
+        }
+    }
+}
+
+/// A batch of grids of one shape (row-major ids of each grid, concatenated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// `len() * height * width` ids.
+    pub ids: Vec<u32>,
+    /// One caption per grid (possibly empty).
+    pub texts: Vec<Vec<u32>>,
+}
+
+impl Batch {
+    /// Number of grids.
+    pub fn len(&self) -> usize {
+        self.texts.len()
+    }
+
+    /// True when the batch holds no grid.
+    pub fn is_empty(&self) -> bool {
+        self.texts.is_empty()
+    }
+
+    fn from_indices(set: &GridSet, idx: impl Iterator<Item = usize>) -> Self {
+        let mut ids = Vec::new();
+        let mut texts = Vec::new();
+        for i in idx {
+            let s = &set.samples[i];
+            ids.extend_from_slice(&s.ids);
+            texts.push(s.text.clone());
+        }
+        Self {
+            height: set.height,
+            width: set.width,
+            ids,
+            texts,
+        }
+    }
+}
+
+/// Which model to train, with its architecture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "config", rename_all = "lowercase")]
+pub enum ModelSpec {
+    /// The causal raster-order model.
+    Generic(GenericConfig),
+    /// The bidirectional grouped model.
+    Masked(MaskedConfig),
+    /// The text-conditioned causal model.
+    Text(TextCondConfig),
+}
+
+impl ModelSpec {
+    /// `generic`, `masked` or `text` (the manifest `kind`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Generic(_) => crate::entropy::generic::KIND,
+            Self::Masked(_) => crate::entropy::masked::KIND,
+            Self::Text(_) => crate::entropy::text_cond::KIND,
+        }
+    }
+
+    /// Codebook size of the model.
+    pub fn codebook_size(&self) -> usize {
+        match self {
+            Self::Generic(c) => c.codebook_size,
+            Self::Masked(c) => c.codebook_size,
+            Self::Text(c) => c.codebook_size,
+        }
+    }
+
+    /// Largest grid side of the model.
+    pub fn max_side(&self) -> usize {
+        match self {
+            Self::Generic(c) => c.max_side,
+            Self::Masked(c) => c.max_side,
+            Self::Text(c) => c.max_side,
+        }
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        match self {
+            Self::Generic(c) => c.num_params(),
+            Self::Masked(c) => c.num_params(),
+            Self::Text(c) => c.num_params(),
+        }
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        match self {
+            Self::Generic(c) => serde_json::to_value(c),
+            Self::Masked(c) => serde_json::to_value(c),
+            Self::Text(c) => serde_json::to_value(c),
+        }
+        .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+enum Net {
+    Generic(GenericNet),
+    Masked(MaskedNet),
+    Text(TextCondNet),
+}
+
+impl Net {
+    fn new(spec: &ModelSpec, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(match spec {
+            ModelSpec::Generic(c) => Self::Generic(GenericNet::new(c, vb)?),
+            ModelSpec::Masked(c) => Self::Masked(MaskedNet::new(c, vb)?),
+            ModelSpec::Text(c) => Self::Text(TextCondNet::new(c, vb)?),
+        })
+    }
+
+    fn loss(&self, b: &Batch, dev: &Device, rng: &mut StdRng) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Generic(n) => n.loss(b, dev),
+            Self::Masked(n) => n.loss(b, dev, rng),
+            Self::Text(n) => n.loss(b, dev),
+        }
+    }
+}
+
+/// Options of a training run.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Model id written to the manifest, also the file stem (`<out_dir>/<id>.safetensors`).
+    pub id: String,
+    /// Output folder.
+    pub out_dir: PathBuf,
+    /// Total optimiser steps (a resumed run stops at the same total).
+    pub steps: u64,
+    /// Grids per step.
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW), reached after `warmup` steps, cosine-decayed to 10%.
+    pub lr: f64,
+    /// Linear warm-up steps.
+    pub warmup: u64,
+    /// AdamW weight decay (applied to matrices only).
+    pub weight_decay: f64,
+    /// Seed of initialisation and batch sampling.
+    pub seed: u64,
+    /// Validate (and checkpoint) every this many steps, and at the end.
+    pub eval_every: u64,
+    /// Validation grids used (the first ones of the validation set).
+    pub val_samples: usize,
+    /// Continue from an existing checkpoint in `out_dir` if there is one.
+    pub resume: bool,
+    /// Description of the training data, for the manifest.
+    pub data: String,
+    /// The command line that reproduces this run, for the manifest.
+    pub command: String,
+}
+
+impl TrainOptions {
+    /// Defaults for a CPU run: 4,000 steps of 16 grids, lr 1e-3 with 200 warm-up steps.
+    pub fn new(id: &str, out_dir: &Path) -> Self {
+        Self {
+            id: id.to_string(),
+            out_dir: out_dir.to_path_buf(),
+            steps: 4000,
+            batch_size: 16,
+            lr: 1e-3,
+            warmup: 200,
+            weight_decay: 0.01,
+            seed: 1,
+            eval_every: 250,
+            val_samples: 256,
+            resume: true,
+            data: String::new(),
+            command: String::new(),
+        }
+    }
+}
+
+/// What the loop reports to its caller (the CLI draws progress bars from these).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Training starts (or resumes) at `step` of `total`.
+    Start {
+        /// First step to run.
+        step: u64,
+        /// Last step.
+        total: u64,
+        /// Parameters of the model.
+        params: usize,
+    },
+    /// One optimiser step finished.
+    Step {
+        /// Steps done.
+        step: u64,
+        /// Training loss of this step, bits per token.
+        bits: f64,
+    },
+    /// A validation pass (followed by a checkpoint).
+    Eval {
+        /// Steps done.
+        step: u64,
+        /// Mean training loss since the last validation, bits per token.
+        train_bits: f64,
+        /// Validation loss, bits per token.
+        val_bits: f64,
+    },
+}
+
+/// Result of [`train`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// The manifest written (weights next to it).
+    pub manifest: Manifest,
+    /// Path of the manifest.
+    pub manifest_path: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OptState {
+    step: u64,
+    spec: ModelSpec,
+    train_bits: f64,
+}
+
+/// AdamW whose moments can be saved and restored (candle's own keeps them private).
+struct AdamW {
+    vars: Vec<(String, Var)>,
+    m: HashMap<String, Tensor>,
+    v: HashMap<String, Tensor>,
+    t: u64,
+}
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.95;
+const ADAM_EPS: f64 = 1e-8;
+const CLIP: f64 = 1.0;
+
+impl AdamW {
+    fn new(varmap: &VarMap) -> candle_core::Result<Self> {
+        let mut vars: Vec<(String, Var)> = match varmap.data().lock() {
+            Ok(g) => g.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => candle_core::bail!("variable map lock poisoned"),
+        };
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut m = HashMap::new();
+        let mut v = HashMap::new();
+        for (n, var) in &vars {
+            m.insert(n.clone(), var.zeros_like()?);
+            v.insert(n.clone(), var.zeros_like()?);
+        }
+        Ok(Self { vars, m, v, t: 0 })
+    }
+
+    fn step(&mut self, loss: &Tensor, lr: f64, wd: f64) -> candle_core::Result<()> {
+        let grads = loss.backward()?;
+        let mut sq = 0.0f64;
+        for (_, var) in &self.vars {
+            if let Some(g) = grads.get(var) {
+                sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            }
+        }
+        let norm = sq.sqrt();
+        let clip = if norm > CLIP { CLIP / norm } else { 1.0 };
+        self.t += 1;
+        let c1 = 1.0 - BETA1.powi(self.t as i32);
+        let c2 = 1.0 - BETA2.powi(self.t as i32);
+        for (name, var) in &self.vars {
+            let Some(g) = grads.get(var) else { continue };
+            let g = (g * clip)?;
+            let (Some(m), Some(v)) = (self.m.get(name), self.v.get(name)) else {
+                continue;
+            };
+            let m = ((m * BETA1)? + (&g * (1.0 - BETA1))?)?;
+            let v = ((v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
+            let upd = ((&m / c1)? / ((&v / c2)?.sqrt()? + ADAM_EPS)?)?;
+            let mut nv = (var.as_tensor() - (upd * lr)?)?;
+            if var.rank() == 2 && wd > 0.0 {
+                nv = (nv - (var.as_tensor() * (lr * wd))?)?;
+            }
+            var.set(&nv)?;
+            self.m.insert(name.clone(), m);
+            self.v.insert(name.clone(), v);
+        }
+        Ok(())
+    }
+
+    fn save(&self, path: &Path) -> candle_core::Result<()> {
+        let mut all: HashMap<String, Tensor> = HashMap::new();
+        for (n, t) in &self.m {
+            all.insert(format!("m.{n}"), t.clone());
+        }
+        for (n, t) in &self.v {
+            all.insert(format!("v.{n}"), t.clone());
+        }
+        candle_core::safetensors::save(&all, path)
+    }
+
+    fn load(&mut self, path: &Path, t: u64, dev: &Device) -> candle_core::Result<()> {
+        let all = candle_core::safetensors::load(path, dev)?;
+        for (n, _) in &self.vars {
+            if let (Some(m), Some(v)) = (all.get(&format!("m.{n}")), all.get(&format!("v.{n}"))) {
+                self.m.insert(n.clone(), m.clone());
+                self.v.insert(n.clone(), v.clone());
+            }
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+fn lr_at(step: u64, opts: &TrainOptions) -> f64 {
+    if step < opts.warmup {
+        return opts.lr * (step + 1) as f64 / opts.warmup as f64;
+    }
+    let span = opts.steps.saturating_sub(opts.warmup).max(1) as f64;
+    let p = ((step - opts.warmup) as f64 / span).min(1.0);
+    opts.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+}
+
+/// The batch of step `step`: indices drawn uniformly with an RNG seeded by `(seed, step)`.
+fn batch_for(set: &GridSet, seed: u64, step: u64, size: usize) -> (Batch, StdRng) {
+    let mut rng = StdRng::seed_from_u64(splitmix64(seed ^ splitmix64(step)));
+    let n = set.samples.len();
+    let idx: Vec<usize> = (0..size).map(|_| rng.gen_range(0..n)).collect();
+    (Batch::from_indices(set, idx.into_iter()), rng)
+}
+
+fn validate(
+    net: &Net,
+    val: &GridSet,
+    opts: &TrainOptions,
+    dev: &Device,
+) -> Result<f64, TrainError> {
+    let n = val.samples.len().min(opts.val_samples.max(1));
+    let bs = opts.batch_size.max(1);
+    let mut rng = StdRng::seed_from_u64(0x7661_6c69_6461_7465);
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    let mut i = 0;
+    while i < n {
+        let j = (i + bs).min(n);
+        let b = Batch::from_indices(val, i..j);
+        let l = net.loss(&b, dev, &mut rng)?.to_scalar::<f32>()?;
+        sum += f64::from(l) * (j - i) as f64;
+        count += j - i;
+        i = j;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+/// Paths of a run's files.
+fn paths(opts: &TrainOptions) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let d = &opts.out_dir;
+    (
+        d.join(format!("{}.safetensors", opts.id)),
+        d.join(format!("{}.json", opts.id)),
+        d.join(format!("{}.opt.safetensors", opts.id)),
+        d.join(format!("{}.opt.json", opts.id)),
+    )
+}
+
+/// Trains `spec` on `train_set`, validating on `val_set`, writing checkpoints and the manifest to
+/// `opts.out_dir`; `on_event` sees progress. Runs on `dev` (CPU or CUDA).
+pub fn train(
+    spec: &ModelSpec,
+    train_set: &GridSet,
+    val_set: &GridSet,
+    opts: &TrainOptions,
+    dev: &Device,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<TrainReport, TrainError> {
+    train_set.validate()?;
+    val_set.validate()?;
+    for s in [train_set, val_set] {
+        if s.codebook_size != spec.codebook_size() {
+            return Err(TrainError::Invalid(format!(
+                "data codebook {} differs from the model's {}",
+                s.codebook_size,
+                spec.codebook_size()
+            )));
+        }
+        if s.height > spec.max_side() || s.width > spec.max_side() {
+            return Err(TrainError::Invalid(format!(
+                "grids {}x{} exceed max_side {}",
+                s.height,
+                s.width,
+                spec.max_side()
+            )));
+        }
+    }
+    if opts.batch_size == 0 || opts.eval_every == 0 {
+        return Err(TrainError::Invalid(
+            "batch size and eval interval must be > 0".into(),
+        ));
+    }
+    std::fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
+    let (wpath, mpath, opath, spath) = paths(opts);
+
+    dev.set_seed(opts.seed)?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let net = Net::new(spec, vb)?;
+    let mut opt = AdamW::new(&varmap)?;
+    let mut step = 0u64;
+    let mut last_train = f64::NAN;
+    if opts.resume && spath.exists() && wpath.exists() && opath.exists() {
+        let text = std::fs::read(&spath).map_err(io_err(&spath))?;
+        let st: OptState = serde_json::from_slice(&text)
+            .map_err(|e| TrainError::Invalid(format!("{}: {e}", spath.display())))?;
+        if &st.spec != spec {
+            return Err(TrainError::Invalid(format!(
+                "{} holds a different architecture; use another id or out dir",
+                spath.display()
+            )));
+        }
+        let mut vm = varmap.clone();
+        vm.load(&wpath)?;
+        opt.load(&opath, st.step, dev)?;
+        step = st.step;
+        last_train = st.train_bits;
+    }
+    on_event(Event::Start {
+        step,
+        total: opts.steps,
+        params: spec.num_params(),
+    });
+    let mut window = (0.0f64, 0u64);
+    let mut val_bits = f64::NAN;
+    let mut evaluated_at = u64::MAX;
+    while step < opts.steps {
+        let (batch, mut rng) = batch_for(train_set, opts.seed, step, opts.batch_size);
+        let loss = net.loss(&batch, dev, &mut rng)?;
+        let bits = f64::from(loss.to_scalar::<f32>()?);
+        if !bits.is_finite() {
+            return Err(TrainError::Invalid(format!(
+                "loss became {bits} at step {step}"
+            )));
+        }
+        opt.step(&loss, lr_at(step, opts), opts.weight_decay)?;
+        step += 1;
+        window.0 += bits;
+        window.1 += 1;
+        on_event(Event::Step { step, bits });
+        if step % opts.eval_every == 0 || step == opts.steps {
+            last_train = window.0 / window.1.max(1) as f64;
+            window = (0.0, 0);
+            val_bits = validate(&net, val_set, opts, dev)?;
+            evaluated_at = step;
+            on_event(Event::Eval {
+                step,
+                train_bits: last_train,
+                val_bits,
+            });
+            varmap.save(&wpath)?;
+            opt.save(&opath)?;
+            let st = OptState {
+                step,
+                spec: spec.clone(),
+                train_bits: last_train,
+            };
+            let text =
+                serde_json::to_vec_pretty(&st).map_err(|e| TrainError::Invalid(e.to_string()))?;
+            std::fs::write(&spath, text).map_err(io_err(&spath))?;
+            write_manifest(spec, opts, &wpath, &mpath, step, last_train, val_bits)?;
+        }
+    }
+    if evaluated_at != step {
+        // Resumed at the end: refresh validation and the manifest.
+        val_bits = validate(&net, val_set, opts, dev)?;
+        varmap.save(&wpath)?;
+        write_manifest(spec, opts, &wpath, &mpath, step, last_train, val_bits)?;
+    }
+    let text = std::fs::read(&mpath).map_err(io_err(&mpath))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    Ok(TrainReport {
+        manifest,
+        manifest_path: mpath,
+    })
+}
+
+fn write_manifest(
+    spec: &ModelSpec,
+    opts: &TrainOptions,
+    wpath: &Path,
+    mpath: &Path,
+    step: u64,
+    train_bits: f64,
+    val_bits: f64,
+) -> Result<(), TrainError> {
+    let bytes = std::fs::read(wpath).map_err(io_err(wpath))?;
+    let m = Manifest {
+        id: opts.id.clone(),
+        kind: spec.kind().to_string(),
+        weights: format!("{}.safetensors", opts.id),
+        sha256: sha256_hex(&bytes),
+        params: spec.num_params() as u64,
+        config: spec.config_json(),
+        training: Some(TrainingRecord {
+            data: opts.data.clone(),
+            steps: step,
+            batch_size: opts.batch_size,
+            seed: opts.seed,
+            train_bits_per_token: train_bits,
+            val_bits_per_token: val_bits,
+            command: opts.command.clone(),
+        }),
+    };
+    let text = serde_json::to_vec_pretty(&m).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    std::fs::write(mpath, text).map_err(io_err(mpath))
+}

@@ -1,0 +1,234 @@
+//! Pieces shared by the three transformer entropy models: the error type, the model manifest, the
+//! 2-D position embedding and the output head.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::kernels::{linear, Kernel};
+use super::weights::{sha256_hex, Weights};
+use super::{logits_to_weights, NnError};
+use crate::coder::CodeError;
+
+/// Why a transformer entropy model could not load, encode or decode.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The weights or configuration are unusable.
+    #[error(transparent)]
+    Nn(#[from] NnError),
+    /// The range coder failed (a corrupt payload, usually).
+    #[error(transparent)]
+    Code(#[from] CodeError),
+    /// The grid does not fit the model (codebook size, dimensions, known mask).
+    #[error("grid does not fit the model: {0}")]
+    Grid(String),
+    /// The manifest could not be read or parsed, or its hash does not match the weights.
+    #[error("manifest: {0}")]
+    Manifest(String),
+    /// Reading a model file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// Where a model's training data and results are recorded (the `training` object of a manifest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TrainingRecord {
+    /// Data the model was trained on (folders, tokenizer id and hash, crops).
+    pub data: String,
+    /// Optimiser steps taken.
+    pub steps: u64,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Random seed.
+    pub seed: u64,
+    /// Mean training loss over the last logging window, bits per token.
+    pub train_bits_per_token: f64,
+    /// Validation loss, bits per token (`log2 K` is the uniform baseline).
+    pub val_bits_per_token: f64,
+    /// The exact command that reproduces the file.
+    pub command: String,
+}
+
+/// The JSON manifest that accompanies a model's safetensors weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Model id, used with `sha256` in the handshake (e.g. `unimic-entropy-generic-v1`).
+    pub id: String,
+    /// `generic`, `masked` or `text`.
+    pub kind: String,
+    /// File name of the safetensors weights, relative to the manifest.
+    pub weights: String,
+    /// Lower-case hex SHA-256 of the weights file: the content hash.
+    pub sha256: String,
+    /// Number of parameters.
+    pub params: u64,
+    /// The model's configuration (architecture and shapes), as its `*Config` serialises.
+    pub config: serde_json::Value,
+    /// How the weights were produced, if they were trained.
+    #[serde(default)]
+    pub training: Option<TrainingRecord>,
+}
+
+/// Largest manifest accepted (bytes).
+const MAX_MANIFEST: u64 = 1 << 20;
+/// Largest weights file accepted (bytes): 256 MiB, far above the 10 M-parameter target.
+const MAX_WEIGHTS: u64 = 256 << 20;
+
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > max {
+        return Err(ModelError::Manifest(format!(
+            "{} is {len} bytes, more than {max}",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(io)
+}
+
+impl Manifest {
+    /// Reads a manifest and the weights it names; checks the kind and the content hash.
+    pub fn load(path: &Path, kind: &str) -> Result<(Self, Vec<u8>), ModelError> {
+        let text = read_bounded(path, MAX_MANIFEST)?;
+        let m: Manifest =
+            serde_json::from_slice(&text).map_err(|e| ModelError::Manifest(e.to_string()))?;
+        if m.kind != kind {
+            return Err(ModelError::Manifest(format!(
+                "manifest is for a {} model, not {kind}",
+                m.kind
+            )));
+        }
+        let wpath = path.parent().unwrap_or(Path::new(".")).join(&m.weights);
+        let bytes = read_bounded(&wpath, MAX_WEIGHTS)?;
+        let h = sha256_hex(&bytes);
+        if h != m.sha256 {
+            return Err(ModelError::Manifest(format!(
+                "{} has sha256 {h}, the manifest says {}",
+                wpath.display(),
+                m.sha256
+            )));
+        }
+        Ok((m, bytes))
+    }
+}
+
+/// Learned absolute 2-D positions: `row_emb[row] + col_emb[col]` (tables of `max_side` rows).
+#[derive(Debug, Clone)]
+pub struct Pos2d {
+    d: usize,
+    max_side: usize,
+    row: Vec<f32>,
+    col: Vec<f32>,
+}
+
+impl Pos2d {
+    /// Names and shapes of the position tables.
+    pub fn tensor_shapes(max_side: usize, d: usize) -> Vec<(String, Vec<usize>)> {
+        vec![
+            ("row_emb.weight".to_string(), vec![max_side, d]),
+            ("col_emb.weight".to_string(), vec![max_side, d]),
+        ]
+    }
+
+    /// Takes the tables out of `w`.
+    pub fn from_weights(max_side: usize, d: usize, w: &mut Weights) -> Result<Self, NnError> {
+        Ok(Self {
+            d,
+            max_side,
+            row: w.take("row_emb.weight", &[max_side, d])?,
+            col: w.take("col_emb.weight", &[max_side, d])?,
+        })
+    }
+
+    /// Largest grid side.
+    pub fn max_side(&self) -> usize {
+        self.max_side
+    }
+
+    /// `out = (tok + row_emb[r]) + col_emb[c]` elementwise (this order).
+    pub fn add_to(&self, tok: &[f32], r: usize, c: usize, out: &mut [f32]) {
+        let d = self.d;
+        let re = &self.row[r * d..(r + 1) * d];
+        let ce = &self.col[c * d..(c + 1) * d];
+        for (o, ((&t, &r), &c)) in out.iter_mut().zip(tok.iter().zip(re).zip(ce)).take(d) {
+            *o = (t + r) + c;
+        }
+    }
+}
+
+/// The output projection `head` (`codebook_size × d` weight and bias) and the step to integer
+/// weights.
+#[derive(Debug, Clone)]
+pub struct Head {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    k: usize,
+}
+
+impl Head {
+    /// Names and shapes of the head tensors.
+    pub fn tensor_shapes(k: usize, d: usize) -> Vec<(String, Vec<usize>)> {
+        vec![
+            ("head.weight".to_string(), vec![k, d]),
+            ("head.bias".to_string(), vec![k]),
+        ]
+    }
+
+    /// Takes the head out of `w`.
+    pub fn from_weights(k: usize, d: usize, w: &mut Weights) -> Result<Self, NnError> {
+        Ok(Self {
+            w: w.take("head.weight", &[k, d])?,
+            b: w.take("head.bias", &[k])?,
+            k,
+        })
+    }
+
+    /// Logits for one hidden state.
+    pub fn logits(&self, kernel: Kernel, hidden: &[f32], logits: &mut Vec<f32>) {
+        logits.resize(self.k, 0.0);
+        linear(kernel, hidden, &self.w, Some(&self.b), logits);
+    }
+
+    /// Integer weights (see [`logits_to_weights`]) for one hidden state; `scratch` holds logits.
+    pub fn weights(
+        &self,
+        kernel: Kernel,
+        hidden: &[f32],
+        scratch: &mut Vec<f32>,
+        out: &mut Vec<u64>,
+    ) {
+        self.logits(kernel, hidden, scratch);
+        logits_to_weights(scratch, out);
+    }
+}
+
+/// Checks that a grid shape fits a model.
+pub(crate) fn check_shape(
+    height: u32,
+    width: u32,
+    codebook: u32,
+    max_side: usize,
+    want_codebook: usize,
+) -> Result<(), ModelError> {
+    if height as usize > max_side || width as usize > max_side {
+        return Err(ModelError::Grid(format!(
+            "{height}x{width} exceeds the model's largest side {max_side}"
+        )));
+    }
+    if codebook as usize != want_codebook {
+        return Err(ModelError::Grid(format!(
+            "grid codebook {codebook} differs from the model's {want_codebook}"
+        )));
+    }
+    Ok(())
+}
