@@ -15,7 +15,7 @@ pub struct TokenGrid {
 }
 
 /// Why a [`TokenGrid`] could not be built.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GridError {
     /// `ids.len()` is not `height * width`.
@@ -144,4 +144,139 @@ impl TokenGrid {
         );
         self.ids[(row as usize) * (self.width as usize) + col as usize]
     }
+}
+
+/// Magic bytes that start a token-grid file.
+pub const GRID_FILE_MAGIC: &[u8; 4] = b"UMTG";
+/// The token-grid file version this crate writes.
+pub const GRID_FILE_VERSION: u16 = 1;
+/// Size of a token-grid file header in bytes.
+pub const GRID_FILE_HEADER: usize = 22;
+
+/// Why a token-grid file could not be read or written.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GridFileError {
+    /// The file does not start with `UMTG` or has an unknown version.
+    #[error("not a token-grid file (magic UMTG, version 1)")]
+    BadHeader,
+    /// The header is inconsistent (zero dimension, bad codebook, or a size over the limit).
+    #[error("token-grid file header is invalid: {0}")]
+    BadShape(GridError),
+    /// The file length does not match the header.
+    #[error("token-grid file has {got} bytes, its header implies {expected}")]
+    BadLength {
+        /// Bytes implied by the header.
+        expected: u64,
+        /// Bytes present.
+        got: usize,
+    },
+    /// The header implies more tokens than the caller allows.
+    #[error("token-grid file holds {tokens} tokens, above the limit of {limit}")]
+    TooLarge {
+        /// Tokens implied by the header.
+        tokens: u64,
+        /// The caller's limit.
+        limit: u64,
+    },
+    /// Grids written together must share height, width and codebook size.
+    #[error("grids in one file must share height, width and codebook size")]
+    Mixed,
+}
+
+/// Writes grids as one token-grid file (a dataset written once, benchmarked many times).
+///
+/// Format (little-endian): `"UMTG"` (4 bytes), version `u16` (= 1), height `u32`, width `u32`,
+/// codebook size `K` `u32` (`1..=65536`), grid count `u32`; then for each grid its `height *
+/// width` ids in row-major order, each as `u16` (every id is below `K <= 65536`). All grids of a
+/// file share the header's shape. An empty list writes a header with zero shape and count.
+///
+/// ```
+/// use unimic_codec::grid::{read_grid_file, write_grid_file, TokenGrid};
+/// let g = TokenGrid::new(2, 2, 16384, vec![0, 1, 16383, 7]).unwrap();
+/// let bytes = write_grid_file(&[g.clone(), g.clone()]).unwrap();
+/// assert_eq!(bytes.len(), 22 + 2 * 4 * 2);
+/// assert_eq!(read_grid_file(&bytes, 1 << 20).unwrap(), vec![g.clone(), g]);
+/// ```
+pub fn write_grid_file(grids: &[TokenGrid]) -> Result<Vec<u8>, GridFileError> {
+    let (h, w, k) = grids
+        .first()
+        .map_or((0, 0, 0), |g| (g.height, g.width, g.codebook_size));
+    if grids
+        .iter()
+        .any(|g| (g.height, g.width, g.codebook_size) != (h, w, k))
+    {
+        return Err(GridFileError::Mixed);
+    }
+    let tokens: usize = grids.iter().map(TokenGrid::len).sum();
+    let mut out = Vec::with_capacity(GRID_FILE_HEADER + 2 * tokens);
+    out.extend_from_slice(GRID_FILE_MAGIC);
+    out.extend_from_slice(&GRID_FILE_VERSION.to_le_bytes());
+    for v in [h, w, k, grids.len() as u32] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for g in grids {
+        for &id in &g.ids {
+            // id < K <= 65536, so it fits 16 bits.
+            out.extend_from_slice(&(id as u16).to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a token-grid file written by [`write_grid_file`], refusing files that hold more than
+/// `max_tokens` tokens before allocating for them.
+pub fn read_grid_file(bytes: &[u8], max_tokens: u64) -> Result<Vec<TokenGrid>, GridFileError> {
+    if bytes.len() < GRID_FILE_HEADER || &bytes[..4] != GRID_FILE_MAGIC {
+        return Err(GridFileError::BadHeader);
+    }
+    if u16::from_le_bytes([bytes[4], bytes[5]]) != GRID_FILE_VERSION {
+        return Err(GridFileError::BadHeader);
+    }
+    let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let (h, w, k, count) = (word(6), word(10), word(14), word(18));
+    if count == 0 {
+        return if bytes.len() == GRID_FILE_HEADER {
+            Ok(Vec::new())
+        } else {
+            Err(GridFileError::BadLength {
+                expected: GRID_FILE_HEADER as u64,
+                got: bytes.len(),
+            })
+        };
+    }
+    if h == 0 || w == 0 {
+        return Err(GridFileError::BadShape(GridError::Empty {
+            height: h,
+            width: w,
+        }));
+    }
+    if k == 0 || k > MAX_CODEBOOK {
+        return Err(GridFileError::BadShape(GridError::BadCodebook(k)));
+    }
+    let per_grid = u64::from(h) * u64::from(w);
+    let tokens = per_grid * u64::from(count);
+    if tokens > max_tokens {
+        return Err(GridFileError::TooLarge {
+            tokens,
+            limit: max_tokens,
+        });
+    }
+    let expected = GRID_FILE_HEADER as u64 + 2 * tokens;
+    if bytes.len() as u64 != expected {
+        return Err(GridFileError::BadLength {
+            expected,
+            got: bytes.len(),
+        });
+    }
+    bytes[GRID_FILE_HEADER..]
+        .chunks_exact(2 * per_grid as usize)
+        .map(|chunk| {
+            let ids = chunk
+                .chunks_exact(2)
+                .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]])))
+                .collect();
+            TokenGrid::new(h, w, k, ids).map_err(GridFileError::BadShape)
+        })
+        .collect()
 }

@@ -5,6 +5,12 @@
 //! crate still codes token grids and text.
 #![warn(missing_docs)]
 
+pub mod coder;
+pub mod context;
+pub mod entropy;
 pub mod grid;
+pub mod nn;
+pub mod part;
+pub mod text;
 #[cfg(feature = "vq")]
 pub mod tokenizer;

@@ -1,0 +1,397 @@
+//! [`SessionContext`]: the token sequences exchanged in a session, by (message id, part index),
+//! with the context digest and deterministic, memory-bounded eviction.
+//!
+//! # Digest (normative; docs/PROTOCOL.md refers here)
+//! ```text
+//! digest = SHA-256( "unimic-context-v1"                      (17 ASCII bytes)
+//!                 || varint(N)                               (number of references)
+//!                 || for each reference, in the order the part lists them:
+//!                      varint(message_id) || varint(part_index) || varint(kind)
+//!                      || varint(rows) || varint(cols) || rows*cols ids, each u32 little-endian )
+//! ```
+//! `kind` 0 = text ids (`rows = 1`, `cols` = count), 1 = image grid (`rows` = height,
+//! `cols` = width); `varint` is the QUIC variable-length integer (RFC 9000 §16, shortest form).
+//!
+//! # Memory bound and eviction
+//! Each stored token costs [`BYTES_PER_TOKEN`] bytes of the budget. Inserting a sequence that
+//! takes the total above the budget evicts the oldest stored sequences (insertion order) until it
+//! fits again; [`SessionContext::evict`] removes one explicitly. Both are deterministic, so two
+//! ends that apply the same inserts and evictions in the same order hold the same context, and
+//! both report what they evicted (transport announces it with a ContextEvicted notice).
+//!
+//! ```
+//! use unimic_codec::context::{ContextKey, Sequence, SessionContext};
+//! let mut a = SessionContext::new(1 << 20);
+//! let mut b = SessionContext::new(1 << 20);
+//! let key = ContextKey::new(1, 0);
+//! for ctx in [&mut a, &mut b] {
+//!     ctx.insert(key, Sequence::text(vec![32, 5679, 306])).unwrap();
+//! }
+//! let d = a.digest(&[key]).unwrap();
+//! assert!(b.verify(&[key], &d).is_ok());
+//! assert!(b.verify(&[key], &[0; 32]).is_err());
+//! ```
+
+use crate::grid::TokenGrid;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Budget bytes charged per stored token.
+pub const BYTES_PER_TOKEN: u64 = 4;
+/// Domain separator at the start of the digest input.
+pub const DIGEST_DOMAIN: &[u8; 17] = b"unimic-context-v1";
+/// Largest value a QUIC varint holds (`2^62 - 1`).
+pub const VARINT_MAX: u64 = (1 << 62) - 1;
+
+/// Appends `v` as a QUIC variable-length integer (RFC 9000 §16), shortest form. Values above
+/// [`VARINT_MAX`] are clamped to it (callers validate first).
+pub fn write_varint(out: &mut Vec<u8>, v: u64) {
+    let v = v.min(VARINT_MAX);
+    if v < 1 << 6 {
+        out.push(v as u8);
+    } else if v < 1 << 14 {
+        out.extend_from_slice(&((v as u16) | 0x4000).to_be_bytes());
+    } else if v < 1 << 30 {
+        out.extend_from_slice(&((v as u32) | 0x8000_0000).to_be_bytes());
+    } else {
+        out.extend_from_slice(&(v | 0xC000_0000_0000_0000).to_be_bytes());
+    }
+}
+
+/// Identifies a stored sequence: a part of a message of the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ContextKey {
+    /// The message id.
+    pub message_id: u64,
+    /// The part's index in the message.
+    pub part_index: u64,
+}
+
+impl ContextKey {
+    /// A key.
+    pub fn new(message_id: u64, part_index: u64) -> Self {
+        Self {
+            message_id,
+            part_index,
+        }
+    }
+}
+
+/// What a stored sequence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SequenceKind {
+    /// Text token ids (kind 0).
+    Text,
+    /// An image token grid (kind 1).
+    Grid,
+}
+
+impl SequenceKind {
+    /// The kind's number in the digest and on the wire.
+    pub fn code(self) -> u64 {
+        match self {
+            SequenceKind::Text => 0,
+            SequenceKind::Grid => 1,
+        }
+    }
+}
+
+/// A token sequence kept in the context.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Sequence {
+    kind: SequenceKind,
+    rows: u32,
+    cols: u32,
+    ids: Arc<[u32]>,
+}
+
+impl Sequence {
+    /// Text token ids (`rows = 1`, `cols = ids.len()`).
+    pub fn text(ids: Vec<u32>) -> Self {
+        Self {
+            kind: SequenceKind::Text,
+            rows: 1,
+            cols: ids.len() as u32,
+            ids: ids.into(),
+        }
+    }
+
+    /// An image token grid.
+    pub fn grid(grid: &TokenGrid) -> Self {
+        Self {
+            kind: SequenceKind::Grid,
+            rows: grid.height(),
+            cols: grid.width(),
+            ids: grid.ids().into(),
+        }
+    }
+
+    /// Kind.
+    pub fn kind(&self) -> SequenceKind {
+        self.kind
+    }
+    /// Rows (1 for text).
+    pub fn rows(&self) -> u32 {
+        self.rows
+    }
+    /// Columns (the count for text).
+    pub fn cols(&self) -> u32 {
+        self.cols
+    }
+    /// The ids, row-major.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+    /// Budget bytes this sequence costs.
+    pub fn cost(&self) -> u64 {
+        self.ids.len() as u64 * BYTES_PER_TOKEN
+    }
+}
+
+/// Why a context operation failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ContextError {
+    /// A referenced sequence is not (or no longer) in the context.
+    #[error("context reference ({}, {}) is not in the session context", .0.message_id, .0.part_index)]
+    Missing(ContextKey),
+    /// The digest the sender computed differs from ours: refuse before decoding.
+    #[error("context digest mismatch: the two ends hold different context")]
+    DigestMismatch {
+        /// The digest in the part.
+        expected: [u8; 32],
+        /// The digest over our context.
+        actual: [u8; 32],
+    },
+    /// The key is already stored.
+    #[error("context key ({}, {}) is already stored", .0.message_id, .0.part_index)]
+    Duplicate(ContextKey),
+    /// A key does not fit a QUIC varint.
+    #[error("context key ({}, {}) exceeds 2^62-1", .0.message_id, .0.part_index)]
+    KeyRange(ContextKey),
+    /// The sequence alone exceeds the budget.
+    #[error("sequence of {cost} bytes exceeds the context budget of {budget} bytes")]
+    TooLarge {
+        /// Bytes the sequence costs.
+        cost: u64,
+        /// The budget.
+        budget: u64,
+    },
+}
+
+/// The session context: stored sequences, their insertion order, and the byte budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionContext {
+    entries: BTreeMap<ContextKey, (u64, Sequence)>,
+    order: VecDeque<(u64, ContextKey)>,
+    next_seq: u64,
+    used: u64,
+    budget: u64,
+}
+
+impl SessionContext {
+    /// An empty context holding at most `budget_bytes` (at [`BYTES_PER_TOKEN`] per token).
+    pub fn new(budget_bytes: u64) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            used: 0,
+            budget: budget_bytes,
+        }
+    }
+
+    /// Stores a sequence; evicts the oldest sequences if the budget is exceeded and returns
+    /// their keys, oldest first.
+    pub fn insert(
+        &mut self,
+        key: ContextKey,
+        seq: Sequence,
+    ) -> Result<Vec<ContextKey>, ContextError> {
+        if key.message_id > VARINT_MAX || key.part_index > VARINT_MAX {
+            return Err(ContextError::KeyRange(key));
+        }
+        if self.entries.contains_key(&key) {
+            return Err(ContextError::Duplicate(key));
+        }
+        let cost = seq.cost();
+        if cost > self.budget {
+            return Err(ContextError::TooLarge {
+                cost,
+                budget: self.budget,
+            });
+        }
+        let mut evicted = Vec::new();
+        while self.used + cost > self.budget {
+            let Some((n, k)) = self.order.pop_front() else {
+                break;
+            };
+            if self.entries.get(&k).is_some_and(|e| e.0 == n) {
+                self.remove(&k);
+                evicted.push(k);
+            }
+        }
+        let n = self.next_seq;
+        self.next_seq += 1;
+        self.used += cost;
+        self.entries.insert(key, (n, seq));
+        self.order.push_back((n, key));
+        Ok(evicted)
+    }
+
+    fn remove(&mut self, key: &ContextKey) -> Option<Sequence> {
+        let (_, seq) = self.entries.remove(key)?;
+        self.used -= seq.cost();
+        Some(seq)
+    }
+
+    /// Removes one sequence explicitly; returns whether it was present.
+    pub fn evict(&mut self, key: ContextKey) -> bool {
+        let present = self.remove(&key).is_some();
+        if self.entries.is_empty() {
+            self.order.clear();
+        }
+        present
+    }
+
+    /// The stored sequence under `key`.
+    pub fn get(&self, key: ContextKey) -> Option<&Sequence> {
+        self.entries.get(&key).map(|e| &e.1)
+    }
+
+    /// Keys currently stored, in insertion order (oldest first).
+    pub fn keys(&self) -> Vec<ContextKey> {
+        let mut v: Vec<(u64, ContextKey)> = self.entries.iter().map(|(k, e)| (e.0, *k)).collect();
+        v.sort_unstable();
+        v.into_iter().map(|e| e.1).collect()
+    }
+
+    /// Number of stored sequences.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Budget bytes in use.
+    pub fn used_bytes(&self) -> u64 {
+        self.used
+    }
+
+    /// The budget.
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget
+    }
+
+    /// The referenced sequences, in order.
+    pub fn resolve(&self, refs: &[ContextKey]) -> Result<Vec<&Sequence>, ContextError> {
+        refs.iter()
+            .map(|&k| self.get(k).ok_or(ContextError::Missing(k)))
+            .collect()
+    }
+
+    /// The context digest over `refs` (see the [module docs](self)).
+    pub fn digest(&self, refs: &[ContextKey]) -> Result<[u8; 32], ContextError> {
+        let seqs = self.resolve(refs)?;
+        let mut h = Sha256::new();
+        let mut buf = Vec::with_capacity(64);
+        buf.extend_from_slice(DIGEST_DOMAIN);
+        write_varint(&mut buf, refs.len() as u64);
+        for (key, seq) in refs.iter().zip(seqs) {
+            for v in [
+                key.message_id,
+                key.part_index,
+                seq.kind.code(),
+                u64::from(seq.rows),
+                u64::from(seq.cols),
+            ] {
+                write_varint(&mut buf, v);
+            }
+            h.update(&buf);
+            buf.clear();
+            let mut ids = Vec::with_capacity(seq.ids.len() * 4);
+            for id in seq.ids.iter() {
+                ids.extend_from_slice(&id.to_le_bytes());
+            }
+            h.update(&ids);
+        }
+        h.update(&buf);
+        Ok(h.finalize().into())
+    }
+
+    /// Checks that our digest over `refs` equals `expected`; refuse to decode otherwise.
+    pub fn verify(&self, refs: &[ContextKey], expected: &[u8; 32]) -> Result<(), ContextError> {
+        let actual = self.digest(refs)?;
+        if &actual != expected {
+            return Err(ContextError::DigestMismatch {
+                expected: *expected,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varint_matches_rfc9000_examples() {
+        let cases: [(u64, &[u8]); 4] = [
+            (37, &[0x25]),
+            (15_293, &[0x7b, 0xbd]),
+            (494_878_333, &[0x9d, 0x7f, 0x3e, 0x7d]),
+            (
+                151_288_809_941_952_652,
+                &[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c],
+            ),
+        ];
+        for (v, bytes) in cases {
+            let mut out = Vec::new();
+            write_varint(&mut out, v);
+            assert_eq!(out, bytes);
+        }
+    }
+
+    #[test]
+    fn empty_reference_list_digest_is_fixed() {
+        // SHA-256("unimic-context-v1" || 0x00)
+        let d = SessionContext::new(0).digest(&[]).unwrap();
+        let mut input = DIGEST_DOMAIN.to_vec();
+        input.push(0);
+        let want: [u8; 32] = Sha256::digest(&input).into();
+        assert_eq!(d, want);
+    }
+
+    #[test]
+    fn eviction_is_oldest_first_and_reported() {
+        let mut c = SessionContext::new(40); // 10 tokens
+        c.insert(ContextKey::new(1, 0), Sequence::text(vec![1; 4]))
+            .unwrap();
+        c.insert(ContextKey::new(2, 0), Sequence::text(vec![2; 4]))
+            .unwrap();
+        let ev = c
+            .insert(ContextKey::new(3, 0), Sequence::text(vec![3; 4]))
+            .unwrap();
+        assert_eq!(ev, vec![ContextKey::new(1, 0)]);
+        assert_eq!(c.used_bytes(), 32);
+        assert!(matches!(
+            c.digest(&[ContextKey::new(1, 0)]),
+            Err(ContextError::Missing(_))
+        ));
+        assert!(c.evict(ContextKey::new(3, 0)));
+        assert!(!c.evict(ContextKey::new(3, 0)));
+        assert_eq!(c.keys(), vec![ContextKey::new(2, 0)]);
+        assert!(matches!(
+            c.insert(ContextKey::new(9, 0), Sequence::text(vec![0; 11])),
+            Err(ContextError::TooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,75 @@
+//! Text tokenizers: the [`TextTokenizer`] trait and [`O200k`] (OpenAI's o200k_base through
+//! tiktoken-rs, whose BPE tables are compiled in, so it works offline).
+
+use thiserror::Error;
+
+/// Why text could not be decoded from ids.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TextError {
+    /// An id is not in the tokenizer's vocabulary.
+    #[error("token id {0} is outside the vocabulary")]
+    UnknownId(u32),
+    /// The ids do not form valid UTF-8 text.
+    #[error("token ids do not decode to valid UTF-8")]
+    InvalidUtf8,
+}
+
+/// A text tokenizer: text to ids and back.
+pub trait TextTokenizer: Send + Sync {
+    /// A stable name, e.g. `"o200k_base"` (named in the handshake).
+    fn name(&self) -> &str;
+    /// Number of ids; every id is below it.
+    fn vocab_size(&self) -> u32;
+    /// Tokenizes text (special-token strings are treated as ordinary text).
+    fn encode(&self, text: &str) -> Vec<u32>;
+    /// Detokenizes ids.
+    fn decode(&self, ids: &[u32]) -> Result<String, TextError>;
+}
+
+/// Number of ids of o200k_base (ordinary ranks `0..199_998` plus special tokens up to 200,018).
+pub const O200K_VOCAB: u32 = 200_019;
+
+/// o200k_base. The BPE tables load once per process (hundreds of milliseconds the first time).
+///
+/// ```
+/// use unimic_codec::text::{O200k, TextTokenizer};
+/// let t = O200k::new();
+/// let ids = t.encode("A dog runs on the beach .");
+/// assert_eq!(t.decode(&ids).unwrap(), "A dog runs on the beach .");
+/// assert!(ids.iter().all(|&i| i < t.vocab_size()));
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct O200k;
+
+impl O200k {
+    /// The tokenizer (loading is deferred to first use).
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl TextTokenizer for O200k {
+    fn name(&self) -> &str {
+        "o200k_base"
+    }
+
+    fn vocab_size(&self) -> u32 {
+        O200K_VOCAB
+    }
+
+    fn encode(&self, text: &str) -> Vec<u32> {
+        tiktoken_rs::o200k_base_singleton().encode_ordinary(text)
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String, TextError> {
+        if let Some(&bad) = ids.iter().find(|&&i| i >= O200K_VOCAB) {
+            return Err(TextError::UnknownId(bad));
+        }
+        let bpe = tiktoken_rs::o200k_base_singleton();
+        let bytes = bpe
+            .decode_bytes(ids)
+            .map_err(|e| TextError::UnknownId(e.token))?;
+        String::from_utf8(bytes).map_err(|_| TextError::InvalidUtf8)
+    }
+}
