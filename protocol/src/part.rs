@@ -2,8 +2,9 @@
 //!
 //! A part is text tokens, an image token grid, or a raw attachment. On a message stream it is a
 //! [`PartHeader`] frame followed by one or more [`PartChunk`] frames, the last with `fin` set.
-//! Each chunk's payload is decodable on its own: for coded parts it is one complete entropy-coded
-//! message (docs/CODING.md) whose model state continues from the previous chunks of the part.
+//! Each chunk's payload is decodable on its own: for coded parts it is one complete, separately
+//! terminated entropy-coded message (docs/CODING.md §4 defines the model state it starts from).
+//! Its tokens start at the sum of the token counts of the part's earlier chunks.
 
 use bytes::{Buf, BufMut, Bytes};
 
