@@ -1,1 +1,333 @@
-//! Image tokenizers: images to [`crate::grid::TokenGrid`]s and back (filled by the tokenizer issue).
+//! Image tokenizers: RGB images to [`TokenGrid`]s and back.
+//!
+//! [`ImageTokenizer`] is the interface; [`Vq`] implements it with the LlamaGen VQ architecture
+//! ([`vq::VqModel`]) and weights from a safetensors file under the reference's parameter names.
+//! [`Vq::default_model`] loads the tokenizer the project trained (`models/tokenizer/`).
+//!
+//! # Size policy
+//! A model with downsampling factor `f` (16 by default) maps an `f×f` pixel block to one token.
+//! [`ImageTokenizer::encode`] accepts any size: the image is padded on the right and at the bottom
+//! by replicating its last column and row up to the next multiples of `f` (no resizing, so no
+//! resampling blur), giving a grid of `ceil(H/f)` rows by `ceil(W/f)` columns. Grid cell `(r, c)`
+//! covers pixels `[r*f, (r+1)*f) × [c*f, (c+1)*f)`. [`ImageTokenizer::decode`] returns the padded
+//! `f*rows × f*cols` image; [`ImageTokenizer::decode_to`] crops it back to the original size, which
+//! the sender must transmit next to the grid.
+//!
+//! ```no_run
+//! use unimic_codec::tokenizer::{ImageTokenizer, Vq};
+//! let tok = Vq::default_model()?;
+//! let img = image::RgbImage::from_pixel(100, 60, image::Rgb([120, 80, 40]));
+//! let grid = tok.encode(&img)?;
+//! assert_eq!((grid.height(), grid.width()), (4, 7)); // ceil(60/16), ceil(100/16)
+//! let back = tok.decode_to(&grid, 100, 60)?;
+//! assert_eq!(back.dimensions(), (100, 60));
+//! # Ok::<(), unimic_codec::tokenizer::TokenizerError>(())
+//! ```
+
+pub mod config;
+pub mod metrics;
+pub mod train;
+
+pub mod vq;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::grid::{GridError, TokenGrid};
+pub use config::VqConfig;
+use vq::{ConvPath, VqModel};
+
+/// Largest number of tokens one image may produce (attention cost grows with its square).
+pub const MAX_TOKENS: usize = 4096;
+
+/// Name of the manifest file in a tokenizer directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Why tokenizing, detokenizing or loading failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TokenizerError {
+    /// A candle operation failed (shape mismatch, missing tensor in the weights, …).
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+    /// The configuration describes no valid model.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// Reading a file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The manifest is not valid JSON of the expected shape.
+    #[error("manifest: {0}")]
+    Manifest(#[from] serde_json::Error),
+    /// The weights file's content hash differs from the manifest's.
+    #[error("weights hash {actual} does not match the manifest's {expected}")]
+    HashMismatch {
+        /// From the manifest.
+        expected: String,
+        /// Of the file.
+        actual: String,
+    },
+    /// The image has a zero dimension.
+    #[error("image has a zero dimension")]
+    EmptyImage,
+    /// The image would produce more than [`MAX_TOKENS`] tokens.
+    #[error("image needs {0} tokens, more than {MAX_TOKENS}")]
+    TooLarge(usize),
+    /// The grid's codebook size differs from the tokenizer's.
+    #[error("grid codebook size {grid} differs from the tokenizer's {tokenizer}")]
+    CodebookMismatch {
+        /// Of the grid.
+        grid: u32,
+        /// Of the tokenizer.
+        tokenizer: u32,
+    },
+    /// A grid could not be built.
+    #[error("grid: {0}")]
+    Grid(#[from] GridError),
+    /// The requested crop is larger than the decoded image.
+    #[error("crop {width}x{height} exceeds the decoded {max_width}x{max_height}")]
+    BadCrop {
+        /// Requested width.
+        width: u32,
+        /// Requested height.
+        height: u32,
+        /// Decoded width.
+        max_width: u32,
+        /// Decoded height.
+        max_height: u32,
+    },
+}
+
+/// Which weights a tokenizer runs: a name and the SHA-256 of the weights file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizerId {
+    /// Human-readable name (from the manifest).
+    pub name: String,
+    /// Lower-case hex SHA-256 of the safetensors file's bytes.
+    pub sha256: String,
+}
+
+/// An image tokenizer: images to token grids and back. See the module docs for the size policy.
+pub trait ImageTokenizer {
+    /// Tokenizes an RGB image of any non-zero size (padded to multiples of [`Self::factor`]).
+    fn encode(&self, image: &RgbImage) -> Result<TokenGrid, TokenizerError>;
+    /// Reconstructs the padded image, `factor*height × factor*width` pixels.
+    fn decode(&self, grid: &TokenGrid) -> Result<RgbImage, TokenizerError>;
+    /// Number of codebook entries (every token is below it).
+    fn codebook_size(&self) -> u32;
+    /// Pixels per token side.
+    fn factor(&self) -> u32;
+    /// Which weights are running.
+    fn id(&self) -> &TokenizerId;
+
+    /// Reconstructs and crops to the original `width × height` (top-left corner).
+    fn decode_to(
+        &self,
+        grid: &TokenGrid,
+        width: u32,
+        height: u32,
+    ) -> Result<RgbImage, TokenizerError> {
+        let full = self.decode(grid)?;
+        if width == 0 || height == 0 || width > full.width() || height > full.height() {
+            return Err(TokenizerError::BadCrop {
+                width,
+                height,
+                max_width: full.width(),
+                max_height: full.height(),
+            });
+        }
+        if (width, height) == full.dimensions() {
+            return Ok(full);
+        }
+        Ok(image::imageops::crop_imm(&full, 0, 0, width, height).to_image())
+    }
+}
+
+/// The JSON manifest stored next to a tokenizer's weights (`manifest.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format tag, `unimic-vq-tokenizer/1`.
+    pub format: String,
+    /// Name of these weights.
+    pub name: String,
+    /// Architecture family, `llamagen-vq`.
+    pub architecture: String,
+    /// The model configuration.
+    pub config: VqConfig,
+    /// Weights file name, relative to the manifest.
+    pub weights: String,
+    /// SHA-256 of the weights file (lower-case hex).
+    pub sha256: String,
+    /// Size of the weights file in bytes.
+    pub bytes: u64,
+    /// How the weights were produced (free-form; see [`train::TrainingRecord`]).
+    #[serde(default)]
+    pub training: serde_json::Value,
+}
+
+/// Format tag written into manifests.
+pub const MANIFEST_FORMAT: &str = "unimic-vq-tokenizer/1";
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TokenizerError> {
+    std::fs::read(path).map_err(|source| TokenizerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A LlamaGen-architecture VQ tokenizer running on the CPU.
+#[derive(Debug, Clone)]
+pub struct Vq {
+    model: VqModel,
+    device: Device,
+    id: TokenizerId,
+}
+
+impl Vq {
+    /// Loads weights (safetensors bytes, reference parameter names) for `config`.
+    pub fn from_bytes(
+        name: &str,
+        config: &VqConfig,
+        weights: Vec<u8>,
+    ) -> Result<Self, TokenizerError> {
+        config.validate().map_err(TokenizerError::Config)?;
+        let sha256 = sha256_hex(&weights);
+        let device = Device::Cpu;
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)?;
+        let model = VqModel::new(config, vb)?;
+        Ok(Self {
+            model,
+            device,
+            id: TokenizerId {
+                name: name.to_string(),
+                sha256,
+            },
+        })
+    }
+
+    /// Loads a safetensors file for `config`; the name is the file stem.
+    pub fn load(weights: &Path, config: &VqConfig) -> Result<Self, TokenizerError> {
+        let name = weights
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self::from_bytes(&name, config, read(weights)?)
+    }
+
+    /// Loads a tokenizer directory (`manifest.json` plus the weights it names), checking the hash.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let manifest: Manifest = serde_json::from_slice(&read(&dir.join(MANIFEST_FILE))?)?;
+        let bytes = read(&dir.join(&manifest.weights))?;
+        let actual = sha256_hex(&bytes);
+        if actual != manifest.sha256 {
+            return Err(TokenizerError::HashMismatch {
+                expected: manifest.sha256,
+                actual,
+            });
+        }
+        Self::from_bytes(&manifest.name, &manifest.config, bytes)
+    }
+
+    /// Directory of the tokenizer shipped with the source tree: `$UNIMIC_TOKENIZER` if set,
+    /// else `models/tokenizer` of the workspace this crate was built from.
+    pub fn default_dir() -> PathBuf {
+        match std::env::var_os("UNIMIC_TOKENIZER") {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tokenizer")),
+        }
+    }
+
+    /// Loads the project's default tokenizer from [`Vq::default_dir`].
+    pub fn default_model() -> Result<Self, TokenizerError> {
+        Self::from_dir(&Self::default_dir())
+    }
+
+    /// The underlying model (for golden tests and training tools).
+    pub fn model(&self) -> &VqModel {
+        &self.model
+    }
+
+    /// Pads `image` to multiples of the factor by edge replication; returns the model input.
+    fn input(&self, image: &RgbImage) -> Result<Tensor, TokenizerError> {
+        let (w, h) = image.dimensions();
+        if w == 0 || h == 0 {
+            return Err(TokenizerError::EmptyImage);
+        }
+        let f = self.factor();
+        let (gw, gh) = (w.div_ceil(f), h.div_ceil(f));
+        let tokens = gw as usize * gh as usize;
+        if tokens > MAX_TOKENS {
+            return Err(TokenizerError::TooLarge(tokens));
+        }
+        let (pw, ph) = (gw * f, gh * f);
+        let mut rgb = Vec::with_capacity(pw as usize * ph as usize * 3);
+        for y in 0..ph {
+            for x in 0..pw {
+                rgb.extend_from_slice(&image.get_pixel(x.min(w - 1), y.min(h - 1)).0);
+            }
+        }
+        Ok(vq::from_rgb8(ph as usize, pw as usize, &rgb, &self.device)?)
+    }
+}
+
+impl ImageTokenizer for Vq {
+    fn encode(&self, image: &RgbImage) -> Result<TokenGrid, TokenizerError> {
+        let x = self.input(image)?;
+        let latent = self.model.latent(&x, ConvPath::Direct)?;
+        let idx = self.model.quantize(&latent)?;
+        let (_, h, w) = idx.dims3()?;
+        let ids = idx.flatten_all()?.to_vec1::<u32>()?;
+        Ok(TokenGrid::new(
+            h as u32,
+            w as u32,
+            self.codebook_size(),
+            ids,
+        )?)
+    }
+
+    fn decode(&self, grid: &TokenGrid) -> Result<RgbImage, TokenizerError> {
+        if grid.codebook_size() != self.codebook_size() {
+            return Err(TokenizerError::CodebookMismatch {
+                grid: grid.codebook_size(),
+                tokenizer: self.codebook_size(),
+            });
+        }
+        if grid.len() > MAX_TOKENS {
+            return Err(TokenizerError::TooLarge(grid.len()));
+        }
+        let (h, w) = (grid.height() as usize, grid.width() as usize);
+        let idx = Tensor::from_slice(grid.ids(), (1, h, w), &self.device)?;
+        let out = self.model.decode_indices(&idx, ConvPath::Direct)?;
+        let (oh, ow, rgb) = vq::to_rgb8(&out)?;
+        RgbImage::from_raw(ow as u32, oh as u32, rgb).ok_or(TokenizerError::EmptyImage)
+    }
+
+    fn codebook_size(&self) -> u32 {
+        self.model.config().codebook_size as u32
+    }
+
+    fn factor(&self) -> u32 {
+        self.model.config().factor() as u32
+    }
+
+    fn id(&self) -> &TokenizerId {
+        &self.id
+    }
+}
