@@ -90,6 +90,75 @@ pub fn dot_with(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// Four dot products of `x` with `w0..w3` in one pass over `x` (register blocking); each result is
+/// bit-identical to [`dot`] (same lanes, same order). The `w` rows must be as long as `x`.
+#[inline]
+#[allow(clippy::needless_range_loop)] // explicit lanes: the loop shape is the specification
+pub fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+    let n = x.len();
+    let mut a0 = [0.0f32; LANES];
+    let mut a1 = [0.0f32; LANES];
+    let mut a2 = [0.0f32; LANES];
+    let mut a3 = [0.0f32; LANES];
+    let full = n / LANES * LANES;
+    let it = x[..full]
+        .chunks_exact(LANES)
+        .zip(w[0][..full].chunks_exact(LANES))
+        .zip(w[1][..full].chunks_exact(LANES))
+        .zip(w[2][..full].chunks_exact(LANES))
+        .zip(w[3][..full].chunks_exact(LANES));
+    for ((((xs, r0), r1), r2), r3) in it {
+        for l in 0..LANES {
+            a0[l] += xs[l] * r0[l];
+            a1[l] += xs[l] * r1[l];
+            a2[l] += xs[l] * r2[l];
+            a3[l] += xs[l] * r3[l];
+        }
+    }
+    for i in full..n {
+        let l = i - full;
+        a0[l] += x[i] * w[0][i];
+        a1[l] += x[i] * w[1][i];
+        a2[l] += x[i] * w[2][i];
+        a3[l] += x[i] * w[3][i];
+    }
+    [combine(&a0), combine(&a1), combine(&a2), combine(&a3)]
+}
+
+/// Computes outputs `o0..o1` of `x · wᵀ (+ bias)` into `y[o0..o1]`, four rows at a time with
+/// [`dot4`] for [`Kernel::Lanes`].
+#[inline]
+fn rows_into(
+    kernel: Kernel,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    o0: usize,
+    o1: usize,
+    y: &mut [f32],
+) {
+    let d = x.len();
+    let add = |o: usize, s: f32| match bias {
+        Some(b) => s + b[o],
+        None => s,
+    };
+    let mut o = o0;
+    if kernel == Kernel::Lanes {
+        while o + 4 <= o1 {
+            let r = |j: usize| &w[(o + j) * d..(o + j + 1) * d];
+            let s = dot4(x, [r(0), r(1), r(2), r(3)]);
+            for (j, v) in s.into_iter().enumerate() {
+                y[o + j] = add(o + j, v);
+            }
+            o += 4;
+        }
+    }
+    while o < o1 {
+        y[o] = add(o, dot_with(kernel, x, &w[o * d..(o + 1) * d]));
+        o += 1;
+    }
+}
+
 /// `y[o] = dot(x, w[o, ..]) + bias[o]` for a row-major `w` of shape `(y.len(), x.len())` (the layout
 /// of a candle/PyTorch `Linear` weight). The bias is added after the dot product (one rounding).
 pub fn linear(kernel: Kernel, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
@@ -100,18 +169,13 @@ pub fn linear(kernel: Kernel, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mu
         }
         return;
     }
-    for (o, (yo, row)) in y.iter_mut().zip(w.chunks_exact(d_in)).enumerate() {
-        let s = dot_with(kernel, x, row);
-        *yo = match bias {
-            Some(b) => s + b[o],
-            None => s,
-        };
-    }
+    let d_out = y.len().min(w.len() / d_in);
+    rows_into(kernel, x, w, bias, 0, d_out, y);
 }
 
 /// Rows of output features computed per block in [`linear_rows`] (cache blocking only: it does not
 /// change any result).
-const ROW_BLOCK: usize = 16;
+const ROW_BLOCK: usize = 32;
 
 /// [`linear`] applied to each of the `rows` rows of `xs` (`rows × d_in`, row-major), writing
 /// `ys` (`rows × d_out`). Weight rows are visited in blocks so that a block stays in cache while all
@@ -142,13 +206,7 @@ pub fn linear_rows(
         for r in 0..rows {
             let x = &xs[r * d_in..(r + 1) * d_in];
             let yr = &mut ys[r * d_out..(r + 1) * d_out];
-            for o in o0..o1 {
-                let s = dot_with(kernel, x, &w[o * d_in..(o + 1) * d_in]);
-                yr[o] = match bias {
-                    Some(b) => s + b[o],
-                    None => s,
-                };
-            }
+            rows_into(kernel, x, w, bias, o0, o1, yr);
         }
         o0 = o1;
     }
@@ -178,6 +236,18 @@ mod tests {
                 dot_scalar(&a, &b).to_bits(),
                 "n = {n}"
             );
+        }
+    }
+
+    #[test]
+    fn dot4_equals_dot_bitwise() {
+        for n in [0, 3, 8, 13, 64, 257] {
+            let x = data(n, 7);
+            let w: Vec<Vec<f32>> = (0..4).map(|j| data(n, 100 + j)).collect();
+            let got = dot4(&x, [&w[0], &w[1], &w[2], &w[3]]);
+            for j in 0..4 {
+                assert_eq!(got[j].to_bits(), dot(&x, &w[j]).to_bits(), "n = {n}");
+            }
         }
     }
 

@@ -9,7 +9,7 @@ use super::kernels::dot;
 
 /// `ln 2` split in two for Cody–Waite range reduction: `LN2_HI` has few significant bits so that
 /// `n * LN2_HI` is exact for every `|n| <= 127`.
-const LN2_HI: f32 = 0.693_359_375;
+const LN2_HI: f32 = 0.693_359_4; // = 355/512 exactly
 /// `ln 2 - LN2_HI`.
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// `1 / ln 2`.

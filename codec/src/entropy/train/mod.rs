@@ -79,15 +79,7 @@ pub struct Sample {
 /// o200k ids of each caption (ordinary text, no special tokens), for the text model.
 pub fn tokenize_captions(captions: &[&str]) -> Result<Vec<Vec<u32>>, TrainError> {
     let bpe = tiktoken_rs::o200k_base().map_err(|e| TrainError::Invalid(format!("o200k: {e}")))?;
-    Ok(captions
-        .iter()
-        .map(|c| {
-            bpe.encode_ordinary(c)
-                .into_iter()
-                .map(|x| x as u32)
-                .collect()
-        })
-        .collect())
+    Ok(captions.iter().map(|c| bpe.encode_ordinary(c)).collect())
 }
 
 /// Grids of one shape and codebook: a training or validation set.
@@ -255,6 +247,23 @@ impl ModelSpec {
             Self::Generic(c) => c.num_params(),
             Self::Masked(c) => c.num_params(),
             Self::Text(c) => c.num_params(),
+        }
+    }
+
+    /// Names and shapes of the model's tensors.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Self::Generic(c) => c.tensor_shapes(),
+            Self::Masked(c) => c.tensor_shapes(),
+            Self::Text(c) => c.tensor_shapes(),
+        }
+    }
+
+    fn n_layers(&self) -> usize {
+        match self {
+            Self::Generic(c) => c.body.n_layers,
+            Self::Masked(c) => c.body.n_layers,
+            Self::Text(c) => c.body.n_layers,
         }
     }
 
@@ -477,6 +486,44 @@ impl AdamW {
     }
 }
 
+/// Seeded initial values (candle's CPU generator cannot be seeded): norms 1, biases 0, every
+/// other tensor uniform with standard deviation 0.02 (residual output projections `attn.out` and
+/// `mlp.fc2` scaled by `1/sqrt(2 * layers)`), drawn from SplitMix64 streams keyed by the seed and
+/// the tensor name.
+fn seeded_init(
+    spec: &ModelSpec,
+    seed: u64,
+    dev: &Device,
+) -> candle_core::Result<Vec<(String, Tensor)>> {
+    let res_scale = 1.0 / ((2 * spec.n_layers().max(1)) as f64).sqrt();
+    let mut out = Vec::new();
+    for (name, shape) in spec.tensor_shapes() {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.contains("norm") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            let scale = if name.contains("attn.out") || name.contains("mlp.fc2") {
+                res_scale
+            } else {
+                1.0
+            };
+            // Uniform on [-a, a] has standard deviation a / sqrt(3).
+            let a = (blocks::INIT_STD * scale * 3f64.sqrt()) as f32;
+            let mut z = splitmix64(seed ^ crate::nn::weights::fnv1a64(name.as_bytes()));
+            (0..n)
+                .map(|_| {
+                    z = splitmix64(z);
+                    ((z >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0) * a
+                })
+                .collect()
+        };
+        out.push((name, Tensor::from_vec(data, shape, dev)?));
+    }
+    Ok(out)
+}
+
 fn lr_at(step: u64, opts: &TrainOptions) -> f64 {
     if step < opts.warmup {
         return opts.lr * (step + 1) as f64 / opts.warmup as f64;
@@ -564,10 +611,10 @@ pub fn train(
     std::fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
     let (wpath, mpath, opath, spath) = paths(opts);
 
-    dev.set_seed(opts.seed)?;
-    let varmap = VarMap::new();
+    let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
     let net = Net::new(spec, vb)?;
+    varmap.set(seeded_init(spec, opts.seed, dev)?.into_iter())?;
     let mut opt = AdamW::new(&varmap)?;
     let mut step = 0u64;
     let mut last_train = f64::NAN;
@@ -581,8 +628,7 @@ pub fn train(
                 spath.display()
             )));
         }
-        let mut vm = varmap.clone();
-        vm.load(&wpath)?;
+        varmap.load(&wpath)?;
         opt.load(&opath, st.step, dev)?;
         step = st.step;
         last_train = st.train_bits;
@@ -593,7 +639,6 @@ pub fn train(
         params: spec.num_params(),
     });
     let mut window = (0.0f64, 0u64);
-    let mut val_bits = f64::NAN;
     let mut evaluated_at = u64::MAX;
     while step < opts.steps {
         let (batch, mut rng) = batch_for(train_set, opts.seed, step, opts.batch_size);
@@ -612,7 +657,7 @@ pub fn train(
         if step % opts.eval_every == 0 || step == opts.steps {
             last_train = window.0 / window.1.max(1) as f64;
             window = (0.0, 0);
-            val_bits = validate(&net, val_set, opts, dev)?;
+            let val_bits = validate(&net, val_set, opts, dev)?;
             evaluated_at = step;
             on_event(Event::Eval {
                 step,
@@ -634,7 +679,7 @@ pub fn train(
     }
     if evaluated_at != step {
         // Resumed at the end: refresh validation and the manifest.
-        val_bits = validate(&net, val_set, opts, dev)?;
+        let val_bits = validate(&net, val_set, opts, dev)?;
         varmap.save(&wpath)?;
         write_manifest(spec, opts, &wpath, &mpath, step, last_train, val_bits)?;
     }

@@ -1,0 +1,211 @@
+//! The candle training networks agree with the deterministic inference path (same checkpoint,
+//! probabilities within a small tolerance), and the training loop runs, resumes and produces a
+//! checkpoint the coder loads.
+#![cfg(feature = "vq")]
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use unimic_codec::entropy::generic::{Generic, GenericConfig};
+use unimic_codec::entropy::masked::{Masked, MaskedConfig};
+use unimic_codec::entropy::text_cond::{TextCond, TextCondConfig};
+use unimic_codec::entropy::train::{
+    train, Event, GenericNet, GridSet, MaskedNet, ModelSpec, TextCondNet, TrainOptions,
+};
+use unimic_codec::grid::TokenGrid;
+use unimic_codec::nn::weights::Weights;
+use unimic_codec::nn::WEIGHT_SCALE;
+
+const K: usize = 32;
+
+fn ids(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7 + i / 3) % K as u32).collect()
+}
+
+/// `exp(l - max)` per row of candle logits `(1, n, K)`.
+fn rel_probs(logits: &Tensor) -> Vec<Vec<f32>> {
+    let rows: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
+    rows.into_iter()
+        .map(|r| {
+            let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            r.iter().map(|&l| (l - m).exp()).collect()
+        })
+        .collect()
+}
+
+fn assert_close(candle: &[Vec<f32>], det: &[Vec<u64>]) {
+    assert_eq!(candle.len(), det.len());
+    let mut worst = 0.0f32;
+    for (c, d) in candle.iter().zip(det) {
+        for (&a, &b) in c.iter().zip(d) {
+            worst = worst.max((a - b as f32 / WEIGHT_SCALE).abs());
+        }
+    }
+    assert!(worst < 1e-4, "largest difference {worst}");
+}
+
+fn vb_from(w: &Weights) -> VarBuilder<'static> {
+    VarBuilder::from_buffered_safetensors(w.to_safetensors().unwrap(), DType::F32, &Device::Cpu)
+        .unwrap()
+}
+
+#[test]
+fn generic_candle_matches_deterministic_path() {
+    let cfg = GenericConfig::tiny(K);
+    let w = Weights::synthetic(&cfg.tensor_shapes(), 21, 1.0);
+    let net = GenericNet::new(&cfg, vb_from(&w)).unwrap();
+    let det = Generic::from_weights(&cfg, w).unwrap();
+    let (h, wd) = (4usize, 5usize);
+    let g = TokenGrid::new(h as u32, wd as u32, K as u32, ids(h * wd)).unwrap();
+    let mut prev = vec![K as u32];
+    prev.extend_from_slice(&g.ids()[..h * wd - 1]);
+    let prev = Tensor::from_vec(prev, (1, h * wd), &Device::Cpu).unwrap();
+    let logits = net.forward(&prev, h, wd).unwrap();
+    assert_close(&rel_probs(&logits), &det.weights_full(&g).unwrap());
+}
+
+#[test]
+fn masked_candle_matches_deterministic_path() {
+    let cfg = MaskedConfig::tiny(K);
+    let w = Weights::synthetic(&cfg.tensor_shapes(), 22, 1.0);
+    let net = MaskedNet::new(&cfg, vb_from(&w)).unwrap();
+    let det = Masked::from_weights(&cfg, w).unwrap();
+    let (h, wd) = (5usize, 4usize);
+    let g = ids(h * wd);
+    let known: Vec<bool> = (0..h * wd).map(|i| i % 3 == 0).collect();
+    let input: Vec<u32> = g
+        .iter()
+        .zip(&known)
+        .map(|(&id, &k)| if k { id } else { K as u32 })
+        .collect();
+    let all: Vec<usize> = (0..h * wd).collect();
+    let det_w = det.group_weights(wd, &g, &known, &all);
+    let input = Tensor::from_vec(input, (1, h * wd), &Device::Cpu).unwrap();
+    let logits = net.forward(&input, h, wd).unwrap();
+    assert_close(&rel_probs(&logits), &det_w);
+}
+
+#[test]
+fn text_candle_matches_deterministic_path_with_padding() {
+    let cfg = TextCondConfig::tiny(K);
+    let w = Weights::synthetic(&cfg.tensor_shapes(), 23, 1.0);
+    let net = TextCondNet::new(&cfg, vb_from(&w)).unwrap();
+    let det = TextCond::from_weights(&cfg, w).unwrap();
+    let (h, wd) = (3usize, 4usize);
+    let g = TokenGrid::new(h as u32, wd as u32, K as u32, ids(h * wd)).unwrap();
+    let long = vec![5u32, 100, 2000, 30_000, 7];
+    let short = vec![9u32, 8];
+    let mut prev = Vec::new();
+    for _ in 0..2 {
+        prev.push(K as u32);
+        prev.extend_from_slice(&g.ids()[..h * wd - 1]);
+    }
+    let prev = Tensor::from_vec(prev, (2, h * wd), &Device::Cpu).unwrap();
+    let logits = net
+        .forward(&[long.clone(), short.clone()], &prev, h, wd)
+        .unwrap();
+    // The short prompt was left-padded in the batch; it must match its unpadded computation.
+    for (b, text) in [long, short].iter().enumerate() {
+        let l = logits.narrow(0, b, 1).unwrap();
+        assert_close(&rel_probs(&l), &det.weights_full(text, &g).unwrap());
+    }
+}
+
+fn tiny_opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
+    let mut o = TrainOptions::new("tiny", dir);
+    o.steps = steps;
+    o.batch_size = 8;
+    o.lr = 3e-3;
+    o.warmup = 5;
+    o.eval_every = 20;
+    o.val_samples = 16;
+    o.data = "synthetic".into();
+    o.command = "test".into();
+    o
+}
+
+#[test]
+fn training_learns_resumes_and_loads_into_the_coder() {
+    let dir = std::env::temp_dir().join(format!("unimic-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let k = 16usize;
+    let train_set = GridSet::synthetic(6, 6, k, 64, 1);
+    let val_set = GridSet::synthetic(6, 6, k, 16, 2);
+    let mut cfg = GenericConfig::tiny(k);
+    cfg.max_side = 8;
+    let spec = ModelSpec::Generic(cfg.clone());
+    let mut events = Vec::new();
+    let r1 = train(
+        &spec,
+        &train_set,
+        &val_set,
+        &tiny_opts(&dir, 40),
+        &Device::Cpu,
+        &mut |e| events.push(e),
+    )
+    .unwrap();
+    let first_val = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Eval { val_bits, .. } => Some(*val_bits),
+            _ => None,
+        })
+        .unwrap();
+    let t1 = r1.manifest.training.clone().unwrap();
+    assert_eq!(t1.steps, 40);
+    assert!(t1.val_bits_per_token < 4.0, "uniform is 4 bits: {t1:?}");
+    assert!(t1.val_bits_per_token <= first_val + 1e-9);
+
+    // Resume to 60 steps: starts at 40.
+    let mut events = Vec::new();
+    let r2 = train(
+        &spec,
+        &train_set,
+        &val_set,
+        &tiny_opts(&dir, 60),
+        &Device::Cpu,
+        &mut |e| events.push(e),
+    )
+    .unwrap();
+    assert!(matches!(events[0], Event::Start { step: 40, .. }));
+    assert_eq!(r2.manifest.training.clone().unwrap().steps, 60);
+
+    // The checkpoint loads into the deterministic model and codes.
+    let (model, m) = Generic::load(&r2.manifest_path).unwrap();
+    assert_eq!(model.content_hash(), m.sha256);
+    let g = TokenGrid::new(6, 6, k as u32, train_set.samples[0].ids.clone()).unwrap();
+    let bytes = model.encode(&g).unwrap();
+    assert_eq!(model.decode(6, 6, &bytes).unwrap(), g);
+    // Learned: fewer bits than uniform (36 tokens * 4 bits = 18 bytes).
+    assert!(bytes.len() < 18, "{} bytes", bytes.len());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn masked_and_text_training_steps_run() {
+    let dir = std::env::temp_dir().join(format!("unimic-train-mt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let k = 16usize;
+    let train_set = GridSet::synthetic(4, 4, k, 32, 3);
+    let val_set = GridSet::synthetic(4, 4, k, 8, 4);
+    let mut mc = MaskedConfig::tiny(k);
+    mc.max_side = 4;
+    let mut tc = TextCondConfig::tiny(k);
+    tc.max_side = 4;
+    for spec in [ModelSpec::Masked(mc), ModelSpec::Text(tc)] {
+        let mut o = tiny_opts(&dir, 6);
+        o.id = spec.kind().to_string();
+        o.eval_every = 3;
+        let r = train(&spec, &train_set, &val_set, &o, &Device::Cpu, &mut |_| {}).unwrap();
+        let t = r.manifest.training.unwrap();
+        assert!(t.val_bits_per_token.is_finite() && t.val_bits_per_token > 0.0);
+        assert_eq!(r.manifest.kind, spec.kind());
+    }
+    let (m, _) = Masked::load(&dir.join("masked.json")).unwrap();
+    let g = TokenGrid::new(4, 4, k as u32, train_set.samples[1].ids.clone()).unwrap();
+    let b = m.encode(&g, &[true; 16]).unwrap();
+    assert_eq!(m.decode(4, 4, &[0; 16], &[true; 16], &b).unwrap(), g);
+    let (t, _) = TextCond::load(&dir.join("text.json")).unwrap();
+    let b = t.encode(&train_set.samples[1].text, &g).unwrap();
+    assert_eq!(t.decode(&train_set.samples[1].text, 4, 4, &b).unwrap(), g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
