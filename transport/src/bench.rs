@@ -1,0 +1,868 @@
+//! The transport benchmark behind `unimic bench transport` (feature `bench`).
+//!
+//! On loopback, in one run, for a small text turn and two image-sized turns, it measures the
+//! round trip of one turn (request and reply) and the turn throughput of:
+//! - `unimic`, `coding: "tokens"`: the caller hands tokens, the session entropy-codes them, the
+//!   server's session decodes them and an echo agent replies with the same tokens, coded again;
+//!   the round trip ends when the client has decoded the reply;
+//! - `unimic`, `coding: "precoded"`: the same session path carrying the coded bytes of the turn
+//!   as a raw part (framing, streams, acknowledgements; no entropy coding in the loop);
+//! - `quinn-echo`: a plain quinn bidirectional stream echoing the same bytes;
+//! - `http-json`: HTTP/1.1 (axum server, reqwest client) with a JSON body carrying the same
+//!   bytes in base64, echoed back.
+//!
+//! Payloads: `text` (a prompt tokenized with o200k_base), `grid256` and `grid512` (token grids of
+//! 256×256 and 512×512 cells, codebook 1024, with smooth regions, coded with the adaptive grid
+//! model). The idle-session measurement (sessions one server holds, RSS per session) lives in
+//! [`idle_sessions`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Serialize;
+use thiserror::Error;
+use unimic_codec::context::SessionContext;
+use unimic_codec::grid::TokenGrid;
+use unimic_codec::part::{PartCodec, PartSpec, PartTokens};
+use unimic_codec::text::{O200k, TextTokenizer};
+
+use crate::message::{OutgoingMessage, OutgoingPart, PartContent, ReceivedPart};
+use crate::tls::{ClientTls, ServerTls};
+use crate::{
+    Client, ClientConfig, Limits, MessageStats, Role, Server, ServerConfig, Session, SessionConfig,
+    TokenizerInfo,
+};
+
+/// Codebook size of the synthetic grids.
+pub const GRID_CODEBOOK: u32 = 1024;
+
+/// Why the benchmark failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// Setting up an endpoint failed.
+    #[error(transparent)]
+    Endpoint(#[from] crate::EndpointError),
+    /// Connecting failed.
+    #[error(transparent)]
+    Connect(#[from] crate::ConnectError),
+    /// Sending failed.
+    #[error(transparent)]
+    Send(#[from] crate::SendError),
+    /// Receiving failed.
+    #[error(transparent)]
+    Recv(#[from] crate::RecvError),
+    /// The session ended.
+    #[error(transparent)]
+    Session(#[from] crate::SessionError),
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// A baseline failed (quinn echo, HTTP).
+    #[error("{0}")]
+    Baseline(String),
+    /// Something else (a task panicked, an echo differed).
+    #[error("{0}")]
+    Other(String),
+}
+
+fn other(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Baseline(e.to_string())
+}
+
+fn ctx<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> BenchError {
+    move |e| BenchError::Baseline(format!("{what}: {e}"))
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BenchConfig {
+    /// Sequential turns per payload for the latency percentiles (after `warmup`).
+    pub turns: usize,
+    /// Warm-up turns, not measured.
+    pub warmup: usize,
+    /// Concurrent turns in flight for the throughput measurement.
+    pub concurrency: usize,
+    /// Turns per worker in the throughput measurement.
+    pub throughput_turns: usize,
+    /// Payloads to run (`"text"`, `"grid256"`, `"grid512"`).
+    pub payloads: Vec<String>,
+    /// Sequential turns for the grid payloads (whose coding is slow); throughput for grids runs
+    /// one turn per worker.
+    pub grid_turns: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        Self {
+            turns: 100,
+            warmup: 5,
+            concurrency: 8,
+            throughput_turns: 10,
+            payloads: vec!["text".into(), "grid256".into(), "grid512".into()],
+            grid_turns: 10,
+        }
+    }
+}
+
+impl BenchConfig {
+    /// A quick configuration (for tests).
+    pub fn quick() -> Self {
+        Self {
+            turns: 5,
+            warmup: 1,
+            concurrency: 2,
+            throughput_turns: 2,
+            payloads: vec!["text".into(), "grid256".into()],
+            grid_turns: 2,
+        }
+    }
+}
+
+/// One JSON line of the benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    /// `"unimic"`, `"quinn-echo"` or `"http-json"`.
+    pub transport: &'static str,
+    /// `"text"`, `"grid256"` or `"grid512"`.
+    pub payload: String,
+    /// For `unimic`: `"tokens"` (entropy coding in the loop) or `"precoded"`; else `"bytes"`.
+    pub coding: &'static str,
+    /// Tokens in the turn's request.
+    pub tokens: u64,
+    /// Bytes of content one way: the coded payload (the same for every transport).
+    pub payload_bytes: u64,
+    /// Bytes one way at the application layer: unimic frames on the message stream, the echoed
+    /// bytes for quinn, the JSON body for HTTP (headers not counted).
+    pub wire_bytes: u64,
+    /// Median round trip of one turn, microseconds.
+    pub rtt_us_p50: f64,
+    /// 99th percentile round trip, microseconds.
+    pub rtt_us_p99: f64,
+    /// Mean round trip, microseconds.
+    pub rtt_us_mean: f64,
+    /// Request messages (turns) completed per second with `concurrency` turns in flight.
+    pub msgs_per_s: f64,
+    /// The entropy model (`"adaptive"` for unimic with tokens, else `"none"`).
+    pub model: &'static str,
+    /// Turns in flight during the throughput measurement.
+    pub concurrency: usize,
+    /// Measured sequential turns.
+    pub turns: usize,
+    /// Payload bits per token (unimic with tokens only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits_per_token: Option<f64>,
+    /// `rtt_us_p50` over the quinn echo's for the same payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_p50_vs_quinn_echo: Option<f64>,
+}
+
+/// The result of the idle-session measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleReport {
+    /// Always `"idle-sessions"`.
+    pub measurement: &'static str,
+    /// Sessions opened and held at once.
+    pub sessions: usize,
+    /// Sessions the server reported established.
+    pub established: usize,
+    /// What the RSS numbers cover.
+    pub scope: &'static str,
+    /// Resident set size before opening the sessions, bytes.
+    pub rss_before_bytes: u64,
+    /// Resident set size with every session open, bytes.
+    pub rss_after_bytes: u64,
+    /// (after - before) / sessions, bytes.
+    pub rss_per_session_bytes: f64,
+    /// Seconds to open them all.
+    pub open_seconds: f64,
+}
+
+/// A payload: the request tokens and the coded bytes of the request message.
+struct Payload {
+    name: String,
+    part: OutgoingPart,
+    tokens: u64,
+}
+
+/// Deterministic smooth-region grid (regions of 16×16 cells drawn from a small palette, plus
+/// sparse noise), so that adaptive coding has structure to find, as real VQ grids do.
+pub fn synthetic_grid(side: u32) -> Result<TokenGrid, BenchError> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let palette: Vec<u32> = (0..64)
+        .map(|_| (next() % u64::from(GRID_CODEBOOK)) as u32)
+        .collect();
+    let mut ids = Vec::with_capacity((side * side) as usize);
+    for y in 0..side {
+        for x in 0..side {
+            let region = ((y / 16) * 7 + (x / 16) * 3) as usize % palette.len();
+            let r = next();
+            let id = if r % 8 == 0 {
+                (r >> 8) as u32 % GRID_CODEBOOK
+            } else {
+                palette[(region + (r % 3) as usize) % palette.len()]
+            };
+            ids.push(id);
+        }
+    }
+    TokenGrid::new(side, side, GRID_CODEBOOK, ids).map_err(|e| BenchError::Other(e.to_string()))
+}
+
+/// The text prompt of the `text` payload.
+pub const PROMPT: &str =
+    "Look at this photo from my phone: is the dog on the beach running toward \
+the camera or away from it, and what colour is its collar? Answer in one short sentence.";
+
+fn payload(name: &str) -> Result<Payload, BenchError> {
+    match name {
+        "text" => {
+            let ids = O200k::new().encode(PROMPT);
+            let tokens = ids.len() as u64;
+            Ok(Payload {
+                name: name.into(),
+                part: OutgoingPart::text(ids),
+                tokens,
+            })
+        }
+        "grid256" | "grid512" => {
+            let side = if name == "grid256" { 256 } else { 512 };
+            let grid = synthetic_grid(side)?;
+            Ok(Payload {
+                name: name.into(),
+                part: OutgoingPart::image(grid).with_chunk_tokens(16_384),
+                tokens: u64::from(side) * u64::from(side),
+            })
+        }
+        other => Err(BenchError::Other(format!("unknown payload {other}"))),
+    }
+}
+
+fn image_tokenizer() -> TokenizerInfo {
+    TokenizerInfo::image("bench-vq", [0x42; 32], GRID_CODEBOOK, 16)
+}
+
+/// Session settings for the benchmark: 512×512 grids allowed, 64 MiB messages.
+pub fn bench_session() -> SessionConfig {
+    let limits = Limits {
+        max_grid_height: 512u32.into(),
+        max_grid_width: 512u32.into(),
+        max_context_bytes: (64u32 << 20).into(),
+        ..Limits::default()
+    };
+    SessionConfig::default()
+        .with_limits(limits)
+        .with_tokenizer(image_tokenizer())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+struct Timing {
+    p50: f64,
+    p99: f64,
+    mean: f64,
+}
+
+fn timing(mut samples: Vec<f64>) -> Timing {
+    samples.sort_by(f64::total_cmp);
+    let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
+    Timing {
+        p50: percentile(&samples, 50.0),
+        p99: percentile(&samples, 99.0),
+        mean,
+    }
+}
+
+/// Runs every transport for every payload; returns one row per (transport, coding, payload).
+pub async fn run(config: &BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
+    let tls = ServerTls::self_signed()?;
+    let pin = tls.identity.cert_hash();
+    let mut server = Server::bind(ServerConfig::new(tls.clone()).with_session(bench_session()))?;
+    let addr = server.local_addr().map_err(other)?;
+    let client =
+        Client::new(ClientConfig::new(ClientTls::pinned(pin)).with_session(bench_session()))?;
+    let (session, accepted) = tokio::join!(client.connect(addr, "localhost"), server.accept());
+    let session = Arc::new(session?);
+    let peer = accepted.ok_or_else(|| BenchError::Other("server closed".into()))?;
+    let echo = tokio::spawn(echo_agent(peer));
+    let replies = Arc::new(tokio::sync::Mutex::new(ReplyRouter::default()));
+    let router = tokio::spawn(route_replies(session.clone(), replies.clone()));
+
+    let quinn_addr = quinn_echo_server(&tls)?;
+    let quinn_client = quinn_echo_client(pin)?;
+    let quinn_conn = quinn_client
+        .connect(quinn_addr.0, "localhost")
+        .map_err(ctx("quinn echo connect"))?
+        .await
+        .map_err(ctx("quinn echo connection"))?;
+    let (http_addr, http_task) = http_server().await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .map_err(other)?;
+
+    let mut rows = Vec::new();
+    for name in &config.payloads {
+        let p = payload(name)?;
+        // Coding a whole grid takes far longer than a text turn: fewer turns for grids.
+        let config = &if name.starts_with("grid") {
+            BenchConfig {
+                turns: config.grid_turns.max(1),
+                warmup: config.warmup.min(1),
+                throughput_turns: 1,
+                ..config.clone()
+            }
+        } else {
+            config.clone()
+        };
+        // unimic with tokens.
+        let mut rtts = Vec::with_capacity(config.turns);
+        let mut stats = MessageStats::default();
+        for i in 0..config.warmup + config.turns {
+            let t = Instant::now();
+            let s = unimic_turn(&session, &replies, &p.part).await?;
+            if i >= config.warmup {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            stats = s;
+        }
+        let tput = throughput(config, || {
+            let (session, replies, part) = (session.clone(), replies.clone(), p.part.clone());
+            async move { unimic_turn(&session, &replies, &part).await.map(|_| ()) }
+        })
+        .await?;
+        let coded = coded_bytes(&p)?;
+        let t = timing(rtts);
+        rows.push(BenchRow {
+            transport: "unimic",
+            payload: p.name.clone(),
+            coding: "tokens",
+            model: "adaptive",
+            tokens: p.tokens,
+            payload_bytes: stats.payload_bytes,
+            wire_bytes: stats.wire_bytes,
+            rtt_us_p50: t.p50,
+            rtt_us_p99: t.p99,
+            rtt_us_mean: t.mean,
+            msgs_per_s: tput,
+            concurrency: config.concurrency,
+            turns: config.turns,
+            bits_per_token: stats.bits_per_token(),
+            rtt_p50_vs_quinn_echo: None,
+        });
+
+        // unimic carrying the coded bytes as a raw part.
+        let raw = OutgoingPart::raw("application/x-unimic-coded", coded.clone());
+        let mut rtts = Vec::with_capacity(config.turns);
+        let mut stats = MessageStats::default();
+        for i in 0..config.warmup + config.turns {
+            let t = Instant::now();
+            let s = unimic_turn(&session, &replies, &raw).await?;
+            if i >= config.warmup {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            stats = s;
+        }
+        let tput = throughput(config, || {
+            let (session, replies, part) = (session.clone(), replies.clone(), raw.clone());
+            async move { unimic_turn(&session, &replies, &part).await.map(|_| ()) }
+        })
+        .await?;
+        let t = timing(rtts);
+        rows.push(BenchRow {
+            transport: "unimic",
+            payload: p.name.clone(),
+            coding: "precoded",
+            model: "none",
+            tokens: p.tokens,
+            payload_bytes: coded.len() as u64,
+            wire_bytes: stats.wire_bytes,
+            rtt_us_p50: t.p50,
+            rtt_us_p99: t.p99,
+            rtt_us_mean: t.mean,
+            msgs_per_s: tput,
+            concurrency: config.concurrency,
+            turns: config.turns,
+            bits_per_token: None,
+            rtt_p50_vs_quinn_echo: None,
+        });
+
+        // quinn echo of the same bytes.
+        let mut rtts = Vec::with_capacity(config.turns);
+        for i in 0..config.warmup + config.turns {
+            let t = Instant::now();
+            quinn_turn(&quinn_conn, &coded).await?;
+            if i >= config.warmup {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        let tput = throughput(config, || {
+            let (conn, bytes) = (quinn_conn.clone(), coded.clone());
+            async move { quinn_turn(&conn, &bytes).await }
+        })
+        .await?;
+        let t = timing(rtts);
+        let quinn_p50 = t.p50;
+        rows.push(BenchRow {
+            transport: "quinn-echo",
+            payload: p.name.clone(),
+            coding: "bytes",
+            model: "none",
+            tokens: p.tokens,
+            payload_bytes: coded.len() as u64,
+            wire_bytes: coded.len() as u64,
+            rtt_us_p50: t.p50,
+            rtt_us_p99: t.p99,
+            rtt_us_mean: t.mean,
+            msgs_per_s: tput,
+            concurrency: config.concurrency,
+            turns: config.turns,
+            bits_per_token: None,
+            rtt_p50_vs_quinn_echo: Some(1.0),
+        });
+
+        // HTTP/1.1 + JSON + base64.
+        let body = http_body(&coded);
+        let mut rtts = Vec::with_capacity(config.turns);
+        for i in 0..config.warmup + config.turns {
+            let t = Instant::now();
+            http_turn(&http, http_addr, &body, &coded).await?;
+            if i >= config.warmup {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        let tput = throughput(config, || {
+            let (http, body, coded) = (http.clone(), body.clone(), coded.clone());
+            async move { http_turn(&http, http_addr, &body, &coded).await }
+        })
+        .await?;
+        let t = timing(rtts);
+        rows.push(BenchRow {
+            transport: "http-json",
+            payload: p.name.clone(),
+            coding: "bytes",
+            model: "none",
+            tokens: p.tokens,
+            payload_bytes: coded.len() as u64,
+            wire_bytes: body.len() as u64,
+            rtt_us_p50: t.p50,
+            rtt_us_p99: t.p99,
+            rtt_us_mean: t.mean,
+            msgs_per_s: tput,
+            concurrency: config.concurrency,
+            turns: config.turns,
+            bits_per_token: None,
+            rtt_p50_vs_quinn_echo: None,
+        });
+        let n = rows.len();
+        for row in rows.iter_mut().skip(n.saturating_sub(4)) {
+            if quinn_p50 > 0.0 {
+                row.rtt_p50_vs_quinn_echo = Some(row.rtt_us_p50 / quinn_p50);
+            }
+        }
+    }
+
+    router.abort();
+    echo.abort();
+    http_task.abort();
+    quinn_conn.close(0u32.into(), b"done");
+    quinn_addr.1.close(0u32.into(), b"done");
+    server.close();
+    Ok(rows)
+}
+
+/// Runs `concurrency` workers of `throughput_turns` turns each; returns turns per second.
+async fn throughput<F, Fut>(config: &BenchConfig, make: F) -> Result<f64, BenchError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BenchError>> + Send + 'static,
+{
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..config.concurrency.max(1) {
+        let turns: Vec<Fut> = (0..config.throughput_turns).map(|_| make()).collect();
+        set.spawn(async move {
+            for t in turns {
+                t.await?;
+            }
+            Ok::<(), BenchError>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(|e| BenchError::Other(e.to_string()))??;
+    }
+    let total = (config.concurrency.max(1) * config.throughput_turns) as f64;
+    Ok(total / start.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Replies arrive on the client's one `recv`; the router hands each to the turn waiting for it.
+#[derive(Default)]
+struct ReplyRouter {
+    waiting: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Vec<ReceivedPart>>>,
+    early: std::collections::HashMap<u64, Vec<ReceivedPart>>,
+}
+
+/// The echo agent replies with a System-role message whose first part is the request id as
+/// text, so the client can match replies to requests.
+async fn route_replies(session: Arc<Session>, router: Arc<tokio::sync::Mutex<ReplyRouter>>) {
+    loop {
+        let msg = match recv_shared(&session).await {
+            Some(m) => m,
+            None => return,
+        };
+        let Ok(got) = msg.collect().await else {
+            continue;
+        };
+        let mut parts = got.parts.into_iter();
+        let Some(ReceivedPart::Text(tag)) = parts.next() else {
+            continue;
+        };
+        let Some(&request) = tag.first() else {
+            continue;
+        };
+        let request = u64::from(request);
+        let rest: Vec<ReceivedPart> = parts.collect();
+        let mut r = router.lock().await;
+        match r.waiting.remove(&request) {
+            Some(tx) => {
+                let _ = tx.send(rest);
+            }
+            None => {
+                r.early.insert(request, rest);
+            }
+        }
+    }
+}
+
+async fn recv_shared(session: &Arc<Session>) -> Option<crate::IncomingMessage> {
+    session.recv().await.ok().flatten()
+}
+
+/// One turn: send the request, wait for its reply. Returns the request's statistics.
+async fn unimic_turn(
+    session: &Session,
+    router: &tokio::sync::Mutex<ReplyRouter>,
+    part: &OutgoingPart,
+) -> Result<MessageStats, BenchError> {
+    let mut writer = session.open(Role::User).await?;
+    let id = writer.message_id();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    {
+        let mut r = router.lock().await;
+        match r.early.remove(&id) {
+            Some(parts) => {
+                let _ = tx.send(parts);
+            }
+            None => {
+                r.waiting.insert(id, tx);
+            }
+        }
+    }
+    writer.write_part(part.clone()).await?;
+    let stats = writer.finish().await?;
+    let parts = tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .map_err(|_| BenchError::Other("reply timed out".into()))?
+        .map_err(|_| BenchError::Other("reply lost".into()))?;
+    check_echo(part, &parts)?;
+    Ok(stats)
+}
+
+fn check_echo(sent: &OutgoingPart, got: &[ReceivedPart]) -> Result<(), BenchError> {
+    let ok = match (&sent.content, got.first()) {
+        (PartContent::Text(a), Some(ReceivedPart::Text(b))) => a == b,
+        (PartContent::Image(a), Some(ReceivedPart::Image(b))) => a == b,
+        (PartContent::Raw { bytes: a, .. }, Some(ReceivedPart::Raw { bytes: b, .. })) => a == b,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(BenchError::Other("echo differs from the request".into()))
+    }
+}
+
+/// Echoes every message: replies with the request id as text, then the same parts, coded again.
+async fn echo_agent(session: Session) {
+    while let Ok(Some(msg)) = session.recv().await {
+        let id = msg.message_id();
+        let Ok(got) = msg.collect().await else {
+            continue;
+        };
+        let mut reply = OutgoingMessage::new(Role::Assistant)
+            .with_part(OutgoingPart::text(vec![id as u32]).with_model(crate::ModelChoice::Uniform));
+        for p in got.parts {
+            reply = reply.with_part(match p {
+                ReceivedPart::Text(ids) => OutgoingPart::text(ids),
+                ReceivedPart::Image(g) => OutgoingPart::image(g).with_chunk_tokens(16_384),
+                ReceivedPart::Raw { media_type, bytes } => OutgoingPart::raw(media_type, bytes),
+            });
+        }
+        if let Err(e) = session.send(reply).await {
+            tracing::warn!(error = %e, "echo reply failed");
+        }
+    }
+}
+
+/// The coded bytes of the payload's request part (all chunk payloads concatenated), coded as
+/// the session codes it (no context references, same chunking).
+fn coded_bytes(p: &Payload) -> Result<Bytes, BenchError> {
+    let mut codec = PartCodec::new(bench_session().codec);
+    let ctx = SessionContext::new(0);
+    let tokens = match &p.part.content {
+        PartContent::Text(ids) => PartTokens::Text(ids),
+        PartContent::Image(g) => PartTokens::Grid(g),
+        PartContent::Raw { bytes, .. } => return Ok(bytes.clone()),
+    };
+    let mut spec = PartSpec::new(p.part.model);
+    if let Some(c) = p.part.chunk_tokens {
+        spec = spec.with_chunk_tokens(c);
+    }
+    let coded = codec
+        .encode(&ctx, tokens, &spec)
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+    Ok(coded
+        .chunks
+        .iter()
+        .flat_map(|c| c.payload.iter().copied())
+        .collect::<Vec<u8>>()
+        .into())
+}
+
+fn quinn_echo_server(tls: &ServerTls) -> Result<(SocketAddr, quinn::Endpoint), BenchError> {
+    let crypto = tls.quic_config()?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window((1u32 << 20).into());
+    transport.receive_window((8u32 << 20).into());
+    cfg.transport_config(Arc::new(transport));
+    let endpoint =
+        quinn::Endpoint::server(cfg, SocketAddr::from(([127, 0, 0, 1], 0))).map_err(other)?;
+    let addr = endpoint.local_addr().map_err(other)?;
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        if let Ok(data) = recv.read_to_end(usize::MAX).await {
+                            let _ = send.write_all(&data).await;
+                            let _ = send.finish();
+                        }
+                    });
+                }
+            });
+        }
+    });
+    Ok((addr, endpoint))
+}
+
+fn quinn_echo_client(pin: crate::tls::CertHash) -> Result<quinn::Endpoint, BenchError> {
+    let crypto = ClientTls::pinned(pin).quic_config()?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // The same keep-alive as unimic sessions: slow coded turns elsewhere must not idle it out.
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    transport.stream_receive_window((1u32 << 20).into());
+    transport.receive_window((8u32 << 20).into());
+    cfg.transport_config(Arc::new(transport));
+    let mut endpoint =
+        quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).map_err(other)?;
+    endpoint.set_default_client_config(cfg);
+    Ok(endpoint)
+}
+
+async fn quinn_turn(conn: &quinn::Connection, bytes: &Bytes) -> Result<(), BenchError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(ctx("quinn echo open"))?;
+    send.write_all(bytes)
+        .await
+        .map_err(ctx("quinn echo write"))?;
+    send.finish().map_err(ctx("quinn echo finish"))?;
+    let back = recv
+        .read_to_end(usize::MAX)
+        .await
+        .map_err(ctx("quinn echo read"))?;
+    if back.len() != bytes.len() {
+        return Err(BenchError::Baseline("quinn echo length differs".into()));
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JsonTurn {
+    role: String,
+    parts: Vec<JsonPart>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JsonPart {
+    kind: String,
+    data: String,
+}
+
+fn http_body(coded: &Bytes) -> Bytes {
+    let turn = JsonTurn {
+        role: "user".into(),
+        parts: vec![JsonPart {
+            kind: "coded".into(),
+            data: base64::engine::general_purpose::STANDARD.encode(coded),
+        }],
+    };
+    Bytes::from(serde_json::to_vec(&turn).unwrap_or_default())
+}
+
+async fn http_server() -> Result<(SocketAddr, tokio::task::JoinHandle<()>), BenchError> {
+    async fn echo(axum::Json(turn): axum::Json<JsonTurn>) -> Result<axum::Json<JsonTurn>, String> {
+        // Decode and re-encode the base64 like a real server handling the content would.
+        let mut parts = Vec::with_capacity(turn.parts.len());
+        for p in turn.parts {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(p.data.as_bytes())
+                .map_err(|e| e.to_string())?;
+            parts.push(JsonPart {
+                kind: p.kind,
+                data: base64::engine::general_purpose::STANDARD.encode(raw),
+            });
+        }
+        Ok(axum::Json(JsonTurn {
+            role: "assistant".into(),
+            parts,
+        }))
+    }
+    let app = axum::Router::new()
+        .route("/turn", axum::routing::post(echo))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .map_err(other)?;
+    let addr = listener.local_addr().map_err(other)?;
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((addr, task))
+}
+
+async fn http_turn(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    body: &Bytes,
+    coded: &Bytes,
+) -> Result<(), BenchError> {
+    let resp = http
+        .post(format!("http://{addr}/turn"))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .map_err(ctx("http send"))?;
+    let turn: JsonTurn = resp.json().await.map_err(ctx("http response"))?;
+    let data = turn
+        .parts
+        .first()
+        .map(|p| base64::engine::general_purpose::STANDARD.decode(p.data.as_bytes()))
+        .transpose()
+        .map_err(other)?
+        .unwrap_or_default();
+    if data.len() != coded.len() {
+        return Err(BenchError::Baseline("http echo length differs".into()));
+    }
+    Ok(())
+}
+
+/// Reads `VmRSS` of a process from `/proc/<pid>/status`, in bytes (`None` where unavailable).
+pub fn rss_bytes(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".into(),
+    };
+    let status = std::fs::read_to_string(path).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs a server for the idle-session measurement: prints `ADDR PIN` on stdout, then holds
+/// every session it accepts (and prints a running count on stderr) until the process is killed.
+pub async fn idle_server() -> Result<(), BenchError> {
+    let tls = ServerTls::self_signed()?;
+    let pin = tls.identity.cert_hash();
+    let mut config = ServerConfig::new(tls);
+    config.max_pending_handshakes = 4096;
+    let mut server = Server::bind(config)?;
+    println!("{} {}", server.local_addr().map_err(other)?, pin);
+    let mut held = Vec::new();
+    while let Some(s) = server.accept().await {
+        held.push(s);
+        if held.len() % 100 == 0 {
+            eprintln!("held {}", held.len());
+        }
+    }
+    Ok(())
+}
+
+/// Opens `n` idle sessions to a server at `addr` pinned by `pin`, measures the RSS of process
+/// `server_pid` (or of this process when `None`, client and server together) before and after,
+/// and reports. The sessions are closed when this returns.
+pub async fn idle_sessions(
+    addr: SocketAddr,
+    pin: crate::tls::CertHash,
+    n: usize,
+    server_pid: Option<u32>,
+) -> Result<IdleReport, BenchError> {
+    let client = Client::new(ClientConfig::new(ClientTls::pinned(pin)))?;
+    // One session first so that one-time allocations are not counted per session.
+    let warm = client.connect(addr, "localhost").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_bytes(server_pid).unwrap_or(0);
+    let start = Instant::now();
+    let mut sessions = Vec::with_capacity(n);
+    let mut set = tokio::task::JoinSet::new();
+    let mut opened = 0;
+    while opened < n || !set.is_empty() {
+        while opened < n && set.len() < 64 {
+            let c = client.clone();
+            set.spawn(async move { c.connect(addr, "localhost").await });
+            opened += 1;
+        }
+        if let Some(r) = set.join_next().await {
+            sessions.push(r.map_err(|e| BenchError::Other(e.to_string()))??);
+        }
+    }
+    let open_seconds = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(server_pid).unwrap_or(0);
+    let established = sessions.len();
+    drop(sessions);
+    drop(warm);
+    client.close();
+    Ok(IdleReport {
+        measurement: "idle-sessions",
+        sessions: n,
+        established,
+        scope: if server_pid.is_some() {
+            "server process only (clients in another process)"
+        } else {
+            "one process holding both the clients and the server"
+        },
+        rss_before_bytes: before,
+        rss_after_bytes: after,
+        rss_per_session_bytes: after.saturating_sub(before) as f64 / n.max(1) as f64,
+        open_seconds,
+    })
+}

@@ -1,0 +1,354 @@
+//! What callers hand a session to send, what they get back when receiving, and the per-message
+//! statistics of both.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use unimic_codec::context::ContextKey;
+use unimic_codec::grid::TokenGrid;
+use unimic_codec::part::ModelChoice;
+use unimic_protocol::Role;
+
+/// A message to send: a role and its parts, coded by the session.
+///
+/// ```
+/// use unimic_transport::{OutgoingMessage, OutgoingPart, Role};
+/// let msg = OutgoingMessage::new(Role::User).with_part(OutgoingPart::text(vec![1, 2, 3]));
+/// assert_eq!(msg.parts.len(), 1);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct OutgoingMessage {
+    /// Who speaks.
+    pub role: Role,
+    /// The parts, in order.
+    pub parts: Vec<OutgoingPart>,
+}
+
+impl OutgoingMessage {
+    /// A message without parts.
+    pub fn new(role: Role) -> Self {
+        Self {
+            role,
+            parts: Vec::new(),
+        }
+    }
+
+    /// Appends a part.
+    pub fn with_part(mut self, part: OutgoingPart) -> Self {
+        self.parts.push(part);
+        self
+    }
+}
+
+/// The content of a part to send.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PartContent {
+    /// Text token ids of a negotiated text tokenizer.
+    Text(Vec<u32>),
+    /// An image token grid of a negotiated image tokenizer.
+    Image(TokenGrid),
+    /// An opaque attachment, sent as it is (not entropy-coded, not part of the context).
+    Raw {
+        /// Media type, for example `image/png` (1 to 127 bytes).
+        media_type: String,
+        /// The bytes.
+        bytes: Bytes,
+    },
+}
+
+/// One part to send and how to code it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct OutgoingPart {
+    /// The content.
+    pub content: PartContent,
+    /// The entropy model (adaptive by default).
+    pub model: ModelChoice,
+    /// Earlier parts of the session (or of this message) the coding conditions on, in order.
+    pub context: Vec<ContextKey>,
+    /// Tokens per independently decodable chunk; `None` uses the session default.
+    pub chunk_tokens: Option<u32>,
+    /// The tokenizer id to name; `None` picks the first negotiated tokenizer of the right kind
+    /// (for images: with the grid's codebook size).
+    pub tokenizer: Option<String>,
+}
+
+impl OutgoingPart {
+    fn new(content: PartContent) -> Self {
+        Self {
+            content,
+            model: ModelChoice::Adaptive,
+            context: Vec::new(),
+            chunk_tokens: None,
+            tokenizer: None,
+        }
+    }
+
+    /// Text token ids.
+    pub fn text(ids: Vec<u32>) -> Self {
+        Self::new(PartContent::Text(ids))
+    }
+
+    /// An image token grid.
+    pub fn image(grid: TokenGrid) -> Self {
+        Self::new(PartContent::Image(grid))
+    }
+
+    /// A raw attachment.
+    pub fn raw(media_type: impl Into<String>, bytes: impl Into<Bytes>) -> Self {
+        Self::new(PartContent::Raw {
+            media_type: media_type.into(),
+            bytes: bytes.into(),
+        })
+    }
+
+    /// Sets the entropy model.
+    pub fn with_model(mut self, model: ModelChoice) -> Self {
+        self.model = model;
+        self
+    }
+
+    /// Sets the context references.
+    pub fn with_context(mut self, context: Vec<ContextKey>) -> Self {
+        self.context = context;
+        self
+    }
+
+    /// Sets the chunk size in tokens.
+    pub fn with_chunk_tokens(mut self, tokens: u32) -> Self {
+        self.chunk_tokens = Some(tokens.max(1));
+        self
+    }
+
+    /// Names the tokenizer.
+    pub fn with_tokenizer(mut self, id: impl Into<String>) -> Self {
+        self.tokenizer = Some(id.into());
+        self
+    }
+}
+
+/// How a streamed text part is coded (see [`MessageWriter::begin_text`](crate::MessageWriter::begin_text)).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TextStream {
+    /// The entropy model.
+    pub model: ModelChoice,
+    /// Context references.
+    pub context: Vec<ContextKey>,
+    /// Tokenizer id; `None` picks the first negotiated text tokenizer.
+    pub tokenizer: Option<String>,
+}
+
+impl Default for TextStream {
+    fn default() -> Self {
+        Self {
+            model: ModelChoice::Adaptive,
+            context: Vec::new(),
+            tokenizer: None,
+        }
+    }
+}
+
+impl TextStream {
+    /// Sets the context references.
+    pub fn with_context(mut self, context: Vec<ContextKey>) -> Self {
+        self.context = context;
+        self
+    }
+
+    /// Sets the entropy model.
+    pub fn with_model(mut self, model: ModelChoice) -> Self {
+        self.model = model;
+        self
+    }
+}
+
+/// What kind of part, as announced by its header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PartKind {
+    /// Text ids; `tokens` is `None` while a streamed part's length is unknown.
+    Text {
+        /// Announced token count.
+        tokens: Option<u64>,
+    },
+    /// An image token grid.
+    Image {
+        /// Rows.
+        height: u32,
+        /// Columns.
+        width: u32,
+        /// Codebook size.
+        codebook_size: u32,
+    },
+    /// A raw attachment.
+    Raw {
+        /// Media type.
+        media_type: String,
+    },
+}
+
+/// A part header as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartInfo {
+    /// Index in the message.
+    pub index: u64,
+    /// What it holds.
+    pub kind: PartKind,
+    /// The context it was coded against.
+    pub context: Vec<ContextKey>,
+    /// The tokenizer id it names (empty for raw parts).
+    pub tokenizer: String,
+}
+
+/// The content of one received chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChunkData {
+    /// Decoded token ids, starting at token `start` of the part (row-major for grids).
+    Tokens {
+        /// Position of the first id in the part.
+        start: u64,
+        /// The ids.
+        ids: Vec<u32>,
+    },
+    /// Bytes of a raw attachment.
+    Raw(Bytes),
+}
+
+/// A whole received part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReceivedPart {
+    /// Text ids.
+    Text(Vec<u32>),
+    /// An image token grid.
+    Image(TokenGrid),
+    /// A raw attachment.
+    Raw {
+        /// Media type.
+        media_type: String,
+        /// The bytes.
+        bytes: Bytes,
+    },
+}
+
+/// One step of an incoming message, in stream order.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum MessageEvent {
+    /// A part starts.
+    PartStart(PartInfo),
+    /// A chunk of the current part arrived and was decoded.
+    Chunk {
+        /// The part.
+        part_index: u64,
+        /// Chunk number in the part.
+        seq: u64,
+        /// Whether it is the last chunk of the part.
+        fin: bool,
+        /// The decoded content.
+        data: ChunkData,
+    },
+    /// A part is complete (and now in the session context).
+    PartEnd {
+        /// The part.
+        index: u64,
+        /// The whole part.
+        part: ReceivedPart,
+        /// Its statistics.
+        stats: PartStats,
+    },
+    /// The message is complete.
+    End(MessageStats),
+}
+
+/// A whole received message (see [`IncomingMessage::collect`](crate::IncomingMessage::collect)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedMessage {
+    /// The message id.
+    pub message_id: u64,
+    /// Who spoke.
+    pub role: Role,
+    /// The parts.
+    pub parts: Vec<ReceivedPart>,
+    /// Statistics.
+    pub stats: MessageStats,
+}
+
+/// Statistics of one part.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PartStats {
+    /// Index in the message.
+    pub index: u64,
+    /// Tokens coded (0 for raw parts).
+    pub tokens: u64,
+    /// Bytes of chunk payloads (the entropy-coded bits, rounded up per chunk).
+    pub payload_bytes: u64,
+    /// Bytes of the part's frames on the stream (header and chunks, framing included).
+    pub wire_bytes: u64,
+    /// Pixels the part stands for (image parts with a known patch size), for bits per pixel.
+    pub pixels: Option<u64>,
+}
+
+impl PartStats {
+    /// Payload bits per token (`None` for parts without tokens).
+    pub fn bits_per_token(&self) -> Option<f64> {
+        (self.tokens > 0).then(|| 8.0 * self.payload_bytes as f64 / self.tokens as f64)
+    }
+
+    /// Payload bits per pixel (image parts whose tokenizer states a patch size).
+    pub fn bits_per_pixel(&self) -> Option<f64> {
+        self.pixels
+            .filter(|&p| p > 0)
+            .map(|p| 8.0 * self.payload_bytes as f64 / p as f64)
+    }
+}
+
+/// Statistics of one message, sent or received.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MessageStats {
+    /// The message id.
+    pub message_id: u64,
+    /// Per part.
+    pub parts: Vec<PartStats>,
+    /// Bytes of all frames on the message stream (QUIC packet overhead not included).
+    pub wire_bytes: u64,
+    /// Bytes of chunk payloads.
+    pub payload_bytes: u64,
+    /// Tokens over all parts.
+    pub tokens: u64,
+    /// From opening the stream to finishing it (sent), or from the header to the end (received).
+    pub elapsed: Duration,
+}
+
+impl MessageStats {
+    /// Payload bits per token over all coded parts.
+    pub fn bits_per_token(&self) -> Option<f64> {
+        let (bytes, tokens) = self
+            .parts
+            .iter()
+            .filter(|p| p.tokens > 0)
+            .fold((0, 0), |(b, t), p| (b + p.payload_bytes, t + p.tokens));
+        (tokens > 0).then(|| 8.0 * bytes as f64 / tokens as f64)
+    }
+
+    /// Payload bits per pixel over the image parts.
+    pub fn bits_per_pixel(&self) -> Option<f64> {
+        let (bytes, pixels) = self
+            .parts
+            .iter()
+            .filter_map(|p| p.pixels.map(|px| (p.payload_bytes, px)))
+            .fold((0, 0), |(b, x), (pb, px)| (b + pb, x + px));
+        (pixels > 0).then(|| 8.0 * bytes as f64 / pixels as f64)
+    }
+
+    pub(crate) fn add_part(&mut self, part: PartStats) {
+        self.wire_bytes += part.wire_bytes;
+        self.payload_bytes += part.payload_bytes;
+        self.tokens += part.tokens;
+        self.parts.push(part);
+    }
+}

@@ -1,0 +1,837 @@
+//! Incoming messages: the per-stream task that parses, checks and decodes a message, and the
+//! [`IncomingMessage`] handle through which the caller pulls its events.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use unimic_codec::context::{ContextError, ContextKey, Sequence, SequenceKind};
+use unimic_codec::grid::TokenGrid;
+use unimic_codec::part::{PartDecoder, PartError, PartShape, PartSpec};
+use unimic_protocol::control::{Ack, AckStage, Cancel};
+use unimic_protocol::message::{Event, Reader};
+use unimic_protocol::{
+    CodedPart, CodingMode, ErrorCode, ErrorFrame, Frame, PartBody, PartChunk, PartHeader, Role,
+    VarInt,
+};
+
+use crate::error::RecvError;
+use crate::message::{
+    ChunkData, MessageEvent, MessageStats, PartInfo, PartKind, PartStats, ReceivedMessage,
+    ReceivedPart,
+};
+use crate::models::{entropy_at, TokenizerKind};
+use crate::session::Shared;
+use crate::wire;
+
+/// Events buffered per message before the reader waits for the caller.
+const EVENT_DEPTH: usize = 32;
+/// Most tokens one chunk may carry (PROTOCOL.md §6.6).
+fn max_chunk_tokens(limits: &unimic_protocol::Limits) -> u64 {
+    let grid = limits
+        .max_grid_height
+        .into_inner()
+        .saturating_mul(limits.max_grid_width.into_inner());
+    grid.max(limits.max_context_bytes.into_inner() / 4)
+}
+/// Largest read from a message stream at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// One incoming message. Pull its events with [`next`](Self::next), or everything at once with
+/// [`collect`](Self::collect).
+///
+/// Dropping the handle does not stop the message: it is still decoded (so both contexts stay in
+/// step), its events discarded. [`cancel`](Self::cancel) stops it.
+#[derive(Debug)]
+pub struct IncomingMessage {
+    message_id: u64,
+    role: Role,
+    events: mpsc::Receiver<Result<MessageEvent, RecvError>>,
+    cancel: CancellationToken,
+    done: bool,
+}
+
+impl IncomingMessage {
+    /// The message id.
+    pub fn message_id(&self) -> u64 {
+        self.message_id
+    }
+
+    /// Who speaks.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The context key of part `index` of this message.
+    pub fn key(&self, index: u64) -> ContextKey {
+        ContextKey::new(self.message_id, index)
+    }
+
+    /// The next event; `None` after [`MessageEvent::End`] or an error.
+    ///
+    /// Cancel safety: safe.
+    pub async fn next(&mut self) -> Option<Result<MessageEvent, RecvError>> {
+        if self.done {
+            return None;
+        }
+        let ev = self.events.recv().await;
+        match &ev {
+            Some(Ok(MessageEvent::End(_))) | Some(Err(_)) => self.done = true,
+            None => {
+                self.done = true;
+                return Some(Err(RecvError::ConnectionLost(
+                    "the message task ended".into(),
+                )));
+            }
+            _ => {}
+        }
+        ev
+    }
+
+    /// Reads the whole message.
+    pub async fn collect(mut self) -> Result<ReceivedMessage, RecvError> {
+        let mut parts = Vec::new();
+        while let Some(ev) = self.next().await {
+            match ev? {
+                MessageEvent::PartEnd { part, .. } => parts.push(part),
+                MessageEvent::End(stats) => {
+                    return Ok(ReceivedMessage {
+                        message_id: self.message_id,
+                        role: self.role,
+                        parts,
+                        stats,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Err(RecvError::ConnectionLost("message ended early".into()))
+    }
+
+    /// Stops the message: the stream is stopped with `CANCELLED` and the sender told with a
+    /// Cancel frame. Parts already complete stay in the context.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+}
+
+/// The part being received.
+enum Current {
+    Raw {
+        info: PartInfo,
+        media_type: String,
+        bytes: BytesMut,
+        stats: PartStats,
+    },
+    Coded {
+        info: PartInfo,
+        spec: PartSpec,
+        digest: [u8; 32],
+        identity: unimic_codec::part::ModelIdentity,
+        kind: SequenceKind,
+        grid: Option<(u32, u32, u32)>,
+        decoder: Option<Box<PartDecoder>>,
+        ids: Vec<u32>,
+        stats: PartStats,
+    },
+}
+
+struct Task {
+    shared: Arc<Shared>,
+    recv: quinn::RecvStream,
+    reader: Reader,
+    cancel: CancellationToken,
+    events: Option<mpsc::Sender<Result<MessageEvent, RecvError>>>,
+    message_id: Option<u64>,
+    /// Whether `message_id` was entered in the in-flight set (and must be removed at the end).
+    registered: bool,
+    /// The last chunk decoded: (part index, chunk sequence number).
+    last_chunk: (u64, u64),
+    current: Option<Current>,
+    stats: MessageStats,
+    /// Bytes read from the stream.
+    read_bytes: u64,
+    started: Instant,
+}
+
+/// Failure inside the task: what to tell the peer and the caller.
+struct Fail {
+    code: ErrorCode,
+    reason: String,
+}
+
+impl Fail {
+    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+fn part_fail(e: &PartError) -> Fail {
+    let code = match e {
+        PartError::Context(ContextError::Missing(_)) => ErrorCode::CONTEXT_UNKNOWN,
+        PartError::Context(ContextError::DigestMismatch { .. }) => ErrorCode::CONTEXT_MISMATCH,
+        PartError::Context(_) => ErrorCode::CONTEXT_UNKNOWN,
+        PartError::ModelMismatch { .. } | PartError::ModelUnavailable { .. } => {
+            ErrorCode::MODEL_MISSING
+        }
+        PartError::TooLarge { .. } => ErrorCode::LIMIT_EXCEEDED,
+        _ => ErrorCode::DECODE_FAILED,
+    };
+    Fail::new(code, e.to_string())
+}
+
+/// Runs one incoming message stream to its end.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    recv: quinn::RecvStream,
+    deliver: mpsc::Sender<IncomingMessage>,
+) {
+    let limits = shared.negotiated.limits;
+    let mut task = Task {
+        shared,
+        recv,
+        reader: Reader::new(limits),
+        cancel: CancellationToken::new(),
+        events: None,
+        message_id: None,
+        registered: false,
+        last_chunk: (0, 0),
+        current: None,
+        stats: MessageStats::default(),
+        read_bytes: 0,
+        started: Instant::now(),
+    };
+    let outcome = task.pump(&deliver).await;
+    drop(deliver);
+    task.finish(outcome).await;
+}
+
+/// How the stream ended.
+enum Outcome {
+    Done,
+    Failed(Fail),
+    Reset(ErrorCode),
+    Cancelled,
+    Lost(String),
+}
+
+impl Task {
+    async fn pump(&mut self, deliver: &mpsc::Sender<IncomingMessage>) -> Outcome {
+        loop {
+            loop {
+                let ev = match self.reader.next_event() {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Outcome::Failed(Fail::new(e.error_code(), e.to_string()));
+                    }
+                };
+                match self.on_event(ev, deliver).await {
+                    Ok(true) => return self.drain_end().await,
+                    Ok(false) => {}
+                    Err(f) => return Outcome::Failed(f),
+                }
+            }
+            let read = tokio::select! {
+                r = self.recv.read_chunk(READ_CHUNK, true) => r,
+                _ = self.cancel.cancelled() => return Outcome::Cancelled,
+            };
+            match read {
+                Ok(Some(chunk)) => {
+                    self.read_bytes += chunk.bytes.len() as u64;
+                    self.reader.push(&chunk.bytes)
+                }
+                Ok(None) => {
+                    let e = self.reader.finish().err();
+                    return Outcome::Failed(Fail::new(
+                        e.as_ref()
+                            .map_or(ErrorCode::PROTOCOL_VIOLATION, |e| e.error_code()),
+                        "message stream ended before the message end",
+                    ));
+                }
+                Err(quinn::ReadError::Reset(code)) => {
+                    return Outcome::Reset(wire::registry_code(code))
+                }
+                Err(e) => return Outcome::Lost(e.to_string()),
+            }
+        }
+    }
+
+    /// After the message end: the stream must end right there.
+    async fn drain_end(&mut self) -> Outcome {
+        match self.recv.read_chunk(READ_CHUNK, true).await {
+            Ok(None) => match self.reader.finish() {
+                Ok(()) => Outcome::Done,
+                Err(e) => Outcome::Failed(Fail::new(e.error_code(), e.to_string())),
+            },
+            Ok(Some(_)) => Outcome::Failed(Fail::new(
+                ErrorCode::PROTOCOL_VIOLATION,
+                "bytes after the message end",
+            )),
+            Err(quinn::ReadError::Reset(code)) => Outcome::Reset(wire::registry_code(code)),
+            Err(e) => Outcome::Lost(e.to_string()),
+        }
+    }
+
+    async fn emit(&self, ev: Result<MessageEvent, RecvError>) {
+        if let Some(tx) = &self.events {
+            // The caller may have dropped the handle; the message is still decoded.
+            let _ = tx.send(ev).await;
+        }
+    }
+
+    /// Handles one reader event; `Ok(true)` at the message end.
+    async fn on_event(
+        &mut self,
+        ev: Event,
+        deliver: &mpsc::Sender<IncomingMessage>,
+    ) -> Result<bool, Fail> {
+        match ev {
+            Event::Header(h) => {
+                let id = h.message_id.into_inner();
+                // Named in the Error frame even if the header is refused below.
+                self.message_id = Some(id);
+                {
+                    let mut st = self.shared.state();
+                    st.pending_headers = st.pending_headers.saturating_sub(1);
+                    if !self.shared.is_peer_id(id) {
+                        return Err(Fail::new(
+                            ErrorCode::PROTOCOL_VIOLATION,
+                            "message id has the wrong parity for its sender",
+                        ));
+                    }
+                    if !st.peer_inflight.insert(id) {
+                        return Err(Fail::new(
+                            ErrorCode::PROTOCOL_VIOLATION,
+                            "message id reused",
+                        ));
+                    }
+                }
+                self.registered = true;
+                self.shared.changed.notify_waiters();
+                self.stats.message_id = id;
+                self.started = Instant::now();
+                let (tx, rx) = mpsc::channel(EVENT_DEPTH);
+                self.events = Some(tx);
+                let msg = IncomingMessage {
+                    message_id: id,
+                    role: h.role,
+                    events: rx,
+                    cancel: self.cancel.clone(),
+                    done: false,
+                };
+                tracing::debug!(id, role = ?h.role, "message started");
+                // The session may be gone; the message is still decoded to keep the context.
+                let _ = deliver.send(msg).await;
+                Ok(false)
+            }
+            Event::Part(h) => {
+                let wire = h_len(&h);
+                let current = self.start_part(h).await?;
+                let info = match &current {
+                    Current::Raw { info, .. } | Current::Coded { info, .. } => info.clone(),
+                };
+                self.current = Some(current);
+                if let Some(Current::Raw { stats, .. } | Current::Coded { stats, .. }) =
+                    self.current.as_mut()
+                {
+                    stats.wire_bytes += wire;
+                }
+                self.emit(Ok(MessageEvent::PartStart(info))).await;
+                Ok(false)
+            }
+            Event::Chunk(c) => {
+                self.on_chunk(c).await?;
+                Ok(false)
+            }
+            Event::End(_) => Ok(true),
+            _ => Ok(false),
+        }
+    }
+
+    async fn start_part(&mut self, h: PartHeader) -> Result<Current, Fail> {
+        let index = h.index.into_inner();
+        let limits = self.shared.negotiated.limits;
+        let coded = match h.body {
+            PartBody::Raw(r) => {
+                let info = PartInfo {
+                    index,
+                    kind: PartKind::Raw {
+                        media_type: r.media_type.clone(),
+                    },
+                    context: Vec::new(),
+                    tokenizer: String::new(),
+                };
+                return Ok(Current::Raw {
+                    info,
+                    media_type: r.media_type,
+                    bytes: BytesMut::new(),
+                    stats: PartStats {
+                        index,
+                        ..PartStats::default()
+                    },
+                });
+            }
+            PartBody::Text(c) => (SequenceKind::Text, c),
+            PartBody::Image(c) => (SequenceKind::Grid, c),
+            _ => return Err(Fail::new(ErrorCode::UNSUPPORTED, "unknown part kind")),
+        };
+        let (kind, c): (SequenceKind, CodedPart) = coded;
+        if let CodingMode::Masked(_) = c.mode {
+            return Err(Fail::new(
+                ErrorCode::UNSUPPORTED,
+                "masked coding is not implemented by this peer",
+            ));
+        }
+        let tok_info = self
+            .shared
+            .negotiated
+            .tokenizer(c.tokenizer)
+            .ok_or_else(|| {
+                Fail::new(
+                    ErrorCode::MODEL_MISSING,
+                    "tokenizer index outside the negotiated table",
+                )
+            })?;
+        let local_tok = self
+            .shared
+            .tokenizers
+            .iter()
+            .find(|t| t.info == *tok_info)
+            .ok_or_else(|| {
+                Fail::new(
+                    ErrorCode::MODEL_MISSING,
+                    format!("tokenizer {} is not held", tok_info.id),
+                )
+            })?;
+        let entry = entropy_at(
+            &self.shared.negotiated.entropy_models,
+            &self.shared.entropy,
+            c.entropy_model,
+        )
+        .ok_or_else(|| {
+            Fail::new(
+                ErrorCode::MODEL_MISSING,
+                format!(
+                    "entropy model index {} is outside the negotiated table",
+                    c.entropy_model.into_inner()
+                ),
+            )
+        })?;
+        if entry.kind.is_some_and(|k| k != kind) {
+            return Err(Fail::new(
+                ErrorCode::MODEL_MISSING,
+                format!(
+                    "entropy model {} does not code this kind of part",
+                    entry.info.id
+                ),
+            ));
+        }
+        let rows = c.shape.rows.into_inner();
+        let cols = c.shape.cols.into_inner();
+        let (part_kind, grid, pixels) = match (kind, local_tok.kind) {
+            (SequenceKind::Text, TokenizerKind::Text { .. }) => {
+                if rows != 1 || c.token_count != c.shape.cols {
+                    return Err(Fail::new(
+                        ErrorCode::PROTOCOL_VIOLATION,
+                        "text part shape is not 1 x token count",
+                    ));
+                }
+                let max_text = limits.max_context_bytes.into_inner() / 4;
+                if cols > max_text {
+                    return Err(Fail::new(
+                        ErrorCode::LIMIT_EXCEEDED,
+                        format!("text part of {cols} tokens is above the limit of {max_text}"),
+                    ));
+                }
+                let tokens = (cols > 0).then_some(cols);
+                (PartKind::Text { tokens }, None, None)
+            }
+            (
+                SequenceKind::Grid,
+                TokenizerKind::Image {
+                    codebook_size,
+                    patch,
+                },
+            ) => {
+                for (what, value, limit) in [
+                    ("grid height", rows, limits.max_grid_height.into_inner()),
+                    ("grid width", cols, limits.max_grid_width.into_inner()),
+                ] {
+                    if value > limit {
+                        return Err(Fail::new(
+                            ErrorCode::LIMIT_EXCEEDED,
+                            format!("{what} {value} is above the limit of {limit}"),
+                        ));
+                    }
+                }
+                let (h, w) = match (u32::try_from(rows), u32::try_from(cols)) {
+                    (Ok(h), Ok(w)) if h > 0 && w > 0 => (h, w),
+                    _ => {
+                        return Err(Fail::new(ErrorCode::PROTOCOL_VIOLATION, "empty grid shape"));
+                    }
+                };
+                if c.token_count.into_inner() != rows.saturating_mul(cols) {
+                    return Err(Fail::new(
+                        ErrorCode::PROTOCOL_VIOLATION,
+                        "grid token count is not rows x cols",
+                    ));
+                }
+                let px = u64::from(patch) * u64::from(patch);
+                (
+                    PartKind::Image {
+                        height: h,
+                        width: w,
+                        codebook_size,
+                    },
+                    Some((h, w, codebook_size)),
+                    Some(rows * cols * px),
+                )
+            }
+            _ => {
+                return Err(Fail::new(
+                    ErrorCode::PROTOCOL_VIOLATION,
+                    "tokenizer kind does not match the part kind",
+                ))
+            }
+        };
+        let keys: Vec<ContextKey> = c
+            .context
+            .iter()
+            .map(|r| ContextKey::new(r.message_id.into_inner(), r.part_index.into_inner()))
+            .collect();
+        self.wait_context(&keys).await?;
+        {
+            let st = self.shared.state();
+            st.context
+                .verify(&keys, &c.context_digest)
+                .map_err(|e| part_fail(&PartError::from(e)))?;
+        }
+        let info = PartInfo {
+            index,
+            kind: part_kind,
+            context: keys.clone(),
+            tokenizer: tok_info.id.clone(),
+        };
+        Ok(Current::Coded {
+            info,
+            spec: PartSpec::new(entry.choice).with_refs(keys),
+            digest: c.context_digest,
+            identity: entry.identity,
+            kind,
+            grid,
+            decoder: None,
+            ids: Vec::new(),
+            stats: PartStats {
+                index,
+                pixels,
+                ..PartStats::default()
+            },
+        })
+    }
+
+    /// Waits until every referenced entry is in the context, as long as one may still arrive
+    /// (a peer message in flight, or a stream whose header is not read yet).
+    async fn wait_context(&self, keys: &[ContextKey]) -> Result<(), Fail> {
+        let deadline = tokio::time::Instant::now() + self.shared.config.context_wait;
+        loop {
+            let notified = self.shared.changed.notified();
+            let missing = {
+                let st = self.shared.state();
+                let missing = keys.iter().find(|k| st.context.get(**k).is_none()).copied();
+                match missing {
+                    None => return Ok(()),
+                    Some(k) => {
+                        let may_arrive = if self.shared.is_peer_id(k.message_id) {
+                            st.peer_inflight.contains(&k.message_id) || st.pending_headers > 0
+                        } else {
+                            st.own_inflight.contains(&k.message_id)
+                        };
+                        if !may_arrive {
+                            return Err(part_fail(&PartError::Context(ContextError::Missing(k))));
+                        }
+                        k
+                    }
+                }
+            };
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(part_fail(&PartError::Context(ContextError::Missing(
+                    missing,
+                ))));
+            }
+        }
+    }
+
+    async fn on_chunk(&mut self, c: PartChunk) -> Result<(), Fail> {
+        let wire = chunk_len(&c);
+        let seq = c.seq.into_inner();
+        let fin = c.fin;
+        let index = c.part_index.into_inner();
+        let Some(current) = self.current.as_mut() else {
+            return Err(Fail::new(
+                ErrorCode::PROTOCOL_VIOLATION,
+                "chunk outside a part",
+            ));
+        };
+        let data = match current {
+            Current::Raw { bytes, stats, .. } => {
+                stats.payload_bytes += c.payload.len() as u64;
+                stats.wire_bytes += wire;
+                let limit = self.shared.negotiated.limits.max_message_bytes.into_inner();
+                if bytes.len() as u64 + c.payload.len() as u64 > limit {
+                    return Err(Fail::new(ErrorCode::LIMIT_EXCEEDED, "attachment too large"));
+                }
+                bytes.extend_from_slice(&c.payload);
+                ChunkData::Raw(c.payload.clone())
+            }
+            Current::Coded {
+                spec,
+                digest,
+                identity,
+                kind,
+                grid,
+                decoder,
+                ids,
+                stats,
+                ..
+            } => {
+                stats.payload_bytes += c.payload.len() as u64;
+                stats.wire_bytes += wire;
+                let n = c.token_count.into_inner();
+                let start = ids.len() as u64;
+                // Highly predictable tokens cost almost no bits, so token counts are bounded
+                // separately from bytes: per chunk, and per part by the codec's limit.
+                let max_part = self.shared.config.codec.max_part_tokens;
+                if n > max_chunk_tokens(&self.shared.negotiated.limits)
+                    || start.saturating_add(n) > max_part
+                {
+                    return Err(Fail::new(
+                        ErrorCode::LIMIT_EXCEEDED,
+                        format!("{n} tokens in one chunk (part limit {max_part})"),
+                    ));
+                }
+                let decoded = match (*kind, *grid) {
+                    (SequenceKind::Grid, Some((height, width, codebook_size))) => {
+                        if decoder.is_none() {
+                            let chunk_tokens = u32::try_from(n).unwrap_or(u32::MAX).max(1);
+                            let spec = spec.clone().with_chunk_tokens(chunk_tokens);
+                            let mut st = self.shared.state();
+                            let st = &mut *st;
+                            let d = st
+                                .codec
+                                .decoder(
+                                    &st.context,
+                                    PartShape::Grid {
+                                        height,
+                                        width,
+                                        codebook_size,
+                                    },
+                                    &spec,
+                                    digest,
+                                    identity,
+                                )
+                                .map_err(|e| part_fail(&e))?;
+                            *decoder = Some(Box::new(d));
+                        }
+                        let Some(d) = decoder.as_ref() else {
+                            return Err(Fail::new(ErrorCode::INTERNAL, "no decoder"));
+                        };
+                        let (lo, hi) = d.chunk_range(seq).map_err(|_| {
+                            Fail::new(
+                                ErrorCode::PROTOCOL_VIOLATION,
+                                "more chunks than the part has",
+                            )
+                        })?;
+                        if hi - lo != n || lo != start {
+                            return Err(Fail::new(
+                                ErrorCode::PROTOCOL_VIOLATION,
+                                "chunk token count does not match the chunking",
+                            ));
+                        }
+                        d.decode_chunk(seq, &c.payload).map_err(|e| part_fail(&e))?
+                    }
+                    _ => {
+                        // Text chunks are coded independently from the state after the
+                        // references, so each decodes alone whatever the chunking.
+                        let d = {
+                            let mut guard = self.shared.state();
+                            let st = &mut *guard;
+                            st.codec
+                                .decoder(
+                                    &st.context,
+                                    PartShape::Text { count: n },
+                                    spec,
+                                    digest,
+                                    identity,
+                                )
+                                .map_err(|e| part_fail(&e))?
+                        };
+                        d.decode_chunk(0, &c.payload).map_err(|e| part_fail(&e))?
+                    }
+                };
+                if decoded.len() as u64 != n {
+                    return Err(Fail::new(
+                        ErrorCode::DECODE_FAILED,
+                        "chunk decoded to the wrong length",
+                    ));
+                }
+                stats.tokens += n;
+                ids.extend_from_slice(&decoded);
+                ChunkData::Tokens {
+                    start,
+                    ids: decoded,
+                }
+            }
+        };
+        self.last_chunk = (index, seq);
+        self.emit(Ok(MessageEvent::Chunk {
+            part_index: index,
+            seq,
+            fin,
+            data,
+        }))
+        .await;
+        if fin {
+            self.end_part().await?;
+        }
+        Ok(())
+    }
+
+    async fn end_part(&mut self) -> Result<(), Fail> {
+        let Some(current) = self.current.take() else {
+            return Ok(());
+        };
+        let message_id = self.message_id.unwrap_or(0);
+        let (index, part, stats, seq) = match current {
+            Current::Raw {
+                info,
+                media_type,
+                bytes,
+                stats,
+            } => (
+                info.index,
+                ReceivedPart::Raw {
+                    media_type,
+                    bytes: bytes.freeze(),
+                },
+                stats,
+                None,
+            ),
+            Current::Coded {
+                info,
+                grid,
+                ids,
+                stats,
+                ..
+            } => match grid {
+                Some((h, w, k)) => {
+                    let g = TokenGrid::new(h, w, k, ids)
+                        .map_err(|e| Fail::new(ErrorCode::DECODE_FAILED, e.to_string()))?;
+                    let seq = Sequence::grid(&g);
+                    (info.index, ReceivedPart::Image(g), stats, Some(seq))
+                }
+                None => {
+                    let seq = Sequence::text(ids.clone());
+                    (info.index, ReceivedPart::Text(ids), stats, Some(seq))
+                }
+            },
+        };
+        if let Some(seq) = seq {
+            let evicted = {
+                let mut st = self.shared.state();
+                st.context.insert(ContextKey::new(message_id, index), seq)
+            };
+            self.shared.changed.notify_waiters();
+            match evicted {
+                Ok(ev) if !ev.is_empty() => self.shared.announce_evicted(ev).await,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "part not kept in context"),
+            }
+        }
+        self.stats.add_part(stats.clone());
+        self.emit(Ok(MessageEvent::PartEnd { index, part, stats }))
+            .await;
+        Ok(())
+    }
+
+    async fn finish(mut self, outcome: Outcome) {
+        let id = self.message_id;
+        if id.is_none() {
+            let mut st = self.shared.state();
+            st.pending_headers = st.pending_headers.saturating_sub(1);
+        }
+        match outcome {
+            Outcome::Done => {
+                self.stats.wire_bytes = self.read_bytes;
+                self.stats.elapsed = self.started.elapsed();
+                if let (Some(id), true) = (id, self.shared.config.send_acks) {
+                    let (part, chunk) = self.last_chunk;
+                    self.shared
+                        .send_control(Frame::Ack(Ack {
+                            message_id: VarInt::saturating(id),
+                            part_index: VarInt::saturating(part),
+                            chunk_seq: VarInt::saturating(chunk),
+                            stage: AckStage::Decoded,
+                        }))
+                        .await;
+                }
+                let stats = std::mem::take(&mut self.stats);
+                tracing::debug!(id, wire = stats.wire_bytes, "message received");
+                self.emit(Ok(MessageEvent::End(stats))).await;
+            }
+            Outcome::Failed(f) => {
+                tracing::warn!(id, code = %f.code, reason = %f.reason, "incoming message refused");
+                let _ = self.recv.stop(wire::quic_code(f.code));
+                self.shared
+                    .send_control(Frame::Error(ErrorFrame {
+                        code: f.code,
+                        message_id: id.map(VarInt::saturating),
+                        reason: wire::short_reason(&f.reason),
+                    }))
+                    .await;
+                self.emit(Err(RecvError::Protocol {
+                    code: f.code,
+                    reason: f.reason,
+                }))
+                .await;
+            }
+            Outcome::Reset(code) => {
+                tracing::debug!(id, %code, "message reset by the sender");
+                self.emit(Err(RecvError::Reset(code))).await;
+            }
+            Outcome::Cancelled => {
+                let _ = self.recv.stop(wire::quic_code(ErrorCode::CANCELLED));
+                if let Some(id) = id {
+                    self.shared
+                        .send_control(Frame::Cancel(Cancel {
+                            message_id: VarInt::saturating(id),
+                            code: ErrorCode::CANCELLED,
+                        }))
+                        .await;
+                }
+                self.emit(Err(RecvError::Cancelled)).await;
+            }
+            Outcome::Lost(reason) => {
+                self.emit(Err(RecvError::ConnectionLost(reason))).await;
+            }
+        }
+        if let (Some(id), true) = (id, self.registered) {
+            self.shared.state().peer_inflight.remove(&id);
+        }
+        self.shared.changed.notify_waiters();
+    }
+}
+
+fn h_len(h: &PartHeader) -> u64 {
+    Frame::PartHeader(h.clone()).encoded_len() as u64
+}
+
+fn chunk_len(c: &PartChunk) -> u64 {
+    // Cloning a chunk only bumps the payload's reference count.
+    Frame::PartChunk(c.clone()).encoded_len() as u64
+}

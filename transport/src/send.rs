@@ -1,0 +1,559 @@
+//! [`MessageWriter`]: one outgoing message on its own unidirectional stream.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tracing::Instrument;
+use unimic_codec::context::{ContextKey, Sequence, SequenceKind};
+use unimic_codec::part::{EncodedPart, ModelChoice, PartSpec, PartTokens};
+use unimic_protocol::{
+    CodedPart, CodingMode, ContextRef, ErrorCode, Frame, MessageEnd, MessageHeader, PartBody,
+    PartChunk, PartHeader, RawPart, Role, Shape, VarInt,
+};
+
+use crate::error::SendError;
+use crate::message::{MessageStats, OutgoingPart, PartContent, PartStats, TextStream};
+use crate::models::{find_entropy, TokenizerKind};
+use crate::session::Shared;
+use crate::wire;
+
+/// Room left in a frame for the chunk fields before the payload.
+const CHUNK_OVERHEAD: u64 = 40;
+
+/// A streamed text part in progress.
+struct OpenText {
+    index: u64,
+    spec: PartSpec,
+    seq: u64,
+    ids: Vec<u32>,
+    stats: PartStats,
+}
+
+/// One outgoing message. Write parts with [`write_part`](Self::write_part), or stream a text
+/// part with [`begin_text`](Self::begin_text) / [`push_text`](Self::push_text) /
+/// [`end_text`](Self::end_text); then [`finish`](Self::finish).
+///
+/// Dropping a writer before `finish` (or calling [`cancel`](Self::cancel)) resets the stream with
+/// `CANCELLED`: the peer drops the message. Parts completed before that stay in both contexts.
+pub struct MessageWriter {
+    shared: Arc<Shared>,
+    stream: Option<quinn::SendStream>,
+    message_id: u64,
+    next_part: u64,
+    text: Option<OpenText>,
+    stats: MessageStats,
+    /// Bytes of every frame written so far (checked against `max_message_bytes`).
+    total_wire: u64,
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl std::fmt::Debug for MessageWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageWriter")
+            .field("message_id", &self.message_id)
+            .field("next_part", &self.next_part)
+            .finish_non_exhaustive()
+    }
+}
+
+fn v(n: u64) -> VarInt {
+    VarInt::saturating(n)
+}
+
+fn refs(keys: &[ContextKey]) -> Vec<ContextRef> {
+    keys.iter()
+        .map(|k| ContextRef {
+            message_id: v(k.message_id),
+            part_index: v(k.part_index),
+        })
+        .collect()
+}
+
+fn mode(model: ModelChoice, kind: SequenceKind, context: &[ContextKey]) -> CodingMode {
+    match (model, kind) {
+        (ModelChoice::Uniform, _) => CodingMode::Uniform,
+        _ if context.is_empty() => CodingMode::Generic,
+        (_, SequenceKind::Grid) => CodingMode::ImageConditioned,
+        _ => CodingMode::TextConditioned,
+    }
+}
+
+impl MessageWriter {
+    pub(crate) async fn open(shared: Arc<Shared>, role: Role) -> Result<Self, SendError> {
+        let (message_id, stream) = shared.open_stream().await?;
+        let span = tracing::debug_span!(parent: &shared.span, "message.send", id = message_id);
+        let mut w = MessageWriter {
+            shared,
+            stream: Some(stream),
+            message_id,
+            next_part: 0,
+            text: None,
+            stats: MessageStats {
+                message_id,
+                ..MessageStats::default()
+            },
+            total_wire: 0,
+            started: Instant::now(),
+            span,
+        };
+        let header = Frame::MessageHeader(MessageHeader {
+            message_id: v(message_id),
+            role,
+        });
+        let bytes = w.frame(&header)?;
+        w.write(bytes.freeze()).await?;
+        Ok(w)
+    }
+
+    /// This message's id (for context references and acknowledgements).
+    pub fn message_id(&self) -> u64 {
+        self.message_id
+    }
+
+    /// The context key of part `index` of this message.
+    pub fn key(&self, index: u64) -> ContextKey {
+        ContextKey::new(self.message_id, index)
+    }
+
+    /// Encodes a frame, counting it against the message size limit.
+    fn frame(&mut self, frame: &Frame) -> Result<BytesMut, SendError> {
+        let bytes = wire::frame_bytes(frame);
+        let limit = self.shared.negotiated.limits.max_message_bytes.into_inner();
+        let total = self.total_wire + bytes.len() as u64;
+        if total > limit {
+            return Err(SendError::Limit {
+                what: "message size",
+                value: total,
+                limit,
+            });
+        }
+        self.total_wire = total;
+        Ok(bytes)
+    }
+
+    async fn write(&mut self, bytes: Bytes) -> Result<(), SendError> {
+        let stream = self.stream.as_mut().ok_or(SendError::Cancelled)?;
+        let r = stream
+            .write_chunk(bytes)
+            .instrument(self.span.clone())
+            .await;
+        r.map_err(SendError::from)
+    }
+
+    /// Whether the peer asked (with a Cancel frame) to stop this message.
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.state().cancelled.contains(&self.message_id)
+    }
+
+    fn tokenizer(
+        &self,
+        kind: SequenceKind,
+        name: Option<&str>,
+        codebook: u32,
+    ) -> Result<(VarInt, Option<u32>), SendError> {
+        let neg = &self.shared.negotiated.tokenizers;
+        for (i, info) in neg.iter().enumerate() {
+            if name.is_some_and(|n| n != info.id) {
+                continue;
+            }
+            let Some(local) = self.shared.tokenizers.iter().find(|t| t.info == *info) else {
+                continue;
+            };
+            let fits = match (kind, local.kind) {
+                (SequenceKind::Text, TokenizerKind::Text { .. }) => Some(None),
+                (
+                    SequenceKind::Grid,
+                    TokenizerKind::Image {
+                        codebook_size,
+                        patch,
+                    },
+                ) if codebook_size == codebook => Some(Some(patch)),
+                _ => None,
+            };
+            if let Some(patch) = fits {
+                return Ok((v(i as u64), patch));
+            }
+        }
+        Err(SendError::NotNegotiated(match name {
+            Some(n) => format!("tokenizer {n}"),
+            None if kind == SequenceKind::Grid => {
+                format!("an image tokenizer with codebook size {codebook}")
+            }
+            None => "a text tokenizer".into(),
+        }))
+    }
+
+    fn entropy(&self, model: ModelChoice, kind: SequenceKind) -> Result<VarInt, SendError> {
+        find_entropy(
+            &self.shared.negotiated.entropy_models,
+            &self.shared.entropy,
+            model,
+            kind,
+        )
+        .map(|(i, _)| i)
+        .ok_or_else(|| SendError::NotNegotiated(format!("entropy model {model:?} for {kind:?}")))
+    }
+
+    fn frame_budget(&self) -> u64 {
+        self.shared
+            .negotiated
+            .limits
+            .max_frame_bytes
+            .into_inner()
+            .saturating_sub(CHUNK_OVERHEAD)
+    }
+
+    /// Codes tokens so that every chunk fits a frame: halves the chunk size until it does.
+    fn encode(
+        &self,
+        tokens: PartTokens<'_>,
+        spec: PartSpec,
+        n: u64,
+    ) -> Result<(EncodedPart, PartSpec), SendError> {
+        let budget = self.frame_budget();
+        let mut spec = spec;
+        loop {
+            let part = {
+                let mut st = self.shared.state();
+                let st = &mut *st;
+                st.codec.encode(&st.context, tokens, &spec)?
+            };
+            let largest = part
+                .chunks
+                .iter()
+                .map(|c| c.payload.len() as u64)
+                .max()
+                .unwrap_or(0);
+            let chunk = u64::from(spec.chunk_tokens.unwrap_or(u32::MAX)).min(n);
+            if largest <= budget || chunk <= 1 {
+                if largest > budget {
+                    return Err(SendError::Limit {
+                        what: "chunk payload",
+                        value: largest,
+                        limit: budget,
+                    });
+                }
+                return Ok((part, spec));
+            }
+            spec = spec.with_chunk_tokens(u32::try_from(chunk / 2).unwrap_or(u32::MAX).max(1));
+        }
+    }
+
+    fn check_open(&self) -> Result<(), SendError> {
+        if self.text.is_some() {
+            return Err(SendError::Usage("a streamed text part is open"));
+        }
+        if self.stream.is_none() {
+            return Err(SendError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Codes and writes one whole part. Returns its statistics.
+    pub async fn write_part(&mut self, part: OutgoingPart) -> Result<PartStats, SendError> {
+        self.check_open()?;
+        let index = self.next_part;
+        let limits = self.shared.negotiated.limits;
+        let chunk_tokens = part
+            .chunk_tokens
+            .unwrap_or(self.shared.config.default_chunk_tokens);
+        let mut stats = PartStats {
+            index,
+            ..PartStats::default()
+        };
+        let mut out = BytesMut::new();
+        let commit;
+        match &part.content {
+            PartContent::Raw { media_type, bytes } => {
+                let header = Frame::PartHeader(PartHeader {
+                    index: v(index),
+                    body: PartBody::Raw(RawPart {
+                        media_type: media_type.clone(),
+                    }),
+                });
+                out.extend_from_slice(&self.frame(&header)?);
+                let budget = usize::try_from(self.frame_budget())
+                    .unwrap_or(usize::MAX)
+                    .max(1);
+                let pieces: Vec<Bytes> = if bytes.is_empty() {
+                    vec![Bytes::new()]
+                } else {
+                    (0..bytes.len())
+                        .step_by(budget)
+                        .map(|s| bytes.slice(s..(s + budget).min(bytes.len())))
+                        .collect()
+                };
+                let count = pieces.len();
+                for (seq, payload) in pieces.into_iter().enumerate() {
+                    stats.payload_bytes += payload.len() as u64;
+                    let f = Frame::PartChunk(PartChunk {
+                        part_index: v(index),
+                        seq: v(seq as u64),
+                        fin: seq + 1 == count,
+                        token_count: VarInt::ZERO,
+                        payload,
+                    });
+                    out.extend_from_slice(&self.frame(&f)?);
+                }
+                commit = None;
+            }
+            PartContent::Text(ids) => {
+                let (tok, _) = self.tokenizer(SequenceKind::Text, part.tokenizer.as_deref(), 0)?;
+                let model = self.entropy(part.model, SequenceKind::Text)?;
+                let n = ids.len() as u64;
+                let spec = PartSpec::new(part.model)
+                    .with_refs(part.context.clone())
+                    .with_chunk_tokens(chunk_tokens);
+                let (coded, _) = self.encode(PartTokens::Text(ids), spec, n)?;
+                let header = CodedPart {
+                    tokenizer: tok,
+                    entropy_model: model,
+                    shape: Shape {
+                        rows: VarInt::from_u32(1),
+                        cols: v(n),
+                    },
+                    token_count: v(n),
+                    mode: mode(part.model, SequenceKind::Text, &part.context),
+                    context: refs(&part.context),
+                    context_digest: coded.digest,
+                };
+                self.coded_frames(&mut out, index, PartBody::Text(header), &coded, &mut stats)?;
+                commit = Some(Sequence::text(ids.clone()));
+            }
+            PartContent::Image(grid) => {
+                let (h, w) = (u64::from(grid.height()), u64::from(grid.width()));
+                for (what, value, limit) in [
+                    ("grid height", h, limits.max_grid_height.into_inner()),
+                    ("grid width", w, limits.max_grid_width.into_inner()),
+                ] {
+                    if value > limit {
+                        return Err(SendError::Limit { what, value, limit });
+                    }
+                }
+                let (tok, patch) = self.tokenizer(
+                    SequenceKind::Grid,
+                    part.tokenizer.as_deref(),
+                    grid.codebook_size(),
+                )?;
+                let model = self.entropy(part.model, SequenceKind::Grid)?;
+                let spec = PartSpec::new(part.model)
+                    .with_refs(part.context.clone())
+                    .with_chunk_tokens(chunk_tokens);
+                let (coded, _) = self.encode(PartTokens::Grid(grid), spec, h * w)?;
+                let header = CodedPart {
+                    tokenizer: tok,
+                    entropy_model: model,
+                    shape: Shape {
+                        rows: v(h),
+                        cols: v(w),
+                    },
+                    token_count: v(h * w),
+                    mode: mode(part.model, SequenceKind::Grid, &part.context),
+                    context: refs(&part.context),
+                    context_digest: coded.digest,
+                };
+                stats.pixels = patch.map(|p| h * w * u64::from(p) * u64::from(p));
+                self.coded_frames(&mut out, index, PartBody::Image(header), &coded, &mut stats)?;
+                commit = Some(Sequence::grid(grid));
+            }
+        }
+        self.write(out.freeze()).await?;
+        self.next_part += 1;
+        if let Some(seq) = commit {
+            self.commit(index, seq).await?;
+        }
+        self.stats.add_part(stats.clone());
+        Ok(stats)
+    }
+
+    fn coded_frames(
+        &mut self,
+        out: &mut BytesMut,
+        index: u64,
+        body: PartBody,
+        coded: &EncodedPart,
+        stats: &mut PartStats,
+    ) -> Result<(), SendError> {
+        let header = Frame::PartHeader(PartHeader {
+            index: v(index),
+            body,
+        });
+        let before = self.total_wire;
+        out.extend_from_slice(&self.frame(&header)?);
+        let count = coded.chunks.len();
+        for (seq, chunk) in coded.chunks.iter().enumerate() {
+            stats.payload_bytes += chunk.payload.len() as u64;
+            let f = Frame::PartChunk(PartChunk {
+                part_index: v(index),
+                seq: v(seq as u64),
+                fin: seq + 1 == count,
+                token_count: VarInt::from_u32(chunk.tokens),
+                payload: Bytes::copy_from_slice(&chunk.payload),
+            });
+            out.extend_from_slice(&self.frame(&f)?);
+        }
+        stats.tokens = coded.tokens;
+        stats.wire_bytes = self.total_wire - before;
+        Ok(())
+    }
+
+    /// Inserts a finished part into our context and announces evictions.
+    async fn commit(&self, index: u64, seq: Sequence) -> Result<(), SendError> {
+        let evicted = {
+            let mut st = self.shared.state();
+            st.context.insert(self.key(index), seq)
+        };
+        self.shared.changed.notify_waiters();
+        match evicted {
+            Ok(ev) if !ev.is_empty() => self.shared.announce_evicted(ev).await,
+            Ok(_) => {}
+            // A part larger than the whole context budget is simply not kept.
+            Err(e) => tracing::debug!(parent: &self.span, error = %e, "part not kept in context"),
+        }
+        Ok(())
+    }
+
+    /// Starts a streamed text part whose length is not known yet.
+    pub async fn begin_text(&mut self, stream: TextStream) -> Result<(), SendError> {
+        self.check_open()?;
+        let index = self.next_part;
+        let (tok, _) = self.tokenizer(SequenceKind::Text, stream.tokenizer.as_deref(), 0)?;
+        let model = self.entropy(stream.model, SequenceKind::Text)?;
+        let digest = {
+            let st = self.shared.state();
+            st.context
+                .digest(&stream.context)
+                .map_err(unimic_codec::part::PartError::from)?
+        };
+        let header = Frame::PartHeader(PartHeader {
+            index: v(index),
+            body: PartBody::Text(CodedPart {
+                tokenizer: tok,
+                entropy_model: model,
+                shape: Shape {
+                    rows: VarInt::from_u32(1),
+                    cols: VarInt::ZERO,
+                },
+                token_count: VarInt::ZERO,
+                mode: mode(stream.model, SequenceKind::Text, &stream.context),
+                context: refs(&stream.context),
+                context_digest: digest,
+            }),
+        });
+        let before = self.total_wire;
+        let bytes = self.frame(&header)?;
+        self.write(bytes.freeze()).await?;
+        self.next_part += 1;
+        self.text = Some(OpenText {
+            index,
+            spec: PartSpec::new(stream.model).with_refs(stream.context),
+            seq: 0,
+            ids: Vec::new(),
+            stats: PartStats {
+                index,
+                wire_bytes: self.total_wire - before,
+                ..PartStats::default()
+            },
+        });
+        Ok(())
+    }
+
+    /// Codes and sends `ids` as the next chunk of the open streamed text part. The receiver gets
+    /// them decoded as soon as the chunk arrives.
+    pub async fn push_text(&mut self, ids: &[u32]) -> Result<(), SendError> {
+        self.text_chunk(ids, false).await
+    }
+
+    /// Ends the streamed text part (with a final, possibly empty, chunk).
+    pub async fn end_text(&mut self) -> Result<PartStats, SendError> {
+        self.text_chunk(&[], true).await?;
+        let Some(open) = self.text.take() else {
+            return Err(SendError::Usage("no streamed text part is open"));
+        };
+        self.commit(open.index, Sequence::text(open.ids)).await?;
+        self.stats.add_part(open.stats.clone());
+        Ok(open.stats)
+    }
+
+    async fn text_chunk(&mut self, ids: &[u32], fin: bool) -> Result<(), SendError> {
+        if self.stream.is_none() {
+            return Err(SendError::Cancelled);
+        }
+        let Some(open) = self.text.as_ref() else {
+            return Err(SendError::Usage("no streamed text part is open"));
+        };
+        let (index, seq) = (open.index, open.seq);
+        let spec = open.spec.clone();
+        // Each chunk is coded alone from the state after the references (chunks are independent).
+        let (coded, _) = self.encode(PartTokens::Text(ids), spec, ids.len() as u64)?;
+        let mut out = BytesMut::new();
+        let before = self.total_wire;
+        let count = coded.chunks.len();
+        let mut payload_bytes = 0;
+        let mut seqs = 0;
+        for (i, chunk) in coded.chunks.iter().enumerate() {
+            payload_bytes += chunk.payload.len() as u64;
+            let f = Frame::PartChunk(PartChunk {
+                part_index: v(index),
+                seq: v(seq + i as u64),
+                fin: fin && i + 1 == count,
+                token_count: VarInt::from_u32(chunk.tokens),
+                payload: Bytes::copy_from_slice(&chunk.payload),
+            });
+            out.extend_from_slice(&self.frame(&f)?);
+            seqs += 1;
+        }
+        let wire = self.total_wire - before;
+        self.write(out.freeze()).await?;
+        if let Some(open) = self.text.as_mut() {
+            open.seq += seqs;
+            open.ids.extend_from_slice(ids);
+            open.stats.tokens += ids.len() as u64;
+            open.stats.payload_bytes += payload_bytes;
+            open.stats.wire_bytes += wire;
+        }
+        Ok(())
+    }
+
+    /// Writes the message end and finishes the stream. Returns the message statistics.
+    pub async fn finish(mut self) -> Result<MessageStats, SendError> {
+        if self.text.is_some() {
+            self.end_text().await?;
+        }
+        let end = Frame::MessageEnd(MessageEnd {
+            part_count: v(self.next_part),
+        });
+        let bytes = self.frame(&end)?;
+        self.write(bytes.freeze()).await?;
+        if let Some(mut stream) = self.stream.take() {
+            // Fails only if the stream was already reset.
+            stream.finish().map_err(|_| SendError::Cancelled)?;
+        }
+        self.shared.own_done(self.message_id, true);
+        let mut stats = std::mem::take(&mut self.stats);
+        stats.wire_bytes = self.total_wire;
+        stats.elapsed = self.started.elapsed();
+        tracing::debug!(parent: &self.span, wire = stats.wire_bytes, tokens = stats.tokens, "message sent");
+        Ok(stats)
+    }
+
+    /// Abandons the message: resets the stream with `CANCELLED`.
+    pub fn cancel(mut self) {
+        self.reset(ErrorCode::CANCELLED);
+    }
+
+    fn reset(&mut self, code: ErrorCode) {
+        if let Some(mut stream) = self.stream.take() {
+            let _ = stream.reset(wire::quic_code(code));
+            self.shared.own_done(self.message_id, false);
+        }
+    }
+}
+
+impl Drop for MessageWriter {
+    fn drop(&mut self) {
+        self.reset(ErrorCode::CANCELLED);
+    }
+}

@@ -1,0 +1,534 @@
+//! [`Session`]: one established connection, after the handshake.
+//!
+//! # Tasks
+//! Each session runs one driver task (spawned when the handshake finishes, aborted when the
+//! [`Session`] is dropped) that accepts the peer's message streams and reads the control stream,
+//! and one short task per incoming message that parses and decodes it and feeds the
+//! [`IncomingMessage`] the caller got from [`Session::recv`]. Nothing calls back into caller code:
+//! the caller pulls messages and their events.
+//!
+//! # Context
+//! Both ends keep a [`SessionContext`] bounded by the negotiated `max_context_bytes`. A sender
+//! inserts a part when it has written the part's last chunk; a receiver when it has decoded it.
+//! Evictions (oldest first, deterministic) are announced to the peer in a ContextEvicted frame and
+//! applied there too, so both ends converge even when the two directions interleave. A part that
+//! refers to a part still arriving on another stream waits for it (at most
+//! [`SessionConfig::context_wait`](crate::SessionConfig::context_wait)); a reference to something
+//! the receiver does not hold fails that message with `CONTEXT_UNKNOWN`, a digest difference with
+//! `CONTEXT_MISMATCH`: a desync is detected, never decoded.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+use unimic_codec::context::{ContextKey, SessionContext};
+use unimic_codec::part::PartCodec;
+use unimic_protocol::control::{Ack, AckStage, ContextEvicted, GoAway};
+use unimic_protocol::handshake::Negotiated;
+use unimic_protocol::limits::MAX_EVICTED;
+use unimic_protocol::{ContextRef, ErrorCode, ErrorFrame, Frame, VarInt};
+
+use crate::config::SessionConfig;
+use crate::error::{SendError, SessionError};
+use crate::handshake::Control;
+use crate::message::OutgoingMessage;
+use crate::models::{entropy_table, EntropyEntry, TokenizerInfo};
+use crate::recv::{self, IncomingMessage};
+use crate::send::MessageWriter;
+use crate::wire::{self, FrameReader, ReadFrameError};
+use crate::MessageStats;
+
+/// Which end of the connection a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The end that connected (sends even message ids).
+    Client,
+    /// The end that accepted (sends odd message ids).
+    Server,
+}
+
+/// Mutable session state behind one lock; held only for short, non-async sections (coding a part
+/// happens under it, so both ends see the context exactly as it was when the part was coded).
+pub(crate) struct State {
+    pub context: SessionContext,
+    pub codec: PartCodec,
+    /// Peer messages whose header has been read and that have not ended.
+    pub peer_inflight: HashSet<u64>,
+    /// Peer streams accepted whose header has not been read yet.
+    pub pending_headers: usize,
+    /// Our messages being written.
+    pub own_inflight: HashSet<u64>,
+    /// Our finished messages the peer has not acknowledged yet (bounded).
+    pub unacked: HashSet<u64>,
+    /// Acknowledgements received, by message id (bounded).
+    pub acks: HashMap<u64, AckStage>,
+    /// Error frames the peer sent (bounded, oldest dropped).
+    pub peer_errors: Vec<ErrorFrame>,
+    /// Peer messages the peer asked us to stop (Cancel frames).
+    pub cancelled: HashSet<u64>,
+}
+
+const MAX_REMEMBERED: usize = 1024;
+
+pub(crate) struct Shared {
+    pub conn: quinn::Connection,
+    pub side: Side,
+    pub negotiated: Negotiated,
+    pub entropy: Vec<EntropyEntry>,
+    pub tokenizers: Vec<TokenizerInfo>,
+    pub config: SessionConfig,
+    state: Mutex<State>,
+    /// Signalled whenever the context or the in-flight sets change, or an ack arrives.
+    pub changed: Notify,
+    control: tokio::sync::Mutex<quinn::SendStream>,
+    /// Next message id to use, behind the lock that also orders stream opening.
+    next_id: tokio::sync::Mutex<u64>,
+    /// Either end announced go-away: no new messages from us.
+    pub going_away: AtomicBool,
+    /// We announced go-away: new message streams from the peer are refused.
+    pub sent_go_away: AtomicBool,
+    pub span: tracing::Span,
+}
+
+impl Shared {
+    /// Locks the state. A poisoned lock (a panic elsewhere) is taken over: the state is only
+    /// ever mutated in small steps that leave it consistent.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `id` is one of the peer's message ids.
+    pub fn is_peer_id(&self, id: u64) -> bool {
+        let peer_parity = match self.side {
+            Side::Client => 1,
+            Side::Server => 0,
+        };
+        id % 2 == peer_parity
+    }
+
+    /// Writes a frame on the control stream; failures (closed connection) are logged only.
+    pub async fn send_control(&self, frame: Frame) {
+        let bytes = wire::frame_bytes(&frame);
+        let mut send = self.control.lock().await;
+        if let Err(e) = send.write_all(&bytes).await {
+            tracing::debug!(parent: &self.span, error = %e, frame = frame.name(), "control write failed");
+        }
+    }
+
+    /// Announces evicted context entries to the peer.
+    pub async fn announce_evicted(&self, evicted: Vec<ContextKey>) {
+        for batch in evicted.chunks(MAX_EVICTED as usize) {
+            let refs = batch
+                .iter()
+                .map(|k| ContextRef {
+                    message_id: VarInt::saturating(k.message_id),
+                    part_index: VarInt::saturating(k.part_index),
+                })
+                .collect();
+            self.send_control(Frame::ContextEvicted(ContextEvicted { refs }))
+                .await;
+        }
+    }
+
+    /// Reserves the next message id and opens its stream, in id order.
+    pub async fn open_stream(&self) -> Result<(u64, quinn::SendStream), SendError> {
+        if self.going_away.load(Ordering::Acquire) {
+            return Err(SendError::GoingAway);
+        }
+        let mut next = self.next_id.lock().await;
+        let stream = self.conn.open_uni().await?;
+        let id = *next;
+        *next += 2;
+        self.state().own_inflight.insert(id);
+        Ok((id, stream))
+    }
+
+    /// Our message `id` is finished (`delivered`: written completely) or abandoned.
+    pub fn own_done(&self, id: u64, delivered: bool) {
+        {
+            let mut st = self.state();
+            st.own_inflight.remove(&id);
+            if delivered {
+                if st.unacked.len() >= MAX_REMEMBERED {
+                    st.unacked.clear();
+                }
+                st.unacked.insert(id);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until nothing is in flight in either direction and our messages are acknowledged.
+    pub async fn quiesce(&self) {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let st = self.state();
+                if st.own_inflight.is_empty()
+                    && st.unacked.is_empty()
+                    && st.peer_inflight.is_empty()
+                    && st.pending_headers == 0
+                {
+                    return;
+                }
+            }
+            if self.conn.close_reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An established unimic session: send messages, receive messages, close.
+///
+/// Dropping a session closes its connection at once (code `NO_ERROR`); data not yet delivered is
+/// lost. Use [`Session::close`] for a graceful end.
+pub struct Session {
+    shared: Arc<Shared>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingMessage>>,
+    _driver: AbortOnDrop,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("side", &self.shared.side)
+            .field("remote", &self.shared.conn.remote_address())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub(crate) fn start(
+        conn: quinn::Connection,
+        side: Side,
+        control: Control,
+        config: SessionConfig,
+    ) -> Session {
+        let span = tracing::info_span!(
+            "unimic.session",
+            side = ?side,
+            remote = %conn.remote_address(),
+            id = conn.stable_id()
+        );
+        let negotiated = control.negotiated;
+        let codec = PartCodec::new(config.codec.clone());
+        let entropy = entropy_table(&codec);
+        let budget = negotiated.limits.max_context_bytes.into_inner();
+        let state = State {
+            context: SessionContext::new(budget),
+            codec,
+            peer_inflight: HashSet::new(),
+            pending_headers: 0,
+            own_inflight: HashSet::new(),
+            unacked: HashSet::new(),
+            acks: HashMap::new(),
+            peer_errors: Vec::new(),
+            cancelled: HashSet::new(),
+        };
+        let concurrent = negotiated.limits.max_concurrent_messages.into_inner();
+        conn.set_max_concurrent_uni_streams(
+            quinn::VarInt::from_u64(concurrent).unwrap_or(quinn::VarInt::from_u32(1)),
+        );
+        let shared = Arc::new(Shared {
+            conn,
+            side,
+            tokenizers: config.tokenizers.clone(),
+            negotiated,
+            entropy,
+            config,
+            state: Mutex::new(state),
+            changed: Notify::new(),
+            control: tokio::sync::Mutex::new(control.send),
+            next_id: tokio::sync::Mutex::new(match side {
+                Side::Client => 0,
+                Side::Server => 1,
+            }),
+            going_away: AtomicBool::new(false),
+            sent_go_away: AtomicBool::new(false),
+            span: span.clone(),
+        });
+        let depth = usize::try_from(concurrent).unwrap_or(1024).clamp(1, 1024);
+        let (tx, rx) = mpsc::channel(depth);
+        let driver = tokio::spawn(drive(shared.clone(), control.reader, tx).instrument(span));
+        tracing::debug!(parent: &shared.span, "session established");
+        Session {
+            shared,
+            incoming: tokio::sync::Mutex::new(rx),
+            _driver: AbortOnDrop(driver),
+        }
+    }
+
+    /// Which end this is.
+    pub fn side(&self) -> Side {
+        self.shared.side
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.shared.conn.remote_address()
+    }
+
+    /// What the handshake agreed: version, tokenizer and entropy model tables, limits.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.shared.negotiated
+    }
+
+    /// The underlying QUIC connection (for statistics such as RTT; do not open streams on it).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.shared.conn
+    }
+
+    /// Sends a whole message: codes every part, writes it on a new stream, and returns its
+    /// statistics once the stream is finished (not necessarily delivered; see
+    /// [`Session::wait_ack`]).
+    ///
+    /// Cancel safety: dropping the future resets the stream with `CANCELLED`; the peer drops the
+    /// message.
+    pub async fn send(&self, message: OutgoingMessage) -> Result<MessageStats, SendError> {
+        let mut writer = self.open(message.role).await?;
+        for part in message.parts {
+            writer.write_part(part).await?;
+        }
+        writer.finish().await
+    }
+
+    /// Opens a message to write part by part, or to stream text into (see [`MessageWriter`]).
+    pub async fn open(&self, role: unimic_protocol::Role) -> Result<MessageWriter, SendError> {
+        MessageWriter::open(self.shared.clone(), role).await
+    }
+
+    /// The next incoming message, in the order the peer opened them; `Ok(None)` once the session
+    /// ended gracefully. Each message's parts arrive chunk by chunk through
+    /// [`IncomingMessage::next`].
+    ///
+    /// Several tasks may call it; each message goes to one of them.
+    ///
+    /// Cancel safety: safe; no message is lost if the future is dropped.
+    pub async fn recv(&self) -> Result<Option<IncomingMessage>, SessionError> {
+        let next = self.incoming.lock().await.recv().await;
+        match next {
+            Some(m) => Ok(Some(m)),
+            None => match self.shared.conn.close_reason() {
+                Some(e) => match SessionError::from_connection(&e) {
+                    Some(err) => Err(err),
+                    None => Ok(None),
+                },
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Waits until the peer acknowledges message `message_id` at `stage` or beyond.
+    pub async fn wait_ack(
+        &self,
+        message_id: u64,
+        stage: AckStage,
+    ) -> Result<AckStage, SessionError> {
+        loop {
+            let notified = self.shared.changed.notified();
+            if let Some(&got) = self.shared.state().acks.get(&message_id) {
+                if got >= stage {
+                    return Ok(got);
+                }
+            }
+            if let Some(e) = self.shared.conn.close_reason() {
+                return Err(
+                    SessionError::from_connection(&e).unwrap_or(SessionError::Closed {
+                        code: ErrorCode::NO_ERROR,
+                        reason: "closed".into(),
+                    }),
+                );
+            }
+            notified.await;
+        }
+    }
+
+    /// Error frames the peer sent about our messages or the session, oldest first (at most
+    /// 1024 are kept), taken out.
+    pub fn take_peer_errors(&self) -> Vec<ErrorFrame> {
+        std::mem::take(&mut self.shared.state().peer_errors)
+    }
+
+    /// The keys of the session context this end holds, oldest first.
+    pub fn context_keys(&self) -> Vec<ContextKey> {
+        self.shared.state().context.keys()
+    }
+
+    /// Announces go-away: this end starts no new messages; the peer finishes what is in flight
+    /// and then closes the connection.
+    pub async fn go_away(&self, reason: &str) {
+        self.shared.going_away.store(true, Ordering::Release);
+        self.shared.sent_go_away.store(true, Ordering::Release);
+        self.shared
+            .send_control(Frame::GoAway(GoAway {
+                code: ErrorCode::NO_ERROR,
+                reason: wire::short_reason(reason),
+            }))
+            .await;
+    }
+
+    /// Closes gracefully: waits (within `grace`) until our messages are written and
+    /// acknowledged, announces go-away, waits for the peer to finish what it has in flight and
+    /// close, then closes with `NO_ERROR`.
+    pub async fn close(self, grace: Duration) {
+        let shared = self.shared.clone();
+        let deadline = tokio::time::Instant::now() + grace;
+        let _ = tokio::time::timeout_at(deadline, shared.quiesce()).await;
+        self.go_away("closing").await;
+        let _ = tokio::time::timeout_at(deadline, shared.conn.closed()).await;
+        wire::close(&shared.conn, ErrorCode::NO_ERROR, "closed");
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        wire::close(&self.shared.conn, ErrorCode::NO_ERROR, "session dropped");
+    }
+}
+
+/// The driver: accepts message streams and reads the control stream until the connection ends.
+async fn drive(
+    shared: Arc<Shared>,
+    mut control: FrameReader,
+    deliver: mpsc::Sender<IncomingMessage>,
+) {
+    loop {
+        tokio::select! {
+            stream = shared.conn.accept_uni() => match stream {
+                Ok(mut recv) => {
+                    if shared.sent_go_away.load(Ordering::Acquire) {
+                        // PROTOCOL.md §7.4: new streams after our GO_AWAY are refused.
+                        let _ = recv.stop(wire::quic_code(ErrorCode::GOING_AWAY));
+                        continue;
+                    }
+                    shared.state().pending_headers += 1;
+                    let task = recv::run(shared.clone(), recv, deliver.clone());
+                    tokio::spawn(task.instrument(shared.span.clone()));
+                }
+                Err(e) => {
+                    tracing::debug!(reason = %e, "connection ended");
+                    break;
+                }
+            },
+            frame = control.next() => match frame {
+                Ok(Some(frame)) => {
+                    if let Err((code, reason)) = on_control(&shared, frame).await {
+                        tracing::warn!(%code, reason, "closing: bad control frame");
+                        wire::close(&shared.conn, code, reason);
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    // PROTOCOL.md §2: the control stream lives as long as the connection.
+                    tracing::warn!("closing: the peer finished the control stream");
+                    wire::close(&shared.conn, ErrorCode::PROTOCOL_VIOLATION, "control stream finished");
+                    break;
+                }
+                Err(ReadFrameError::Decode(e)) => {
+                    tracing::warn!(error = %e, "closing: malformed control stream");
+                    wire::close(&shared.conn, e.error_code(), &e.to_string());
+                    break;
+                }
+                Err(ReadFrameError::Read(e)) => {
+                    tracing::debug!(error = %e, "control stream ended");
+                    if shared.conn.close_reason().is_none() {
+                        wire::close(&shared.conn, ErrorCode::PROTOCOL_VIOLATION, "control stream reset");
+                    }
+                    break;
+                }
+            },
+        }
+    }
+    shared.changed.notify_waiters();
+}
+
+/// How long a go-away waits for messages in flight before closing anyway.
+const GO_AWAY_GRACE: Duration = Duration::from_secs(10);
+
+fn peer_going_away(shared: &Arc<Shared>) {
+    shared.going_away.store(true, Ordering::Release);
+    let s = shared.clone();
+    tokio::spawn(
+        async move {
+            // Finish what is in flight in both directions, then close.
+            let _ = tokio::time::timeout(GO_AWAY_GRACE, s.quiesce()).await;
+            wire::close(&s.conn, ErrorCode::NO_ERROR, "go away");
+        }
+        .instrument(shared.span.clone()),
+    );
+}
+
+async fn on_control(shared: &Arc<Shared>, frame: Frame) -> Result<(), (ErrorCode, &'static str)> {
+    match frame {
+        Frame::Ack(Ack {
+            message_id, stage, ..
+        }) => {
+            let mut st = shared.state();
+            if st.acks.len() >= MAX_REMEMBERED {
+                st.acks.clear();
+            }
+            st.unacked.remove(&message_id.into_inner());
+            let e = st.acks.entry(message_id.into_inner()).or_insert(stage);
+            if stage > *e {
+                *e = stage;
+            }
+            drop(st);
+            shared.changed.notify_waiters();
+        }
+        Frame::Cancel(c) => {
+            tracing::debug!(message = c.message_id.into_inner(), code = %c.code, "peer cancelled a message");
+            let mut st = shared.state();
+            if st.cancelled.len() >= MAX_REMEMBERED {
+                st.cancelled.clear();
+            }
+            st.cancelled.insert(c.message_id.into_inner());
+        }
+        Frame::Error(e) => {
+            tracing::warn!(code = %e.code, message = ?e.message_id, reason = %e.reason, "peer reported an error");
+            let mut st = shared.state();
+            if st.peer_errors.len() >= MAX_REMEMBERED {
+                st.peer_errors.remove(0);
+            }
+            st.peer_errors.push(e);
+            drop(st);
+            shared.changed.notify_waiters();
+        }
+        Frame::GoAway(g) => {
+            tracing::debug!(code = %g.code, reason = %g.reason, "peer is going away");
+            peer_going_away(shared);
+        }
+        Frame::ContextEvicted(ev) => {
+            let mut st = shared.state();
+            for r in ev.refs {
+                st.context.evict(ContextKey::new(
+                    r.message_id.into_inner(),
+                    r.part_index.into_inner(),
+                ));
+            }
+        }
+        Frame::Extension { .. } => {}
+        _ => {
+            return Err((
+                ErrorCode::PROTOCOL_VIOLATION,
+                "handshake or message frame on the control stream",
+            ))
+        }
+    }
+    Ok(())
+}
