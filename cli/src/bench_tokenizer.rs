@@ -108,9 +108,9 @@ where
     let mut best: Option<(u8, Vec<u8>, RgbImage)> = None;
     for &q in settings {
         let (b, d) = enc(q)?;
-        let better = best
-            .as_ref()
-            .is_none_or(|(_, bb, _)| (b.len() as f64 - target).abs() < (bb.len() as f64 - target).abs());
+        let better = best.as_ref().is_none_or(|(_, bb, _)| {
+            (b.len() as f64 - target).abs() < (bb.len() as f64 - target).abs()
+        });
         if better {
             best = Some((q, b, d));
         }
@@ -216,7 +216,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let dec_ms = t.elapsed().as_secs_f64() * 1e3;
         let tok_bytes = (grid.len() as f64 * bits_per_token / 8.0).ceil();
         let mut r = row("vq", &name, &img, &rec, tok_bytes)?;
-        r.setting = Some(format!("{}x{} tokens, K={}", grid.height(), grid.width(), tok.codebook_size()));
+        r.setting = Some(format!(
+            "{}x{} tokens, K={}",
+            grid.height(),
+            grid.width(),
+            tok.codebook_size()
+        ));
         r.tokenizer = Some(tok_id.clone());
         r.encode_ms = Some(enc_ms);
         r.decode_ms = Some(dec_ms);
@@ -234,7 +239,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 imageops::replace(&mut sbs, part, i64::from(w) * i as i64, 0);
             }
             let f = o.join(format!("{name}.png"));
-            sbs.save(&f).with_context(|| format!("writing {}", f.display()))?;
+            sbs.save(&f)
+                .with_context(|| format!("writing {}", f.display()))?;
         }
         for r in [&r, &rj, &rw] {
             if args.json {

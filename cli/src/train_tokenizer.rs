@@ -118,7 +118,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.data.iter().map(|d| (d.clone(), 0)).collect()
     };
-    if data.iter().any(|(d, _)| d.components().any(|c| c.as_os_str() == "kodak")) {
+    if data
+        .iter()
+        .any(|(d, _)| d.components().any(|c| c.as_os_str() == "kodak"))
+    {
         bail!("refusing to train on Kodak: it is the evaluation set");
     }
     let val_dir = args
@@ -158,10 +161,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     tc.seed = args.seed;
 
     let images = load_data(&data)?;
-    let mut val = train::load_dir(&val_dir, 0)
-        .with_context(|| format!("loading {}", val_dir.display()))?;
+    let mut val =
+        train::load_dir(&val_dir, 0).with_context(|| format!("loading {}", val_dir.display()))?;
     val.truncate(args.val_count);
-    eprintln!("validation: {} images from {}", val.len(), val_dir.display());
+    eprintln!(
+        "validation: {} images from {}",
+        val.len(),
+        val_dir.display()
+    );
 
     let mut trainer = Trainer::new(&cfg, &tc, images, &val, args.resume.as_deref())?;
     let name = format!("unimic-vq{}-k{}", cfg.factor(), cfg.codebook_size);
@@ -221,8 +228,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let record = TrainingRecord {
                 step: s.step,
                 train: tc.clone(),
-                data: data.iter().map(|(d, h)| format!("{} (holdout last {h})", d.display())).collect(),
-                val_data: format!("{} (first {} images, centre crops)", val_dir.display(), args.val_count),
+                data: data
+                    .iter()
+                    .map(|(d, h)| format!("{} (holdout last {h})", d.display()))
+                    .collect(),
+                val_data: format!(
+                    "{} (first {} images, centre crops)",
+                    val_dir.display(),
+                    args.val_count
+                ),
                 last: Some(s),
                 val: Some(v),
                 best_val_l1: best,

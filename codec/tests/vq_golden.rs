@@ -36,11 +36,27 @@ fn load(sub: &str) -> Option<Set> {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn mean_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().mean_all().unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn check(name: &str, what: &str, got: &Tensor, want: &Tensor, tol: f32) {
@@ -52,12 +68,21 @@ fn check(name: &str, what: &str, got: &Tensor, want: &Tensor, tol: f32) {
 fn check_decoded(name: &str, got: &Tensor, want: &Tensor) {
     let (mx, mn) = (max_abs(got, want), mean_abs(got, want));
     println!("{name}.decoded: max abs {mx:.3e}, mean abs {mn:.3e}");
-    assert!(mx <= 5e-4 && mn <= 2e-5, "{name}.decoded: max {mx} mean {mn}");
+    assert!(
+        mx <= 5e-4 && mn <= 2e-5,
+        "{name}.decoded: max {mx} mean {mn}"
+    );
 }
 
 /// Indices must match exactly, except at the documented near ties `(row, col, alternative)`.
 fn check_indices(name: &str, got: &Tensor, want: &Tensor, ties: &[(usize, usize, i64)]) {
-    let got = got.to_dtype(DType::I64).unwrap().get(0).unwrap().to_vec2::<i64>().unwrap();
+    let got = got
+        .to_dtype(DType::I64)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap();
     let want = want.get(0).unwrap().to_vec2::<i64>().unwrap();
     assert_eq!((got.len(), got[0].len()), (want.len(), want[0].len()));
     let mut ties_taken = 0;
@@ -90,16 +115,26 @@ fn run_image(s: &Set, name: &str, ties: &[(usize, usize, i64)]) {
     let dec = m.decode_indices(&g("indices"), ConvPath::Direct).unwrap();
     check_decoded(name, &dec, &g("decoded"));
     let (h, w, rgb) = to_rgb8(&dec).unwrap();
-    let want = g("decoded_uint8_hwc").flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want = g("decoded_uint8_hwc")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
     assert_eq!(rgb.len(), want.len());
     assert_eq!(h * w * 3, want.len());
     let mut differ = 0usize;
     for (a, b) in rgb.iter().zip(&want) {
-        assert!(a.abs_diff(*b) <= 1, "{name}.decoded_uint8 differs by more than 1");
+        assert!(
+            a.abs_diff(*b) <= 1,
+            "{name}.decoded_uint8 differs by more than 1"
+        );
         differ += usize::from(a != b);
     }
     let frac = differ as f64 / want.len() as f64;
-    println!("{name}.decoded_uint8: {differ} values differ by 1 ({:.3}%)", 100.0 * frac);
+    println!(
+        "{name}.decoded_uint8: {differ} values differ by 1 ({:.3}%)",
+        100.0 * frac
+    );
     assert!(frac <= 0.005);
 
     // The public ImageTokenizer path from the stored uint8 image gives the same grid.
@@ -121,7 +156,13 @@ fn run_image(s: &Set, name: &str, ties: &[(usize, usize, i64)]) {
 fn run_grid(s: &Set, name: &str) {
     let m = s.vq.model();
     let idx = &s.t[&format!("{name}.indices")];
-    check(name, "quant", &m.lookup(idx).unwrap(), &s.t[&format!("{name}.quant")], 1e-6);
+    check(
+        name,
+        "quant",
+        &m.lookup(idx).unwrap(),
+        &s.t[&format!("{name}.quant")],
+        1e-6,
+    );
     let dec = m.decode_indices(idx, ConvPath::Direct).unwrap();
     check_decoded(name, &dec, &s.t[&format!("{name}.decoded")]);
 }
@@ -131,14 +172,28 @@ fn run_im2col(s: &Set) {
     let m = s.vq.model();
     let x = &s.t["img04.input"];
     let latent = m.latent(x, ConvPath::Im2col).unwrap();
-    check("img04 (im2col)", "latent", &latent, &s.t["img04.latent"], 2e-5);
-    let dec = m.decode_quant(&s.t["img04.quant"], ConvPath::Im2col).unwrap();
+    check(
+        "img04 (im2col)",
+        "latent",
+        &latent,
+        &s.t["img04.latent"],
+        2e-5,
+    );
+    let dec = m
+        .decode_quant(&s.t["img04.quant"], ConvPath::Im2col)
+        .unwrap();
     check_decoded("img04 (im2col)", &dec, &s.t["img04.decoded"]);
 }
 
 fn run_all(s: &Set, img23_ties: &[(usize, usize, i64)]) {
     let cb = s.vq.model().codebook().unwrap();
-    check("codebook", "l2normalized", &cb, &s.t["codebook_l2normalized"], 1e-6);
+    check(
+        "codebook",
+        "l2normalized",
+        &cb,
+        &s.t["codebook_l2normalized"],
+        1e-6,
+    );
     run_image(s, "img23", img23_ties);
     run_image(s, "img04", &[]);
     run_grid(s, "grid16x16");

@@ -84,7 +84,9 @@ impl VqConfig {
         if self.encoder_ch_mult.is_empty()
             || self.encoder_ch_mult.len() != self.decoder_ch_mult.len()
         {
-            return Err("encoder_ch_mult and decoder_ch_mult must be non-empty and equally long".into());
+            return Err(
+                "encoder_ch_mult and decoder_ch_mult must be non-empty and equally long".into(),
+            );
         }
         if self.encoder_ch_mult.len() > 8 {
             return Err("at most 8 levels".into());

@@ -60,8 +60,7 @@ pub fn ssim(a: &RgbImage, b: &RgbImage) -> Option<f64> {
         }
         let (vx, vy, cxy) = (vx / n, vy / n, cxy / n);
         return Some(
-            ((2.0 * mx * my + c1) * (2.0 * cxy + c2))
-                / ((mx * mx + my * my + c1) * (vx + vy + c2)),
+            ((2.0 * mx * my + c1) * (2.0 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2)),
         );
     }
     let g: Vec<f64> = {
@@ -103,8 +102,8 @@ pub fn ssim(a: &RgbImage, b: &RgbImage) -> Option<f64> {
         let vx = sxx[i] - ux * ux;
         let vy = syy[i] - uy * uy;
         let cxy = sxy[i] - ux * uy;
-        total += ((2.0 * ux * uy + c1) * (2.0 * cxy + c2))
-            / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
+        total +=
+            ((2.0 * ux * uy + c1) * (2.0 * cxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
     }
     Some(total / mx.len() as f64)
 }

@@ -13,7 +13,7 @@
 //! `f*rows × f*cols` image; [`ImageTokenizer::decode_to`] crops it back to the original size, which
 //! the sender must transmit next to the grid.
 //!
-//! ```no_run
+//! ```
 //! use unimic_codec::tokenizer::{ImageTokenizer, Vq};
 //! let tok = Vq::default_model()?;
 //! let img = image::RgbImage::from_pixel(100, 60, image::Rgb([120, 80, 40]));

@@ -232,7 +232,10 @@ fn usage_and_perplexity(counts: &[u64]) -> (f64, f64) {
 /// Seeded initialisation in PyTorch's style: conv weights uniform in ±1/√fan_in, biases zero,
 /// GroupNorm scale 1 and shift 0, codebook uniform in ±1/K.
 fn init_params(varmap: &VarMap, cfg: &VqConfig, seed: u64) -> candle_core::Result<()> {
-    let data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     let mut rng = StdRng::seed_from_u64(seed);
@@ -304,12 +307,11 @@ impl Trainer {
         if let Some(dir) = resume {
             let mut vm = varmap.clone();
             vm.load(dir.join(WEIGHTS_FILE))?;
-            let bytes = std::fs::read(dir.join(MANIFEST_FILE)).map_err(|source| {
-                TokenizerError::Io {
+            let bytes =
+                std::fs::read(dir.join(MANIFEST_FILE)).map_err(|source| TokenizerError::Io {
                     path: dir.join(MANIFEST_FILE),
                     source,
-                }
-            })?;
+                })?;
             let m: Manifest = serde_json::from_slice(&bytes)?;
             let rec: TrainingRecord = serde_json::from_value(m.training)?;
             step = rec.step;
@@ -466,8 +468,11 @@ impl Trainer {
             }
         }
         let flat: Vec<f32> = emb.into_iter().flatten().collect();
-        self.embedding
-            .set(&Tensor::from_vec(flat, (self.cfg.codebook_size, d), &self.device)?)?;
+        self.embedding.set(&Tensor::from_vec(
+            flat,
+            (self.cfg.codebook_size, d),
+            &self.device,
+        )?)?;
         Ok(dead.len())
     }
 
@@ -501,7 +506,12 @@ impl Trainer {
 
     /// Writes `dir/tokenizer.safetensors` (reference parameter names) and `dir/manifest.json`
     /// (config, SHA-256, `record`), each through a temporary file and a rename.
-    pub fn save(&self, dir: &Path, name: &str, record: &TrainingRecord) -> Result<Manifest, TokenizerError> {
+    pub fn save(
+        &self,
+        dir: &Path,
+        name: &str,
+        record: &TrainingRecord,
+    ) -> Result<Manifest, TokenizerError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TokenizerError::Io { path, source }

@@ -92,7 +92,8 @@ impl Conv {
         } else {
             // For stride 2, one extra zero row/column lets every offset take 2*n elements.
             let xq = if stride > 1 {
-                xp.pad_with_zeros(2, 0, stride)?.pad_with_zeros(3, 0, stride)?
+                xp.pad_with_zeros(2, 0, stride)?
+                    .pad_with_zeros(3, 0, stride)?
             } else {
                 xp.clone()
             };
@@ -163,7 +164,9 @@ impl ResnetBlock {
 
     fn forward(&self, x: &Tensor, path: ConvPath) -> Result<Tensor> {
         let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?, path)?;
-        let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?, path)?;
+        let h = self
+            .conv2
+            .forward(&swish(&self.norm2.forward(&h)?)?, path)?;
         let skip = match &self.nin_shortcut {
             Some(c) => c.forward(x, path)?,
             None => x.clone(),
@@ -272,14 +275,24 @@ impl Encoder {
             let mut res = Vec::new();
             let mut attn = Vec::new();
             for j in 0..cfg.num_res_blocks {
-                res.push(ResnetBlock::new(block_in, block_out, g, vbl.pp("res").pp(j))?);
+                res.push(ResnetBlock::new(
+                    block_in,
+                    block_out,
+                    g,
+                    vbl.pp("res").pp(j),
+                )?);
                 block_in = block_out;
                 if i == n - 1 {
                     attn.push(AttnBlock::new(block_in, g, vbl.pp("attn").pp(j))?);
                 }
             }
             let resample = if i != n - 1 {
-                Some(Conv::new(block_in, block_in, 3, vbl.pp("downsample").pp("conv"))?)
+                Some(Conv::new(
+                    block_in,
+                    block_in,
+                    3,
+                    vbl.pp("downsample").pp("conv"),
+                )?)
             } else {
                 None
             };
@@ -336,14 +349,24 @@ impl Decoder {
             let mut res = Vec::new();
             let mut attn = Vec::new();
             for j in 0..cfg.num_res_blocks + 1 {
-                res.push(ResnetBlock::new(block_in, block_out, g, vbl.pp("res").pp(j))?);
+                res.push(ResnetBlock::new(
+                    block_in,
+                    block_out,
+                    g,
+                    vbl.pp("res").pp(j),
+                )?);
                 block_in = block_out;
                 if i == 0 {
                     attn.push(AttnBlock::new(block_in, g, vbl.pp("attn").pp(j))?);
                 }
             }
             let resample = if i != n - 1 {
-                Some(Conv::new(block_in, block_in, 3, vbl.pp("upsample").pp("conv"))?)
+                Some(Conv::new(
+                    block_in,
+                    block_in,
+                    3,
+                    vbl.pp("upsample").pp("conv"),
+                )?)
             } else {
                 None
             };
@@ -412,7 +435,12 @@ impl VqModel {
             cfg: cfg.clone(),
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
-            quant_conv: Conv::new(cfg.z_channels, cfg.codebook_embed_dim, 1, vb.pp("quant_conv"))?,
+            quant_conv: Conv::new(
+                cfg.z_channels,
+                cfg.codebook_embed_dim,
+                1,
+                vb.pp("quant_conv"),
+            )?,
             post_quant_conv: Conv::new(
                 cfg.codebook_embed_dim,
                 cfg.z_channels,
@@ -485,7 +513,9 @@ impl VqModel {
         let (b, h, w) = indices.dims3()?;
         let flat = indices.flatten_all()?.to_dtype(DType::U32)?;
         let e = self.codebook()?.index_select(&flat, 0)?;
-        e.reshape((b, h, w, ()))?.permute((0, 3, 1, 2))?.contiguous()
+        e.reshape((b, h, w, ()))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
     }
 
     /// `post_quant_conv(quant)`: the decoder's input.
