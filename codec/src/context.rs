@@ -42,6 +42,9 @@ use thiserror::Error;
 pub const BYTES_PER_TOKEN: u64 = 4;
 /// Domain separator at the start of the digest input.
 pub const DIGEST_DOMAIN: &[u8; 17] = b"unimic-context-v1";
+/// Budget of [`SessionContext::default`]: 64 MiB (16 Mi tokens).
+pub const DEFAULT_BUDGET_BYTES: u64 = 64 << 20;
+
 /// Largest value a QUIC varint holds (`2^62 - 1`).
 pub const VARINT_MAX: u64 = (1 << 62) - 1;
 
@@ -190,6 +193,13 @@ pub struct SessionContext {
     next_seq: u64,
     used: u64,
     budget: u64,
+}
+
+impl Default for SessionContext {
+    /// An empty context with [`DEFAULT_BUDGET_BYTES`].
+    fn default() -> Self {
+        Self::new(DEFAULT_BUDGET_BYTES)
+    }
 }
 
 impl SessionContext {
