@@ -5,6 +5,9 @@ use clap::{Parser, Subcommand};
 mod bench_codec;
 mod bench_tokenizer;
 mod bench_transport;
+mod decode;
+mod encode;
+mod models;
 mod train_entropy;
 mod train_tokenizer;
 
@@ -23,6 +26,10 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Encode an image to entropy-coded tokens in a `.umic` file.
+    Encode(encode::Args),
+    /// Decode a `.umic` file back to an image.
+    Decode(decode::Args),
     /// Train the project's models on ../shared/data.
     Train {
         #[command(subcommand)]
@@ -60,6 +67,8 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Tokenizer(a) => bench_tokenizer::run(a),
             BenchCommand::Transport(a) => bench_transport::run(a),
         },
+        Command::Encode(a) => encode::run(a),
+        Command::Decode(a) => decode::run(a),
         Command::Train { what } => match what {
             TrainCommand::Tokenizer(a) => train_tokenizer::run(a),
             TrainCommand::Entropy(a) => train_entropy::run(a),

@@ -1,0 +1,134 @@
+//! `unimic decode FILE.umic -o OUT.png`: a `.umic` file back to an image.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use unimic_codec::context::SessionContext;
+use unimic_codec::part::{DecodedPart, PartCodec, PartShape, PartSpec};
+use unimic_codec::tokenizer::ImageTokenizer;
+use unimic_codec::umic::{hash8, UmicFile};
+
+use crate::models;
+
+/// Arguments of `unimic decode`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The `.umic` file.
+    pub input: PathBuf,
+    /// Where to write the decoded image (format from the extension, e.g. .png).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Tokenizer directory; default: the shipped one. Must be the one the file was encoded with.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `unimic decode`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let file = UmicFile::from_bytes(&bytes)
+        .with_context(|| format!("parsing {}", args.input.display()))?;
+    let tokenizer = models::tokenizer(args.tokenizer.as_deref())?;
+    let ours = models::tokenizer_hash8(&tokenizer)?;
+    if file.tokenizer.hash != ours {
+        bail!(
+            "the file was encoded with tokenizer {:?} (hash {}), but this tokenizer is {:?} (hash {})",
+            file.tokenizer.name,
+            hex8(&file.tokenizer.hash),
+            tokenizer.id().name,
+            hex8(&ours)
+        );
+    }
+    let shape = PartShape::Grid {
+        height: u32::try_from(file.grid_height)?,
+        width: u32::try_from(file.grid_width)?,
+        codebook_size: u32::try_from(file.codebook_size)?,
+    };
+    if file.codebook_size != u64::from(tokenizer.codebook_size()) {
+        bail!(
+            "the file's codebook size {} differs from the tokenizer's {}",
+            file.codebook_size,
+            tokenizer.codebook_size()
+        );
+    }
+    let choice = models::entropy_choice(&file.model.name)
+        .with_context(|| format!("unknown entropy model {:?}", file.model.name))?;
+    let mut codec = PartCodec::default();
+    let ctx = SessionContext::default();
+    let chunk_tokens = match file.chunks.as_slice() {
+        [] => bail!("the file has no chunks"),
+        [_] => 0,
+        [(first, _), ..] => u32::try_from(*first)?,
+    };
+    let spec = PartSpec::new(choice).with_chunk_tokens(chunk_tokens);
+    let identity = codec.identity(choice, unimic_codec::context::SequenceKind::Grid)?;
+    if hash8(&identity.hash) != file.model.hash || u64::from(identity.version) != file.model.version
+    {
+        bail!(
+            "the file's entropy model {:?} differs from ours (hash or version)",
+            file.model.name
+        );
+    }
+    let digest = ctx.digest(&[])?;
+    let decoder = codec.decoder(&ctx, shape, &spec, &digest, &identity)?;
+    if decoder.chunks() != file.chunks.len() as u64 {
+        bail!(
+            "the file has {} chunks where its shape implies {}",
+            file.chunks.len(),
+            decoder.chunks()
+        );
+    }
+    for (i, (tokens, _)) in file.chunks.iter().enumerate() {
+        let (start, end) = decoder.chunk_range(i as u64)?;
+        if end - start != *tokens {
+            bail!(
+                "chunk {i} declares {tokens} tokens where the chunking implies {}",
+                end - start
+            );
+        }
+    }
+    let grid = match decoder.decode_all(file.chunks.iter().map(|(_, p)| p.as_slice()))? {
+        DecodedPart::Grid(g) => g,
+        other => bail!("decoded a {other:?} where a grid was expected"),
+    };
+    let image = tokenizer.decode_to(
+        &grid,
+        u32::try_from(file.image_width)?,
+        u32::try_from(file.image_height)?,
+    )?;
+    image
+        .save(&args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let summary = serde_json::json!({
+        "input": args.input.display().to_string(),
+        "output": args.output.display().to_string(),
+        "width": image.width(),
+        "height": image.height(),
+        "grid": [grid.height(), grid.width()],
+        "tokens": grid.len(),
+        "file_bytes": bytes.len(),
+        "entropy_model": file.model.name,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{} → {}: {}×{} px from {} tokens ({} bytes)",
+            args.input.display(),
+            args.output.display(),
+            image.width(),
+            image.height(),
+            grid.len(),
+            bytes.len()
+        );
+    }
+    Ok(())
+}
+
+fn hex8(h: &[u8; 8]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}

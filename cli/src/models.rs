@@ -1,0 +1,72 @@
+//! Model loading and image preparation shared by the CLI's commands.
+
+use std::path::Path;
+
+use anyhow::Context;
+use image::{imageops, RgbImage};
+use unimic_codec::part::{model_id, ModelChoice};
+use unimic_codec::tokenizer::{ImageTokenizer, Vq};
+
+/// Loads the tokenizer from `dir`, or the shipped default (`models/tokenizer`, or
+/// `$UNIMIC_TOKENIZER`).
+pub fn tokenizer(dir: Option<&Path>) -> anyhow::Result<Vq> {
+    match dir {
+        Some(d) => {
+            Vq::from_dir(d).with_context(|| format!("loading tokenizer from {}", d.display()))
+        }
+        None => Vq::default_model().with_context(|| {
+            format!(
+                "loading the default tokenizer from {}",
+                Vq::default_dir().display()
+            )
+        }),
+    }
+}
+
+/// The first 8 bytes of the tokenizer's weights hash.
+pub fn tokenizer_hash8(t: &Vq) -> anyhow::Result<[u8; 8]> {
+    let hex = &t.id().sha256;
+    let mut out = [0u8; 8];
+    for (i, b) in out.iter_mut().enumerate() {
+        let pair = hex
+            .get(2 * i..2 * i + 2)
+            .context("tokenizer hash is too short")?;
+        *b = u8::from_str_radix(pair, 16).context("tokenizer hash is not hex")?;
+    }
+    Ok(out)
+}
+
+/// The name written to files for a built-in entropy model's wire id.
+pub fn entropy_name(id: u32) -> &'static str {
+    match id {
+        model_id::UNIFORM => "unimic-entropy/uniform",
+        model_id::STATIC_GRID => "unimic-entropy/static-grid",
+        model_id::ADAPTIVE_GRID => "unimic-entropy/adaptive-grid",
+        model_id::ADAPTIVE_TEXT => "unimic-entropy/adaptive-text",
+        model_id::STATIC_TEXT => "unimic-entropy/static-text",
+        _ => "unimic-entropy/unknown",
+    }
+}
+
+/// The model choice for a grid model name written by [`entropy_name`].
+pub fn entropy_choice(name: &str) -> Option<ModelChoice> {
+    match name {
+        "unimic-entropy/uniform" => Some(ModelChoice::Uniform),
+        "unimic-entropy/adaptive-grid" => Some(ModelChoice::Adaptive),
+        _ => None,
+    }
+}
+
+/// Resizes the shorter side to `size` (Catmull-Rom) and center-crops to `size × size`;
+/// `size == 0` keeps the image as it is.
+pub fn prepare(img: RgbImage, size: u32) -> RgbImage {
+    if size == 0 {
+        return img;
+    }
+    let (w, h) = img.dimensions();
+    let s = f64::from(size) / f64::from(w.min(h));
+    let nw = ((f64::from(w) * s).round() as u32).max(size);
+    let nh = ((f64::from(h) * s).round() as u32).max(size);
+    let r = imageops::resize(&img, nw, nh, imageops::FilterType::CatmullRom);
+    imageops::crop_imm(&r, (nw - size) / 2, (nh - size) / 2, size, size).to_image()
+}

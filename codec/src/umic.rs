@@ -1,0 +1,379 @@
+//! The `.umic` file: one image as entropy-coded tokens, self-describing enough to be decoded on
+//! another machine that holds the same models (`unimic encode` / `unimic decode`).
+//!
+//! The format is specified in `docs/UMIC_FILE.md`. In short, all integers are QUIC varints
+//! (RFC 9000 §16, shortest form) unless stated:
+//!
+//! ```text
+//! magic "UMIC" | version u8 (=1) | tokenizer name (len, UTF-8) | tokenizer hash (8 bytes)
+//! | entropy model id (len, UTF-8) | model version | model hash (8 bytes)
+//! | image width | image height | grid height | grid width | codebook size
+//! | chunk count | per chunk: tokens, payload length, payload bytes
+//! | checksum (4 bytes: the first 4 bytes of SHA-256 over everything before it)
+//! ```
+//!
+//! Hashes are truncated to 8 bytes: a file only has to detect that the decoder holds different
+//! weights, not prove it to an adversary (the session handshake uses full 32-byte hashes).
+//!
+//! ```
+//! use unimic_codec::umic::{UmicFile, ModelTag};
+//! let file = UmicFile {
+//!     tokenizer: ModelTag { name: "vq".into(), version: 1, hash: [1; 8] },
+//!     model: ModelTag { name: "unimic-entropy/adaptive-grid".into(), version: 1, hash: [2; 8] },
+//!     image_width: 250,
+//!     image_height: 240,
+//!     grid_height: 15,
+//!     grid_width: 16,
+//!     codebook_size: 1024,
+//!     chunks: vec![(240, vec![0xde, 0xad])],
+//! };
+//! let bytes = file.to_bytes();
+//! assert_eq!(UmicFile::from_bytes(&bytes).unwrap(), file);
+//! ```
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// The four bytes every `.umic` file starts with.
+pub const MAGIC: [u8; 4] = *b"UMIC";
+/// The format version this code writes and reads.
+pub const VERSION: u8 = 1;
+/// Longest model name accepted.
+pub const MAX_NAME: usize = 128;
+/// Most chunks accepted in one file.
+pub const MAX_CHUNKS: u64 = 1 << 16;
+/// Largest grid side accepted (tokens).
+pub const MAX_GRID_SIDE: u64 = 4096;
+
+/// A model named in a file: name, version and an 8-byte prefix of its content hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelTag {
+    /// Model name or id.
+    pub name: String,
+    /// Model version.
+    pub version: u64,
+    /// First 8 bytes of the model's SHA-256 content hash.
+    pub hash: [u8; 8],
+}
+
+/// A parsed `.umic` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UmicFile {
+    /// The image tokenizer (version is not stored for tokenizers: always read as 1).
+    pub tokenizer: ModelTag,
+    /// The entropy model.
+    pub model: ModelTag,
+    /// Width of the original image in pixels (the decoder crops to it).
+    pub image_width: u64,
+    /// Height of the original image in pixels.
+    pub image_height: u64,
+    /// Token grid rows.
+    pub grid_height: u64,
+    /// Token grid columns.
+    pub grid_width: u64,
+    /// Codebook size of the tokenizer.
+    pub codebook_size: u64,
+    /// Independently decodable chunks: (tokens, range-coder payload).
+    pub chunks: Vec<(u64, Vec<u8>)>,
+}
+
+/// Why a `.umic` file could not be read.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UmicError {
+    /// The file does not start with `UMIC`.
+    #[error("not a .umic file (bad magic)")]
+    BadMagic,
+    /// The file has a version this code does not read.
+    #[error("unsupported .umic version {0}")]
+    UnsupportedVersion(u8),
+    /// The file ends early.
+    #[error("truncated .umic file")]
+    Truncated,
+    /// The checksum does not match the contents.
+    #[error("checksum mismatch: the file is corrupt")]
+    Checksum,
+    /// A field is invalid.
+    #[error("malformed .umic file: {0}")]
+    Malformed(&'static str),
+    /// Bytes follow the checksum.
+    #[error("{0} trailing bytes after the checksum")]
+    TrailingBytes(usize),
+}
+
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    if v < 1 << 6 {
+        out.push(v as u8);
+    } else if v < 1 << 14 {
+        out.extend_from_slice(&((v as u16) | 0x4000).to_be_bytes());
+    } else if v < 1 << 30 {
+        out.extend_from_slice(&((v as u32) | 0x8000_0000).to_be_bytes());
+    } else {
+        // Values above 2^62 - 1 cannot be written; every caller stays far below.
+        out.extend_from_slice(&((v & ((1 << 62) - 1)) | 0xc000_0000_0000_0000).to_be_bytes());
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], UmicError> {
+        if self.buf.len() < n {
+            return Err(UmicError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn varint(&mut self) -> Result<u64, UmicError> {
+        let first = *self.take(1)?.first().ok_or(UmicError::Truncated)?;
+        let len = 1usize << (first >> 6);
+        let mut v = u64::from(first & 0x3f);
+        for &b in self.take(len - 1)? {
+            v = (v << 8) | u64::from(b);
+        }
+        let min = match len {
+            1 => 0,
+            2 => 1 << 6,
+            4 => 1 << 14,
+            _ => 1 << 30,
+        };
+        if v < min {
+            return Err(UmicError::Malformed("varint not in shortest form"));
+        }
+        Ok(v)
+    }
+
+    fn bounded(&mut self, max: u64, what: &'static str) -> Result<u64, UmicError> {
+        let v = self.varint()?;
+        if v > max {
+            return Err(UmicError::Malformed(what));
+        }
+        Ok(v)
+    }
+
+    fn hash8(&mut self) -> Result<[u8; 8], UmicError> {
+        let mut h = [0; 8];
+        h.copy_from_slice(self.take(8)?);
+        Ok(h)
+    }
+
+    fn name(&mut self) -> Result<String, UmicError> {
+        let len = self.bounded(MAX_NAME as u64, "model name too long")? as usize;
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| UmicError::Malformed("model name is not UTF-8"))
+    }
+}
+
+fn checksum(bytes: &[u8]) -> [u8; 4] {
+    let d = Sha256::digest(bytes);
+    [d[0], d[1], d[2], d[3]]
+}
+
+impl UmicFile {
+    /// Total payload bytes over all chunks.
+    pub fn payload_bytes(&self) -> usize {
+        self.chunks.iter().map(|(_, p)| p.len()).sum()
+    }
+
+    /// Serializes the file.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96 + self.payload_bytes());
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        put_varint(&mut out, self.tokenizer.name.len() as u64);
+        out.extend_from_slice(self.tokenizer.name.as_bytes());
+        out.extend_from_slice(&self.tokenizer.hash);
+        put_varint(&mut out, self.model.name.len() as u64);
+        out.extend_from_slice(self.model.name.as_bytes());
+        put_varint(&mut out, self.model.version);
+        out.extend_from_slice(&self.model.hash);
+        for v in [
+            self.image_width,
+            self.image_height,
+            self.grid_height,
+            self.grid_width,
+            self.codebook_size,
+            self.chunks.len() as u64,
+        ] {
+            put_varint(&mut out, v);
+        }
+        for (tokens, payload) in &self.chunks {
+            put_varint(&mut out, *tokens);
+            put_varint(&mut out, payload.len() as u64);
+            out.extend_from_slice(payload);
+        }
+        let sum = checksum(&out);
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    /// Parses a file, checking magic, version, checksum, bounds and that the chunks' token
+    /// counts add up to the grid size. Never panics and never allocates more than the input size.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UmicError> {
+        if bytes.len() < 4 || bytes[..4] != MAGIC {
+            return Err(UmicError::BadMagic);
+        }
+        if bytes.len() < 9 {
+            return Err(UmicError::Truncated);
+        }
+        let version = bytes[4];
+        if version != VERSION {
+            return Err(UmicError::UnsupportedVersion(version));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 4);
+        let mut r = Reader { buf: &body[5..] };
+        let tokenizer_name = r.name()?;
+        let tokenizer = ModelTag {
+            name: tokenizer_name,
+            version: 1,
+            hash: r.hash8()?,
+        };
+        let model_name = r.name()?;
+        let model_version = r.varint()?;
+        let model = ModelTag {
+            name: model_name,
+            version: model_version,
+            hash: r.hash8()?,
+        };
+        let image_width = r.bounded(MAX_GRID_SIDE * 64, "image width too large")?;
+        let image_height = r.bounded(MAX_GRID_SIDE * 64, "image height too large")?;
+        let grid_height = r.bounded(MAX_GRID_SIDE, "grid height too large")?;
+        let grid_width = r.bounded(MAX_GRID_SIDE, "grid width too large")?;
+        let codebook_size = r.bounded(1 << 16, "codebook larger than 65536")?;
+        if grid_height == 0 || grid_width == 0 || codebook_size == 0 {
+            return Err(UmicError::Malformed("empty grid or codebook"));
+        }
+        if image_width == 0 || image_height == 0 {
+            return Err(UmicError::Malformed("empty image"));
+        }
+        let count = r.bounded(MAX_CHUNKS, "too many chunks")?;
+        let total = grid_height * grid_width;
+        let mut chunks = Vec::new();
+        let mut tokens_seen = 0u64;
+        for _ in 0..count {
+            let tokens = r.bounded(total, "chunk larger than the grid")?;
+            tokens_seen += tokens;
+            let len = r.bounded(body.len() as u64, "chunk payload longer than the file")? as usize;
+            chunks.push((tokens, r.take(len)?.to_vec()));
+        }
+        if tokens_seen != total {
+            return Err(UmicError::Malformed(
+                "chunk token counts do not add up to the grid",
+            ));
+        }
+        if !r.buf.is_empty() {
+            // Bytes between the last chunk and the checksum: either a truncated file whose tail
+            // happens to parse, or garbage. The checksum decides which error is clearer.
+            if checksum(body) != sum {
+                return Err(UmicError::Checksum);
+            }
+            return Err(UmicError::TrailingBytes(r.buf.len()));
+        }
+        if checksum(body) != sum {
+            return Err(UmicError::Checksum);
+        }
+        Ok(Self {
+            tokenizer,
+            model,
+            image_width,
+            image_height,
+            grid_height,
+            grid_width,
+            codebook_size,
+            chunks,
+        })
+    }
+}
+
+/// The first 8 bytes of a 32-byte hash.
+pub fn hash8(hash: &[u8; 32]) -> [u8; 8] {
+    let mut h = [0; 8];
+    h.copy_from_slice(&hash[..8]);
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> UmicFile {
+        UmicFile {
+            tokenizer: ModelTag {
+                name: "unimic-vq16".into(),
+                version: 1,
+                hash: [7; 8],
+            },
+            model: ModelTag {
+                name: "adaptive-grid".into(),
+                version: 3,
+                hash: [9; 8],
+            },
+            image_width: 768,
+            image_height: 512,
+            grid_height: 32,
+            grid_width: 48,
+            codebook_size: 1024,
+            chunks: vec![(1000, vec![1, 2, 3]), (536, (0..=255).collect())],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let f = sample();
+        assert_eq!(UmicFile::from_bytes(&f.to_bytes()).unwrap(), f);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().to_bytes();
+        for n in 0..bytes.len() {
+            assert!(
+                UmicFile::from_bytes(&bytes[..n]).is_err(),
+                "prefix of {n} bytes parsed"
+            );
+        }
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let bytes = sample().to_bytes();
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(
+                    UmicFile::from_bytes(&b).is_err(),
+                    "flip at byte {i} bit {bit} parsed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn specific_errors() {
+        let bytes = sample().to_bytes();
+        assert_eq!(UmicFile::from_bytes(b"JPEG....."), Err(UmicError::BadMagic));
+        let mut v2 = bytes.clone();
+        v2[4] = 2;
+        assert_eq!(
+            UmicFile::from_bytes(&v2),
+            Err(UmicError::UnsupportedVersion(2))
+        );
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(UmicFile::from_bytes(&extra).is_err());
+        let mut bad_counts = sample();
+        bad_counts.chunks[0].0 = 999;
+        assert_eq!(
+            UmicFile::from_bytes(&bad_counts.to_bytes()),
+            Err(UmicError::Malformed(
+                "chunk token counts do not add up to the grid"
+            ))
+        );
+    }
+}
