@@ -14,3 +14,4 @@ pub mod part;
 pub mod text;
 #[cfg(feature = "vq")]
 pub mod tokenizer;
+pub mod umic;
