@@ -217,7 +217,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let done = trainer.step_count() >= args.steps;
         if done
-            || s.step % args.val_every == 0
+            || s.step % args.val_every.max(1) == 0
             || last_ckpt.elapsed().as_secs() >= args.checkpoint_secs
         {
             let v = trainer.validate()?;

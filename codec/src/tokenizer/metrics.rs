@@ -97,11 +97,10 @@ pub fn ssim(a: &RgbImage, b: &RgbImage) -> Option<f64> {
     let (mx, my) = (filt(&x), filt(&y));
     let (sxx, syy, sxy) = (filt(&xx), filt(&yy), filt(&xy));
     let mut total = 0.0;
-    for i in 0..mx.len() {
-        let (ux, uy) = (mx[i], my[i]);
-        let vx = sxx[i] - ux * ux;
-        let vy = syy[i] - uy * uy;
-        let cxy = sxy[i] - ux * uy;
+    for ((((&ux, &uy), &exx), &eyy), &exy) in mx.iter().zip(&my).zip(&sxx).zip(&syy).zip(&sxy) {
+        let vx = exx - ux * ux;
+        let vy = eyy - uy * uy;
+        let cxy = exy - ux * uy;
         total +=
             ((2.0 * ux * uy + c1) * (2.0 * cxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
     }

@@ -250,7 +250,7 @@ fn init_params(varmap: &VarMap, cfg: &VqConfig, seed: u64) -> candle_core::Resul
             let fan_in = (dims[1] * dims[2] * dims[3]) as f32;
             let b = 1.0 / fan_in.sqrt();
             (0..n).map(|_| rng.gen_range(-b..b)).collect()
-        } else if name.ends_with(".weight") && (name.contains("norm")) {
+        } else if name.ends_with(".weight") && name.contains("norm") {
             vec![1.0; n]
         } else {
             vec![0.0; n]
@@ -463,8 +463,8 @@ impl Trainer {
         let mut rng = StdRng::seed_from_u64(self.tc.seed ^ 0xC0DE ^ self.step as u64);
         for &k in &dead {
             let src = &pool[rng.gen_range(0..pool.len())];
-            for j in 0..d {
-                emb[k][j] = src[j] + rng.gen_range(-0.02f32..0.02);
+            for (e, &v) in emb[k].iter_mut().zip(src) {
+                *e = v + rng.gen_range(-0.02f32..0.02);
             }
         }
         let flat: Vec<f32> = emb.into_iter().flatten().collect();
