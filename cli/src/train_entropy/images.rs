@@ -1,0 +1,297 @@
+//! Token grids from images for `unimic train entropy`: random crops and flips tokenized with the
+//! project's VQ tokenizer, cached as token-grid files next to the model so a resumed or repeated
+//! run does not tokenize again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use image::imageops::{self, FilterType};
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use unimic_codec::entropy::train::{tokenize_captions, GridSet, Sample};
+use unimic_codec::grid::{read_grid_file, write_grid_file, TokenGrid};
+use unimic_codec::nn::weights::splitmix64;
+use unimic_codec::tokenizer::{ImageTokenizer, Vq};
+
+use super::Args;
+
+/// The crop sampler's random numbers: SplitMix64 from the run's seed.
+struct CropRng(u64);
+
+impl CropRng {
+    fn seed_from_u64(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = splitmix64(self.0);
+        self.0
+    }
+
+    /// Uniform in `0..=hi`.
+    fn upto(&mut self, hi: u32) -> u32 {
+        (self.next() % (u64::from(hi) + 1)) as u32
+    }
+}
+
+/// Image files (jpg, jpeg, png) directly in `dir`, sorted by file name.
+fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Scales `img` up (keeping its aspect) so that both sides are at least `crop`.
+fn at_least(img: RgbImage, crop: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let short = w.min(h).max(1);
+    if short >= crop {
+        return img;
+    }
+    let (nw, nh) = (
+        (w * crop).div_ceil(short).max(crop),
+        (h * crop).div_ceil(short).max(crop),
+    );
+    imageops::resize(&img, nw, nh, FilterType::Triangle)
+}
+
+/// `crop × crop` pieces of one image: `n` random ones (flipped with probability 1/2) or, when
+/// `rng` is `None`, the centre.
+fn crops(img: RgbImage, crop: u32, n: usize, rng: Option<&mut CropRng>) -> Vec<RgbImage> {
+    let img = at_least(img, crop);
+    let (w, h) = img.dimensions();
+    match rng {
+        None => {
+            vec![imageops::crop_imm(&img, (w - crop) / 2, (h - crop) / 2, crop, crop).to_image()]
+        }
+        Some(rng) => (0..n)
+            .map(|_| {
+                let x = rng.upto(w - crop);
+                let y = rng.upto(h - crop);
+                let c = imageops::crop_imm(&img, x, y, crop, crop).to_image();
+                if rng.next() & 1 == 1 {
+                    imageops::flip_horizontal(&c)
+                } else {
+                    c
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Tokenizes `(image path, caption)` items, `n` crops each (centre crop if `rng` is `None`).
+fn tokenize(
+    tok: &Vq,
+    items: &[(PathBuf, Vec<String>)],
+    crop: u32,
+    n: usize,
+    mut rng: Option<&mut CropRng>,
+    label: &str,
+) -> anyhow::Result<(Vec<TokenGrid>, Vec<String>)> {
+    let pb = ProgressBar::new(items.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} tokenizing {msg} {bar:30} {pos}/{len} images ({eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_message(label.to_string());
+    let mut grids = Vec::new();
+    let mut caps = Vec::new();
+    for (path, captions) in items {
+        let img = image::open(path)
+            .with_context(|| format!("decoding {}", path.display()))?
+            .to_rgb8();
+        for (i, c) in crops(img, crop, n, rng.as_deref_mut())
+            .into_iter()
+            .enumerate()
+        {
+            grids.push(tok.encode(&c)?);
+            caps.push(if captions.is_empty() {
+                String::new()
+            } else {
+                captions[i % captions.len()].clone()
+            });
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok((grids, caps))
+}
+
+/// Reads `captions.csv` (`image,caption` with a header; captions may contain commas).
+fn read_captions(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        if let Some((img, cap)) = line.split_once(',') {
+            map.entry(img.trim().to_string())
+                .or_default()
+                .push(cap.trim().to_string());
+        }
+    }
+    Ok(map)
+}
+
+fn to_set(grids: Vec<TokenGrid>, caps: &[String], text: bool) -> anyhow::Result<GridSet> {
+    let Some(first) = grids.first() else {
+        bail!("no grids");
+    };
+    let (h, w, k) = (
+        first.height() as usize,
+        first.width() as usize,
+        first.codebook_size() as usize,
+    );
+    let ids: Vec<Vec<u32>> = if text {
+        tokenize_captions(&caps.iter().map(String::as_str).collect::<Vec<_>>())?
+    } else {
+        vec![Vec::new(); grids.len()]
+    };
+    Ok(GridSet {
+        height: h,
+        width: w,
+        codebook_size: k,
+        samples: grids
+            .into_iter()
+            .zip(ids)
+            .map(|(g, text)| Sample {
+                ids: g.into_ids(),
+                text,
+            })
+            .collect(),
+    })
+}
+
+/// Loads a cached grid file and its captions, or builds and caches them.
+fn cached(
+    path: &Path,
+    text: bool,
+    build: impl FnOnce() -> anyhow::Result<(Vec<TokenGrid>, Vec<String>)>,
+) -> anyhow::Result<GridSet> {
+    let cap_path = path.with_extension("captions.txt");
+    if path.exists() && (!text || cap_path.exists()) {
+        let bytes = std::fs::read(path)?;
+        let grids = read_grid_file(&bytes, 1 << 28)?;
+        let caps: Vec<String> = if text {
+            std::fs::read_to_string(&cap_path)?
+                .lines()
+                .map(str::to_string)
+                .collect()
+        } else {
+            vec![String::new(); grids.len()]
+        };
+        if caps.len() != grids.len() {
+            bail!("{} does not match {}", cap_path.display(), path.display());
+        }
+        eprintln!("using cached grids {}", path.display());
+        return to_set(grids, &caps, text);
+    }
+    let (grids, caps) = build()?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, write_grid_file(&grids)?)?;
+    if text {
+        std::fs::write(&cap_path, caps.join("\n"))?;
+    }
+    to_set(grids, &caps, text)
+}
+
+/// The training and validation sets and a description of the data.
+pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, String)> {
+    let tok_dir = args.tokenizer.clone().unwrap_or_else(Vq::default_dir);
+    let tok = Vq::from_dir(&tok_dir)
+        .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("unimic-entropy-{:?}-v1", args.kind).to_lowercase());
+    let tag = &tok.id().sha256[..12];
+    let train_cache = args.out.join(format!("data/{id}.{tag}.train.umtg"));
+    let val_cache = args.out.join(format!("data/{id}.{tag}.val.umtg"));
+    let (train_items, val_items, src): (Vec<_>, Vec<_>, String) = if let Some(dir) = &args.captioned
+    {
+        let caps = read_captions(&dir.join("captions.csv"))?;
+        let all = list_images(&dir.join("images"))?;
+        if all.len() <= args.holdout {
+            bail!("{} has only {} images", dir.display(), all.len());
+        }
+        let split = all.len() - args.holdout;
+        let with = |p: &PathBuf| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (p.clone(), caps.get(&name).cloned().unwrap_or_default())
+        };
+        (
+            all[..split].iter().map(with).collect(),
+            all[split..].iter().map(with).collect(),
+            format!(
+                "{} (captions.csv; last {} images by name held out)",
+                dir.display(),
+                args.holdout
+            ),
+        )
+    } else {
+        let mut tr = Vec::new();
+        for d in &args.images {
+            tr.extend(list_images(d)?.into_iter().map(|p| (p, Vec::new())));
+        }
+        let mut va = Vec::new();
+        for d in &args.val_images {
+            va.extend(list_images(d)?.into_iter().map(|p| (p, Vec::new())));
+        }
+        if va.is_empty() {
+            bail!("--images needs --val-images");
+        }
+        let names = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + ")
+        };
+        (
+            tr,
+            va,
+            format!(
+                "train {} / val {}",
+                names(&args.images),
+                names(&args.val_images)
+            ),
+        )
+    };
+    if train_items.is_empty() {
+        bail!("no training images found");
+    }
+    let mut rng = CropRng::seed_from_u64(args.seed);
+    let crop = args.crop;
+    let n = args.crops_per_image.max(1);
+    let train_set = cached(&train_cache, text, || {
+        tokenize(&tok, &train_items, crop, n, Some(&mut rng), "train")
+    })?;
+    let val_set = cached(&val_cache, text, || {
+        tokenize(&tok, &val_items, crop, 1, None, "val")
+    })?;
+    let data = format!(
+        "{src}; {crop}x{crop} crops ({n} random+flip per training image, centre crop for validation) \
+         tokenized by {} sha256 {}: {} train / {} val grids of {}x{}",
+        tok.id().name,
+        tok.id().sha256,
+        train_set.samples.len(),
+        val_set.samples.len(),
+        train_set.height,
+        train_set.width
+    );
+    Ok((train_set, val_set, data))
+}
