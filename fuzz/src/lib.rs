@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod codec_decode;
 pub mod frame_stream;
 pub mod handshake;
 pub mod message;
@@ -22,4 +23,5 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("frame_stream", frame_stream::run),
     ("message", message::run),
     ("handshake", handshake::run),
+    ("codec_decode", codec_decode::run),
 ];
