@@ -68,7 +68,7 @@ pub struct Conversation {
 }
 
 /// What an agent can take and produce. Defaults are conservative: text in, text out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Capabilities {
     /// Accepts images (as pixels or tokens).
@@ -77,16 +77,6 @@ pub struct Capabilities {
     pub image_output: bool,
     /// Streams its output in deltas rather than all at once.
     pub streaming: bool,
-}
-
-impl Default for Capabilities {
-    fn default() -> Self {
-        Self {
-            image_input: false,
-            image_output: false,
-            streaming: false,
-        }
-    }
 }
 
 /// The receiver stopped taking output (for example the turn was cancelled).
