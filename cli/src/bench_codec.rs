@@ -167,7 +167,7 @@ fn load_grids(paths: &[PathBuf]) -> anyhow::Result<Vec<TokenGrid>> {
 }
 
 fn tokenize_images(args: &Args, dir: &Path) -> anyhow::Result<(Vec<TokenGrid>, Vec<u64>)> {
-    use image::{imageops, RgbImage};
+    use image::RgbImage;
     use unimic_codec::tokenizer::{ImageTokenizer, Vq};
     let tdir = args.tokenizer.clone().unwrap_or_else(Vq::default_dir);
     let tok =
@@ -189,25 +189,7 @@ fn tokenize_images(args: &Args, dir: &Path) -> anyhow::Result<(Vec<TokenGrid>, V
         let img: RgbImage = image::open(p)
             .with_context(|| format!("decoding {}", p.display()))?
             .to_rgb8();
-        let img = if args.size == 0 {
-            img
-        } else {
-            let (w, h) = img.dimensions();
-            let s = args.size;
-            let (nw, nh) = if w <= h {
-                (
-                    s,
-                    ((u64::from(h) * u64::from(s)).div_ceil(u64::from(w)) as u32).max(s),
-                )
-            } else {
-                (
-                    ((u64::from(w) * u64::from(s)).div_ceil(u64::from(h)) as u32).max(s),
-                    s,
-                )
-            };
-            let r = imageops::resize(&img, nw, nh, imageops::FilterType::CatmullRom);
-            imageops::crop_imm(&r, (nw - s) / 2, (nh - s) / 2, s, s).to_image()
-        };
+        let img = crate::models::prepare(img, args.size);
         pixels.push(u64::from(img.width()) * u64::from(img.height()));
         grids.push(
             tok.encode(&img)

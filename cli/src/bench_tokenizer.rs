@@ -64,18 +64,6 @@ struct Row {
     decode_ms: Option<f64>,
 }
 
-fn prepare(img: RgbImage, size: u32) -> RgbImage {
-    if size == 0 {
-        return img;
-    }
-    let (w, h) = img.dimensions();
-    let s = f64::from(size) / f64::from(w.min(h));
-    let nw = ((f64::from(w) * s).round() as u32).max(size);
-    let nh = ((f64::from(h) * s).round() as u32).max(size);
-    let r = imageops::resize(&img, nw, nh, imageops::FilterType::CatmullRom);
-    imageops::crop_imm(&r, (nw - size) / 2, (nh - size) / 2, size, size).to_image()
-}
-
 fn jpeg(img: &RgbImage, q: u8) -> anyhow::Result<(Vec<u8>, RgbImage)> {
     let mut buf = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, q).encode_image(img)?;
@@ -201,7 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let img = prepare(
+        let img = crate::models::prepare(
             image::open(p)
                 .with_context(|| format!("opening {}", p.display()))?
                 .to_rgb8(),

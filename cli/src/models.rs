@@ -57,7 +57,8 @@ pub fn entropy_choice(name: &str) -> Option<ModelChoice> {
     }
 }
 
-/// Resizes the shorter side to `size` (Catmull-Rom) and center-crops to `size × size`;
+/// Resizes the shorter side to `size` (Catmull-Rom) and center-crops to `size × size` (the
+/// preparation every bench and `encode --size` share);
 /// `size == 0` keeps the image as it is.
 pub fn prepare(img: RgbImage, size: u32) -> RgbImage {
     if size == 0 {
