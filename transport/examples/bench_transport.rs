@@ -1,25 +1,54 @@
 //! The transport benchmark without the CLI (and so without candle):
-//! `cargo run -p unimic-transport --features bench --release --example bench_transport -- [TURNS] [IDLE_SESSIONS]`.
-//! Prints the same JSON lines as `unimic bench transport --json`; the idle-session RSS here covers
-//! one process holding both the clients and the server.
+//!
+//! ```text
+//! cargo run -p unimic-transport --features bench --release --example bench_transport -- \
+//!     [TURNS] [IDLE_SESSIONS] [--turns N] [--grid-turns N] [--idle N] [--payloads text,grid256,grid512] [--json]
+//! ```
+//!
+//! Prints the same JSON lines as `unimic bench transport --json` (`--json` is accepted and
+//! changes nothing: the output is always JSON lines). The idle-session RSS here covers one
+//! process holding both the clients and the server. Defaults: 100 turns (10 for grids), 1000 idle
+//! sessions, every payload.
 
 use unimic_transport::bench::{self, BenchConfig};
 use unimic_transport::tls::ServerTls;
 use unimic_transport::{Server, ServerConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = BenchConfig::default();
+    let mut idle: usize = 1000;
+    let mut positional = 0;
     let mut args = std::env::args().skip(1);
-    let turns: usize = args.next().map_or(Ok(100), |a| a.parse())?;
-    let idle: usize = args.next().map_or(Ok(1000), |a| a.parse())?;
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--json" => {}
+            "--turns" => config.turns = value("--turns")?.parse()?,
+            "--grid-turns" => config.grid_turns = value("--grid-turns")?.parse()?,
+            "--idle" => idle = value("--idle")?.parse()?,
+            "--payloads" => {
+                config.payloads = value("--payloads")?.split(',').map(str::to_owned).collect()
+            }
+            other if !other.starts_with("--") && positional == 0 => {
+                config.turns = other.parse()?;
+                positional += 1;
+            }
+            other if !other.starts_with("--") && positional == 1 => {
+                idle = other.parse()?;
+                positional += 1;
+            }
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut config = BenchConfig::default();
-        config.turns = turns;
-        for row in bench::run(&config).await? {
-            println!("{}", serde_json::to_string(&row)?);
+        if !config.payloads.is_empty() {
+            for row in bench::run(&config).await? {
+                println!("{}", serde_json::to_string(&row)?);
+            }
         }
         if idle > 0 {
             let tls = ServerTls::self_signed()?;

@@ -300,8 +300,7 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
     let session = Arc::new(session?);
     let peer = accepted.ok_or_else(|| BenchError::Other("server closed".into()))?;
     let echo = tokio::spawn(echo_agent(peer));
-    let replies = Arc::new(tokio::sync::Mutex::new(ReplyRouter::default()));
-    let router = tokio::spawn(route_replies(session.clone(), replies.clone()));
+    let replies = Arc::new(ReplyRouter::default());
 
     let quinn_addr = quinn_echo_server(&tls)?;
     let quinn_client = quinn_echo_client(pin)?;
@@ -477,7 +476,6 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
         }
     }
 
-    router.abort();
     echo.abort();
     http_task.abort();
     quinn_conn.close(0u32.into(), b"done");
@@ -510,75 +508,77 @@ where
     Ok(total / start.elapsed().as_secs_f64().max(1e-9))
 }
 
-/// Replies arrive on the client's one `recv`; the router hands each to the turn waiting for it.
+/// Replies arrive on the client's one `recv`. There is no router task: a turn waiting for its
+/// reply takes the reader lock, looks whether another turn already read its reply, and otherwise
+/// reads the next message itself (stashing it if it is someone else's). A lone turn thus reads its
+/// reply directly, as an application doing one turn at a time does, with no task in between.
 #[derive(Default)]
 struct ReplyRouter {
-    waiting: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Vec<ReceivedPart>>>,
-    early: std::collections::HashMap<u64, Vec<ReceivedPart>>,
+    /// Replies read by a turn other than the one waiting for them, by request id.
+    early: std::sync::Mutex<std::collections::HashMap<u64, Vec<ReceivedPart>>>,
+    /// Held by the turn that is reading from the session.
+    reader: tokio::sync::Mutex<()>,
 }
 
-/// The echo agent replies with a System-role message whose first part is the request id as
-/// text, so the client can match replies to requests.
-async fn route_replies(session: Arc<Session>, router: Arc<tokio::sync::Mutex<ReplyRouter>>) {
-    loop {
-        let msg = match recv_shared(&session).await {
-            Some(m) => m,
-            None => return,
-        };
-        let Ok(got) = msg.collect().await else {
-            continue;
-        };
-        let mut parts = got.parts.into_iter();
-        let Some(ReceivedPart::Text(tag)) = parts.next() else {
-            continue;
-        };
-        let Some(&request) = tag.first() else {
-            continue;
-        };
-        let request = u64::from(request);
-        let rest: Vec<ReceivedPart> = parts.collect();
-        let mut r = router.lock().await;
-        match r.waiting.remove(&request) {
-            Some(tx) => {
-                let _ = tx.send(rest);
+/// Media type of the part that names the request a reply answers (8 bytes, little-endian id).
+const REPLY_TO: &str = "application/x-unimic-bench-reply-to";
+
+impl ReplyRouter {
+    fn take_early(&self, id: u64) -> Option<Vec<ReceivedPart>> {
+        self.early
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+    }
+
+    /// Waits for the reply to request `id`.
+    async fn reply(&self, session: &Session, id: u64) -> Result<Vec<ReceivedPart>, BenchError> {
+        loop {
+            let _reading = self.reader.lock().await;
+            if let Some(parts) = self.take_early(id) {
+                return Ok(parts);
             }
-            None => {
-                r.early.insert(request, rest);
+            let msg = session
+                .recv()
+                .await?
+                .ok_or_else(|| BenchError::Other("session ended".into()))?;
+            let got = msg.collect().await?;
+            let mut parts = got.parts.into_iter();
+            let request = match parts.next() {
+                Some(ReceivedPart::Raw { media_type, bytes })
+                    if media_type == REPLY_TO && bytes.len() == 8 =>
+                {
+                    let mut le = [0u8; 8];
+                    le.copy_from_slice(&bytes);
+                    u64::from_le_bytes(le)
+                }
+                _ => return Err(BenchError::Other("reply without its request id".into())),
+            };
+            let rest: Vec<ReceivedPart> = parts.collect();
+            if request == id {
+                return Ok(rest);
             }
+            self.early
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(request, rest);
         }
     }
-}
-
-async fn recv_shared(session: &Arc<Session>) -> Option<crate::IncomingMessage> {
-    session.recv().await.ok().flatten()
 }
 
 /// One turn: send the request, wait for its reply. Returns the request's statistics.
 async fn unimic_turn(
     session: &Session,
-    router: &tokio::sync::Mutex<ReplyRouter>,
+    router: &ReplyRouter,
     part: &OutgoingPart,
 ) -> Result<MessageStats, BenchError> {
     let mut writer = session.open(Role::User).await?;
     let id = writer.message_id();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    {
-        let mut r = router.lock().await;
-        match r.early.remove(&id) {
-            Some(parts) => {
-                let _ = tx.send(parts);
-            }
-            None => {
-                r.waiting.insert(id, tx);
-            }
-        }
-    }
     writer.write_part(part.clone()).await?;
     let stats = writer.finish().await?;
-    let parts = tokio::time::timeout(Duration::from_secs(60), rx)
+    let parts = tokio::time::timeout(Duration::from_secs(60), router.reply(session, id))
         .await
-        .map_err(|_| BenchError::Other("reply timed out".into()))?
-        .map_err(|_| BenchError::Other("reply lost".into()))?;
+        .map_err(|_| BenchError::Other("reply timed out".into()))??;
     check_echo(part, &parts)?;
     Ok(stats)
 }
@@ -597,15 +597,17 @@ fn check_echo(sent: &OutgoingPart, got: &[ReceivedPart]) -> Result<(), BenchErro
     }
 }
 
-/// Echoes every message: replies with the request id as text, then the same parts, coded again.
+/// Echoes every message: replies with the request id (a raw part of 8 bytes, see [`REPLY_TO`]),
+/// then the same parts, coded again.
 async fn echo_agent(session: Session) {
     while let Ok(Some(msg)) = session.recv().await {
         let id = msg.message_id();
         let Ok(got) = msg.collect().await else {
             continue;
         };
-        let mut reply = OutgoingMessage::new(Role::Assistant)
-            .with_part(OutgoingPart::text(vec![id as u32]).with_model(crate::ModelChoice::Uniform));
+        let tag = Bytes::copy_from_slice(&id.to_le_bytes());
+        let mut reply =
+            OutgoingMessage::new(Role::Assistant).with_part(OutgoingPart::raw(REPLY_TO, tag));
         for p in got.parts {
             reply = reply.with_part(match p {
                 ReceivedPart::Text(ids) => OutgoingPart::text(ids),

@@ -84,6 +84,11 @@ pub struct SessionConfig {
     pub context_wait: Duration,
     /// Acknowledge every received message on the control stream once decoded (on).
     pub send_acks: bool,
+    /// How long an acknowledgement may wait before it is written on its own (5 ms). Acks are
+    /// never written on a message's critical path: they are queued, then written together with
+    /// the next message this side sends (so they share its packet) or, if none is sent within
+    /// this delay, alone.
+    pub ack_delay: Duration,
     /// Tokens per chunk when the caller does not choose (4096).
     pub default_chunk_tokens: u32,
 }
@@ -97,6 +102,7 @@ impl Default for SessionConfig {
             handshake_timeout: Duration::from_secs(10),
             context_wait: Duration::from_secs(5),
             send_acks: true,
+            ack_delay: Duration::from_millis(5),
             default_chunk_tokens: 4096,
         }
     }
@@ -136,6 +142,12 @@ impl SessionConfig {
     /// Turns acknowledgements on or off.
     pub fn with_acks(mut self, on: bool) -> Self {
         self.send_acks = on;
+        self
+    }
+
+    /// Sets how long an acknowledgement may wait for a message to ride with.
+    pub fn with_ack_delay(mut self, delay: Duration) -> Self {
+        self.ack_delay = delay;
         self
     }
 

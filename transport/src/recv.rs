@@ -1,10 +1,12 @@
 //! Incoming messages: the per-stream task that parses, checks and decodes a message, and the
 //! [`IncomingMessage`] handle through which the caller pulls its events.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use futures_util::FutureExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use unimic_codec::context::{ContextError, ContextKey, Sequence, SequenceKind};
@@ -26,8 +28,16 @@ use crate::models::{entropy_at, TokenizerKind};
 use crate::session::Shared;
 use crate::wire;
 
-/// Events buffered per message before the reader waits for the caller.
-const EVENT_DEPTH: usize = 32;
+/// Event batches buffered per message before the reader waits for the caller.
+const BATCH_DEPTH: usize = 4;
+/// Most events in one batch (so at most `BATCH_DEPTH * BATCH_EVENTS` wait for the caller).
+const BATCH_EVENTS: usize = 8;
+/// A chunk of more tokens than this is decoded only after the events before it were handed
+/// over, so that a long decode does not hold them back.
+const DECODE_FLUSH_TOKENS: u64 = 1024;
+
+/// One message event, or the error that ended the message.
+type EventResult = Result<MessageEvent, RecvError>;
 /// Most tokens one chunk may carry (PROTOCOL.md §6.6).
 fn max_chunk_tokens(limits: &unimic_protocol::Limits) -> u64 {
     let grid = limits
@@ -48,7 +58,10 @@ const READ_CHUNK: usize = 64 * 1024;
 pub struct IncomingMessage {
     message_id: u64,
     role: Role,
-    events: mpsc::Receiver<Result<MessageEvent, RecvError>>,
+    /// Events arrive in batches (one wake-up of the caller for everything read at once).
+    events: mpsc::Receiver<Vec<EventResult>>,
+    /// The rest of the batch being consumed.
+    buffered: VecDeque<EventResult>,
     cancel: CancellationToken,
     done: bool,
 }
@@ -76,7 +89,13 @@ impl IncomingMessage {
         if self.done {
             return None;
         }
-        let ev = self.events.recv().await;
+        if self.buffered.is_empty() {
+            // `recv` is cancel safe and the batch is stored before any other await.
+            if let Some(batch) = self.events.recv().await {
+                self.buffered = batch.into();
+            }
+        }
+        let ev = self.buffered.pop_front();
         match &ev {
             Some(Ok(MessageEvent::End(_))) | Some(Err(_)) => self.done = true,
             None => {
@@ -143,7 +162,13 @@ struct Task {
     recv: quinn::RecvStream,
     reader: Reader,
     cancel: CancellationToken,
-    events: Option<mpsc::Sender<Result<MessageEvent, RecvError>>>,
+    /// Where the session's `recv` gets new messages.
+    deliver: mpsc::Sender<IncomingMessage>,
+    /// The handle for this message, until it is handed over (at the first flush).
+    undelivered: Option<IncomingMessage>,
+    events: Option<mpsc::Sender<Vec<EventResult>>>,
+    /// Events not handed over yet (see [`Task::flush_events`]).
+    batch: Vec<EventResult>,
     message_id: Option<u64>,
     /// Whether `message_id` was entered in the in-flight set (and must be removed at the end).
     registered: bool,
@@ -197,7 +222,10 @@ pub(crate) async fn run(
         recv,
         reader: Reader::new(limits),
         cancel: CancellationToken::new(),
+        deliver,
+        undelivered: None,
         events: None,
+        batch: Vec::new(),
         message_id: None,
         registered: false,
         last_chunk: (0, 0),
@@ -206,8 +234,7 @@ pub(crate) async fn run(
         read_bytes: 0,
         started: Instant::now(),
     };
-    let outcome = task.pump(&deliver).await;
-    drop(deliver);
+    let outcome = task.pump().await;
     task.finish(outcome).await;
 }
 
@@ -221,8 +248,11 @@ enum Outcome {
 }
 
 impl Task {
-    async fn pump(&mut self, deliver: &mpsc::Sender<IncomingMessage>) -> Outcome {
+    async fn pump(&mut self) -> Outcome {
         loop {
+            if self.cancel.is_cancelled() {
+                return Outcome::Cancelled;
+            }
             loop {
                 let ev = match self.reader.next_event() {
                     Ok(Some(ev)) => ev,
@@ -231,15 +261,23 @@ impl Task {
                         return Outcome::Failed(Fail::new(e.error_code(), e.to_string()));
                     }
                 };
-                match self.on_event(ev, deliver).await {
+                match self.on_event(ev).await {
                     Ok(true) => return self.drain_end().await,
                     Ok(false) => {}
                     Err(f) => return Outcome::Failed(f),
                 }
             }
-            let read = tokio::select! {
-                r = self.recv.read_chunk(READ_CHUNK, true) => r,
-                _ = self.cancel.cancelled() => return Outcome::Cancelled,
+            // What has already arrived is parsed before the events go to the caller, so that a
+            // message read at once reaches the caller in one wake-up.
+            let read = match self.recv.read_chunk(READ_CHUNK, true).now_or_never() {
+                Some(r) => r,
+                None => {
+                    self.flush_events().await;
+                    tokio::select! {
+                        r = self.recv.read_chunk(READ_CHUNK, true) => r,
+                        _ = self.cancel.cancelled() => return Outcome::Cancelled,
+                    }
+                }
             };
             match read {
                 Ok(Some(chunk)) => {
@@ -264,7 +302,14 @@ impl Task {
 
     /// After the message end: the stream must end right there.
     async fn drain_end(&mut self) -> Outcome {
-        match self.recv.read_chunk(READ_CHUNK, true).await {
+        let read = match self.recv.read_chunk(READ_CHUNK, true).now_or_never() {
+            Some(r) => r,
+            None => {
+                self.flush_events().await;
+                self.recv.read_chunk(READ_CHUNK, true).await
+            }
+        };
+        match read {
             Ok(None) => match self.reader.finish() {
                 Ok(()) => Outcome::Done,
                 Err(e) => Outcome::Failed(Fail::new(e.error_code(), e.to_string())),
@@ -278,19 +323,36 @@ impl Task {
         }
     }
 
-    async fn emit(&self, ev: Result<MessageEvent, RecvError>) {
+    /// Adds an event to the batch; a full batch is handed over.
+    async fn emit(&mut self, ev: EventResult) {
+        if self.events.is_some() {
+            self.batch.push(ev);
+            if self.batch.len() >= BATCH_EVENTS {
+                self.flush_events().await;
+            }
+        }
+    }
+
+    /// Hands the message to the session's `recv` (the first time) and the batched events to
+    /// the caller. Called before every wait (for bytes, for context, for a long decode) and at
+    /// the end.
+    async fn flush_events(&mut self) {
+        if let Some(msg) = self.undelivered.take() {
+            // The session may be gone; the message is still decoded to keep the context.
+            let _ = self.deliver.send(msg).await;
+        }
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
         if let Some(tx) = &self.events {
             // The caller may have dropped the handle; the message is still decoded.
-            let _ = tx.send(ev).await;
+            let _ = tx.send(batch).await;
         }
     }
 
     /// Handles one reader event; `Ok(true)` at the message end.
-    async fn on_event(
-        &mut self,
-        ev: Event,
-        deliver: &mpsc::Sender<IncomingMessage>,
-    ) -> Result<bool, Fail> {
+    async fn on_event(&mut self, ev: Event) -> Result<bool, Fail> {
         match ev {
             Event::Header(h) => {
                 let id = h.message_id.into_inner();
@@ -316,18 +378,18 @@ impl Task {
                 self.shared.changed.notify_waiters();
                 self.stats.message_id = id;
                 self.started = Instant::now();
-                let (tx, rx) = mpsc::channel(EVENT_DEPTH);
+                let (tx, rx) = mpsc::channel(BATCH_DEPTH);
                 self.events = Some(tx);
-                let msg = IncomingMessage {
+                // Handed to the session's `recv` at the next flush, with the first events.
+                self.undelivered = Some(IncomingMessage {
                     message_id: id,
                     role: h.role,
                     events: rx,
+                    buffered: VecDeque::new(),
                     cancel: self.cancel.clone(),
                     done: false,
-                };
+                });
                 tracing::debug!(id, role = ?h.role, "message started");
-                // The session may be gone; the message is still decoded to keep the context.
-                let _ = deliver.send(msg).await;
                 Ok(false)
             }
             Event::Part(h) => {
@@ -355,8 +417,9 @@ impl Task {
     }
 
     async fn start_part(&mut self, h: PartHeader) -> Result<Current, Fail> {
+        let shared = self.shared.clone();
         let index = h.index.into_inner();
-        let limits = self.shared.negotiated.limits;
+        let limits = shared.negotiated.limits;
         let coded = match h.body {
             PartBody::Raw(r) => {
                 let info = PartInfo {
@@ -388,18 +451,13 @@ impl Task {
                 "masked coding is not implemented by this peer",
             ));
         }
-        let tok_info = self
-            .shared
-            .negotiated
-            .tokenizer(c.tokenizer)
-            .ok_or_else(|| {
-                Fail::new(
-                    ErrorCode::MODEL_MISSING,
-                    "tokenizer index outside the negotiated table",
-                )
-            })?;
-        let local_tok = self
-            .shared
+        let tok_info = shared.negotiated.tokenizer(c.tokenizer).ok_or_else(|| {
+            Fail::new(
+                ErrorCode::MODEL_MISSING,
+                "tokenizer index outside the negotiated table",
+            )
+        })?;
+        let local_tok = shared
             .tokenizers
             .iter()
             .find(|t| t.info == *tok_info)
@@ -410,8 +468,8 @@ impl Task {
                 )
             })?;
         let entry = entropy_at(
-            &self.shared.negotiated.entropy_models,
-            &self.shared.entropy,
+            &shared.negotiated.entropy_models,
+            &shared.entropy,
             c.entropy_model,
         )
         .ok_or_else(|| {
@@ -507,7 +565,7 @@ impl Task {
             .collect();
         self.wait_context(&keys).await?;
         {
-            let st = self.shared.state();
+            let st = shared.state();
             st.context
                 .verify(&keys, &c.context_digest)
                 .map_err(|e| part_fail(&PartError::from(e)))?;
@@ -537,17 +595,18 @@ impl Task {
 
     /// Waits until every referenced entry is in the context, as long as one may still arrive
     /// (a peer message in flight, or a stream whose header is not read yet).
-    async fn wait_context(&self, keys: &[ContextKey]) -> Result<(), Fail> {
-        let deadline = tokio::time::Instant::now() + self.shared.config.context_wait;
+    async fn wait_context(&mut self, keys: &[ContextKey]) -> Result<(), Fail> {
+        let shared = self.shared.clone();
+        let deadline = tokio::time::Instant::now() + shared.config.context_wait;
         loop {
-            let notified = self.shared.changed.notified();
+            let notified = shared.changed.notified();
             let missing = {
-                let st = self.shared.state();
+                let st = shared.state();
                 let missing = keys.iter().find(|k| st.context.get(**k).is_none()).copied();
                 match missing {
                     None => return Ok(()),
                     Some(k) => {
-                        let may_arrive = if self.shared.is_peer_id(k.message_id) {
+                        let may_arrive = if shared.is_peer_id(k.message_id) {
                             st.peer_inflight.contains(&k.message_id) || st.pending_headers > 0
                         } else {
                             st.own_inflight.contains(&k.message_id)
@@ -559,6 +618,8 @@ impl Task {
                     }
                 }
             };
+            // About to wait: what the caller may already have goes out first.
+            self.flush_events().await;
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(part_fail(&PartError::Context(ContextError::Missing(
                     missing,
@@ -568,6 +629,9 @@ impl Task {
     }
 
     async fn on_chunk(&mut self, c: PartChunk) -> Result<(), Fail> {
+        if c.token_count.into_inner() > DECODE_FLUSH_TOKENS {
+            self.flush_events().await;
+        }
         let wire = chunk_len(&c);
         let seq = c.seq.into_inner();
         let fin = c.fin;
@@ -770,15 +834,15 @@ impl Task {
                 self.stats.wire_bytes = self.read_bytes;
                 self.stats.elapsed = self.started.elapsed();
                 if let (Some(id), true) = (id, self.shared.config.send_acks) {
+                    // Queued, not written: it rides with our next message (or goes alone after
+                    // the ack delay), so the caller gets the message end without waiting on it.
                     let (part, chunk) = self.last_chunk;
-                    self.shared
-                        .send_control(Frame::Ack(Ack {
-                            message_id: VarInt::saturating(id),
-                            part_index: VarInt::saturating(part),
-                            chunk_seq: VarInt::saturating(chunk),
-                            stage: AckStage::Decoded,
-                        }))
-                        .await;
+                    self.shared.queue_ack(Ack {
+                        message_id: VarInt::saturating(id),
+                        part_index: VarInt::saturating(part),
+                        chunk_seq: VarInt::saturating(chunk),
+                        stage: AckStage::Decoded,
+                    });
                 }
                 let stats = std::mem::take(&mut self.stats);
                 tracing::debug!(id, wire = stats.wire_bytes, "message received");
@@ -820,6 +884,7 @@ impl Task {
                 self.emit(Err(RecvError::ConnectionLost(reason))).await;
             }
         }
+        self.flush_events().await;
         if let (Some(id), true) = (id, self.registered) {
             self.shared.state().peer_inflight.remove(&id);
         }

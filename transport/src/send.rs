@@ -8,8 +8,8 @@ use tracing::Instrument;
 use unimic_codec::context::{ContextKey, Sequence, SequenceKind};
 use unimic_codec::part::{EncodedPart, ModelChoice, PartSpec, PartTokens};
 use unimic_protocol::{
-    CodedPart, CodingMode, ContextRef, ErrorCode, Frame, MessageEnd, MessageHeader, PartBody,
-    PartChunk, PartHeader, RawPart, Role, Shape, VarInt,
+    CodedPart, CodingMode, ContextRef, Encode, ErrorCode, Frame, MessageEnd, MessageHeader,
+    PartBody, PartChunk, PartHeader, RawPart, Role, Shape, VarInt,
 };
 
 use crate::error::SendError;
@@ -20,6 +20,11 @@ use crate::wire;
 
 /// Room left in a frame for the chunk fields before the payload.
 const CHUNK_OVERHEAD: u64 = 40;
+
+/// A message sent whole ([`Session::send`](crate::Session::send)) is written in one go at the
+/// end, unless its frames pile up beyond this many bytes: then what is coded so far is written
+/// before the next part is coded, so large parts start travelling early.
+const DEFER_FLUSH_BYTES: usize = 16 * 1024;
 
 /// A streamed text part in progress.
 struct OpenText {
@@ -34,11 +39,20 @@ struct OpenText {
 /// part with [`begin_text`](Self::begin_text) / [`push_text`](Self::push_text) /
 /// [`end_text`](Self::end_text); then [`finish`](Self::finish).
 ///
+/// Frames are coalesced: the message header goes out with the first part (or with the end), and
+/// each call writes what it produced in one stream write, so a small message travels in one
+/// packet together with its stream end. Nothing reaches the peer before the first
+/// `write_part`, `begin_text` or `finish`.
+///
 /// Dropping a writer before `finish` (or calling [`cancel`](Self::cancel)) resets the stream with
 /// `CANCELLED`: the peer drops the message. Parts completed before that stay in both contexts.
 pub struct MessageWriter {
     shared: Arc<Shared>,
     stream: Option<quinn::SendStream>,
+    /// Frames encoded and not written yet.
+    pending: BytesMut,
+    /// Whole-message mode: keep frames until `finish` (or [`DEFER_FLUSH_BYTES`]).
+    defer: bool,
     message_id: u64,
     next_part: u64,
     text: Option<OpenText>,
@@ -81,12 +95,20 @@ fn mode(model: ModelChoice, kind: SequenceKind, context: &[ContextKey]) -> Codin
 }
 
 impl MessageWriter {
-    pub(crate) async fn open(shared: Arc<Shared>, role: Role) -> Result<Self, SendError> {
+    /// Opens the stream and stages the message header. `defer`: whole-message mode (see
+    /// [`DEFER_FLUSH_BYTES`]).
+    pub(crate) async fn open(
+        shared: Arc<Shared>,
+        role: Role,
+        defer: bool,
+    ) -> Result<Self, SendError> {
         let (message_id, stream) = shared.open_stream().await?;
         let span = tracing::debug_span!(parent: &shared.span, "message.send", id = message_id);
         let mut w = MessageWriter {
             shared,
             stream: Some(stream),
+            pending: BytesMut::new(),
+            defer,
             message_id,
             next_part: 0,
             text: None,
@@ -102,8 +124,9 @@ impl MessageWriter {
             message_id: v(message_id),
             role,
         });
-        let bytes = w.frame(&header)?;
-        w.write(bytes.freeze()).await?;
+        let mut out = std::mem::take(&mut w.pending);
+        w.put(&mut out, &header)?;
+        w.pending = out;
         Ok(w)
     }
 
@@ -117,11 +140,11 @@ impl MessageWriter {
         ContextKey::new(self.message_id, index)
     }
 
-    /// Encodes a frame, counting it against the message size limit.
-    fn frame(&mut self, frame: &Frame) -> Result<BytesMut, SendError> {
-        let bytes = wire::frame_bytes(frame);
+    /// Encodes a frame at the end of `out`, counting it against the message size limit.
+    fn put(&mut self, out: &mut BytesMut, frame: &Frame) -> Result<(), SendError> {
+        let len = frame.encoded_len() as u64;
         let limit = self.shared.negotiated.limits.max_message_bytes.into_inner();
-        let total = self.total_wire + bytes.len() as u64;
+        let total = self.total_wire + len;
         if total > limit {
             return Err(SendError::Limit {
                 what: "message size",
@@ -130,10 +153,38 @@ impl MessageWriter {
             });
         }
         self.total_wire = total;
-        Ok(bytes)
+        frame.encode(out);
+        Ok(())
     }
 
-    async fn write(&mut self, bytes: Bytes) -> Result<(), SendError> {
+    /// Runs `stage`, which appends frames to the pending bytes; if it fails, the pending bytes
+    /// and the size count are as before (nothing of a failed part is sent).
+    fn staged<T>(
+        &mut self,
+        stage: impl FnOnce(&mut Self, &mut BytesMut) -> Result<T, SendError>,
+    ) -> Result<T, SendError> {
+        let mut out = std::mem::take(&mut self.pending);
+        let (mark, wire) = (out.len(), self.total_wire);
+        let r = stage(self, &mut out);
+        if r.is_err() {
+            out.truncate(mark);
+            self.total_wire = wire;
+        }
+        self.pending = out;
+        r
+    }
+
+    /// Writes the pending frames in one stream write; queued acknowledgements go first on the
+    /// control stream, so that both leave in the same packet.
+    async fn flush(&mut self) -> Result<(), SendError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if self.stream.is_none() {
+            return Err(SendError::Cancelled);
+        }
+        self.shared.flush_acks().await;
+        let bytes = std::mem::take(&mut self.pending).freeze();
         let stream = self.stream.as_mut().ok_or(SendError::Cancelled)?;
         let r = stream
             .write_chunk(bytes)
@@ -255,6 +306,26 @@ impl MessageWriter {
     pub async fn write_part(&mut self, part: OutgoingPart) -> Result<PartStats, SendError> {
         self.check_open()?;
         let index = self.next_part;
+        let (stats, commit) = self.staged(|w, out| w.stage_part(out, index, part))?;
+        self.next_part += 1;
+        if !self.defer || self.pending.len() >= DEFER_FLUSH_BYTES {
+            self.flush().await?;
+        }
+        if let Some(seq) = commit {
+            self.commit(index, seq).await?;
+        }
+        self.stats.add_part(stats.clone());
+        Ok(stats)
+    }
+
+    /// Codes part `index` and appends its frames to `out`. Returns its statistics and the
+    /// sequence to insert into the context (none for raw parts).
+    fn stage_part(
+        &mut self,
+        out: &mut BytesMut,
+        index: u64,
+        part: OutgoingPart,
+    ) -> Result<(PartStats, Option<Sequence>), SendError> {
         let limits = self.shared.negotiated.limits;
         let chunk_tokens = part
             .chunk_tokens
@@ -263,17 +334,14 @@ impl MessageWriter {
             index,
             ..PartStats::default()
         };
-        let mut out = BytesMut::new();
-        let commit;
-        match &part.content {
+        let before = self.total_wire;
+        let commit = match part.content {
             PartContent::Raw { media_type, bytes } => {
                 let header = Frame::PartHeader(PartHeader {
                     index: v(index),
-                    body: PartBody::Raw(RawPart {
-                        media_type: media_type.clone(),
-                    }),
+                    body: PartBody::Raw(RawPart { media_type }),
                 });
-                out.extend_from_slice(&self.frame(&header)?);
+                self.put(out, &header)?;
                 let budget = usize::try_from(self.frame_budget())
                     .unwrap_or(usize::MAX)
                     .max(1);
@@ -295,9 +363,10 @@ impl MessageWriter {
                         token_count: VarInt::ZERO,
                         payload,
                     });
-                    out.extend_from_slice(&self.frame(&f)?);
+                    self.put(out, &f)?;
                 }
-                commit = None;
+                stats.wire_bytes = self.total_wire - before;
+                None
             }
             PartContent::Text(ids) => {
                 let (tok, _) = self.tokenizer(SequenceKind::Text, part.tokenizer.as_deref(), 0)?;
@@ -306,7 +375,7 @@ impl MessageWriter {
                 let spec = PartSpec::new(part.model)
                     .with_refs(part.context.clone())
                     .with_chunk_tokens(chunk_tokens);
-                let (coded, _) = self.encode(PartTokens::Text(ids), spec, n)?;
+                let (coded, _) = self.encode(PartTokens::Text(&ids), spec, n)?;
                 let header = CodedPart {
                     tokenizer: tok,
                     entropy_model: model,
@@ -319,8 +388,8 @@ impl MessageWriter {
                     context: refs(&part.context),
                     context_digest: coded.digest,
                 };
-                self.coded_frames(&mut out, index, PartBody::Text(header), &coded, &mut stats)?;
-                commit = Some(Sequence::text(ids.clone()));
+                self.coded_frames(out, index, PartBody::Text(header), coded, &mut stats)?;
+                Some(Sequence::text(ids))
             }
             PartContent::Image(grid) => {
                 let (h, w) = (u64::from(grid.height()), u64::from(grid.width()));
@@ -341,7 +410,7 @@ impl MessageWriter {
                 let spec = PartSpec::new(part.model)
                     .with_refs(part.context.clone())
                     .with_chunk_tokens(chunk_tokens);
-                let (coded, _) = self.encode(PartTokens::Grid(grid), spec, h * w)?;
+                let (coded, _) = self.encode(PartTokens::Grid(&grid), spec, h * w)?;
                 let header = CodedPart {
                     tokenizer: tok,
                     entropy_model: model,
@@ -355,17 +424,11 @@ impl MessageWriter {
                     context_digest: coded.digest,
                 };
                 stats.pixels = patch.map(|p| h * w * u64::from(p) * u64::from(p));
-                self.coded_frames(&mut out, index, PartBody::Image(header), &coded, &mut stats)?;
-                commit = Some(Sequence::grid(grid));
+                self.coded_frames(out, index, PartBody::Image(header), coded, &mut stats)?;
+                Some(Sequence::grid(&grid))
             }
-        }
-        self.write(out.freeze()).await?;
-        self.next_part += 1;
-        if let Some(seq) = commit {
-            self.commit(index, seq).await?;
-        }
-        self.stats.add_part(stats.clone());
-        Ok(stats)
+        };
+        Ok((stats, commit))
     }
 
     fn coded_frames(
@@ -373,7 +436,7 @@ impl MessageWriter {
         out: &mut BytesMut,
         index: u64,
         body: PartBody,
-        coded: &EncodedPart,
+        coded: EncodedPart,
         stats: &mut PartStats,
     ) -> Result<(), SendError> {
         let header = Frame::PartHeader(PartHeader {
@@ -381,18 +444,18 @@ impl MessageWriter {
             body,
         });
         let before = self.total_wire;
-        out.extend_from_slice(&self.frame(&header)?);
+        self.put(out, &header)?;
         let count = coded.chunks.len();
-        for (seq, chunk) in coded.chunks.iter().enumerate() {
+        for (seq, chunk) in coded.chunks.into_iter().enumerate() {
             stats.payload_bytes += chunk.payload.len() as u64;
             let f = Frame::PartChunk(PartChunk {
                 part_index: v(index),
                 seq: v(seq as u64),
                 fin: seq + 1 == count,
                 token_count: VarInt::from_u32(chunk.tokens),
-                payload: Bytes::copy_from_slice(&chunk.payload),
+                payload: Bytes::from(chunk.payload),
             });
-            out.extend_from_slice(&self.frame(&f)?);
+            self.put(out, &f)?;
         }
         stats.tokens = coded.tokens;
         stats.wire_bytes = self.total_wire - before;
@@ -443,8 +506,8 @@ impl MessageWriter {
             }),
         });
         let before = self.total_wire;
-        let bytes = self.frame(&header)?;
-        self.write(bytes.freeze()).await?;
+        self.staged(|w, out| w.put(out, &header))?;
+        self.flush().await?;
         self.next_part += 1;
         self.text = Some(OpenText {
             index,
@@ -463,11 +526,19 @@ impl MessageWriter {
     /// Codes and sends `ids` as the next chunk of the open streamed text part. The receiver gets
     /// them decoded as soon as the chunk arrives.
     pub async fn push_text(&mut self, ids: &[u32]) -> Result<(), SendError> {
-        self.text_chunk(ids, false).await
+        self.text_chunk(ids, false).await?;
+        self.flush().await
     }
 
     /// Ends the streamed text part (with a final, possibly empty, chunk).
     pub async fn end_text(&mut self) -> Result<PartStats, SendError> {
+        let stats = self.close_text().await?;
+        self.flush().await?;
+        Ok(stats)
+    }
+
+    /// Stages the final chunk of the open text part and commits the part.
+    async fn close_text(&mut self) -> Result<PartStats, SendError> {
         self.text_chunk(&[], true).await?;
         let Some(open) = self.text.take() else {
             return Err(SendError::Usage("no streamed text part is open"));
@@ -477,6 +548,7 @@ impl MessageWriter {
         Ok(open.stats)
     }
 
+    /// Codes `ids` as the next chunk(s) of the open text part and stages them (not written).
     async fn text_chunk(&mut self, ids: &[u32], fin: bool) -> Result<(), SendError> {
         if self.stream.is_none() {
             return Err(SendError::Cancelled);
@@ -488,25 +560,26 @@ impl MessageWriter {
         let spec = open.spec.clone();
         // Each chunk is coded alone from the state after the references (chunks are independent).
         let (coded, _) = self.encode(PartTokens::Text(ids), spec, ids.len() as u64)?;
-        let mut out = BytesMut::new();
         let before = self.total_wire;
-        let count = coded.chunks.len();
         let mut payload_bytes = 0;
         let mut seqs = 0;
-        for (i, chunk) in coded.chunks.iter().enumerate() {
-            payload_bytes += chunk.payload.len() as u64;
-            let f = Frame::PartChunk(PartChunk {
-                part_index: v(index),
-                seq: v(seq + i as u64),
-                fin: fin && i + 1 == count,
-                token_count: VarInt::from_u32(chunk.tokens),
-                payload: Bytes::copy_from_slice(&chunk.payload),
-            });
-            out.extend_from_slice(&self.frame(&f)?);
-            seqs += 1;
-        }
+        self.staged(|w, out| {
+            let count = coded.chunks.len();
+            for (i, chunk) in coded.chunks.into_iter().enumerate() {
+                payload_bytes += chunk.payload.len() as u64;
+                let f = Frame::PartChunk(PartChunk {
+                    part_index: v(index),
+                    seq: v(seq + i as u64),
+                    fin: fin && i + 1 == count,
+                    token_count: VarInt::from_u32(chunk.tokens),
+                    payload: Bytes::from(chunk.payload),
+                });
+                w.put(out, &f)?;
+                seqs += 1;
+            }
+            Ok(())
+        })?;
         let wire = self.total_wire - before;
-        self.write(out.freeze()).await?;
         if let Some(open) = self.text.as_mut() {
             open.seq += seqs;
             open.ids.extend_from_slice(ids);
@@ -517,16 +590,17 @@ impl MessageWriter {
         Ok(())
     }
 
-    /// Writes the message end and finishes the stream. Returns the message statistics.
+    /// Writes the message end (with whatever is still pending, in one write) and finishes the
+    /// stream. Returns the message statistics.
     pub async fn finish(mut self) -> Result<MessageStats, SendError> {
         if self.text.is_some() {
-            self.end_text().await?;
+            self.close_text().await?;
         }
         let end = Frame::MessageEnd(MessageEnd {
             part_count: v(self.next_part),
         });
-        let bytes = self.frame(&end)?;
-        self.write(bytes.freeze()).await?;
+        self.staged(|w, out| w.put(out, &end))?;
+        self.flush().await?;
         if let Some(mut stream) = self.stream.take() {
             // Fails only if the stream was already reset.
             stream.finish().map_err(|_| SendError::Cancelled)?;

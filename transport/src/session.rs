@@ -71,6 +71,8 @@ pub(crate) struct State {
     pub peer_errors: Vec<ErrorFrame>,
     /// Peer messages the peer asked us to stop (Cancel frames).
     pub cancelled: HashSet<u64>,
+    /// Acknowledgements queued for the peer, not written yet (see [`Shared::queue_ack`]).
+    pub pending_acks: Vec<Ack>,
 }
 
 const MAX_REMEMBERED: usize = 1024;
@@ -85,6 +87,9 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// Signalled whenever the context or the in-flight sets change, or an ack arrives.
     pub changed: Notify,
+    /// Signalled (one permit) when an acknowledgement is queued while none was pending: arms the
+    /// driver's ack timer.
+    ack_queued: Notify,
     control: tokio::sync::Mutex<quinn::SendStream>,
     /// Next message id to use, behind the lock that also orders stream opening.
     next_id: tokio::sync::Mutex<u64>,
@@ -117,6 +122,39 @@ impl Shared {
         let mut send = self.control.lock().await;
         if let Err(e) = send.write_all(&bytes).await {
             tracing::debug!(parent: &self.span, error = %e, frame = frame.name(), "control write failed");
+        }
+    }
+
+    /// Queues an acknowledgement. It is written by [`flush_acks`](Self::flush_acks): before the
+    /// next message this side writes (sharing its packet), or by the driver once
+    /// [`SessionConfig::ack_delay`] has passed, whichever comes first. Never waits.
+    pub fn queue_ack(&self, ack: Ack) {
+        let first = {
+            let mut st = self.state();
+            st.pending_acks.push(ack);
+            st.pending_acks.len() == 1
+        };
+        if first {
+            self.ack_queued.notify_one();
+        }
+    }
+
+    /// Writes every queued acknowledgement on the control stream, in one write.
+    pub async fn flush_acks(&self) {
+        let acks = {
+            let mut st = self.state();
+            if st.pending_acks.is_empty() {
+                return;
+            }
+            std::mem::take(&mut st.pending_acks)
+        };
+        let mut bytes = bytes::BytesMut::new();
+        for ack in acks {
+            bytes.extend_from_slice(&wire::frame_bytes(&Frame::Ack(ack)));
+        }
+        let mut send = self.control.lock().await;
+        if let Err(e) = send.write_all(&bytes).await {
+            tracing::debug!(parent: &self.span, error = %e, "ack write failed");
         }
     }
 
@@ -240,6 +278,7 @@ impl Session {
             acks: HashMap::new(),
             peer_errors: Vec::new(),
             cancelled: HashSet::new(),
+            pending_acks: Vec::new(),
         };
         let concurrent = negotiated.limits.max_concurrent_messages.into_inner();
         conn.set_max_concurrent_uni_streams(
@@ -254,6 +293,7 @@ impl Session {
             config,
             state: Mutex::new(state),
             changed: Notify::new(),
+            ack_queued: Notify::new(),
             control: tokio::sync::Mutex::new(control.send),
             next_id: tokio::sync::Mutex::new(match side {
                 Side::Client => 0,
@@ -296,12 +336,15 @@ impl Session {
 
     /// Sends a whole message: codes every part, writes it on a new stream, and returns its
     /// statistics once the stream is finished (not necessarily delivered; see
-    /// [`Session::wait_ack`]).
+    /// [`Session::wait_ack`]). The frames are written in one stream write together with the
+    /// stream end (parts are written early only once more than 16 KiB are waiting), so a small
+    /// message leaves in one packet.
     ///
     /// Cancel safety: dropping the future resets the stream with `CANCELLED`; the peer drops the
     /// message.
     pub async fn send(&self, message: OutgoingMessage) -> Result<MessageStats, SendError> {
-        let mut writer = self.open(message.role).await?;
+        // Whole-message mode: the frames go out in one write with the stream end (unless large).
+        let mut writer = MessageWriter::open(self.shared.clone(), message.role, true).await?;
         for part in message.parts {
             writer.write_part(part).await?;
         }
@@ -310,7 +353,7 @@ impl Session {
 
     /// Opens a message to write part by part, or to stream text into (see [`MessageWriter`]).
     pub async fn open(&self, role: unimic_protocol::Role) -> Result<MessageWriter, SendError> {
-        MessageWriter::open(self.shared.clone(), role).await
+        MessageWriter::open(self.shared.clone(), role, false).await
     }
 
     /// The next incoming message, in the order the peer opened them; `Ok(None)` once the session
@@ -390,6 +433,7 @@ impl Session {
         let shared = self.shared.clone();
         let deadline = tokio::time::Instant::now() + grace;
         let _ = tokio::time::timeout_at(deadline, shared.quiesce()).await;
+        shared.flush_acks().await;
         self.go_away("closing").await;
         let _ = tokio::time::timeout_at(deadline, shared.conn.closed()).await;
         wire::close(&shared.conn, ErrorCode::NO_ERROR, "closed");
@@ -402,14 +446,31 @@ impl Drop for Session {
     }
 }
 
-/// The driver: accepts message streams and reads the control stream until the connection ends.
+/// The driver: accepts message streams, reads the control stream, and writes acknowledgements
+/// that found no message to ride with, until the connection ends.
 async fn drive(
     shared: Arc<Shared>,
     mut control: FrameReader,
     deliver: mpsc::Sender<IncomingMessage>,
 ) {
+    let ack_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(ack_timer);
+    let mut ack_armed = false;
     loop {
         tokio::select! {
+            () = shared.ack_queued.notified(), if !ack_armed => {
+                ack_armed = true;
+                ack_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + shared.config.ack_delay);
+            }
+            () = &mut ack_timer, if ack_armed => {
+                ack_armed = false;
+                // In a task: a control stream blocked by flow control must not stop the driver
+                // from reading the peer's control stream.
+                let s = shared.clone();
+                tokio::spawn(async move { s.flush_acks().await }.instrument(shared.span.clone()));
+            }
             stream = shared.conn.accept_uni() => match stream {
                 Ok(mut recv) => {
                     if shared.sent_go_away.load(Ordering::Acquire) {
@@ -468,6 +529,7 @@ fn peer_going_away(shared: &Arc<Shared>) {
         async move {
             // Finish what is in flight in both directions, then close.
             let _ = tokio::time::timeout(GO_AWAY_GRACE, s.quiesce()).await;
+            s.flush_acks().await;
             wire::close(&s.conn, ErrorCode::NO_ERROR, "go away");
         }
         .instrument(shared.span.clone()),
