@@ -11,6 +11,12 @@
 //! - `http-json`: HTTP/1.1 (axum server, reqwest client) with a JSON body carrying the same
 //!   bytes in base64, echoed back.
 //!
+//! Latency turns are interleaved: each round runs one turn of every transport in turn, so that
+//! on a shared machine all of them see the same load. Replies carry the request id in a small
+//! raw first part, and the waiting turn reads its reply itself (no router task in between).
+//! Large parts are coded on tokio's blocking pool by the session, so the bench's tokens turns
+//! do not starve the QUIC drivers of the other transports.
+//!
 //! Payloads: `text` (a prompt tokenized with o200k_base), `grid256` and `grid512` (token grids of
 //! 256×256 and 512×512 cells, codebook 1024, with smooth regions, coded with the adaptive grid
 //! model). The idle-session measurement (sessions one server holds, RSS per session) lives in
@@ -329,60 +335,78 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
         } else {
             config.clone()
         };
-        // unimic with tokens.
-        let mut rtts = Vec::with_capacity(config.turns);
-        let mut stats = MessageStats::default();
-        for i in 0..config.warmup + config.turns {
+        let coded = coded_bytes(&p)?;
+        let raw = OutgoingPart::raw("application/x-unimic-coded", coded.clone());
+        let body = http_body(&coded);
+
+        // Latency: the four transports take turns, one turn each per round, so that all of
+        // them see the same load on a shared machine (a phase per transport would not).
+        let rounds = config.warmup + config.turns;
+        let mut rtts: [Vec<f64>; 4] = std::array::from_fn(|_| Vec::with_capacity(rounds));
+        let (mut coded_stats, mut raw_stats) = (MessageStats::default(), MessageStats::default());
+        for i in 0..rounds {
+            let mut took = [0.0; 4];
             let t = Instant::now();
-            let s = unimic_turn(&session, &replies, &p.part).await?;
+            coded_stats = unimic_turn(&session, &replies, &p.part).await?;
+            took[0] = t.elapsed().as_secs_f64() * 1e6;
+            let t = Instant::now();
+            raw_stats = unimic_turn(&session, &replies, &raw).await?;
+            took[1] = t.elapsed().as_secs_f64() * 1e6;
+            let t = Instant::now();
+            quinn_turn(&quinn_conn, &coded).await?;
+            took[2] = t.elapsed().as_secs_f64() * 1e6;
+            let t = Instant::now();
+            http_turn(&http, http_addr, &body, &coded).await?;
+            took[3] = t.elapsed().as_secs_f64() * 1e6;
             if i >= config.warmup {
-                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+                for (all, one) in rtts.iter_mut().zip(took) {
+                    all.push(one);
+                }
             }
-            stats = s;
         }
-        let tput = throughput(config, || {
+        let [coded_rtts, raw_rtts, quinn_rtts, http_rtts] = rtts;
+
+        // Throughput: each transport alone.
+        let coded_tput = throughput(config, || {
             let (session, replies, part) = (session.clone(), replies.clone(), p.part.clone());
             async move { unimic_turn(&session, &replies, &part).await.map(|_| ()) }
         })
         .await?;
-        let coded = coded_bytes(&p)?;
-        let t = timing(rtts);
+        let raw_tput = throughput(config, || {
+            let (session, replies, part) = (session.clone(), replies.clone(), raw.clone());
+            async move { unimic_turn(&session, &replies, &part).await.map(|_| ()) }
+        })
+        .await?;
+        let quinn_tput = throughput(config, || {
+            let (conn, bytes) = (quinn_conn.clone(), coded.clone());
+            async move { quinn_turn(&conn, &bytes).await }
+        })
+        .await?;
+        let http_tput = throughput(config, || {
+            let (http, body, coded) = (http.clone(), body.clone(), coded.clone());
+            async move { http_turn(&http, http_addr, &body, &coded).await }
+        })
+        .await?;
+
+        let t = timing(coded_rtts);
         rows.push(BenchRow {
             transport: "unimic",
             payload: p.name.clone(),
             coding: "tokens",
             model: "adaptive",
             tokens: p.tokens,
-            payload_bytes: stats.payload_bytes,
-            wire_bytes: stats.wire_bytes,
+            payload_bytes: coded_stats.payload_bytes,
+            wire_bytes: coded_stats.wire_bytes,
             rtt_us_p50: t.p50,
             rtt_us_p99: t.p99,
             rtt_us_mean: t.mean,
-            msgs_per_s: tput,
+            msgs_per_s: coded_tput,
             concurrency: config.concurrency,
             turns: config.turns,
-            bits_per_token: stats.bits_per_token(),
+            bits_per_token: coded_stats.bits_per_token(),
             rtt_p50_vs_quinn_echo: None,
         });
-
-        // unimic carrying the coded bytes as a raw part.
-        let raw = OutgoingPart::raw("application/x-unimic-coded", coded.clone());
-        let mut rtts = Vec::with_capacity(config.turns);
-        let mut stats = MessageStats::default();
-        for i in 0..config.warmup + config.turns {
-            let t = Instant::now();
-            let s = unimic_turn(&session, &replies, &raw).await?;
-            if i >= config.warmup {
-                rtts.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            stats = s;
-        }
-        let tput = throughput(config, || {
-            let (session, replies, part) = (session.clone(), replies.clone(), raw.clone());
-            async move { unimic_turn(&session, &replies, &part).await.map(|_| ()) }
-        })
-        .await?;
-        let t = timing(rtts);
+        let t = timing(raw_rtts);
         rows.push(BenchRow {
             transport: "unimic",
             payload: p.name.clone(),
@@ -390,32 +414,17 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
             model: "none",
             tokens: p.tokens,
             payload_bytes: coded.len() as u64,
-            wire_bytes: stats.wire_bytes,
+            wire_bytes: raw_stats.wire_bytes,
             rtt_us_p50: t.p50,
             rtt_us_p99: t.p99,
             rtt_us_mean: t.mean,
-            msgs_per_s: tput,
+            msgs_per_s: raw_tput,
             concurrency: config.concurrency,
             turns: config.turns,
             bits_per_token: None,
             rtt_p50_vs_quinn_echo: None,
         });
-
-        // quinn echo of the same bytes.
-        let mut rtts = Vec::with_capacity(config.turns);
-        for i in 0..config.warmup + config.turns {
-            let t = Instant::now();
-            quinn_turn(&quinn_conn, &coded).await?;
-            if i >= config.warmup {
-                rtts.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        let tput = throughput(config, || {
-            let (conn, bytes) = (quinn_conn.clone(), coded.clone());
-            async move { quinn_turn(&conn, &bytes).await }
-        })
-        .await?;
-        let t = timing(rtts);
+        let t = timing(quinn_rtts);
         let quinn_p50 = t.p50;
         rows.push(BenchRow {
             transport: "quinn-echo",
@@ -428,29 +437,13 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
             rtt_us_p50: t.p50,
             rtt_us_p99: t.p99,
             rtt_us_mean: t.mean,
-            msgs_per_s: tput,
+            msgs_per_s: quinn_tput,
             concurrency: config.concurrency,
             turns: config.turns,
             bits_per_token: None,
             rtt_p50_vs_quinn_echo: Some(1.0),
         });
-
-        // HTTP/1.1 + JSON + base64.
-        let body = http_body(&coded);
-        let mut rtts = Vec::with_capacity(config.turns);
-        for i in 0..config.warmup + config.turns {
-            let t = Instant::now();
-            http_turn(&http, http_addr, &body, &coded).await?;
-            if i >= config.warmup {
-                rtts.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        let tput = throughput(config, || {
-            let (http, body, coded) = (http.clone(), body.clone(), coded.clone());
-            async move { http_turn(&http, http_addr, &body, &coded).await }
-        })
-        .await?;
-        let t = timing(rtts);
+        let t = timing(http_rtts);
         rows.push(BenchRow {
             transport: "http-json",
             payload: p.name.clone(),
@@ -462,7 +455,7 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
             rtt_us_p50: t.p50,
             rtt_us_p99: t.p99,
             rtt_us_mean: t.mean,
-            msgs_per_s: tput,
+            msgs_per_s: http_tput,
             concurrency: config.concurrency,
             turns: config.turns,
             bits_per_token: None,
@@ -572,10 +565,10 @@ async fn unimic_turn(
     router: &ReplyRouter,
     part: &OutgoingPart,
 ) -> Result<MessageStats, BenchError> {
-    let mut writer = session.open(Role::User).await?;
-    let id = writer.message_id();
-    writer.write_part(part.clone()).await?;
-    let stats = writer.finish().await?;
+    let stats = session
+        .send(OutgoingMessage::new(Role::User).with_part(part.clone()))
+        .await?;
+    let id = stats.message_id;
     let parts = tokio::time::timeout(Duration::from_secs(60), router.reply(session, id))
         .await
         .map_err(|_| BenchError::Other("reply timed out".into()))??;

@@ -84,10 +84,11 @@ pub struct SessionConfig {
     pub context_wait: Duration,
     /// Acknowledge every received message on the control stream once decoded (on).
     pub send_acks: bool,
-    /// How long an acknowledgement may wait before it is written on its own (5 ms). Acks are
-    /// never written on a message's critical path: they are queued, then written together with
-    /// the next message this side sends (so they share its packet) or, if none is sent within
-    /// this delay, alone.
+    /// How long a received message waits for its acknowledgement to be written (5 ms). Acks are
+    /// never written on a message's critical path: they are queued, and the session driver
+    /// writes whatever is queued, in one control-stream write, once this delay has passed since
+    /// the first of them (so a busy session sends one batch per delay, not one frame per
+    /// message).
     pub ack_delay: Duration,
     /// Tokens per chunk when the caller does not choose (4096).
     pub default_chunk_tokens: u32,
@@ -145,7 +146,7 @@ impl SessionConfig {
         self
     }
 
-    /// Sets how long an acknowledgement may wait for a message to ride with.
+    /// Sets how long acknowledgements are batched before they are written.
     pub fn with_ack_delay(mut self, delay: Duration) -> Self {
         self.ack_delay = delay;
         self

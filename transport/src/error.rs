@@ -115,6 +115,10 @@ pub enum SendError {
     /// The caller used the message writer out of order (a chunk outside a part, ...).
     #[error("invalid use: {0}")]
     Usage(&'static str),
+    /// Coding on the blocking pool did not finish (the task panicked or the runtime is
+    /// shutting down).
+    #[error("coding task failed: {0}")]
+    Task(String),
 }
 
 impl SendError {
@@ -127,7 +131,7 @@ impl SendError {
             SendError::Cancelled => ErrorCode::CANCELLED,
             SendError::Limit { .. } => ErrorCode::LIMIT_EXCEEDED,
             SendError::NotNegotiated(_) => ErrorCode::MODEL_MISSING,
-            SendError::Codec(_) | SendError::Usage(_) => ErrorCode::INTERNAL,
+            SendError::Codec(_) | SendError::Usage(_) | SendError::Task(_) => ErrorCode::INTERNAL,
         }
     }
 }

@@ -32,9 +32,11 @@ use crate::wire;
 const BATCH_DEPTH: usize = 4;
 /// Most events in one batch (so at most `BATCH_DEPTH * BATCH_EVENTS` wait for the caller).
 const BATCH_EVENTS: usize = 8;
-/// A chunk of more tokens than this is decoded only after the events before it were handed
-/// over, so that a long decode does not hold them back.
-const DECODE_FLUSH_TOKENS: u64 = 1024;
+/// A chunk of more tokens than [`BLOCKING_TOKENS`] is decoded only after the events before it
+/// were handed over (so that a long decode does not hold them back), and on tokio's blocking
+/// pool (so that it does not hold an async worker either); so is the decoder of a large grid or
+/// of a part with context references (learning the references takes time).
+use crate::send::BLOCKING_TOKENS;
 
 /// One message event, or the error that ended the message.
 type EventResult = Result<MessageEvent, RecvError>;
@@ -48,6 +50,8 @@ fn max_chunk_tokens(limits: &unimic_protocol::Limits) -> u64 {
 }
 /// Largest read from a message stream at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// Reads taken without waiting (bytes already there) before the task waits anyway.
+const EAGER_READS: u32 = 4;
 
 /// One incoming message. Pull its events with [`next`](Self::next), or everything at once with
 /// [`collect`](Self::collect).
@@ -151,7 +155,7 @@ enum Current {
         identity: unimic_codec::part::ModelIdentity,
         kind: SequenceKind,
         grid: Option<(u32, u32, u32)>,
-        decoder: Option<Box<PartDecoder>>,
+        decoder: Option<Arc<PartDecoder>>,
         ids: Vec<u32>,
         stats: PartStats,
     },
@@ -249,6 +253,7 @@ enum Outcome {
 
 impl Task {
     async fn pump(&mut self) -> Outcome {
+        let mut eager = 0;
         loop {
             if self.cancel.is_cancelled() {
                 return Outcome::Cancelled;
@@ -268,10 +273,18 @@ impl Task {
                 }
             }
             // What has already arrived is parsed before the events go to the caller, so that a
-            // message read at once reaches the caller in one wake-up.
+            // message read at once reaches the caller in one wake-up (for a few reads at most:
+            // the first run of this task happens inside the session driver).
+            eager += 1;
+            if eager > EAGER_READS {
+                eager = 0;
+                self.flush_events().await;
+                tokio::task::yield_now().await;
+            }
             let read = match self.recv.read_chunk(READ_CHUNK, true).now_or_never() {
                 Some(r) => r,
                 None => {
+                    eager = 0;
                     self.flush_events().await;
                     tokio::select! {
                         r = self.recv.read_chunk(READ_CHUNK, true) => r,
@@ -629,7 +642,7 @@ impl Task {
     }
 
     async fn on_chunk(&mut self, c: PartChunk) -> Result<(), Fail> {
-        if c.token_count.into_inner() > DECODE_FLUSH_TOKENS {
+        if c.token_count.into_inner() > BLOCKING_TOKENS {
             self.flush_events().await;
         }
         let wire = chunk_len(&c);
@@ -684,23 +697,29 @@ impl Task {
                         if decoder.is_none() {
                             let chunk_tokens = u32::try_from(n).unwrap_or(u32::MAX).max(1);
                             let spec = spec.clone().with_chunk_tokens(chunk_tokens);
-                            let mut st = self.shared.state();
-                            let st = &mut *st;
-                            let d = st
-                                .codec
-                                .decoder(
-                                    &st.context,
-                                    PartShape::Grid {
-                                        height,
-                                        width,
-                                        codebook_size,
-                                    },
-                                    &spec,
-                                    digest,
-                                    identity,
-                                )
-                                .map_err(|e| part_fail(&e))?;
-                            *decoder = Some(Box::new(d));
+                            let shape = PartShape::Grid {
+                                height,
+                                width,
+                                codebook_size,
+                            };
+                            let big = shape.tokens() > BLOCKING_TOKENS || !spec.refs.is_empty();
+                            let (digest, identity) = (*digest, *identity);
+                            let shared = self.shared.clone();
+                            let make = move || {
+                                let mut st = shared.state();
+                                let st = &mut *st;
+                                st.codec
+                                    .decoder(&st.context, shape, &spec, &digest, &identity)
+                            };
+                            let d = if big {
+                                tokio::task::spawn_blocking(make)
+                                    .await
+                                    .map_err(|e| Fail::new(ErrorCode::INTERNAL, e.to_string()))?
+                            } else {
+                                make()
+                            }
+                            .map_err(|e| part_fail(&e))?;
+                            *decoder = Some(Arc::new(d));
                         }
                         let Some(d) = decoder.as_ref() else {
                             return Err(Fail::new(ErrorCode::INTERNAL, "no decoder"));
@@ -717,25 +736,43 @@ impl Task {
                                 "chunk token count does not match the chunking",
                             ));
                         }
-                        d.decode_chunk(seq, &c.payload).map_err(|e| part_fail(&e))?
+                        if n > BLOCKING_TOKENS {
+                            let (d, payload) = (d.clone(), c.payload.clone());
+                            tokio::task::spawn_blocking(move || d.decode_chunk(seq, &payload))
+                                .await
+                                .map_err(|e| Fail::new(ErrorCode::INTERNAL, e.to_string()))?
+                        } else {
+                            d.decode_chunk(seq, &c.payload)
+                        }
+                        .map_err(|e| part_fail(&e))?
                     }
                     _ => {
                         // Text chunks are coded independently from the state after the
                         // references, so each decodes alone whatever the chunking.
-                        let d = {
-                            let mut guard = self.shared.state();
-                            let st = &mut *guard;
-                            st.codec
-                                .decoder(
+                        let (spec, digest, identity) = (spec.clone(), *digest, *identity);
+                        let (shared, payload) = (self.shared.clone(), c.payload.clone());
+                        let decode = move || {
+                            let d = {
+                                let mut guard = shared.state();
+                                let st = &mut *guard;
+                                st.codec.decoder(
                                     &st.context,
                                     PartShape::Text { count: n },
-                                    spec,
-                                    digest,
-                                    identity,
-                                )
-                                .map_err(|e| part_fail(&e))?
+                                    &spec,
+                                    &digest,
+                                    &identity,
+                                )?
+                            };
+                            d.decode_chunk(0, &payload)
                         };
-                        d.decode_chunk(0, &c.payload).map_err(|e| part_fail(&e))?
+                        if n > BLOCKING_TOKENS {
+                            tokio::task::spawn_blocking(decode)
+                                .await
+                                .map_err(|e| Fail::new(ErrorCode::INTERNAL, e.to_string()))?
+                        } else {
+                            decode()
+                        }
+                        .map_err(|e| part_fail(&e))?
                     }
                 };
                 if decoded.len() as u64 != n {

@@ -26,6 +26,12 @@ const CHUNK_OVERHEAD: u64 = 40;
 /// before the next part is coded, so large parts start travelling early.
 const DEFER_FLUSH_BYTES: usize = 16 * 1024;
 
+/// Parts of more tokens than this are coded on tokio's blocking pool, not on the async workers:
+/// a 256×256 grid takes tens of milliseconds to code, during which a worker would otherwise run
+/// nothing else (no QUIC connection driver, no other session). Smaller parts are coded inline,
+/// where a thread hop would cost more than the coding.
+pub(crate) const BLOCKING_TOKENS: u64 = 1024;
+
 /// A streamed text part in progress.
 struct OpenText {
     index: u64,
@@ -45,7 +51,8 @@ struct OpenText {
 /// `write_part`, `begin_text` or `finish`.
 ///
 /// Dropping a writer before `finish` (or calling [`cancel`](Self::cancel)) resets the stream with
-/// `CANCELLED`: the peer drops the message. Parts completed before that stay in both contexts.
+/// `CANCELLED`: the peer drops the message. Parts written before that stay in both contexts
+/// (once the peer has decoded them); parts coded but not written yet are taken out of ours.
 pub struct MessageWriter {
     shared: Arc<Shared>,
     stream: Option<quinn::SendStream>,
@@ -53,6 +60,9 @@ pub struct MessageWriter {
     pending: BytesMut,
     /// Whole-message mode: keep frames until `finish` (or [`DEFER_FLUSH_BYTES`]).
     defer: bool,
+    /// Parts already in our context whose frames are still pending: if the message is abandoned
+    /// before they are written, they are taken out again (the peer never sees them).
+    unsent: Vec<ContextKey>,
     message_id: u64,
     next_part: u64,
     text: Option<OpenText>,
@@ -109,6 +119,7 @@ impl MessageWriter {
             stream: Some(stream),
             pending: BytesMut::new(),
             defer,
+            unsent: Vec::new(),
             message_id,
             next_part: 0,
             text: None,
@@ -174,8 +185,7 @@ impl MessageWriter {
         r
     }
 
-    /// Writes the pending frames in one stream write; queued acknowledgements go first on the
-    /// control stream, so that both leave in the same packet.
+    /// Writes the pending frames in one stream write.
     async fn flush(&mut self) -> Result<(), SendError> {
         if self.pending.is_empty() {
             return Ok(());
@@ -183,14 +193,15 @@ impl MessageWriter {
         if self.stream.is_none() {
             return Err(SendError::Cancelled);
         }
-        self.shared.flush_acks().await;
         let bytes = std::mem::take(&mut self.pending).freeze();
         let stream = self.stream.as_mut().ok_or(SendError::Cancelled)?;
         let r = stream
             .write_chunk(bytes)
             .instrument(self.span.clone())
             .await;
-        r.map_err(SendError::from)
+        r.map_err(SendError::from)?;
+        self.unsent.clear();
+        Ok(())
     }
 
     /// Whether the peer asked (with a Cancel frame) to stop this message.
@@ -256,40 +267,68 @@ impl MessageWriter {
             .saturating_sub(CHUNK_OVERHEAD)
     }
 
-    /// Codes tokens so that every chunk fits a frame: halves the chunk size until it does.
+    /// Codes tokens so that every chunk fits a frame (see [`encode_part`]).
     fn encode(
         &self,
         tokens: PartTokens<'_>,
         spec: PartSpec,
         n: u64,
-    ) -> Result<(EncodedPart, PartSpec), SendError> {
-        let budget = self.frame_budget();
-        let mut spec = spec;
-        loop {
-            let part = {
-                let mut st = self.shared.state();
-                let st = &mut *st;
-                st.codec.encode(&st.context, tokens, &spec)?
-            };
-            let largest = part
-                .chunks
-                .iter()
-                .map(|c| c.payload.len() as u64)
-                .max()
-                .unwrap_or(0);
-            let chunk = u64::from(spec.chunk_tokens.unwrap_or(u32::MAX)).min(n);
-            if largest <= budget || chunk <= 1 {
-                if largest > budget {
-                    return Err(SendError::Limit {
-                        what: "chunk payload",
-                        value: largest,
-                        limit: budget,
-                    });
-                }
-                return Ok((part, spec));
+    ) -> Result<EncodedPart, SendError> {
+        encode_part(&self.shared, tokens, spec, n)
+    }
+
+    /// Codes a large text or image part on the blocking pool (see [`BLOCKING_TOKENS`]) after the
+    /// cheap checks; `None` for raw and small parts, which [`stage_part`](Self::stage_part) codes
+    /// inline.
+    async fn precode(
+        &self,
+        part: &mut OutgoingPart,
+        chunk_tokens: u32,
+    ) -> Result<Option<EncodedPart>, SendError> {
+        let limits = self.shared.negotiated.limits;
+        let n = match &part.content {
+            PartContent::Text(ids) => {
+                self.tokenizer(SequenceKind::Text, part.tokenizer.as_deref(), 0)?;
+                self.entropy(part.model, SequenceKind::Text)?;
+                ids.len() as u64
             }
-            spec = spec.with_chunk_tokens(u32::try_from(chunk / 2).unwrap_or(u32::MAX).max(1));
+            PartContent::Image(grid) => {
+                let (h, w) = (u64::from(grid.height()), u64::from(grid.width()));
+                if h > limits.max_grid_height.into_inner() || w > limits.max_grid_width.into_inner()
+                {
+                    // stage_part reports which limit.
+                    return Ok(None);
+                }
+                self.tokenizer(
+                    SequenceKind::Grid,
+                    part.tokenizer.as_deref(),
+                    grid.codebook_size(),
+                )?;
+                self.entropy(part.model, SequenceKind::Grid)?;
+                h * w
+            }
+            PartContent::Raw { .. } => return Ok(None),
+        };
+        if n <= BLOCKING_TOKENS {
+            return Ok(None);
         }
+        let spec = PartSpec::new(part.model)
+            .with_refs(part.context.clone())
+            .with_chunk_tokens(chunk_tokens);
+        let content = std::mem::replace(&mut part.content, PartContent::Text(Vec::new()));
+        let shared = self.shared.clone();
+        let (coded, content) = tokio::task::spawn_blocking(move || {
+            let coded = match &content {
+                PartContent::Text(ids) => encode_part(&shared, PartTokens::Text(ids), spec, n),
+                PartContent::Image(grid) => encode_part(&shared, PartTokens::Grid(grid), spec, n),
+                PartContent::Raw { .. } => Err(SendError::Usage("raw parts are not coded")),
+            };
+            (coded, content)
+        })
+        .await
+        .map_err(|e| SendError::Task(e.to_string()))?;
+        part.content = content;
+        coded.map(Some)
     }
 
     fn check_open(&self) -> Result<(), SendError> {
@@ -306,7 +345,12 @@ impl MessageWriter {
     pub async fn write_part(&mut self, part: OutgoingPart) -> Result<PartStats, SendError> {
         self.check_open()?;
         let index = self.next_part;
-        let (stats, commit) = self.staged(|w, out| w.stage_part(out, index, part))?;
+        let mut part = part;
+        let chunk_tokens = part
+            .chunk_tokens
+            .unwrap_or(self.shared.config.default_chunk_tokens);
+        let pre = self.precode(&mut part, chunk_tokens).await?;
+        let (stats, commit) = self.staged(|w, out| w.stage_part(out, index, part, pre))?;
         self.next_part += 1;
         if !self.defer || self.pending.len() >= DEFER_FLUSH_BYTES {
             self.flush().await?;
@@ -325,6 +369,7 @@ impl MessageWriter {
         out: &mut BytesMut,
         index: u64,
         part: OutgoingPart,
+        pre: Option<EncodedPart>,
     ) -> Result<(PartStats, Option<Sequence>), SendError> {
         let limits = self.shared.negotiated.limits;
         let chunk_tokens = part
@@ -375,7 +420,10 @@ impl MessageWriter {
                 let spec = PartSpec::new(part.model)
                     .with_refs(part.context.clone())
                     .with_chunk_tokens(chunk_tokens);
-                let (coded, _) = self.encode(PartTokens::Text(&ids), spec, n)?;
+                let coded = match pre {
+                    Some(c) => c,
+                    None => self.encode(PartTokens::Text(&ids), spec, n)?,
+                };
                 let header = CodedPart {
                     tokenizer: tok,
                     entropy_model: model,
@@ -410,7 +458,10 @@ impl MessageWriter {
                 let spec = PartSpec::new(part.model)
                     .with_refs(part.context.clone())
                     .with_chunk_tokens(chunk_tokens);
-                let (coded, _) = self.encode(PartTokens::Grid(&grid), spec, h * w)?;
+                let coded = match pre {
+                    Some(c) => c,
+                    None => self.encode(PartTokens::Grid(&grid), spec, h * w)?,
+                };
                 let header = CodedPart {
                     tokenizer: tok,
                     entropy_model: model,
@@ -463,11 +514,15 @@ impl MessageWriter {
     }
 
     /// Inserts a finished part into our context and announces evictions.
-    async fn commit(&self, index: u64, seq: Sequence) -> Result<(), SendError> {
+    async fn commit(&mut self, index: u64, seq: Sequence) -> Result<(), SendError> {
+        let key = self.key(index);
         let evicted = {
             let mut st = self.shared.state();
-            st.context.insert(self.key(index), seq)
+            st.context.insert(key, seq)
         };
+        if evicted.is_ok() && !self.pending.is_empty() {
+            self.unsent.push(key);
+        }
         self.shared.changed.notify_waiters();
         match evicted {
             Ok(ev) if !ev.is_empty() => self.shared.announce_evicted(ev).await,
@@ -559,7 +614,7 @@ impl MessageWriter {
         let (index, seq) = (open.index, open.seq);
         let spec = open.spec.clone();
         // Each chunk is coded alone from the state after the references (chunks are independent).
-        let (coded, _) = self.encode(PartTokens::Text(ids), spec, ids.len() as u64)?;
+        let coded = self.encode(PartTokens::Text(ids), spec, ids.len() as u64)?;
         let before = self.total_wire;
         let mut payload_bytes = 0;
         let mut seqs = 0;
@@ -621,6 +676,13 @@ impl MessageWriter {
     fn reset(&mut self, code: ErrorCode) {
         if let Some(mut stream) = self.stream.take() {
             let _ = stream.reset(wire::quic_code(code));
+            if !self.unsent.is_empty() {
+                // Coded and kept, but never written: the peer will not have them either.
+                let mut st = self.shared.state();
+                for key in self.unsent.drain(..) {
+                    st.context.evict(key);
+                }
+            }
             self.shared.own_done(self.message_id, false);
         }
     }
@@ -629,5 +691,47 @@ impl MessageWriter {
 impl Drop for MessageWriter {
     fn drop(&mut self) {
         self.reset(ErrorCode::CANCELLED);
+    }
+}
+
+/// Codes tokens so that every chunk fits a frame: halves the chunk size until it does. Holds the
+/// state lock while coding (both ends code against the context as it is at that moment).
+fn encode_part(
+    shared: &Shared,
+    tokens: PartTokens<'_>,
+    spec: PartSpec,
+    n: u64,
+) -> Result<EncodedPart, SendError> {
+    let budget = shared
+        .negotiated
+        .limits
+        .max_frame_bytes
+        .into_inner()
+        .saturating_sub(CHUNK_OVERHEAD);
+    let mut spec = spec;
+    loop {
+        let part = {
+            let mut st = shared.state();
+            let st = &mut *st;
+            st.codec.encode(&st.context, tokens, &spec)?
+        };
+        let largest = part
+            .chunks
+            .iter()
+            .map(|c| c.payload.len() as u64)
+            .max()
+            .unwrap_or(0);
+        let chunk = u64::from(spec.chunk_tokens.unwrap_or(u32::MAX)).min(n);
+        if largest <= budget || chunk <= 1 {
+            if largest > budget {
+                return Err(SendError::Limit {
+                    what: "chunk payload",
+                    value: largest,
+                    limit: budget,
+                });
+            }
+            return Ok(part);
+        }
+        spec = spec.with_chunk_tokens(u32::try_from(chunk / 2).unwrap_or(u32::MAX).max(1));
     }
 }

@@ -125,9 +125,8 @@ impl Shared {
         }
     }
 
-    /// Queues an acknowledgement. It is written by [`flush_acks`](Self::flush_acks): before the
-    /// next message this side writes (sharing its packet), or by the driver once
-    /// [`SessionConfig::ack_delay`] has passed, whichever comes first. Never waits.
+    /// Queues an acknowledgement. The driver writes the queue ([`flush_acks`](Self::flush_acks))
+    /// once [`SessionConfig::ack_delay`] has passed since it stopped being empty. Never waits.
     pub fn queue_ack(&self, ack: Ack) {
         let first = {
             let mut st = self.state();
@@ -479,8 +478,16 @@ async fn drive(
                         continue;
                     }
                     shared.state().pending_headers += 1;
-                    let task = recv::run(shared.clone(), recv, deliver.clone());
-                    tokio::spawn(task.instrument(shared.span.clone()));
+                    let mut task = Box::pin(
+                        recv::run(shared.clone(), recv, deliver.clone())
+                            .instrument(shared.span.clone()),
+                    );
+                    // Run it here until it first has to wait: a message that arrived whole is
+                    // parsed, decoded (if small) and handed to the caller without a task hop.
+                    // Only the rest, if any, becomes a task of its own.
+                    if futures_util::poll!(task.as_mut()).is_pending() {
+                        tokio::spawn(task);
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(reason = %e, "connection ended");
