@@ -295,7 +295,18 @@ fn timing(mut samples: Vec<f64>) -> Timing {
 }
 
 /// Runs every transport for every payload; returns one row per (transport, coding, payload).
+///
+/// The turns run in a task spawned on the runtime, as an application's session code would:
+/// driven from `block_on`'s own thread instead, every wake-up (of a QUIC driver, of a session
+/// task) would cross threads and roughly double every transport's round trip.
 pub async fn run(config: &BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
+    tokio::spawn(run_spawned(config.clone()))
+        .await
+        .map_err(|e| BenchError::Other(format!("bench task: {e}")))?
+}
+
+async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
+    let config = &config;
     let tls = ServerTls::self_signed()?;
     let pin = tls.identity.cert_hash();
     let mut server = Server::bind(ServerConfig::new(tls.clone()).with_session(bench_session()))?;
