@@ -16,6 +16,12 @@
 //! the session still in its context). Text also reports `adaptive` with `"variant": "primed"`,
 //! whose vocabulary starts from the training captions' counts.
 //!
+//! With `--images` (and `--captioned DIR --holdout N`) the transformer models shipped in
+//! `--entropy-dir` (default `models/entropy`) are measured as well: `generic`, `masked` (the whole
+//! grid, then the `inpaint25`, `inpaint50` and `outpaint` scenarios against what `generic` and
+//! `uniform` spend on the same tokens) and, on the captioned held-out images, `text` against
+//! `generic`; see [`transformers`].
+//!
 //! A failed round trip is an error, not a number. `ratio_vs_raw` is coded bits divided by raw
 //! bits (`tokens × log2 K`); `coder_overhead` is `bits / cross_entropy_bits − 1`.
 
@@ -33,6 +39,8 @@ use unimic_codec::part::{
     CodecConfig, DecodedPart, ModelChoice, PartCodec, PartShape, PartSpec, PartTokens,
 };
 use unimic_codec::text::{O200k, TextTokenizer};
+
+mod transformers;
 
 /// Arguments of `unimic bench codec`.
 #[derive(clap::Args)]
@@ -55,6 +63,14 @@ pub struct Args {
     /// Number of images (file-name order, last ones) whose captions are coded.
     #[arg(long, default_value_t = 100)]
     pub holdout: usize,
+    /// A captioned image set (`images/` + `captions.csv`): its last `--holdout` images by file
+    /// name, each with its first caption, code with the text-conditioned and generic models.
+    #[arg(long)]
+    pub captioned: Option<PathBuf>,
+    /// Folder of the transformer entropy models (default: the shipped `models/entropy`, or
+    /// `$UNIMIC_ENTROPY`).
+    #[arg(long)]
+    pub entropy_dir: Option<PathBuf>,
     /// Token-grid files to train the static model on (default: leave-one-out over the items).
     #[arg(long, num_args = 1..)]
     pub train_tokens: Vec<PathBuf>,
@@ -82,10 +98,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.tokens.is_empty()
         && args.images.is_none()
         && args.captions.is_none()
+        && args.captioned.is_none()
         && !args.adversarial
     {
-        bail!("nothing to measure: pass --tokens FILE.., --images DIR, --captions FILE or --adversarial");
+        bail!("nothing to measure: pass --tokens FILE.., --images DIR, --captions FILE, --captioned DIR or --adversarial");
     }
+    let transformers = if args.images.is_some() || args.captioned.is_some() {
+        let dir = crate::models::entropy_dir(args.entropy_dir.as_deref());
+        transformers::Models::load(&dir)?
+    } else {
+        transformers::Models {
+            generic: None,
+            masked: None,
+            text: None,
+        }
+    };
     let mut rows = Vec::new();
     let train = load_grids(&args.train_tokens)?;
     if !args.tokens.is_empty() {
@@ -112,6 +139,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &train,
             &[("source", json!("images"))],
         )?);
+        rows.extend(transformers::bench_images(
+            &transformers,
+            &items,
+            &pixels,
+            &[("source", json!("images"))],
+        )?);
+    }
+    if let Some(dir) = &args.captioned {
+        let held = transformers::held_out_captioned(dir, args.holdout)?;
+        let tok = crate::models::tokenizer(args.tokenizer.as_deref())?;
+        let mut items = Vec::with_capacity(held.len());
+        let mut pixels = Vec::with_capacity(held.len());
+        for (p, _) in &held {
+            use unimic_codec::tokenizer::ImageTokenizer;
+            let img = image::open(p)
+                .with_context(|| format!("decoding {}", p.display()))?
+                .to_rgb8();
+            let img = crate::models::prepare(img, args.size);
+            pixels.push(u64::from(img.width()) * u64::from(img.height()));
+            items.push(tok.encode(&img)?);
+        }
+        let caps: Vec<String> = held.into_iter().map(|(_, c)| c).collect();
+        rows.extend(transformers::bench_captioned(
+            &transformers,
+            &items,
+            &caps,
+            &pixels,
+            &[
+                ("source", json!("captioned")),
+                ("holdout_images", json!(args.holdout)),
+            ],
+        )?);
     }
     if args.adversarial {
         rows.extend(bench_adversarial(&args)?);
@@ -128,7 +187,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "{:<6} {:<9} {:<8} items {:>5} tokens {:>8} bits/token {:>8.3} raw {:>6.2} ratio {:.4} overhead {:+.4}% enc {:.2}us dec {:.2}us",
                 g("kind").as_str().unwrap_or(""),
                 g("model").as_str().unwrap_or(""),
-                g("variant").as_str().or(g("set").as_str()).unwrap_or(""),
+                g("variant").as_str().or(g("set").as_str()).or(g("scenario").as_str()).unwrap_or(""),
                 g("items"),
                 g("tokens"),
                 g("bits_per_token").as_f64().unwrap_or(0.0),
@@ -212,6 +271,14 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts one coded grid.
+    fn add(&mut self, grid: &TokenGrid, bits: u64) {
+        self.items += 1;
+        self.tokens += grid.len() as u64;
+        self.bits += bits;
+        self.raw_bits += grid.len() as f64 * f64::from(grid.codebook_size()).log2();
+    }
+
     fn row(&self, kind: &str, model: &str, extra: &[(&str, Value)]) -> Map<String, Value> {
         let t = self.tokens.max(1) as f64;
         let mut m = Map::new();

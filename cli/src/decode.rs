@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use unimic_codec::context::SessionContext;
+use unimic_codec::grid::TokenGrid;
 use unimic_codec::part::{DecodedPart, PartCodec, PartShape, PartSpec};
 use unimic_codec::tokenizer::ImageTokenizer;
 use unimic_codec::umic::{hash8, UmicFile};
@@ -21,6 +22,9 @@ pub struct Args {
     /// Tokenizer directory; default: the shipped one. Must be the one the file was encoded with.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Folder of the transformer entropy models (default: the shipped `models/entropy`).
+    #[arg(long)]
+    pub entropy_dir: Option<PathBuf>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -55,6 +59,83 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tokenizer.codebook_size()
         );
     }
+    let grid = if file.model.name.starts_with("unimic-entropy-") {
+        decode_transformer(&args, &file, shape)?
+    } else {
+        decode_builtin(&file, shape)?
+    };
+    let image = tokenizer.decode_to(
+        &grid,
+        u32::try_from(file.image_width)?,
+        u32::try_from(file.image_height)?,
+    )?;
+    image
+        .save(&args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let summary = serde_json::json!({
+        "input": args.input.display().to_string(),
+        "output": args.output.display().to_string(),
+        "width": image.width(),
+        "height": image.height(),
+        "grid": [grid.height(), grid.width()],
+        "tokens": grid.len(),
+        "file_bytes": bytes.len(),
+        "entropy_model": file.model.name,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{} → {}: {}×{} px from {} tokens ({} bytes)",
+            args.input.display(),
+            args.output.display(),
+            image.width(),
+            image.height(),
+            grid.len(),
+            bytes.len()
+        );
+    }
+    Ok(())
+}
+
+/// Decodes a file coded by a shipped transformer model (one chunk, model named by its id and
+/// identified by its weights' hash).
+fn decode_transformer(args: &Args, file: &UmicFile, shape: PartShape) -> anyhow::Result<TokenGrid> {
+    let PartShape::Grid { height, width, .. } = shape else {
+        bail!("not a grid");
+    };
+    let (model, manifest) = models::generic_model(args.entropy_dir.as_deref(), &file.model.name)?
+        .with_context(|| {
+        format!(
+            "the file needs entropy model {:?}, which is not in {}",
+            file.model.name,
+            models::entropy_dir(args.entropy_dir.as_deref()).display()
+        )
+    })?;
+    if models::hex_hash8(&manifest.sha256)? != file.model.hash || file.model.version != 1 {
+        bail!(
+            "the file's entropy model {:?} has hash {} (version {}), ours has {} (version 1)",
+            file.model.name,
+            hex8(&file.model.hash),
+            file.model.version,
+            &manifest.sha256[..16]
+        );
+    }
+    let [(tokens, payload)] = file.chunks.as_slice() else {
+        bail!(
+            "a {} file has exactly one chunk, this one has {}",
+            file.model.name,
+            file.chunks.len()
+        );
+    };
+    if *tokens != u64::from(height) * u64::from(width) {
+        bail!("the chunk declares {tokens} tokens for a {height}×{width} grid");
+    }
+    Ok(model.decode(height, width, payload)?)
+}
+
+/// Decodes a file coded by a built-in (weightless) model through the part codec.
+fn decode_builtin(file: &UmicFile, shape: PartShape) -> anyhow::Result<TokenGrid> {
     let choice = models::entropy_choice(&file.model.name)
         .with_context(|| format!("unknown entropy model {:?}", file.model.name))?;
     let mut codec = PartCodec::default();
@@ -91,42 +172,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let grid = match decoder.decode_all(file.chunks.iter().map(|(_, p)| p.as_slice()))? {
-        DecodedPart::Grid(g) => g,
+    match decoder.decode_all(file.chunks.iter().map(|(_, p)| p.as_slice()))? {
+        DecodedPart::Grid(g) => Ok(g),
         other => bail!("decoded a {other:?} where a grid was expected"),
-    };
-    let image = tokenizer.decode_to(
-        &grid,
-        u32::try_from(file.image_width)?,
-        u32::try_from(file.image_height)?,
-    )?;
-    image
-        .save(&args.output)
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    let summary = serde_json::json!({
-        "input": args.input.display().to_string(),
-        "output": args.output.display().to_string(),
-        "width": image.width(),
-        "height": image.height(),
-        "grid": [grid.height(), grid.width()],
-        "tokens": grid.len(),
-        "file_bytes": bytes.len(),
-        "entropy_model": file.model.name,
-    });
-    if args.json {
-        println!("{summary}");
-    } else {
-        println!(
-            "{} → {}: {}×{} px from {} tokens ({} bytes)",
-            args.input.display(),
-            args.output.display(),
-            image.width(),
-            image.height(),
-            grid.len(),
-            bytes.len()
-        );
     }
-    Ok(())
 }
 
 fn hex8(h: &[u8; 8]) -> String {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use unimic_codec::context::SessionContext;
 use unimic_codec::part::{ModelChoice, PartCodec, PartSpec, PartTokens};
 use unimic_codec::tokenizer::ImageTokenizer;
@@ -24,12 +24,30 @@ pub struct Args {
     /// Tokenizer directory (manifest.json + tokenizer.safetensors); default: the shipped one.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Tokens per independently decodable chunk (0 = one chunk).
+    /// Tokens per independently decodable chunk (0 = one chunk; only the adaptive model chunks).
     #[arg(long, default_value_t = 0)]
     pub chunk_tokens: u32,
+    /// Entropy model: `auto` takes the shipped generic transformer when it is present, fits the
+    /// grid and no chunking is asked for, and the adaptive context model otherwise.
+    #[arg(long, value_enum, default_value_t = Entropy::Auto)]
+    pub entropy: Entropy,
+    /// Folder of the transformer entropy models (default: the shipped `models/entropy`).
+    #[arg(long)]
+    pub entropy_dir: Option<PathBuf>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The entropy model `unimic encode` codes the tokens with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Entropy {
+    /// The best available (see `--entropy`).
+    Auto,
+    /// The adaptive context-mixing model (no weights; chunkable).
+    Adaptive,
+    /// The shipped generic transformer (`unimic-entropy-generic-v1`).
+    Generic,
 }
 
 /// Runs `unimic encode`.
@@ -40,31 +58,77 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .to_rgb8();
     let image = models::prepare(image, args.size);
     let grid = tokenizer.encode(&image)?;
-    let mut codec = PartCodec::default();
-    let ctx = SessionContext::default();
-    let spec = PartSpec::new(ModelChoice::Adaptive).with_chunk_tokens(args.chunk_tokens);
-    let part = codec.encode(&ctx, PartTokens::Grid(&grid), &spec)?;
+    let generic = match args.entropy {
+        Entropy::Adaptive => None,
+        Entropy::Generic => {
+            if args.chunk_tokens != 0 {
+                bail!("--entropy generic codes one chunk; drop --chunk-tokens");
+            }
+            let m = models::generic_model(args.entropy_dir.as_deref(), models::GENERIC_ID)?
+                .with_context(|| {
+                    format!(
+                        "no {} model in {}",
+                        models::GENERIC_ID,
+                        models::entropy_dir(args.entropy_dir.as_deref()).display()
+                    )
+                })?;
+            Some(m)
+        }
+        Entropy::Auto if args.chunk_tokens != 0 => None,
+        Entropy::Auto => models::generic_model(args.entropy_dir.as_deref(), models::GENERIC_ID)?
+            .filter(|(g, _)| {
+                let side = g.config().max_side as u32;
+                grid.height() <= side
+                    && grid.width() <= side
+                    && grid.codebook_size() as usize == g.config().codebook_size
+            }),
+    };
+    let (model, chunks, bits) = match &generic {
+        Some((g, manifest)) => {
+            let payload = g.encode(&grid)?;
+            let bits = 8 * payload.len() as u64;
+            (
+                ModelTag {
+                    name: manifest.id.clone(),
+                    version: 1,
+                    hash: models::hex_hash8(&manifest.sha256)?,
+                },
+                vec![(grid.len() as u64, payload)],
+                bits,
+            )
+        }
+        None => {
+            let mut codec = PartCodec::default();
+            let ctx = SessionContext::default();
+            let spec = PartSpec::new(ModelChoice::Adaptive).with_chunk_tokens(args.chunk_tokens);
+            let part = codec.encode(&ctx, PartTokens::Grid(&grid), &spec)?;
+            (
+                ModelTag {
+                    name: models::entropy_name(part.model.id).to_string(),
+                    version: u64::from(part.model.version),
+                    hash: hash8(&part.model.hash),
+                },
+                part.chunks
+                    .iter()
+                    .map(|c| (u64::from(c.tokens), c.payload.clone()))
+                    .collect(),
+                part.bits,
+            )
+        }
+    };
     let file = UmicFile {
         tokenizer: ModelTag {
             name: tokenizer.id().name.clone(),
             version: 1,
             hash: models::tokenizer_hash8(&tokenizer)?,
         },
-        model: ModelTag {
-            name: models::entropy_name(part.model.id).to_string(),
-            version: u64::from(part.model.version),
-            hash: hash8(&part.model.hash),
-        },
+        model,
         image_width: u64::from(image.width()),
         image_height: u64::from(image.height()),
         grid_height: u64::from(grid.height()),
         grid_width: u64::from(grid.width()),
         codebook_size: u64::from(grid.codebook_size()),
-        chunks: part
-            .chunks
-            .iter()
-            .map(|c| (u64::from(c.tokens), c.payload.clone()))
-            .collect(),
+        chunks,
     };
     let bytes = file.to_bytes();
     std::fs::write(&args.output, &bytes)
@@ -82,9 +146,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "tokens": grid.len(),
         "payload_bytes": file.payload_bytes(),
         "file_bytes": bytes.len(),
-        "bits_per_token": part.bits as f64 / grid.len() as f64,
+        "bits_per_token": bits as f64 / grid.len() as f64,
         "raw_bits_per_token": f64::from(grid.codebook_size()).log2(),
-        "bpp_payload": part.bits as f64 / pixels,
+        "bpp_payload": bits as f64 / pixels,
         "bpp_file": 8.0 * bytes.len() as f64 / pixels,
     });
     if args.json {
@@ -102,9 +166,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             file.payload_bytes(),
             bytes.len() - file.payload_bytes(),
             bytes.len(),
-            part.bits as f64 / grid.len() as f64,
+            bits as f64 / grid.len() as f64,
             f64::from(grid.codebook_size()).log2(),
-            part.bits as f64 / pixels,
+            bits as f64 / pixels,
             8.0 * bytes.len() as f64 / pixels,
         );
     }

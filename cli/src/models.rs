@@ -4,6 +4,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use image::{imageops, RgbImage};
+use unimic_codec::entropy::generic::Generic;
+use unimic_codec::nn::model::Manifest;
 use unimic_codec::part::{model_id, ModelChoice};
 use unimic_codec::tokenizer::{ImageTokenizer, Vq};
 
@@ -23,17 +25,46 @@ pub fn tokenizer(dir: Option<&Path>) -> anyhow::Result<Vq> {
     }
 }
 
+/// The folder of the transformer entropy models: `dir`, else `$UNIMIC_ENTROPY`, else the
+/// shipped `models/entropy`.
+pub fn entropy_dir(dir: Option<&Path>) -> std::path::PathBuf {
+    match (dir, std::env::var_os("UNIMIC_ENTROPY")) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(p)) => std::path::PathBuf::from(p),
+        (None, None) => {
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/entropy"))
+        }
+    }
+}
+
 /// The first 8 bytes of the tokenizer's weights hash.
 pub fn tokenizer_hash8(t: &Vq) -> anyhow::Result<[u8; 8]> {
-    let hex = &t.id().sha256;
+    hex_hash8(&t.id().sha256).context("tokenizer hash")
+}
+
+/// The first 8 bytes of a hex SHA-256.
+pub fn hex_hash8(hex: &str) -> anyhow::Result<[u8; 8]> {
     let mut out = [0u8; 8];
     for (i, b) in out.iter_mut().enumerate() {
-        let pair = hex
-            .get(2 * i..2 * i + 2)
-            .context("tokenizer hash is too short")?;
-        *b = u8::from_str_radix(pair, 16).context("tokenizer hash is not hex")?;
+        let pair = hex.get(2 * i..2 * i + 2).context("hash is too short")?;
+        *b = u8::from_str_radix(pair, 16).context("hash is not hex")?;
     }
     Ok(out)
+}
+
+/// Id of the shipped generic (raster, causal) transformer entropy model.
+pub const GENERIC_ID: &str = "unimic-entropy-generic-v1";
+
+/// Loads the transformer entropy model `id` (kind generic) from the entropy folder, or `None`
+/// when its manifest is absent.
+pub fn generic_model(dir: Option<&Path>, id: &str) -> anyhow::Result<Option<(Generic, Manifest)>> {
+    let path = entropy_dir(dir).join(format!("{id}.json"));
+    if !path.exists() {
+        return Ok(None);
+    }
+    Generic::load(&path)
+        .map(Some)
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 /// The name written to files for a built-in entropy model's wire id.

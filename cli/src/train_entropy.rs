@@ -51,10 +51,10 @@ pub struct Args {
     #[arg(long)]
     pub val_captions: Option<PathBuf>,
     /// Training images (folders of JPEG/PNG, repeatable): random crops and flips are tokenized
-    /// with the tokenizer in `--tokenizer` (cached as `<out>/<id>.train.umtg`).
+    /// with the tokenizer in `--tokenizer` (cached under `<out>/data/`, shared by every model trained on the same crops).
     #[arg(long)]
     pub images: Vec<PathBuf>,
-    /// Validation images (folders, repeatable): one centre crop each (cached as `<out>/<id>.val.umtg`).
+    /// Validation images (folders, repeatable): one centre crop each (cached next to the training grids).
     #[arg(long)]
     pub val_images: Vec<PathBuf>,
     /// A captioned image set (`images/` + `captions.csv`, e.g. ../shared/data/flickr8k-1000): the

@@ -2,10 +2,11 @@
 //! a 256×256 image under the 16× tokenizer), one core, synthetic weights of the default size.
 //!
 //! ```text
-//! cargo run --release -p unimic-codec --no-default-features --example transformer_speed [K]
+//! cargo run --release -p unimic-codec --no-default-features --example transformer_speed [K [D LAYERS D_FF]]
 //! ```
 //! Prints one JSON object per line: model, scenario, parameters, encode and decode milliseconds
-//! (median of 5), coded bytes.
+//! (median of 5), coded bytes. `K` defaults to 1,024; the body defaults to the models' `small`
+//! size; `UNIMIC_NO_AVX=1` measures the baseline (SSE2) variant of the kernels on x86-64.
 
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use unimic_codec::entropy::masked::{Masked, MaskedConfig};
 use unimic_codec::entropy::text_cond::{TextCond, TextCondConfig};
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::nn::kernels::{linear, Kernel};
+use unimic_codec::nn::transformer::BodyConfig;
 use unimic_codec::nn::weights::splitmix64;
 
 fn median_ms(mut f: impl FnMut()) -> f64 {
@@ -34,6 +36,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(1024);
+    let arg = |i: usize| -> Result<Option<usize>, Box<dyn std::error::Error>> {
+        Ok(std::env::args().nth(i).map(|s| s.parse()).transpose()?)
+    };
+    let body = match (arg(2)?, arg(3)?, arg(4)?) {
+        (Some(d_model), Some(n_layers), Some(d_ff)) => Some(BodyConfig {
+            d_model,
+            n_layers,
+            n_heads: (d_model / 32).max(1),
+            d_ff,
+        }),
+        _ => None,
+    };
+    #[cfg(target_arch = "x86_64")]
+    println!(
+        "{{\"avx\":{}}}",
+        unimic_codec::nn::kernels::simd::avx_enabled()
+    );
     let (h, w) = (16u32, 16u32);
     let mut z = 7u64;
     let ids: Vec<u32> = (0..h * w)
@@ -56,7 +75,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }) / 100.0;
     println!("{{\"op\":\"matvec_256x{k}\",\"ms\":{head:.4}}}");
 
-    let g = Generic::synthetic(&GenericConfig::small(k), 1)?;
+    let mut gc = GenericConfig::small(k);
+    let mut mc = MaskedConfig::small(k);
+    let mut tc = TextCondConfig::small(k);
+    if let Some(b) = body {
+        gc.body = b.clone();
+        mc.body = b.clone();
+        tc.body = b;
+    }
+    let g = Generic::synthetic(&gc, 1)?;
     let mut bytes = Vec::new();
     let enc = median_ms(|| bytes = g.encode(&grid).unwrap_or_default());
     let dec = median_ms(|| {
@@ -68,7 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bytes.len()
     );
 
-    let m = Masked::synthetic(&MaskedConfig::small(k), 2)?;
+    let m = Masked::synthetic(&mc, 2)?;
     let n = (h * w) as usize;
     let centre = |frac: f64| -> Vec<bool> {
         let side = ((n as f64 * frac).sqrt().round() as u32).min(h);
@@ -99,7 +126,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    let t = TextCond::synthetic(&TextCondConfig::small(k), 3)?;
+    let t = TextCond::synthetic(&tc, 3)?;
     let prompt: Vec<u32> = (0..20).map(|i| 1000 + 37 * i).collect();
     let mut bytes = Vec::new();
     let enc = median_ms(|| bytes = t.encode(&prompt, &grid).unwrap_or_default());

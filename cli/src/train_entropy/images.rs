@@ -212,13 +212,6 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
     let tok_dir = args.tokenizer.clone().unwrap_or_else(Vq::default_dir);
     let tok = Vq::from_dir(&tok_dir)
         .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
-    let id = args
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("unimic-entropy-{:?}-v1", args.kind).to_lowercase());
-    let tag = &tok.id().sha256[..12];
-    let train_cache = args.out.join(format!("data/{id}.{tag}.train.umtg"));
-    let val_cache = args.out.join(format!("data/{id}.{tag}.val.umtg"));
     let (train_items, val_items, src): (Vec<_>, Vec<_>, String) = if let Some(dir) = &args.captioned
     {
         let caps = read_captions(&dir.join("captions.csv"))?;
@@ -274,6 +267,28 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
     if train_items.is_empty() {
         bail!("no training images found");
     }
+    // The cache is shared by every model trained on the same crops of the same images with the
+    // same tokenizer (generic and masked tokenize once), whatever the model's id.
+    let key = {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (p, c) in train_items.iter().chain(&val_items) {
+            h.update(p.display().to_string().as_bytes());
+            h.update([0]);
+            h.update(c.join("\n").as_bytes());
+            h.update([0]);
+        }
+        h.update(format!(
+            "{}|{}|{}|{text}",
+            args.crop,
+            args.crops_per_image.max(1),
+            args.seed
+        ));
+        hex::encode(&h.finalize()[..6])
+    };
+    let tag = &tok.id().sha256[..12];
+    let train_cache = args.out.join(format!("data/{tag}-{key}.train.umtg"));
+    let val_cache = args.out.join(format!("data/{tag}-{key}.val.umtg"));
     let mut rng = CropRng::seed_from_u64(args.seed);
     let crop = args.crop;
     let n = args.crops_per_image.max(1);

@@ -15,6 +15,12 @@
 //! the test `no_fused_multiply_add` checks this in whatever build runs it. Nothing here reads the
 //! CPU's features at run time, spawns threads, or calls libm.
 //!
+//! On x86-64, [`Kernel::Lanes`] runs the matrix products through a copy of the same code compiled
+//! with AVX enabled (`#[target_feature(enable = "avx")]`, chosen at run time when the CPU has it):
+//! the eight lanes then sit in one 256-bit register instead of two 128-bit ones. FMA is never
+//! enabled, so every product is still rounded before its add and the bits are unchanged; the
+//! tests `avx_and_baseline_agree_bitwise` and `lanes_and_scalar_agree_bitwise` check this.
+//!
 //! [`Kernel::Scalar`] computes the same order with every operation hidden from the optimiser
 //! (`std::hint::black_box`), so no SIMD is used at all; tests encode with [`Kernel::Lanes`] and
 //! decode with [`Kernel::Scalar`] to prove that the SIMD path does not change a single bit.
@@ -48,7 +54,7 @@ fn combine(acc: &[f32; LANES]) -> f32 {
 /// use unimic_codec::nn::kernels::dot;
 /// assert_eq!(dot(&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]), 32.0);
 /// ```
-#[inline]
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // explicit lanes: the loop shape is the specification
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
@@ -92,7 +98,7 @@ pub fn dot_with(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
 
 /// Four dot products of `x` with `w0..w3` in one pass over `x` (register blocking); each result is
 /// bit-identical to [`dot`] (same lanes, same order). The `w` rows must be as long as `x`.
-#[inline]
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // explicit lanes: the loop shape is the specification
 pub fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     let n = x.len();
@@ -127,7 +133,7 @@ pub fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
 
 /// Computes outputs `o0..o1` of `x · wᵀ (+ bias)` into `y[o0..o1]`, four rows at a time with
 /// [`dot4`] for [`Kernel::Lanes`].
-#[inline]
+#[inline(always)]
 fn rows_into(
     kernel: Kernel,
     x: &[f32],
@@ -170,7 +176,55 @@ pub fn linear(kernel: Kernel, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mu
         return;
     }
     let d_out = y.len().min(w.len() / d_in);
-    rows_into(kernel, x, w, bias, 0, d_out, y);
+    linear_rows(kernel, x, 1, d_in, w, bias, d_out, &mut y[..d_out]);
+}
+
+/// Selection of the instruction-set variant of the matrix products (x86-64 only).
+#[cfg(target_arch = "x86_64")]
+pub mod simd {
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    // 0: not probed yet, 1: baseline (SSE2), 2: AVX.
+    static MODE: AtomicU8 = AtomicU8::new(0);
+
+    /// Whether [`super::Kernel::Lanes`] uses the AVX variant (the CPU has AVX and it was not
+    /// disabled with [`force_baseline`] or the environment variable `UNIMIC_NO_AVX`).
+    pub fn avx_enabled() -> bool {
+        match MODE.load(Ordering::Relaxed) {
+            2 => true,
+            1 => false,
+            _ => {
+                let on = std::env::var_os("UNIMIC_NO_AVX").is_none()
+                    && std::arch::is_x86_feature_detected!("avx");
+                MODE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+                on
+            }
+        }
+    }
+
+    /// Turns the AVX variant off (`true`) or back to automatic detection (`false`) for the whole
+    /// process. Results do not depend on it; tests and benchmarks use it to compare the variants.
+    pub fn force_baseline(baseline: bool) {
+        MODE.store(if baseline { 1 } else { 0 }, Ordering::Relaxed);
+    }
+
+    /// [`super::linear_rows_body`] compiled with AVX (no FMA) enabled.
+    ///
+    /// # Safety
+    /// The CPU must support AVX.
+    #[target_feature(enable = "avx")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn linear_rows_avx(
+        xs: &[f32],
+        rows: usize,
+        d_in: usize,
+        w: &[f32],
+        bias: Option<&[f32]>,
+        d_out: usize,
+        ys: &mut [f32],
+    ) {
+        super::linear_rows_body(super::Kernel::Lanes, xs, rows, d_in, w, bias, d_out, ys);
+    }
 }
 
 /// Rows of output features computed per block in [`linear_rows`] (cache blocking only: it does not
@@ -183,6 +237,28 @@ const ROW_BLOCK: usize = 32;
 /// equals `rows` separate calls of [`linear`] bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_rows(
+    kernel: Kernel,
+    xs: &[f32],
+    rows: usize,
+    d_in: usize,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    d_out: usize,
+    ys: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Lanes && simd::avx_enabled() {
+        // SAFETY: the CPU supports AVX (checked at run time just above).
+        unsafe { simd::linear_rows_avx(xs, rows, d_in, w, bias, d_out, ys) };
+        return;
+    }
+    linear_rows_body(kernel, xs, rows, d_in, w, bias, d_out, ys);
+}
+
+/// The body of [`linear_rows`], inlined into each instruction-set variant.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn linear_rows_body(
     kernel: Kernel,
     xs: &[f32],
     rows: usize,
@@ -266,6 +342,48 @@ mod tests {
         y[8] = a;
         assert_eq!(dot(&x, &y), 0.0);
         assert_eq!(dot_scalar(&x, &y), 0.0);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx_and_baseline_agree_bitwise() {
+        let (rows, d_in, d_out) = (7, 259, 67);
+        let xs = data(rows * d_in, 11);
+        let w = data(d_out * d_in, 12);
+        let b = data(d_out, 13);
+        let mut base = vec![0.0; rows * d_out];
+        linear_rows_body(
+            Kernel::Lanes,
+            &xs,
+            rows,
+            d_in,
+            &w,
+            Some(&b),
+            d_out,
+            &mut base,
+        );
+        let mut scalar = vec![0.0; rows * d_out];
+        linear_rows_body(
+            Kernel::Scalar,
+            &xs,
+            rows,
+            d_in,
+            &w,
+            Some(&b),
+            d_out,
+            &mut scalar,
+        );
+        assert_eq!(base, scalar);
+        if std::arch::is_x86_feature_detected!("avx") {
+            let mut avx = vec![0.0; rows * d_out];
+            // SAFETY: AVX support was checked just above.
+            unsafe { simd::linear_rows_avx(&xs, rows, d_in, &w, Some(&b), d_out, &mut avx) };
+            for (a, b) in avx.iter().zip(&base) {
+                assert_eq!(a.to_bits(), b.to_bits());
+            }
+        } else {
+            println!("skipping the AVX half: this CPU has no AVX");
+        }
     }
 
     #[test]

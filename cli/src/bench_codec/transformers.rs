@@ -1,0 +1,373 @@
+//! The transformer entropy models in `unimic bench codec`: `generic`, `masked` (whole grid and the
+//! inpaint / outpaint scenarios) and `text` (captioned held-out images), each round trip verified.
+//!
+//! Bits are the coded payload (what travels). `bits_generic` in a scenario line is what the
+//! generic model spends on the same tokens: the sum of their code lengths `-log2 p` (ideal, without
+//! the coder's termination) inside its raster pass over the whole grid, so that it can be compared
+//! token for token; `bits_uniform` is `tokens × log2 K`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{ensure, Context};
+use serde_json::{json, Map, Value};
+use unimic_codec::entropy::generic::Generic;
+use unimic_codec::entropy::masked::{schedule, Masked};
+use unimic_codec::entropy::text_cond::TextCond;
+use unimic_codec::grid::TokenGrid;
+use unimic_codec::nn::model::Manifest;
+use unimic_codec::text::{O200k, TextTokenizer};
+
+use super::Tally;
+
+/// The shipped transformer models found in a directory (each optional).
+pub struct Models {
+    /// Causal raster model and its manifest.
+    pub generic: Option<(Generic, Manifest)>,
+    /// Masked model and its manifest.
+    pub masked: Option<(Masked, Manifest)>,
+    /// Text-conditioned model and its manifest.
+    pub text: Option<(TextCond, Manifest)>,
+}
+
+impl Models {
+    /// Loads `unimic-entropy-{generic,masked,text}-v1.json` from `dir` when present (a model whose
+    /// manifest exists but fails to load is an error; a missing one is reported and skipped).
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        fn one<T>(
+            dir: &Path,
+            kind: &str,
+            load: impl Fn(&Path) -> Result<(T, Manifest), unimic_codec::nn::model::ModelError>,
+        ) -> anyhow::Result<Option<(T, Manifest)>> {
+            let p = dir.join(format!("unimic-entropy-{kind}-v1.json"));
+            if !p.exists() {
+                eprintln!("bench codec: no {kind} model at {} (skipped)", p.display());
+                return Ok(None);
+            }
+            Ok(Some(
+                load(&p).with_context(|| format!("loading {}", p.display()))?,
+            ))
+        }
+        Ok(Self {
+            generic: one(dir, "generic", Generic::load)?,
+            masked: one(dir, "masked", Masked::load)?,
+            text: one(dir, "text", TextCond::load)?,
+        })
+    }
+}
+
+/// `-log2(w[id] / Σw)` for each position, from integer weight vectors.
+fn code_lengths(weights: &[Vec<u64>], ids: &[u32]) -> Vec<f64> {
+    weights
+        .iter()
+        .zip(ids)
+        .map(|(w, &id)| {
+            let total: u64 = w.iter().sum();
+            let p = w.get(id as usize).copied().unwrap_or(0) as f64 / total.max(1) as f64;
+            -p.max(f64::MIN_POSITIVE).log2()
+        })
+        .collect()
+}
+
+/// Names of the masked-model scenarios, in output order.
+pub const SCENARIOS: [&str; 3] = ["inpaint25", "inpaint50", "outpaint"];
+
+/// The unknown positions of scenario `name` on an `h × w` grid: `inpaint25` / `inpaint50` are
+/// centred squares (sides `round(side·√0.25)`, `round(side·√0.5)`) covering about 25% / 50% of the
+/// grid; `outpaint` is the border around a known centred square of side `round(side·√0.75)`, about
+/// 25% of the grid (on 16×16: 64, 121 and 60 of 256 tokens). `None` for an unknown name.
+pub fn scenario(name: &str, h: usize, w: usize) -> Option<Vec<bool>> {
+    let rect = |frac: f64| -> Vec<bool> {
+        let side = |n: usize| ((n as f64 * frac.sqrt()).round() as usize).clamp(1, n);
+        let (rh, rw) = (side(h), side(w));
+        let (r0, c0) = ((h - rh) / 2, (w - rw) / 2);
+        (0..h * w)
+            .map(|i| {
+                let (r, c) = (i / w, i % w);
+                r >= r0 && r < r0 + rh && c >= c0 && c < c0 + rw
+            })
+            .collect()
+    };
+    match name {
+        "inpaint25" => Some(rect(0.25)),
+        "inpaint50" => Some(rect(0.5)),
+        "outpaint" => Some(rect(0.75).into_iter().map(|k| !k).collect()),
+        _ => None,
+    }
+}
+
+/// Lines for the generic and masked models (whole grids and the masked scenarios) on `items`.
+pub fn bench_images(
+    models: &Models,
+    items: &[TokenGrid],
+    pixels: &[u64],
+    extra: &[(&str, Value)],
+) -> anyhow::Result<Vec<Map<String, Value>>> {
+    let mut rows = Vec::new();
+    let total_pixels: u64 = pixels.iter().sum::<u64>().max(1);
+    // The generic model's code length of every token, reused by the scenario lines.
+    let mut generic_lengths: Vec<Vec<f64>> = Vec::new();
+    if let Some((g, man)) = &models.generic {
+        let mut tally = Tally::default();
+        for (i, grid) in items.iter().enumerate() {
+            let t0 = Instant::now();
+            let bytes = g.encode(grid)?;
+            tally.enc_s += t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let back = g.decode(grid.height(), grid.width(), &bytes)?;
+            tally.dec_s += t0.elapsed().as_secs_f64();
+            ensure!(&back == grid, "round trip failed: model generic, item {i}");
+            let lens = code_lengths(&g.weights_full(grid)?, grid.ids());
+            tally.cross_entropy += lens.iter().sum::<f64>();
+            generic_lengths.push(lens);
+            tally.add(grid, 8 * bytes.len() as u64);
+        }
+        rows.push(tally.row(
+            "image",
+            "generic",
+            &with_model(extra, &tally, man, total_pixels),
+        ));
+    }
+    if let Some((m, man)) = &models.masked {
+        // Whole grid: everything unknown.
+        let mut tally = Tally::default();
+        for (i, grid) in items.iter().enumerate() {
+            let unknown = vec![true; grid.len()];
+            let (bits, ce) = masked_roundtrip(m, grid, &unknown, &mut tally, i)?;
+            tally.cross_entropy += ce;
+            tally.add(grid, bits);
+        }
+        let mut ex = with_model(extra, &tally, man, total_pixels);
+        ex.push(("scenario", json!("whole")));
+        rows.push(tally.row("image", "masked", &ex));
+        for name in SCENARIOS {
+            let mut tally = Tally::default();
+            let (mut bits_generic, mut bits_uniform) = (0.0f64, 0.0f64);
+            let mut has_generic = !generic_lengths.is_empty();
+            for (i, grid) in items.iter().enumerate() {
+                let (h, w) = (grid.height() as usize, grid.width() as usize);
+                let unknown = scenario(name, h, w).context("unknown scenario")?;
+                let n_unknown = unknown.iter().filter(|&&u| u).count();
+                let (bits, ce) = masked_roundtrip(m, grid, &unknown, &mut tally, i)?;
+                tally.cross_entropy += ce;
+                tally.items += 1;
+                tally.tokens += n_unknown as u64;
+                tally.bits += bits;
+                tally.raw_bits += n_unknown as f64 * f64::from(grid.codebook_size()).log2();
+                bits_uniform += n_unknown as f64 * f64::from(grid.codebook_size()).log2();
+                match generic_lengths.get(i) {
+                    Some(l) => {
+                        bits_generic += l
+                            .iter()
+                            .zip(&unknown)
+                            .filter(|(_, &u)| u)
+                            .map(|(b, _)| b)
+                            .sum::<f64>()
+                    }
+                    None => has_generic = false,
+                }
+            }
+            let mut ex = with_model(extra, &tally, man, total_pixels);
+            ex.push(("scenario", json!(name)));
+            ex.push(("bits_uniform", json!(bits_uniform)));
+            if has_generic {
+                ex.push(("bits_generic", json!(bits_generic)));
+                ex.push((
+                    "ratio_vs_generic",
+                    json!(tally.bits as f64 / bits_generic.max(f64::MIN_POSITIVE)),
+                ));
+            }
+            rows.push(tally.row("image", "masked", &ex));
+        }
+    }
+    Ok(rows)
+}
+
+/// Codes the unknown positions of `grid` with the masked model and decodes them back from only
+/// the known ones; returns (coded bits, ideal bits).
+fn masked_roundtrip(
+    m: &Masked,
+    grid: &TokenGrid,
+    unknown: &[bool],
+    tally: &mut Tally,
+    item: usize,
+) -> anyhow::Result<(u64, f64)> {
+    let t0 = Instant::now();
+    let bytes = m.encode(grid, unknown)?;
+    tally.enc_s += t0.elapsed().as_secs_f64();
+    // The receiver holds only the known tokens.
+    let partial: Vec<u32> = grid
+        .ids()
+        .iter()
+        .zip(unknown)
+        .map(|(&id, &u)| if u { 0 } else { id })
+        .collect();
+    let t0 = Instant::now();
+    let back = m.decode(grid.height(), grid.width(), &partial, unknown, &bytes)?;
+    tally.dec_s += t0.elapsed().as_secs_f64();
+    ensure!(
+        &back == grid,
+        "round trip failed: model masked, item {item}"
+    );
+    // Ideal code length along the same schedule (a second encoder-side pass).
+    let w = grid.width() as usize;
+    let ids = grid.ids();
+    let mut known: Vec<bool> = unknown.iter().map(|u| !u).collect();
+    let mut ce = 0.0;
+    for group in schedule(w, unknown, m.config().steps) {
+        let ws = m.group_weights(w, ids, &known, &group);
+        let gids: Vec<u32> = group.iter().map(|&i| ids[i]).collect();
+        ce += code_lengths(&ws, &gids).iter().sum::<f64>();
+        for &i in &group {
+            known[i] = true;
+        }
+    }
+    Ok((8 * bytes.len() as u64, ce))
+}
+
+fn with_model<'a>(
+    extra: &[(&'a str, Value)],
+    tally: &Tally,
+    man: &Manifest,
+    total_pixels: u64,
+) -> Vec<(&'a str, Value)> {
+    let mut ex = extra.to_vec();
+    ex.push(("model_id", json!(man.id)));
+    ex.push(("model_sha256", json!(man.sha256)));
+    ex.push(("params", json!(man.params)));
+    ex.push(("bpp", json!(tally.bits as f64 / total_pixels as f64)));
+    ex.push((
+        "bits_per_item",
+        json!(tally.bits as f64 / tally.items.max(1) as f64),
+    ));
+    let n = tally.items.max(1) as f64;
+    ex.push(("encode_ms_per_item", json!(1e3 * tally.enc_s / n)));
+    ex.push(("decode_ms_per_item", json!(1e3 * tally.dec_s / n)));
+    ex
+}
+
+/// A captioned set's held-out images (last `holdout` by file name) with the first caption of each.
+pub fn held_out_captioned(dir: &Path, holdout: usize) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let caps = super::read_captions(&dir.join("captions.csv"))?;
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))
+        .with_context(|| format!("reading {}/images", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    paths.sort();
+    ensure!(
+        holdout > 0 && holdout <= paths.len(),
+        "--holdout {holdout} must be in 1..={}",
+        paths.len()
+    );
+    let held = paths.split_off(paths.len() - holdout);
+    held.into_iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let cap = caps
+                .iter()
+                .find(|(i, _)| *i == name)
+                .map(|(_, c)| c.clone())
+                .with_context(|| format!("no caption for {name}"))?;
+            Ok((p, cap))
+        })
+        .collect()
+}
+
+/// Text-conditioned versus generic on the same held-out captioned grids (`captions[i]` belongs to
+/// `items[i]`).
+pub fn bench_captioned(
+    models: &Models,
+    items: &[TokenGrid],
+    captions: &[String],
+    pixels: &[u64],
+    extra: &[(&str, Value)],
+) -> anyhow::Result<Vec<Map<String, Value>>> {
+    let mut rows = Vec::new();
+    let total_pixels: u64 = pixels.iter().sum::<u64>().max(1);
+    let mut generic_bits = None;
+    if let Some((g, man)) = &models.generic {
+        let mut tally = Tally::default();
+        for (i, grid) in items.iter().enumerate() {
+            let t0 = Instant::now();
+            let bytes = g.encode(grid)?;
+            tally.enc_s += t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let back = g.decode(grid.height(), grid.width(), &bytes)?;
+            tally.dec_s += t0.elapsed().as_secs_f64();
+            ensure!(&back == grid, "round trip failed: model generic, item {i}");
+            tally.cross_entropy += code_lengths(&g.weights_full(grid)?, grid.ids())
+                .iter()
+                .sum::<f64>();
+            tally.add(grid, 8 * bytes.len() as u64);
+        }
+        generic_bits = Some(tally.bits);
+        rows.push(tally.row(
+            "image",
+            "generic",
+            &with_model(extra, &tally, man, total_pixels),
+        ));
+    }
+    if let Some((t, man)) = &models.text {
+        let tok = O200k::new();
+        let mut tally = Tally::default();
+        let mut text_tokens = 0usize;
+        for (i, (grid, cap)) in items.iter().zip(captions).enumerate() {
+            let ids = tok.encode(cap);
+            text_tokens += ids.len();
+            let t0 = Instant::now();
+            let bytes = t.encode(&ids, grid)?;
+            tally.enc_s += t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let back = t.decode(&ids, grid.height(), grid.width(), &bytes)?;
+            tally.dec_s += t0.elapsed().as_secs_f64();
+            ensure!(&back == grid, "round trip failed: model text, item {i}");
+            tally.cross_entropy += code_lengths(&t.weights_full(&ids, grid)?, grid.ids())
+                .iter()
+                .sum::<f64>();
+            tally.add(grid, 8 * bytes.len() as u64);
+        }
+        let mut ex = with_model(extra, &tally, man, total_pixels);
+        ex.push(("caption_tokens", json!(text_tokens)));
+        if let Some(gb) = generic_bits {
+            ex.push(("bits_generic", json!(gb)));
+            ex.push((
+                "ratio_vs_generic",
+                json!(tally.bits as f64 / (gb as f64).max(f64::MIN_POSITIVE)),
+            ));
+        }
+        rows.push(tally.row("image", "text", &ex));
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenario_areas() {
+        let count = |m: &[bool]| m.iter().filter(|&&u| u).count();
+        let s: Vec<Vec<bool>> = SCENARIOS
+            .iter()
+            .map(|n| scenario(n, 16, 16).unwrap())
+            .collect();
+        assert_eq!(count(&s[0]), 64); // 8×8 of 256
+        assert_eq!(count(&s[1]), 121); // 11×11, 47%
+        assert_eq!(count(&s[2]), 256 - 196); // border around 14×14, 23%
+                                             // The inpainting square is centred: rows and columns 4..12.
+        assert!(s[0][4 * 16 + 4] && !s[0][3 * 16 + 4] && s[0][11 * 16 + 11] && !s[0][12 * 16 + 11]);
+        // The outpainting border is the complement of a centred square.
+        assert!(s[2][0] && !s[2][16 + 1] && s[2][15 * 16 + 15]);
+        assert!(scenario("nope", 4, 4).is_none());
+        // Native Kodak grids (32×48) work too.
+        assert_eq!(count(&scenario("inpaint25", 32, 48).unwrap()), 16 * 24);
+    }
+}
