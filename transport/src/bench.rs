@@ -11,11 +11,11 @@
 //! - `http-json`: HTTP/1.1 (axum server, reqwest client) with a JSON body carrying the same
 //!   bytes in base64, echoed back.
 //!
-//! Latency turns are interleaved: each round runs one turn of every transport in turn, so that
-//! on a shared machine all of them see the same load. Replies carry the request id in a small
-//! raw first part, and the waiting turn reads its reply itself (no router task in between).
-//! Large parts are coded on tokio's blocking pool by the session, so the bench's tokens turns
-//! do not starve the QUIC drivers of the other transports.
+//! Latency turns of the byte transports (`precoded`, `quinn-echo`, `http-json`) are
+//! interleaved: each round runs one turn of each, so that on a shared machine all of them see
+//! the same load; the `tokens` turns run after those of every payload. Replies carry the
+//! request id in a small raw first part, and the waiting turn reads its reply itself (no router
+//! task in between). Everything runs in a task spawned on the runtime (see [`run`]).
 //!
 //! Payloads: `text` (a prompt tokenized with o200k_base), `grid256` and `grid512` (token grids of
 //! 256×256 and 512×512 cells, codebook 1024, with smooth regions, coded with the adaptive grid
@@ -332,152 +332,161 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
         .build()
         .map_err(other)?;
 
-    let mut rows = Vec::new();
-    for name in &config.payloads {
-        let p = payload(name)?;
-        // Coding a whole grid takes far longer than a text turn: fewer turns for grids.
-        let config = &if name.starts_with("grid") {
-            BenchConfig {
-                turns: config.grid_turns.max(1),
-                warmup: config.warmup.min(1),
-                throughput_turns: 1,
-                ..config.clone()
+    // Two passes: first the byte transports for every payload, then the turns with tokens coded
+    // in the loop. Coding a grid keeps both cores busy for a long time (the QUIC RTT estimate
+    // of the unimic connection grows meanwhile), which would disturb the turns right after it.
+    let mut per_payload: Vec<Vec<BenchRow>> = vec![Vec::new(); config.payloads.len()];
+    for tokens_pass in [false, true] {
+        for (k, name) in config.payloads.iter().enumerate() {
+            let p = payload(name)?;
+            // Coding a whole grid takes far longer than a text turn: fewer turns for grids.
+            let config = &if name.starts_with("grid") {
+                BenchConfig {
+                    turns: config.grid_turns.max(1),
+                    warmup: config.warmup.min(1),
+                    throughput_turns: 1,
+                    ..config.clone()
+                }
+            } else {
+                config.clone()
+            };
+            let row = |transport, coding, model, payload_bytes, wire_bytes, rtts, tput| {
+                let t = timing(rtts);
+                BenchRow {
+                    transport,
+                    payload: p.name.clone(),
+                    coding,
+                    model,
+                    tokens: p.tokens,
+                    payload_bytes,
+                    wire_bytes,
+                    rtt_us_p50: t.p50,
+                    rtt_us_p99: t.p99,
+                    rtt_us_mean: t.mean,
+                    msgs_per_s: tput,
+                    concurrency: config.concurrency,
+                    turns: config.turns,
+                    bits_per_token: None,
+                    rtt_p50_vs_quinn_echo: None,
+                }
+            };
+            let rounds = config.warmup + config.turns;
+            if tokens_pass {
+                let mut rtts = Vec::with_capacity(rounds);
+                let mut stats = MessageStats::default();
+                for i in 0..rounds {
+                    let t = Instant::now();
+                    stats = unimic_turn(&session, &replies, &p.part).await?;
+                    if i >= config.warmup {
+                        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                }
+                let tput = throughput(config, || {
+                    let (session, replies, part) =
+                        (session.clone(), replies.clone(), p.part.clone());
+                    async move { unimic_turn(&session, &replies, &part).await.map(|_| ()) }
+                })
+                .await?;
+                let mut r = row(
+                    "unimic",
+                    "tokens",
+                    "adaptive",
+                    stats.payload_bytes,
+                    stats.wire_bytes,
+                    rtts,
+                    tput,
+                );
+                r.bits_per_token = stats.bits_per_token();
+                per_payload[k].insert(0, r);
+                continue;
             }
-        } else {
-            config.clone()
-        };
-        let coded = coded_bytes(&p)?;
-        let raw = OutgoingPart::raw("application/x-unimic-coded", coded.clone());
-        let body = http_body(&coded);
 
-        // Latency: the four transports take turns, one turn each per round, so that all of
-        // them see the same load on a shared machine (a phase per transport would not).
-        let rounds = config.warmup + config.turns;
-        let mut rtts: [Vec<f64>; 4] = std::array::from_fn(|_| Vec::with_capacity(rounds));
-        let (mut coded_stats, mut raw_stats) = (MessageStats::default(), MessageStats::default());
-        for i in 0..rounds {
-            let mut took = [0.0; 4];
-            let t = Instant::now();
-            coded_stats = unimic_turn(&session, &replies, &p.part).await?;
-            took[0] = t.elapsed().as_secs_f64() * 1e6;
-            let t = Instant::now();
-            raw_stats = unimic_turn(&session, &replies, &raw).await?;
-            took[1] = t.elapsed().as_secs_f64() * 1e6;
-            let t = Instant::now();
-            quinn_turn(&quinn_conn, &coded).await?;
-            took[2] = t.elapsed().as_secs_f64() * 1e6;
-            let t = Instant::now();
-            http_turn(&http, http_addr, &body, &coded).await?;
-            took[3] = t.elapsed().as_secs_f64() * 1e6;
-            if i >= config.warmup {
-                for (all, one) in rtts.iter_mut().zip(took) {
-                    all.push(one);
+            let coded = coded_bytes(&p)?;
+            let raw = OutgoingPart::raw("application/x-unimic-coded", coded.clone());
+            let body = http_body(&coded);
+            // Latency: the three byte transports take turns, one turn each per round, so that
+            // all of them see the same load on a shared machine (a phase per transport would
+            // not).
+            let mut rtts: [Vec<f64>; 3] = std::array::from_fn(|_| Vec::with_capacity(rounds));
+            let mut raw_stats = MessageStats::default();
+            for i in 0..rounds {
+                let mut took = [0.0; 3];
+                let t = Instant::now();
+                raw_stats = unimic_turn(&session, &replies, &raw).await?;
+                took[0] = t.elapsed().as_secs_f64() * 1e6;
+                let t = Instant::now();
+                quinn_turn(&quinn_conn, &coded).await?;
+                took[1] = t.elapsed().as_secs_f64() * 1e6;
+                let t = Instant::now();
+                http_turn(&http, http_addr, &body, &coded).await?;
+                took[2] = t.elapsed().as_secs_f64() * 1e6;
+                if i >= config.warmup {
+                    for (all, one) in rtts.iter_mut().zip(took) {
+                        all.push(one);
+                    }
                 }
             }
+            let [raw_rtts, quinn_rtts, http_rtts] = rtts;
+            // Throughput: each transport alone.
+            let raw_tput = throughput(config, || {
+                let (session, replies, part) = (session.clone(), replies.clone(), raw.clone());
+                async move { unimic_turn(&session, &replies, &part).await.map(|_| ()) }
+            })
+            .await?;
+            let quinn_tput = throughput(config, || {
+                let (conn, bytes) = (quinn_conn.clone(), coded.clone());
+                async move { quinn_turn(&conn, &bytes).await }
+            })
+            .await?;
+            let http_tput = throughput(config, || {
+                let (http, body, coded) = (http.clone(), body.clone(), coded.clone());
+                async move { http_turn(&http, http_addr, &body, &coded).await }
+            })
+            .await?;
+            let n = coded.len() as u64;
+            per_payload[k].extend([
+                row(
+                    "unimic",
+                    "precoded",
+                    "none",
+                    n,
+                    raw_stats.wire_bytes,
+                    raw_rtts,
+                    raw_tput,
+                ),
+                row(
+                    "quinn-echo",
+                    "bytes",
+                    "none",
+                    n,
+                    n,
+                    quinn_rtts,
+                    quinn_tput,
+                ),
+                row(
+                    "http-json",
+                    "bytes",
+                    "none",
+                    n,
+                    body.len() as u64,
+                    http_rtts,
+                    http_tput,
+                ),
+            ]);
         }
-        let [coded_rtts, raw_rtts, quinn_rtts, http_rtts] = rtts;
-
-        // Throughput: each transport alone.
-        let coded_tput = throughput(config, || {
-            let (session, replies, part) = (session.clone(), replies.clone(), p.part.clone());
-            async move { unimic_turn(&session, &replies, &part).await.map(|_| ()) }
-        })
-        .await?;
-        let raw_tput = throughput(config, || {
-            let (session, replies, part) = (session.clone(), replies.clone(), raw.clone());
-            async move { unimic_turn(&session, &replies, &part).await.map(|_| ()) }
-        })
-        .await?;
-        let quinn_tput = throughput(config, || {
-            let (conn, bytes) = (quinn_conn.clone(), coded.clone());
-            async move { quinn_turn(&conn, &bytes).await }
-        })
-        .await?;
-        let http_tput = throughput(config, || {
-            let (http, body, coded) = (http.clone(), body.clone(), coded.clone());
-            async move { http_turn(&http, http_addr, &body, &coded).await }
-        })
-        .await?;
-
-        let t = timing(coded_rtts);
-        rows.push(BenchRow {
-            transport: "unimic",
-            payload: p.name.clone(),
-            coding: "tokens",
-            model: "adaptive",
-            tokens: p.tokens,
-            payload_bytes: coded_stats.payload_bytes,
-            wire_bytes: coded_stats.wire_bytes,
-            rtt_us_p50: t.p50,
-            rtt_us_p99: t.p99,
-            rtt_us_mean: t.mean,
-            msgs_per_s: coded_tput,
-            concurrency: config.concurrency,
-            turns: config.turns,
-            bits_per_token: coded_stats.bits_per_token(),
-            rtt_p50_vs_quinn_echo: None,
-        });
-        let t = timing(raw_rtts);
-        rows.push(BenchRow {
-            transport: "unimic",
-            payload: p.name.clone(),
-            coding: "precoded",
-            model: "none",
-            tokens: p.tokens,
-            payload_bytes: coded.len() as u64,
-            wire_bytes: raw_stats.wire_bytes,
-            rtt_us_p50: t.p50,
-            rtt_us_p99: t.p99,
-            rtt_us_mean: t.mean,
-            msgs_per_s: raw_tput,
-            concurrency: config.concurrency,
-            turns: config.turns,
-            bits_per_token: None,
-            rtt_p50_vs_quinn_echo: None,
-        });
-        let t = timing(quinn_rtts);
-        let quinn_p50 = t.p50;
-        rows.push(BenchRow {
-            transport: "quinn-echo",
-            payload: p.name.clone(),
-            coding: "bytes",
-            model: "none",
-            tokens: p.tokens,
-            payload_bytes: coded.len() as u64,
-            wire_bytes: coded.len() as u64,
-            rtt_us_p50: t.p50,
-            rtt_us_p99: t.p99,
-            rtt_us_mean: t.mean,
-            msgs_per_s: quinn_tput,
-            concurrency: config.concurrency,
-            turns: config.turns,
-            bits_per_token: None,
-            rtt_p50_vs_quinn_echo: Some(1.0),
-        });
-        let t = timing(http_rtts);
-        rows.push(BenchRow {
-            transport: "http-json",
-            payload: p.name.clone(),
-            coding: "bytes",
-            model: "none",
-            tokens: p.tokens,
-            payload_bytes: coded.len() as u64,
-            wire_bytes: body.len() as u64,
-            rtt_us_p50: t.p50,
-            rtt_us_p99: t.p99,
-            rtt_us_mean: t.mean,
-            msgs_per_s: http_tput,
-            concurrency: config.concurrency,
-            turns: config.turns,
-            bits_per_token: None,
-            rtt_p50_vs_quinn_echo: None,
-        });
-        let n = rows.len();
-        for row in rows.iter_mut().skip(n.saturating_sub(4)) {
-            if quinn_p50 > 0.0 {
-                row.rtt_p50_vs_quinn_echo = Some(row.rtt_us_p50 / quinn_p50);
+    }
+    let mut rows = Vec::new();
+    for mut group in per_payload {
+        let quinn_p50 = group
+            .iter()
+            .find(|r| r.transport == "quinn-echo")
+            .map_or(0.0, |r| r.rtt_us_p50);
+        if quinn_p50 > 0.0 {
+            for r in &mut group {
+                r.rtt_p50_vs_quinn_echo = Some(r.rtt_us_p50 / quinn_p50);
             }
         }
+        rows.extend(group);
     }
 
     echo.abort();
