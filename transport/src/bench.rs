@@ -454,15 +454,7 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
                     raw_rtts,
                     raw_tput,
                 ),
-                row(
-                    "quinn-echo",
-                    "bytes",
-                    "none",
-                    n,
-                    n,
-                    quinn_rtts,
-                    quinn_tput,
-                ),
+                row("quinn-echo", "bytes", "none", n, n, quinn_rtts, quinn_tput),
                 row(
                     "http-json",
                     "bytes",
