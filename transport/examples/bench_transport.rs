@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Prints the same JSON lines as `unimic bench transport --json` (`--json` is accepted and
-//! changes nothing: the output is always JSON lines). The idle-session RSS here covers one
+//! changes nothing: the output is always JSON lines; `--payloads ''` runs only the idle-session
+//! measurement). The idle-session RSS here covers one
 //! process holding both the clients and the server. Defaults: 100 turns (10 for grids), 1000 idle
 //! sessions, every payload.
 
@@ -27,7 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--grid-turns" => config.grid_turns = value("--grid-turns")?.parse()?,
             "--idle" => idle = value("--idle")?.parse()?,
             "--payloads" => {
-                config.payloads = value("--payloads")?.split(',').map(str::to_owned).collect()
+                config.payloads = value("--payloads")?
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect()
             }
             other if !other.starts_with("--") && positional == 0 => {
                 config.turns = other.parse()?;

@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -452,19 +453,15 @@ async fn drive(
     mut control: FrameReader,
     deliver: mpsc::Sender<IncomingMessage>,
 ) {
-    let ack_timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(ack_timer);
-    let mut ack_armed = false;
+    // Armed only while acknowledgements wait: an idle session holds no timer.
+    let mut ack_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
-            () = shared.ack_queued.notified(), if !ack_armed => {
-                ack_armed = true;
-                ack_timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + shared.config.ack_delay);
+            () = shared.ack_queued.notified(), if ack_timer.is_none() => {
+                ack_timer = Some(Box::pin(tokio::time::sleep(shared.config.ack_delay)));
             }
-            () = &mut ack_timer, if ack_armed => {
-                ack_armed = false;
+            () = fire(&mut ack_timer), if ack_timer.is_some() => {
+                ack_timer = None;
                 // In a task: a control stream blocked by flow control must not stop the driver
                 // from reading the peer's control stream.
                 let s = shared.clone();
@@ -524,6 +521,14 @@ async fn drive(
         }
     }
     shared.changed.notify_waiters();
+}
+
+/// Completes when the armed timer fires (never when none is armed).
+async fn fire(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How long a go-away waits for messages in flight before closing anyway.
