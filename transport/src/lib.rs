@@ -13,8 +13,8 @@
 //!
 //! The API is caller-driven: [`Server::accept`], [`Session::recv`] and
 //! [`IncomingMessage::next`] are pulled by the caller; nothing calls back. The background tasks
-//! (one per server, one per session, one per incoming message) are owned by the handles and end
-//! with them.
+//! (one per server, one per session, and one per incoming message that cannot be handled at
+//! once) are owned by the handles and end with them.
 //!
 //! # TLS
 //! [`tls`]: development mode (a self-signed certificate the client pins by its SHA-256) and

@@ -2,10 +2,13 @@
 //!
 //! # Tasks
 //! Each session runs one driver task (spawned when the handshake finishes, aborted when the
-//! [`Session`] is dropped) that accepts the peer's message streams and reads the control stream,
-//! and one short task per incoming message that parses and decodes it and feeds the
-//! [`IncomingMessage`] the caller got from [`Session::recv`]. Nothing calls back into caller code:
-//! the caller pulls messages and their events.
+//! [`Session`] is dropped) that accepts the peer's message streams, reads the control stream and
+//! writes batched acknowledgements. Each incoming message is parsed and decoded by its own
+//! future, which feeds the [`IncomingMessage`] the caller got from [`Session::recv`]: the driver
+//! runs it until it first has to wait (a small message that arrived whole completes right
+//! there), and spawns the rest as a short task. Parts and chunks above 1,024 tokens are coded and
+//! decoded on tokio's blocking pool, never on an async worker. Nothing calls back into caller
+//! code: the caller pulls messages and their events.
 //!
 //! # Context
 //! Both ends keep a [`SessionContext`] bounded by the negotiated `max_context_bytes`. A sender
