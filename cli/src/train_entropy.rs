@@ -192,6 +192,16 @@ fn load_set(
     })
 }
 
+/// Prints a log line above the progress bar, or on stderr when the bar is hidden (not a terminal),
+/// so that logs of background runs keep their evaluations.
+fn log_line(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
 /// Runs the command.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let text = args.kind == Kind::Text;
@@ -284,7 +294,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         match e {
         Event::Start { step, params, .. } => {
             pb.set_position(step);
-            pb.println(format!(
+            log_line(&pb, format!(
                 "training {kind} model {id}: {params} parameters, uniform = {uniform:.3} bits/token{}",
                 if step > 0 { format!(", resuming at step {step}") } else { String::new() }
             ));
@@ -297,9 +307,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             step,
             train_bits,
             val_bits,
-        } => pb.println(format!(
-            "step {step}: train {train_bits:.4} bits/token, val {val_bits:.4} bits/token ({:.1}% of uniform)",
-            100.0 * val_bits / uniform
+        } => log_line(&pb, format!(
+            "step {step}: train {train_bits:.4} bits/token, val {val_bits:.4} bits/token ({:.1}% of uniform), {:.0} s",
+            100.0 * val_bits / uniform,
+            pb.elapsed().as_secs_f64()
         )),
         _ => {}
     }

@@ -63,7 +63,8 @@ pub enum ModelChoice {
     Adaptive,
 }
 
-/// Wire ids of the built-in models (later learned models take 4 and up).
+/// Wire ids of the built-in models (later built-in models take 5 and up; the learned
+/// transformer models are named by id string and content hash instead, see docs/CODING.md §7).
 pub mod model_id {
     /// [`ModelChoice::Uniform`](super::ModelChoice::Uniform), grids and text.
     pub const UNIFORM: u32 = 0;

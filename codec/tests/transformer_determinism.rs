@@ -317,6 +317,30 @@ fn manifest_load_checks_kind_and_hash() {
     tampered[last] ^= 1;
     std::fs::write(dir.join("g.safetensors"), &tampered).unwrap();
     assert!(Generic::load(&path).is_err(), "hash is checked");
+    std::fs::write(dir.join("g.safetensors"), &bytes).unwrap();
+    // Upper-case hex names the same weights.
+    let upper = Manifest {
+        sha256: m.sha256.to_ascii_uppercase(),
+        ..m.clone()
+    };
+    std::fs::write(&path, serde_json::to_vec(&upper).unwrap()).unwrap();
+    assert!(Generic::load(&path).is_ok(), "hash comparison ignores case");
+    // The weights must be a file next to the manifest.
+    for bad in [
+        "../g.safetensors",
+        "/etc/passwd",
+        "sub/g.safetensors",
+        "..",
+        "",
+    ] {
+        let escaping = Manifest {
+            weights: bad.into(),
+            ..m.clone()
+        };
+        std::fs::write(&path, serde_json::to_vec(&escaping).unwrap()).unwrap();
+        let err = Generic::load(&path).unwrap_err().to_string();
+        assert!(err.contains("must be a file name"), "{bad:?}: {err}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

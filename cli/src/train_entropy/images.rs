@@ -64,8 +64,12 @@ fn at_least(img: RgbImage, crop: u32) -> RgbImage {
     imageops::resize(&img, nw, nh, FilterType::Triangle)
 }
 
-/// `crop × crop` pieces of one image: `n` random ones (flipped with probability 1/2) or, when
-/// `rng` is `None`, the centre.
+/// `crop × crop` pieces of one image: `n` random ones or, when `rng` is `None`, the centre.
+///
+/// A random crop first scales the image so that its shorter side is uniform in
+/// `crop..=native` (so the grids cover both native detail and the whole-frame views that
+/// `--size` benchmarks and `encode --size` produce), then cuts a random square and flips it
+/// horizontally with probability 1/2.
 fn crops(img: RgbImage, crop: u32, n: usize, rng: Option<&mut CropRng>) -> Vec<RgbImage> {
     let img = at_least(img, crop);
     let (w, h) = img.dimensions();
@@ -75,9 +79,24 @@ fn crops(img: RgbImage, crop: u32, n: usize, rng: Option<&mut CropRng>) -> Vec<R
         }
         Some(rng) => (0..n)
             .map(|_| {
+                let short = w.min(h);
+                let target = crop + rng.upto(short - crop);
+                let scaled;
+                let (img, w, h) = if target < short {
+                    let (sw, sh) = (
+                        (u64::from(w) * u64::from(target) / u64::from(short)).max(u64::from(crop))
+                            as u32,
+                        (u64::from(h) * u64::from(target) / u64::from(short)).max(u64::from(crop))
+                            as u32,
+                    );
+                    scaled = imageops::resize(&img, sw, sh, FilterType::CatmullRom);
+                    (&scaled, sw, sh)
+                } else {
+                    (&img, w, h)
+                };
                 let x = rng.upto(w - crop);
                 let y = rng.upto(h - crop);
-                let c = imageops::crop_imm(&img, x, y, crop, crop).to_image();
+                let c = imageops::crop_imm(img, x, y, crop, crop).to_image();
                 if rng.next() & 1 == 1 {
                     imageops::flip_horizontal(&c)
                 } else {
@@ -279,7 +298,7 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
             h.update([0]);
         }
         h.update(format!(
-            "{}|{}|{}|{text}",
+            "crops-v2|{}|{}|{}|{text}",
             args.crop,
             args.crops_per_image.max(1),
             args.seed

@@ -6,7 +6,8 @@
 //! plain f32 arithmetic in a fixed, documented order:
 //!
 //! * [`kernels`]: every reduction is a dot product over 8 fixed lanes, combined in a fixed tree; no
-//!   fused multiply-add, no run-time CPU dispatch, no threads.
+//!   fused multiply-add, no threads. On x86-64 the same code also runs compiled with AVX (chosen
+//!   at run time): wider registers for the same eight lanes, so the bits do not change.
 //! * [`math`]: `exp` by Cody–Waite reduction and a degree-7 polynomial (no libm), SiLU, RMS norm
 //!   and softmax built on it.
 //! * [`transformer`]: the pre-norm transformer body with an explicit [`transformer::KvCache`]; a

@@ -108,10 +108,21 @@ impl Manifest {
                 m.kind
             )));
         }
+        // The weights must sit next to the manifest: a plain file name, never a path that could
+        // reach elsewhere (absolute, `..`, or into a subfolder).
+        let plain = Path::new(&m.weights)
+            .file_name()
+            .is_some_and(|f| f == std::ffi::OsStr::new(&m.weights));
+        if !plain || m.weights == ".." || m.weights == "." {
+            return Err(ModelError::Manifest(format!(
+                "weights {:?} must be a file name in the manifest's folder",
+                m.weights
+            )));
+        }
         let wpath = path.parent().unwrap_or(Path::new(".")).join(&m.weights);
         let bytes = read_bounded(&wpath, MAX_WEIGHTS)?;
         let h = sha256_hex(&bytes);
-        if h != m.sha256 {
+        if !h.eq_ignore_ascii_case(&m.sha256) {
             return Err(ModelError::Manifest(format!(
                 "{} has sha256 {h}, the manifest says {}",
                 wpath.display(),

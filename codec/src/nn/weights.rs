@@ -158,7 +158,8 @@ impl Weights {
     /// Deterministic synthetic weights for the given `(name, shape)` list: tensors whose name ends
     /// in `norm.weight` or `norm1.weight` etc. (any name containing `norm`) are all ones, biases
     /// (`.bias`) are uniform in `±0.02`, all other values uniform in `±scale / sqrt(last_dim)`.
-    /// Value `i` of tensor `name` is `u(splitmix64(fnv1a64(name) ^ seed ^ i))` where
+    /// Value `i` of tensor `name` is
+    /// `u(splitmix64(fnv1a64(name) ^ seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))` where
     /// `u(z) = ((z >> 40) as f32 * 2^-24 - 0.5) * 2 * bound`: integer arithmetic and exact
     /// conversions only, so the weights are identical on every platform.
     pub fn synthetic(shapes: &[(String, Vec<usize>)], seed: u64, scale: f32) -> Self {
