@@ -15,6 +15,10 @@
 //!   state above; within a chunk the model keeps learning, and grid neighbours before the chunk's
 //!   first token are absent. A receiver decodes chunk `i` as soon as it arrives, in any order,
 //!   and a corrupt chunk loses only itself. Without `chunk_tokens` the part is one chunk.
+//! * **Transformer models.** [`ModelChoice::Generic`] (the configured generic transformer,
+//!   docs/CODING.md §7) conditions only on the grid's own earlier tokens, so its state does not
+//!   depend on the references (they are still digest-checked), and it codes a part as exactly one
+//!   chunk (smaller chunks are refused with [`PartError::Unchunkable`]).
 //! * **Commit.** After a part is fully encoded (sender) or decoded (receiver), the caller inserts
 //!   it into its [`SessionContext`] under (message id, part index) if later parts may refer to it;
 //!   both ends must apply the same inserts and evictions.
@@ -44,7 +48,8 @@
 
 use crate::coder::{CodeError, Decoder, Encoder};
 use crate::context::{ContextError, ContextKey, SequenceKind, SessionContext};
-use crate::entropy::{AdaptiveGrid, AdaptiveText, Static, TextPrior, Uniform};
+use crate::entropy::generic::Generic;
+use crate::entropy::{AdaptiveGrid, AdaptiveText, Dense, Static, TextPrior, Uniform};
 use crate::grid::{GridError, TokenGrid};
 use crate::text::O200K_VOCAB;
 use sha2::{Digest, Sha256};
@@ -61,6 +66,11 @@ pub enum ModelChoice {
     Static,
     /// [`AdaptiveGrid`] for grids, [`AdaptiveText`] for text.
     Adaptive,
+    /// The configured generic transformer ([`Generic`], docs/CODING.md §7), for grids only. It
+    /// conditions on the tokens of the grid itself, not on the context references (which are
+    /// still digest-checked), and codes a part as one chunk: a spec asking for smaller chunks is
+    /// refused with [`PartError::Unchunkable`].
+    Generic,
 }
 
 /// Wire ids of the built-in models (later built-in models take 5 and up; the learned
@@ -76,6 +86,9 @@ pub mod model_id {
     pub const ADAPTIVE_TEXT: u32 = 3;
     /// [`ModelChoice::Static`](super::ModelChoice::Static) for text.
     pub const STATIC_TEXT: u32 = 4;
+    /// [`ModelChoice::Generic`](super::ModelChoice::Generic): the configured transformer, whose
+    /// identity hash is the SHA-256 of its weights file.
+    pub const GENERIC_GRID: u32 = 5;
 }
 
 /// Names a model exactly: wire id, version, and a SHA-256 content hash (of the model file, or of a
@@ -238,6 +251,20 @@ pub enum PartError {
     /// Decoded ids do not form a valid grid.
     #[error(transparent)]
     Grid(#[from] GridError),
+    /// The model codes a part as one chunk, and the spec asks for smaller chunks.
+    #[error("model {model:?} codes a part of {tokens} tokens as one chunk, not in chunks of {chunk_tokens}")]
+    Unchunkable {
+        /// The model.
+        model: ModelChoice,
+        /// Tokens in the part.
+        tokens: u64,
+        /// The chunk size asked for.
+        chunk_tokens: u64,
+    },
+    /// A transformer model refused the part or the payload (shape beyond its position tables,
+    /// codebook mismatch, corrupt payload).
+    #[error("transformer model: {0}")]
+    Transformer(String),
     /// A text id is not below the id space.
     #[error("text id {id} is not below the id space {space}")]
     TextId {
@@ -263,6 +290,8 @@ pub struct CodecConfig {
     pub prime_adaptive_text: bool,
     /// Largest part, in tokens, this codec accepts.
     pub max_part_tokens: u64,
+    /// The generic transformer model for [`ModelChoice::Generic`], if any.
+    pub generic: Option<Arc<Generic>>,
 }
 
 impl Default for CodecConfig {
@@ -273,11 +302,17 @@ impl Default for CodecConfig {
             text_prior: None,
             prime_adaptive_text: false,
             max_part_tokens: 1 << 22,
+            generic: None,
         }
     }
 }
 
 impl CodecConfig {
+    /// Sets the generic transformer model ([`ModelChoice::Generic`]).
+    pub fn with_generic(mut self, model: Arc<Generic>) -> Self {
+        self.generic = Some(model);
+        self
+    }
     /// Sets the static grid model.
     pub fn with_static_grid(mut self, model: Arc<Static>) -> Self {
         self.static_grid = Some(model);
@@ -303,6 +338,7 @@ enum State {
     Static(Arc<Static>),
     Grid(AdaptiveGrid),
     Text(AdaptiveText),
+    Generic(Arc<Generic>),
 }
 
 /// Cached learned state: valid while the references extend `refs` and their digest matches.
@@ -325,6 +361,32 @@ pub struct PartCodec {
 
 fn hash_str(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
+}
+
+/// 64 hex digits to 32 bytes (`None` if malformed).
+fn hex32(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        let s = std::str::from_utf8(pair).ok()?;
+        *o = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Refuses chunking for models that code a part as one chunk.
+fn one_chunk(model: ModelChoice, tokens: u64, chunk_tokens: Option<u32>) -> Result<(), PartError> {
+    match chunk_tokens {
+        Some(c) if u64::from(c) < tokens => Err(PartError::Unchunkable {
+            model,
+            tokens,
+            chunk_tokens: u64::from(c),
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl PartCodec {
@@ -361,6 +423,15 @@ impl PartCodec {
                 let p = self.config.text_prior.as_ref().ok_or(unavailable)?;
                 (model_id::STATIC_TEXT, Sha256::digest(p.to_bytes()).into())
             }
+            (ModelChoice::Generic, SequenceKind::Grid) => {
+                let hash = self
+                    .config
+                    .generic
+                    .as_ref()
+                    .and_then(|g| hex32(g.content_hash()));
+                (model_id::GENERIC_GRID, hash.ok_or(unavailable)?)
+            }
+            (ModelChoice::Generic, _) => return Err(unavailable),
             (ModelChoice::Adaptive, SequenceKind::Grid) => (
                 model_id::ADAPTIVE_GRID,
                 hash_str("unimic-entropy/adaptive-grid/v1"),
@@ -409,6 +480,17 @@ impl PartCodec {
             (ModelChoice::Adaptive, PartShape::Grid { codebook_size, .. }) => {
                 State::Grid(AdaptiveGrid::new(*codebook_size))
             }
+            (ModelChoice::Generic, PartShape::Grid { codebook_size, .. }) => {
+                let g = self.config.generic.clone().ok_or(unavailable)?;
+                if g.config().codebook_size != *codebook_size as usize {
+                    return Err(PartError::ModelUnavailable {
+                        model,
+                        kind: SequenceKind::Grid,
+                    });
+                }
+                State::Generic(g)
+            }
+            (ModelChoice::Generic, PartShape::Text { .. }) => return Err(unavailable),
             (ModelChoice::Adaptive, PartShape::Text { .. }) => State::Text(
                 match (&self.config.text_prior, self.config.prime_adaptive_text) {
                     (Some(p), true) => AdaptiveText::with_prior(p),
@@ -478,6 +560,10 @@ impl PartCodec {
         tokens: PartTokens<'_>,
         spec: &PartSpec,
     ) -> Result<EncodedPart, PartError> {
+        let grid = match tokens {
+            PartTokens::Grid(g) => Some(g),
+            PartTokens::Text(_) => None,
+        };
         let (shape, ids, width) = match tokens {
             PartTokens::Text(ids) => {
                 if let Some(&id) = ids.iter().find(|&&id| id >= self.config.text_space) {
@@ -509,6 +595,9 @@ impl PartCodec {
         let model = self.identity(spec.model, shape.kind())?;
         let state = self.state(ctx, spec.model, &shape, &spec.refs)?;
         let n = ids.len();
+        if matches!(state, State::Generic(_)) {
+            one_chunk(spec.model, n as u64, spec.chunk_tokens)?;
+        }
         let c = spec.chunk_tokens.map_or(n.max(1), |c| c as usize);
         let mut chunks = Vec::with_capacity(n.div_ceil(c).max(1));
         let mut cross_entropy_bits = 0.0;
@@ -537,6 +626,18 @@ impl PartCodec {
                 }
                 State::Grid(mut g) => g.encode(&mut enc, ids, width, start..end)?,
                 State::Text(mut t) => t.encode(&mut enc, &ids[start..end])?,
+                State::Generic(m) => {
+                    let grid = grid.ok_or(PartError::ModelUnavailable {
+                        model: spec.model,
+                        kind: SequenceKind::Text,
+                    })?;
+                    let weights = m
+                        .weights_full(grid)
+                        .map_err(|e| PartError::Transformer(e.to_string()))?;
+                    for (w, &s) in weights.into_iter().zip(ids) {
+                        enc.encode(s, &Dense::from_weights(w))?;
+                    }
+                }
             }
             cross_entropy_bits += enc.cross_entropy_bits();
             chunks.push(Chunk {
@@ -593,6 +694,17 @@ impl PartCodec {
         }
         let state = self.state(ctx, spec.model, &shape, &spec.refs)?;
         let n = shape.tokens();
+        if let State::Generic(g) = &state {
+            one_chunk(spec.model, n, spec.chunk_tokens)?;
+            if let PartShape::Grid { height, width, .. } = shape {
+                let side = g.config().max_side as u32;
+                if height > side || width > side {
+                    return Err(PartError::Transformer(format!(
+                        "{height}x{width} exceeds the model's largest side {side}"
+                    )));
+                }
+            }
+        }
         let c = spec.chunk_tokens.map_or(n.max(1), u64::from);
         Ok(PartDecoder {
             shape,
@@ -660,6 +772,18 @@ impl PartDecoder {
                 g.decode(&mut dec, &mut out, width, start..end)?
             }
             (State::Text(mut t), _) => out = t.decode(&mut dec, end - start)?,
+            (State::Generic(m), PartShape::Grid { height, width, .. }) => {
+                out = m
+                    .decode(height, width, payload)
+                    .map_err(|e| PartError::Transformer(e.to_string()))?
+                    .into_ids();
+            }
+            (State::Generic(_), PartShape::Text { .. }) => {
+                return Err(PartError::ModelUnavailable {
+                    model: ModelChoice::Generic,
+                    kind: SequenceKind::Text,
+                })
+            }
             (State::Grid(_), PartShape::Text { .. }) => {
                 return Err(PartError::ModelUnavailable {
                     model: ModelChoice::Adaptive,
