@@ -153,6 +153,82 @@ async fn raw_parts_and_uniform_model_round_trip() {
     );
 }
 
+/// A server and client whose codecs hold the generic transformer with weights from `server_seed`
+/// and `client_seed`.
+fn generic_pair(server_seed: u64, client_seed: u64) -> Pair {
+    use std::sync::Arc;
+    use unimic_codec::entropy::generic::{Generic, GenericConfig};
+    use unimic_codec::part::CodecConfig;
+    let with = |seed: u64| {
+        let model = Generic::synthetic(&GenericConfig::tiny(1024), seed).unwrap();
+        session_config().with_codec(CodecConfig::default().with_generic(Arc::new(model)))
+    };
+    let (server, pin) = server_with(|c| c.with_session(with(server_seed)));
+    let addr = server.local_addr().unwrap();
+    let client = client_with(pin, |c| c.with_session(with(client_seed)));
+    Pair {
+        server,
+        client,
+        addr,
+        pin,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_transformer_is_negotiated_by_weights_hash() {
+    // Same weights at both ends: image parts can use it, with or without context references.
+    let mut p = generic_pair(5, 5);
+    let (client, server) = connect(&mut p).await;
+    let image = grid(16, 16, 3);
+    let sent = within(
+        client.send(
+            OutgoingMessage::new(Role::User)
+                .with_part(OutgoingPart::image(image.clone()).with_model(ModelChoice::Generic))
+                .with_part(
+                    OutgoingPart::image(grid(8, 12, 4))
+                        .with_model(ModelChoice::Generic)
+                        .with_context(vec![ContextKey::new(0, 0)]),
+                ),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(sent.payload_bytes > 0);
+    let got = within(within(server.recv()).await.unwrap().unwrap().collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        got.parts,
+        vec![
+            ReceivedPart::Image(image),
+            ReceivedPart::Image(grid(8, 12, 4))
+        ]
+    );
+
+    // Different weights: the model is not negotiated, so a part asking for it is refused before
+    // anything is sent, and the session goes on with the other models.
+    let mut p = generic_pair(5, 6);
+    let (client, server) = connect(&mut p).await;
+    let err = within(
+        client.send(
+            OutgoingMessage::new(Role::User)
+                .with_part(OutgoingPart::image(grid(4, 4, 1)).with_model(ModelChoice::Generic)),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SendError::NotNegotiated(_)), "{err}");
+    within(
+        client.send(OutgoingMessage::new(Role::User).with_part(OutgoingPart::image(grid(4, 4, 1)))),
+    )
+    .await
+    .unwrap();
+    let got = within(within(server.recv()).await.unwrap().unwrap().collect())
+        .await
+        .unwrap();
+    assert_eq!(got.parts, vec![ReceivedPart::Image(grid(4, 4, 1))]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_sessions() {
     let (mut server, pin) = server_with(|c| c);
