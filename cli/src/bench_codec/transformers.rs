@@ -110,17 +110,7 @@ pub fn bench_images(
     if let Some((g, man)) = &models.generic {
         let mut tally = Tally::default();
         for (i, grid) in items.iter().enumerate() {
-            let t0 = Instant::now();
-            let bytes = g.encode(grid)?;
-            tally.enc_s += t0.elapsed().as_secs_f64();
-            let t0 = Instant::now();
-            let back = g.decode(grid.height(), grid.width(), &bytes)?;
-            tally.dec_s += t0.elapsed().as_secs_f64();
-            ensure!(&back == grid, "round trip failed: model generic, item {i}");
-            let lens = code_lengths(&g.weights_full(grid)?, grid.ids());
-            tally.cross_entropy += lens.iter().sum::<f64>();
-            generic_lengths.push(lens);
-            tally.add(grid, 8 * bytes.len() as u64);
+            generic_lengths.push(generic_roundtrip(g, grid, &mut tally, i)?);
         }
         rows.push(tally.row(
             "image",
@@ -181,6 +171,30 @@ pub fn bench_images(
         }
     }
     Ok(rows)
+}
+
+/// Codes `grid` with the generic model, decodes it back (timed, verified), counts it in `tally`
+/// and returns the code length of every token.
+fn generic_roundtrip(
+    g: &Generic,
+    grid: &TokenGrid,
+    tally: &mut Tally,
+    item: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let t0 = Instant::now();
+    let bytes = g.encode(grid)?;
+    tally.enc_s += t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let back = g.decode(grid.height(), grid.width(), &bytes)?;
+    tally.dec_s += t0.elapsed().as_secs_f64();
+    ensure!(
+        &back == grid,
+        "round trip failed: model generic, item {item}"
+    );
+    let lens = code_lengths(&g.weights_full(grid)?, grid.ids());
+    tally.cross_entropy += lens.iter().sum::<f64>();
+    tally.add(grid, 8 * bytes.len() as u64);
+    Ok(lens)
 }
 
 /// Codes the unknown positions of `grid` with the masked model and decodes them back from only
@@ -249,16 +263,7 @@ fn with_model<'a>(
 /// A captioned set's held-out images (last `holdout` by file name) with the first caption of each.
 pub fn held_out_captioned(dir: &Path, holdout: usize) -> anyhow::Result<Vec<(PathBuf, String)>> {
     let caps = super::read_captions(&dir.join("captions.csv"))?;
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))
-        .with_context(|| format!("reading {}/images", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-        })
-        .collect();
-    paths.sort();
+    let mut paths = super::list_images(&dir.join("images"))?;
     ensure!(
         holdout > 0 && holdout <= paths.len(),
         "--holdout {holdout} must be in 1..={}",
@@ -296,17 +301,7 @@ pub fn bench_captioned(
     if let Some((g, man)) = &models.generic {
         let mut tally = Tally::default();
         for (i, grid) in items.iter().enumerate() {
-            let t0 = Instant::now();
-            let bytes = g.encode(grid)?;
-            tally.enc_s += t0.elapsed().as_secs_f64();
-            let t0 = Instant::now();
-            let back = g.decode(grid.height(), grid.width(), &bytes)?;
-            tally.dec_s += t0.elapsed().as_secs_f64();
-            ensure!(&back == grid, "round trip failed: model generic, item {i}");
-            tally.cross_entropy += code_lengths(&g.weights_full(grid)?, grid.ids())
-                .iter()
-                .sum::<f64>();
-            tally.add(grid, 8 * bytes.len() as u64);
+            generic_roundtrip(g, grid, &mut tally, i)?;
         }
         generic_bits = Some(tally.bits);
         rows.push(tally.row(
