@@ -231,7 +231,7 @@ fn tokenize_images(args: &Args, dir: &Path) -> anyhow::Result<(Vec<TokenGrid>, V
     let tdir = args.tokenizer.clone().unwrap_or_else(Vq::default_dir);
     let tok =
         Vq::from_dir(&tdir).with_context(|| format!("loading tokenizer {}", tdir.display()))?;
-    let paths = list_images(dir)?;
+    let paths = crate::models::list_images(dir)?;
     ensure!(!paths.is_empty(), "no PNG/JPEG images in {}", dir.display());
     let mut grids = Vec::with_capacity(paths.len());
     let mut pixels = Vec::with_capacity(paths.len());
@@ -247,21 +247,6 @@ fn tokenize_images(args: &Args, dir: &Path) -> anyhow::Result<(Vec<TokenGrid>, V
         );
     }
     Ok((grids, pixels))
-}
-
-/// PNG and JPEG files directly in `dir`, sorted by name.
-fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-        })
-        .collect();
-    paths.sort();
-    Ok(paths)
 }
 
 /// Accumulated measurements of one model over a run.

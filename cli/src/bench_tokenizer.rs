@@ -10,7 +10,7 @@
 //! keeps the native size (the tokenizer pads to multiples of its factor; metrics are computed on
 //! the original pixels).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -151,26 +151,12 @@ fn mean(rows: &[Row]) -> Row {
     }
 }
 
-fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
 /// Runs the benchmark.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.tokenizer.clone().unwrap_or_else(Vq::default_dir);
     let tok = Vq::from_dir(&dir).with_context(|| format!("loading tokenizer {}", dir.display()))?;
     let tok_id = format!("{}@{}", tok.id().name, &tok.id().sha256[..12]);
-    let mut paths = list_images(&args.images)?;
+    let mut paths = crate::models::list_images(&args.images)?;
     if args.limit > 0 {
         paths.truncate(args.limit);
     }

@@ -52,6 +52,21 @@ pub fn hex_hash8(hex: &str) -> anyhow::Result<[u8; 8]> {
     Ok(out)
 }
 
+/// PNG and JPEG files directly in `dir`, sorted by file name.
+pub fn list_images(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// Id of the shipped generic (raster, causal) transformer entropy model.
 pub const GENERIC_ID: &str = "unimic-entropy-generic-v1";
 

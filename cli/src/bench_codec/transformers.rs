@@ -263,7 +263,7 @@ fn with_model<'a>(
 /// A captioned set's held-out images (last `holdout` by file name) with the first caption of each.
 pub fn held_out_captioned(dir: &Path, holdout: usize) -> anyhow::Result<Vec<(PathBuf, String)>> {
     let caps = super::read_captions(&dir.join("captions.csv"))?;
-    let mut paths = super::list_images(&dir.join("images"))?;
+    let mut paths = crate::models::list_images(&dir.join("images"))?;
     ensure!(
         holdout > 0 && holdout <= paths.len(),
         "--holdout {holdout} must be in 1..={}",

@@ -35,21 +35,6 @@ impl CropRng {
     }
 }
 
-/// Image files (jpg, jpeg, png) directly in `dir`, sorted by file name.
-fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
 /// Scales `img` up (keeping its aspect) so that both sides are at least `crop`.
 fn at_least(img: RgbImage, crop: u32) -> RgbImage {
     let (w, h) = img.dimensions();
@@ -234,7 +219,7 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
     let (train_items, val_items, src): (Vec<_>, Vec<_>, String) = if let Some(dir) = &args.captioned
     {
         let caps = read_captions(&dir.join("captions.csv"))?;
-        let all = list_images(&dir.join("images"))?;
+        let all = crate::models::list_images(&dir.join("images"))?;
         if all.len() <= args.holdout {
             bail!("{} has only {} images", dir.display(), all.len());
         }
@@ -258,11 +243,19 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
     } else {
         let mut tr = Vec::new();
         for d in &args.images {
-            tr.extend(list_images(d)?.into_iter().map(|p| (p, Vec::new())));
+            tr.extend(
+                crate::models::list_images(d)?
+                    .into_iter()
+                    .map(|p| (p, Vec::new())),
+            );
         }
         let mut va = Vec::new();
         for d in &args.val_images {
-            va.extend(list_images(d)?.into_iter().map(|p| (p, Vec::new())));
+            va.extend(
+                crate::models::list_images(d)?
+                    .into_iter()
+                    .map(|p| (p, Vec::new())),
+            );
         }
         if va.is_empty() {
             bail!("--images needs --val-images");
