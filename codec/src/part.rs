@@ -15,10 +15,19 @@
 //!   state above; within a chunk the model keeps learning, and grid neighbours before the chunk's
 //!   first token are absent. A receiver decodes chunk `i` as soon as it arrives, in any order,
 //!   and a corrupt chunk loses only itself. Without `chunk_tokens` the part is one chunk.
-//! * **Transformer models.** [`ModelChoice::Generic`] (the configured generic transformer,
-//!   docs/CODING.md §7) conditions only on the grid's own earlier tokens, so its state does not
-//!   depend on the references (they are still digest-checked), and it codes a part as exactly one
-//!   chunk (smaller chunks are refused with [`PartError::Unchunkable`]).
+//! * **Transformer models** (docs/CODING.md §7) code a grid part as exactly one chunk, one
+//!   range-coder payload in the model's own order (smaller chunks are refused with
+//!   [`PartError::Unchunkable`]); they do not learn from the references:
+//!   - [`ModelChoice::Generic`] conditions only on the grid's own earlier tokens (the references
+//!     are digest-checked, nothing more).
+//!   - [`ModelChoice::Masked`] codes only the cells of the spec's region
+//!     ([`PartSpec::with_region`]), in the model's schedule order, given every other cell, which
+//!     it takes from the **first image part among the references** (same height and width). The
+//!     part's grid must equal that reference outside the region; the decoded part is the full
+//!     grid (reference outside the region, decoded cells inside).
+//!   - [`ModelChoice::TextCond`] conditions on the **text parts among the references**,
+//!     concatenated in the order listed (the model reads the first `max_text` ids); image
+//!     references are digest-checked only. At least one text reference is required.
 //! * **Commit.** After a part is fully encoded (sender) or decoded (receiver), the caller inserts
 //!   it into its [`SessionContext`] under (message id, part index) if later parts may refer to it;
 //!   both ends must apply the same inserts and evictions.
@@ -49,6 +58,8 @@
 use crate::coder::{CodeError, Decoder, Encoder};
 use crate::context::{ContextError, ContextKey, SequenceKind, SessionContext};
 use crate::entropy::generic::Generic;
+use crate::entropy::masked::{schedule, Masked};
+use crate::entropy::text_cond::TextCond;
 use crate::entropy::{AdaptiveGrid, AdaptiveText, Dense, Static, TextPrior, Uniform};
 use crate::grid::{GridError, TokenGrid};
 use crate::text::O200K_VOCAB;
@@ -71,6 +82,25 @@ pub enum ModelChoice {
     /// still digest-checked), and codes a part as one chunk: a spec asking for smaller chunks is
     /// refused with [`PartError::Unchunkable`].
     Generic,
+    /// The configured masked transformer ([`Masked`], docs/CODING.md §7.7), for grids only: codes
+    /// the cells of the spec's region given the other cells, which come from the first image
+    /// part among the references. One chunk per part.
+    Masked,
+    /// The configured text-conditioned transformer ([`TextCond`], docs/CODING.md §7.8), for grids
+    /// only: conditions on the text parts among the references, concatenated in order. One chunk
+    /// per part.
+    TextCond,
+}
+
+impl ModelChoice {
+    /// Whether this is a transformer model (docs/CODING.md §7): it codes a part as exactly one
+    /// chunk and does not learn from the references.
+    pub fn is_transformer(self) -> bool {
+        matches!(
+            self,
+            ModelChoice::Generic | ModelChoice::Masked | ModelChoice::TextCond
+        )
+    }
 }
 
 /// Wire ids of the built-in models (later built-in models take 5 and up; the learned
@@ -89,6 +119,12 @@ pub mod model_id {
     /// [`ModelChoice::Generic`](super::ModelChoice::Generic): the configured transformer, whose
     /// identity hash is the SHA-256 of its weights file.
     pub const GENERIC_GRID: u32 = 5;
+    /// [`ModelChoice::Masked`](super::ModelChoice::Masked): the configured masked transformer,
+    /// whose identity hash is the SHA-256 of its weights file.
+    pub const MASKED_GRID: u32 = 6;
+    /// [`ModelChoice::TextCond`](super::ModelChoice::TextCond): the configured text-conditioned
+    /// transformer, whose identity hash is the SHA-256 of its weights file.
+    pub const TEXT_COND_GRID: u32 = 7;
 }
 
 /// Names a model exactly: wire id, version, and a SHA-256 content hash (of the model file, or of a
@@ -147,7 +183,7 @@ impl PartShape {
     }
 }
 
-/// How a part is coded: model, context references, chunking.
+/// How a part is coded: model, context references, chunking, and (masked model) region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PartSpec {
@@ -157,6 +193,9 @@ pub struct PartSpec {
     pub refs: Vec<ContextKey>,
     /// Tokens per independently decodable chunk; `None` for one chunk.
     pub chunk_tokens: Option<u32>,
+    /// The cells a [`ModelChoice::Masked`] part codes: one entry per grid cell, row-major, `true`
+    /// inside the region. Required by the masked model and refused with any other.
+    pub region: Option<Vec<bool>>,
 }
 
 impl PartSpec {
@@ -166,6 +205,7 @@ impl PartSpec {
             model,
             refs: Vec::new(),
             chunk_tokens: None,
+            region: None,
         }
     }
     /// Sets the references.
@@ -176,6 +216,11 @@ impl PartSpec {
     /// Sets the chunk size in tokens (0 means one chunk).
     pub fn with_chunk_tokens(mut self, chunk_tokens: u32) -> Self {
         self.chunk_tokens = (chunk_tokens > 0).then_some(chunk_tokens);
+        self
+    }
+    /// Sets the region a [`ModelChoice::Masked`] part codes (row-major, `true` = coded).
+    pub fn with_region(mut self, region: Vec<bool>) -> Self {
+        self.region = Some(region);
         self
     }
 }
@@ -273,6 +318,63 @@ pub enum PartError {
         /// The id space.
         space: u32,
     },
+    /// The spec has a region, and the model is not the masked model.
+    #[error("model {model:?} codes whole grids, not a region")]
+    RegionNotAllowed {
+        /// The model.
+        model: ModelChoice,
+    },
+    /// The masked model needs a region, and the spec has none.
+    #[error("the masked model needs a region")]
+    RegionRequired,
+    /// The region does not have one entry per grid cell.
+    #[error("region of {cells} cells for a grid of {expected}")]
+    RegionSize {
+        /// Entries in the region.
+        cells: u64,
+        /// Cells in the grid.
+        expected: u64,
+    },
+    /// The model conditions on a part of this kind, and the references hold none.
+    #[error("model {model:?} needs a {kind:?} part among the references")]
+    MissingReference {
+        /// The model.
+        model: ModelChoice,
+        /// The kind of part it needs.
+        kind: SequenceKind,
+    },
+    /// The reference image of a masked part does not fit the part (other shape, or ids beyond
+    /// the codebook).
+    #[error("reference {key:?} ({rows}x{cols}) does not fit a {height}x{width} grid of codebook {codebook_size}")]
+    ReferenceShape {
+        /// The reference.
+        key: ContextKey,
+        /// Its rows.
+        rows: u32,
+        /// Its columns.
+        cols: u32,
+        /// The part's height.
+        height: u32,
+        /// The part's width.
+        width: u32,
+        /// The part's codebook size.
+        codebook_size: u32,
+    },
+    /// A masked part's grid differs from its reference image outside the region (the receiver
+    /// would decode another grid).
+    #[error("the grid differs from the reference at cell {cell}, outside the region")]
+    OutsideRegion {
+        /// The first differing cell (row-major).
+        cell: u64,
+    },
+    /// Decoded tokens handed to [`PartDecoder::assemble`] are not as many as the part codes.
+    #[error("{got} decoded tokens for a part that codes {expected}")]
+    TokenCount {
+        /// Tokens given.
+        got: u64,
+        /// Tokens the part codes.
+        expected: u64,
+    },
 }
 
 /// Settings of a [`PartCodec`].
@@ -292,6 +394,10 @@ pub struct CodecConfig {
     pub max_part_tokens: u64,
     /// The generic transformer model for [`ModelChoice::Generic`], if any.
     pub generic: Option<Arc<Generic>>,
+    /// The masked transformer model for [`ModelChoice::Masked`], if any.
+    pub masked: Option<Arc<Masked>>,
+    /// The text-conditioned transformer model for [`ModelChoice::TextCond`], if any.
+    pub text_cond: Option<Arc<TextCond>>,
 }
 
 impl Default for CodecConfig {
@@ -303,6 +409,8 @@ impl Default for CodecConfig {
             prime_adaptive_text: false,
             max_part_tokens: 1 << 22,
             generic: None,
+            masked: None,
+            text_cond: None,
         }
     }
 }
@@ -311,6 +419,16 @@ impl CodecConfig {
     /// Sets the generic transformer model ([`ModelChoice::Generic`]).
     pub fn with_generic(mut self, model: Arc<Generic>) -> Self {
         self.generic = Some(model);
+        self
+    }
+    /// Sets the masked transformer model ([`ModelChoice::Masked`]).
+    pub fn with_masked(mut self, model: Arc<Masked>) -> Self {
+        self.masked = Some(model);
+        self
+    }
+    /// Sets the text-conditioned transformer model ([`ModelChoice::TextCond`]).
+    pub fn with_text_cond(mut self, model: Arc<TextCond>) -> Self {
+        self.text_cond = Some(model);
         self
     }
     /// Sets the static grid model.
@@ -339,6 +457,17 @@ enum State {
     Grid(AdaptiveGrid),
     Text(AdaptiveText),
     Generic(Arc<Generic>),
+    /// The masked model with the known ids (from the reference) and the region.
+    Masked {
+        model: Arc<Masked>,
+        known: Vec<u32>,
+        unknown: Vec<bool>,
+    },
+    /// The text-conditioned model with the prompt (the text references, concatenated).
+    TextCond {
+        model: Arc<TextCond>,
+        prompt: Vec<u32>,
+    },
 }
 
 /// Cached learned state: valid while the references extend `refs` and their digest matches.
@@ -375,6 +504,76 @@ fn hex32(hex: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(s, 16).ok()?;
     }
     Some(out)
+}
+
+/// Codes a grid with a transformer state as one payload: returns the payload, the number of
+/// tokens coded and `Σ -log2 p` (the same bytes as the model's own `encode`).
+fn encode_transformer(
+    state: &State,
+    grid: &TokenGrid,
+    chunk_tokens: Option<u32>,
+    model: ModelChoice,
+) -> Result<(Vec<u8>, u64, f64), PartError> {
+    let transformer = |e: crate::nn::model::ModelError| PartError::Transformer(e.to_string());
+    let mut enc = Encoder::new();
+    let ids = grid.ids();
+    let tokens = match state {
+        State::Generic(m) => {
+            one_chunk(model, ids.len() as u64, chunk_tokens)?;
+            for (w, &s) in m
+                .weights_full(grid)
+                .map_err(transformer)?
+                .into_iter()
+                .zip(ids)
+            {
+                enc.encode(s, &Dense::from_weights(w))?;
+            }
+            ids.len() as u64
+        }
+        State::TextCond { model: m, prompt } => {
+            one_chunk(model, ids.len() as u64, chunk_tokens)?;
+            let weights = m.weights_full(prompt, grid).map_err(transformer)?;
+            for (w, &s) in weights.into_iter().zip(ids) {
+                enc.encode(s, &Dense::from_weights(w))?;
+            }
+            ids.len() as u64
+        }
+        State::Masked {
+            model: m,
+            known,
+            unknown,
+        } => {
+            let coded = unknown.iter().filter(|&&u| u).count();
+            one_chunk(model, coded as u64, chunk_tokens)?;
+            // The receiver takes every cell outside the region from the reference.
+            if let Some(cell) = ids
+                .iter()
+                .zip(known)
+                .zip(unknown)
+                .position(|((a, b), &u)| !u && a != b)
+            {
+                return Err(PartError::OutsideRegion { cell: cell as u64 });
+            }
+            let width = grid.width() as usize;
+            let mut is_known: Vec<bool> = unknown.iter().map(|u| !u).collect();
+            for group in schedule(width, unknown, m.config().steps) {
+                let weights = m.group_weights(width, ids, &is_known, &group);
+                for (&i, w) in group.iter().zip(weights) {
+                    enc.encode(ids[i], &Dense::from_weights(w))?;
+                    is_known[i] = true;
+                }
+            }
+            coded as u64
+        }
+        _ => {
+            return Err(PartError::ModelUnavailable {
+                model,
+                kind: SequenceKind::Grid,
+            })
+        }
+    };
+    let cross_entropy_bits = enc.cross_entropy_bits();
+    Ok((enc.finish(), tokens, cross_entropy_bits))
 }
 
 /// Refuses chunking for models that code a part as one chunk.
@@ -431,7 +630,25 @@ impl PartCodec {
                     .and_then(|g| hex32(g.content_hash()));
                 (model_id::GENERIC_GRID, hash.ok_or(unavailable)?)
             }
-            (ModelChoice::Generic, _) => return Err(unavailable),
+            (ModelChoice::Masked, SequenceKind::Grid) => {
+                let hash = self
+                    .config
+                    .masked
+                    .as_ref()
+                    .and_then(|m| hex32(m.content_hash()));
+                (model_id::MASKED_GRID, hash.ok_or(unavailable)?)
+            }
+            (ModelChoice::TextCond, SequenceKind::Grid) => {
+                let hash = self
+                    .config
+                    .text_cond
+                    .as_ref()
+                    .and_then(|m| hex32(m.content_hash()));
+                (model_id::TEXT_COND_GRID, hash.ok_or(unavailable)?)
+            }
+            (ModelChoice::Generic | ModelChoice::Masked | ModelChoice::TextCond, _) => {
+                return Err(unavailable)
+            }
             (ModelChoice::Adaptive, SequenceKind::Grid) => (
                 model_id::ADAPTIVE_GRID,
                 hash_str("unimic-entropy/adaptive-grid/v1"),
@@ -480,17 +697,10 @@ impl PartCodec {
             (ModelChoice::Adaptive, PartShape::Grid { codebook_size, .. }) => {
                 State::Grid(AdaptiveGrid::new(*codebook_size))
             }
-            (ModelChoice::Generic, PartShape::Grid { codebook_size, .. }) => {
-                let g = self.config.generic.clone().ok_or(unavailable)?;
-                if g.config().codebook_size != *codebook_size as usize {
-                    return Err(PartError::ModelUnavailable {
-                        model,
-                        kind: SequenceKind::Grid,
-                    });
-                }
-                State::Generic(g)
+            // Built with the references by `transformer_state`.
+            (ModelChoice::Generic | ModelChoice::Masked | ModelChoice::TextCond, _) => {
+                return Err(unavailable)
             }
-            (ModelChoice::Generic, PartShape::Text { .. }) => return Err(unavailable),
             (ModelChoice::Adaptive, PartShape::Text { .. }) => State::Text(
                 match (&self.config.text_prior, self.config.prime_adaptive_text) {
                     (Some(p), true) => AdaptiveText::with_prior(p),
@@ -500,14 +710,133 @@ impl PartCodec {
         })
     }
 
+    /// The state of a transformer model for a part (`None` for the other models): the model
+    /// checked against the shape, plus what it conditions on from the references.
+    fn transformer_state(
+        &self,
+        ctx: &SessionContext,
+        spec: &PartSpec,
+        shape: &PartShape,
+    ) -> Result<Option<State>, PartError> {
+        let model = spec.model;
+        if spec.region.is_some() && model != ModelChoice::Masked {
+            return Err(PartError::RegionNotAllowed { model });
+        }
+        if !model.is_transformer() {
+            return Ok(None);
+        }
+        let unavailable = || PartError::ModelUnavailable {
+            model,
+            kind: shape.kind(),
+        };
+        let PartShape::Grid {
+            height,
+            width,
+            codebook_size,
+        } = *shape
+        else {
+            return Err(unavailable());
+        };
+        let (k, side) = match model {
+            ModelChoice::Generic => {
+                let g = self.config.generic.as_ref().ok_or_else(unavailable)?;
+                (g.config().codebook_size, g.config().max_side)
+            }
+            ModelChoice::Masked => {
+                let m = self.config.masked.as_ref().ok_or_else(unavailable)?;
+                (m.config().codebook_size, m.config().max_side)
+            }
+            _ => {
+                let t = self.config.text_cond.as_ref().ok_or_else(unavailable)?;
+                (t.config().codebook_size, t.config().max_side)
+            }
+        };
+        if k != codebook_size as usize {
+            return Err(unavailable());
+        }
+        if height as usize > side || width as usize > side {
+            return Err(PartError::Transformer(format!(
+                "{height}x{width} exceeds the model's largest side {side}"
+            )));
+        }
+        let seqs = ctx.resolve(&spec.refs)?;
+        Ok(Some(match model {
+            ModelChoice::Generic => {
+                State::Generic(self.config.generic.clone().ok_or_else(unavailable)?)
+            }
+            ModelChoice::Masked => {
+                let m = self.config.masked.clone().ok_or_else(unavailable)?;
+                let region = spec.region.as_ref().ok_or(PartError::RegionRequired)?;
+                let cells = shape.tokens();
+                if region.len() as u64 != cells {
+                    return Err(PartError::RegionSize {
+                        cells: region.len() as u64,
+                        expected: cells,
+                    });
+                }
+                let (key, seq) = spec
+                    .refs
+                    .iter()
+                    .zip(seqs)
+                    .find(|(_, s)| s.kind() == SequenceKind::Grid)
+                    .ok_or(PartError::MissingReference {
+                        model,
+                        kind: SequenceKind::Grid,
+                    })?;
+                if seq.rows() != height
+                    || seq.cols() != width
+                    || seq.ids().iter().any(|&id| id >= codebook_size)
+                {
+                    return Err(PartError::ReferenceShape {
+                        key: *key,
+                        rows: seq.rows(),
+                        cols: seq.cols(),
+                        height,
+                        width,
+                        codebook_size,
+                    });
+                }
+                State::Masked {
+                    model: m,
+                    known: seq.ids().to_vec(),
+                    unknown: region.clone(),
+                }
+            }
+            _ => {
+                let t = self.config.text_cond.clone().ok_or_else(unavailable)?;
+                let max_text = t.config().max_text;
+                let texts: Vec<_> = seqs
+                    .into_iter()
+                    .filter(|s| s.kind() == SequenceKind::Text)
+                    .collect();
+                if texts.is_empty() {
+                    return Err(PartError::MissingReference {
+                        model,
+                        kind: SequenceKind::Text,
+                    });
+                }
+                // The model reads the first `max_text` ids of the concatenation.
+                let mut prompt = Vec::new();
+                for s in texts {
+                    let room = max_text.saturating_sub(prompt.len());
+                    prompt.extend(s.ids().iter().take(room));
+                }
+                State::TextCond { model: t, prompt }
+            }
+        }))
+    }
+
     /// The model state for a part: initial state, then learn the references (cached).
     fn state(
         &mut self,
         ctx: &SessionContext,
-        model: ModelChoice,
+        spec: &PartSpec,
         shape: &PartShape,
-        refs: &[ContextKey],
     ) -> Result<State, PartError> {
+        if let Some(state) = self.transformer_state(ctx, spec, shape)? {
+            return Ok(state);
+        }
+        let (model, refs) = (spec.model, spec.refs.as_slice());
         let mut state = self.initial(model, shape)?;
         if !matches!(state, State::Grid(_))
             && !matches!((&state, model), (State::Text(_), ModelChoice::Adaptive))
@@ -593,11 +922,23 @@ impl PartCodec {
         self.check_size(shape.tokens())?;
         let digest = ctx.digest(&spec.refs)?;
         let model = self.identity(spec.model, shape.kind())?;
-        let state = self.state(ctx, spec.model, &shape, &spec.refs)?;
-        let n = ids.len();
-        if matches!(state, State::Generic(_)) {
-            one_chunk(spec.model, n as u64, spec.chunk_tokens)?;
+        let state = self.state(ctx, spec, &shape)?;
+        if let (Some(grid), true) = (grid, spec.model.is_transformer()) {
+            let (payload, tokens, cross_entropy_bits) =
+                encode_transformer(&state, grid, spec.chunk_tokens, spec.model)?;
+            return Ok(EncodedPart {
+                bits: 8 * payload.len() as u64,
+                chunks: vec![Chunk {
+                    payload,
+                    tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
+                }],
+                digest,
+                model,
+                cross_entropy_bits,
+                tokens,
+            });
         }
+        let n = ids.len();
         let c = spec.chunk_tokens.map_or(n.max(1), |c| c as usize);
         let mut chunks = Vec::with_capacity(n.div_ceil(c).max(1));
         let mut cross_entropy_bits = 0.0;
@@ -626,17 +967,12 @@ impl PartCodec {
                 }
                 State::Grid(mut g) => g.encode(&mut enc, ids, width, start..end)?,
                 State::Text(mut t) => t.encode(&mut enc, &ids[start..end])?,
-                State::Generic(m) => {
-                    let grid = grid.ok_or(PartError::ModelUnavailable {
+                State::Generic(_) | State::Masked { .. } | State::TextCond { .. } => {
+                    // Transformer parts are grids, coded above.
+                    return Err(PartError::ModelUnavailable {
                         model: spec.model,
                         kind: SequenceKind::Text,
-                    })?;
-                    let weights = m
-                        .weights_full(grid)
-                        .map_err(|e| PartError::Transformer(e.to_string()))?;
-                    for (w, &s) in weights.into_iter().zip(ids) {
-                        enc.encode(s, &Dense::from_weights(w))?;
-                    }
+                    });
                 }
             }
             cross_entropy_bits += enc.cross_entropy_bits();
@@ -692,23 +1028,22 @@ impl PartCodec {
                 return Err(GridError::BadCodebook(codebook_size).into());
             }
         }
-        let state = self.state(ctx, spec.model, &shape, &spec.refs)?;
-        let n = shape.tokens();
-        if let State::Generic(g) = &state {
+        let state = self.state(ctx, spec, &shape)?;
+        let n = match &state {
+            State::Masked { unknown, .. } => unknown.iter().filter(|&&u| u).count() as u64,
+            _ => shape.tokens(),
+        };
+        if spec.model.is_transformer() {
             one_chunk(spec.model, n, spec.chunk_tokens)?;
-            if let PartShape::Grid { height, width, .. } = shape {
-                let side = g.config().max_side as u32;
-                if height > side || width > side {
-                    return Err(PartError::Transformer(format!(
-                        "{height}x{width} exceeds the model's largest side {side}"
-                    )));
-                }
-            }
         }
-        let c = spec.chunk_tokens.map_or(n.max(1), u64::from);
+        let c = match spec.chunk_tokens {
+            Some(c) if !spec.model.is_transformer() => u64::from(c),
+            _ => n.max(1),
+        };
         Ok(PartDecoder {
             shape,
             state,
+            tokens: n,
             chunk_tokens: c,
             chunks: n.div_ceil(c).max(1),
             text_space: self.config.text_space,
@@ -721,6 +1056,8 @@ impl PartCodec {
 pub struct PartDecoder {
     shape: PartShape,
     state: State,
+    /// Tokens the part codes (the region's cells for a masked part).
+    tokens: u64,
     chunk_tokens: u64,
     chunks: u64,
     text_space: u32,
@@ -732,6 +1069,12 @@ impl PartDecoder {
         self.chunks
     }
 
+    /// Number of tokens the part codes: every token of the part, except for a masked part,
+    /// which codes only the cells of its region.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     /// The token range `[start, end)` chunk `index` covers.
     pub fn chunk_range(&self, index: u64) -> Result<(u64, u64), PartError> {
         if index >= self.chunks {
@@ -741,11 +1084,12 @@ impl PartDecoder {
             });
         }
         let start = index * self.chunk_tokens;
-        Ok((start, (start + self.chunk_tokens).min(self.shape.tokens())))
+        Ok((start, (start + self.chunk_tokens).min(self.tokens)))
     }
 
     /// Decodes chunk `index` from its payload. A corrupt payload yields an error or wrong
-    /// tokens for this chunk only.
+    /// tokens for this chunk only. A masked part's one chunk decodes to the tokens of its
+    /// region's cells in row-major order ([`assemble`](Self::assemble) adds the other cells).
     pub fn decode_chunk(&self, index: u64, payload: &[u8]) -> Result<Vec<u32>, PartError> {
         let (start, end) = self.chunk_range(index)?;
         let (start, end) = (start as usize, end as usize);
@@ -778,7 +1122,32 @@ impl PartDecoder {
                     .map_err(|e| PartError::Transformer(e.to_string()))?
                     .into_ids();
             }
-            (State::Generic(_), PartShape::Text { .. }) => {
+            (
+                State::Masked {
+                    model: m,
+                    known,
+                    unknown,
+                },
+                PartShape::Grid { height, width, .. },
+            ) => {
+                let grid = m
+                    .decode(height, width, &known, &unknown, payload)
+                    .map_err(|e| PartError::Transformer(e.to_string()))?;
+                out = grid
+                    .ids()
+                    .iter()
+                    .zip(&unknown)
+                    .filter(|(_, &u)| u)
+                    .map(|(&id, _)| id)
+                    .collect();
+            }
+            (State::TextCond { model: m, prompt }, PartShape::Grid { height, width, .. }) => {
+                out = m
+                    .decode(&prompt, height, width, payload)
+                    .map_err(|e| PartError::Transformer(e.to_string()))?
+                    .into_ids();
+            }
+            (State::Generic(_) | State::Masked { .. } | State::TextCond { .. }, _) => {
                 return Err(PartError::ModelUnavailable {
                     model: ModelChoice::Generic,
                     kind: SequenceKind::Text,
@@ -811,6 +1180,30 @@ impl PartDecoder {
                 chunks: self.chunks,
             });
         }
+        self.assemble(ids)
+    }
+
+    /// Builds the part from all its decoded tokens in order (the concatenation of its chunks'
+    /// tokens). For a masked part, `ids` are the region's cells (row-major) and every other cell
+    /// is taken from the reference image: the result is the full grid.
+    pub fn assemble(&self, ids: Vec<u32>) -> Result<DecodedPart, PartError> {
+        if ids.len() as u64 != self.tokens {
+            return Err(PartError::TokenCount {
+                got: ids.len() as u64,
+                expected: self.tokens,
+            });
+        }
+        let ids = match &self.state {
+            State::Masked { known, unknown, .. } => {
+                let mut coded = ids.into_iter();
+                known
+                    .iter()
+                    .zip(unknown)
+                    .map(|(&k, &u)| if u { coded.next().unwrap_or(k) } else { k })
+                    .collect()
+            }
+            _ => ids,
+        };
         Ok(match self.shape {
             PartShape::Text { .. } => DecodedPart::Text(ids),
             PartShape::Grid {
@@ -829,4 +1222,316 @@ pub enum DecodedPart {
     Text(Vec<u32>),
     /// A grid.
     Grid(TokenGrid),
+}
+
+#[cfg(test)]
+mod tests {
+    //! The masked and text-conditioned transformers through the facade, with tiny synthetic
+    //! models: round trips, identity by weights hash, and the typed refusals.
+    use super::*;
+    use crate::context::Sequence;
+    use crate::entropy::masked::MaskedConfig;
+    use crate::entropy::text_cond::TextCondConfig;
+    use crate::nn::weights::splitmix64;
+
+    const K: u32 = 16;
+
+    fn grid(h: u32, w: u32, seed: u64) -> TokenGrid {
+        let mut z = seed;
+        let ids = (0..h * w)
+            .map(|_| {
+                z = splitmix64(z);
+                (z % u64::from(K)) as u32
+            })
+            .collect();
+        TokenGrid::new(h, w, K, ids).unwrap()
+    }
+
+    fn shape(g: &TokenGrid) -> PartShape {
+        PartShape::Grid {
+            height: g.height(),
+            width: g.width(),
+            codebook_size: g.codebook_size(),
+        }
+    }
+
+    fn masked(seed: u64) -> Arc<Masked> {
+        Arc::new(Masked::synthetic(&MaskedConfig::tiny(K as usize), seed).unwrap())
+    }
+
+    fn text_cond(seed: u64) -> Arc<TextCond> {
+        Arc::new(TextCond::synthetic(&TextCondConfig::tiny(K as usize), seed).unwrap())
+    }
+
+    fn hex(h: &[u8; 32]) -> String {
+        h.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The reference 6 × 5 image as (0, 0), and an edit of it: the 2 × 3 block at row 2, column
+    /// 1 replaced. Returns (context, edited grid, region).
+    fn edit_setup() -> (SessionContext, TokenGrid, Vec<bool>) {
+        let mut ctx = SessionContext::new(1 << 20);
+        let original = grid(6, 5, 7);
+        ctx.insert(ContextKey::new(0, 0), Sequence::grid(&original))
+            .unwrap();
+        let region: Vec<bool> = (0..30)
+            .map(|i| (2..4).contains(&(i / 5)) && (1..4).contains(&(i % 5)))
+            .collect();
+        let fresh = grid(6, 5, 99);
+        let ids = original
+            .ids()
+            .iter()
+            .zip(fresh.ids())
+            .zip(&region)
+            .map(|((&o, &f), &r)| if r { f } else { o })
+            .collect();
+        (ctx, TokenGrid::new(6, 5, K, ids).unwrap(), region)
+    }
+
+    #[test]
+    fn masked_part_codes_only_the_region_and_decodes_to_the_full_grid() {
+        let m = masked(12);
+        let (ctx, edited, region) = edit_setup();
+        let spec = PartSpec::new(ModelChoice::Masked)
+            .with_refs(vec![ContextKey::new(0, 0)])
+            .with_region(region.clone());
+        let mut sender = PartCodec::new(CodecConfig::default().with_masked(m.clone()));
+        let part = sender
+            .encode(&ctx, PartTokens::Grid(&edited), &spec)
+            .unwrap();
+        assert_eq!(part.chunks.len(), 1);
+        assert_eq!(part.tokens, 6);
+        assert_eq!(part.chunks[0].tokens, 6);
+        assert_eq!(part.model.id, model_id::MASKED_GRID);
+        assert_eq!(hex(&part.model.hash), m.content_hash());
+        // The facade's payload is the model's own payload for this split.
+        assert_eq!(part.chunks[0].payload, m.encode(&edited, &region).unwrap());
+        assert!(part.cross_entropy_bits > 0.0);
+
+        let mut receiver = PartCodec::new(CodecConfig::default().with_masked(m));
+        let dec = receiver
+            .decoder(&ctx, shape(&edited), &spec, &part.digest, &part.model)
+            .unwrap();
+        assert_eq!((dec.chunks(), dec.tokens()), (1, 6));
+        assert_eq!(dec.chunk_range(0).unwrap(), (0, 6));
+        let inside: Vec<u32> = edited
+            .ids()
+            .iter()
+            .zip(&region)
+            .filter(|(_, &r)| r)
+            .map(|(&id, _)| id)
+            .collect();
+        assert_eq!(
+            dec.decode_chunk(0, &part.chunks[0].payload).unwrap(),
+            inside
+        );
+        let back = dec.decode_all([part.chunks[0].payload.as_slice()]).unwrap();
+        assert_eq!(back, DecodedPart::Grid(edited));
+        assert_eq!(
+            dec.assemble(vec![0; 5]),
+            Err(PartError::TokenCount {
+                got: 5,
+                expected: 6
+            })
+        );
+    }
+
+    #[test]
+    fn masked_part_refusals_are_typed() {
+        let (mut ctx, edited, region) = edit_setup();
+        ctx.insert(ContextKey::new(0, 1), Sequence::text(vec![1, 2, 3]))
+            .unwrap();
+        ctx.insert(ContextKey::new(0, 2), Sequence::grid(&grid(5, 6, 1)))
+            .unwrap();
+        let mut codec = PartCodec::new(
+            CodecConfig::default()
+                .with_masked(masked(12))
+                .with_generic(Arc::new(
+                    Generic::synthetic(
+                        &crate::entropy::generic::GenericConfig::tiny(K as usize),
+                        1,
+                    )
+                    .unwrap(),
+                )),
+        );
+        let refs = vec![ContextKey::new(0, 0)];
+        let base = PartSpec::new(ModelChoice::Masked).with_refs(refs.clone());
+        let mut enc = |spec: &PartSpec, g: &TokenGrid| {
+            codec
+                .encode(&ctx, PartTokens::Grid(g), spec)
+                .map(|p| p.tokens)
+        };
+        assert_eq!(enc(&base, &edited), Err(PartError::RegionRequired));
+        assert_eq!(
+            enc(&base.clone().with_region(vec![true; 29]), &edited),
+            Err(PartError::RegionSize {
+                cells: 29,
+                expected: 30
+            })
+        );
+        for model in [ModelChoice::Adaptive, ModelChoice::Generic] {
+            let spec = PartSpec::new(model)
+                .with_refs(refs.clone())
+                .with_region(region.clone());
+            assert_eq!(
+                enc(&spec, &edited),
+                Err(PartError::RegionNotAllowed { model })
+            );
+        }
+        // Only a text reference: no image to take the known cells from.
+        let text_only = PartSpec::new(ModelChoice::Masked)
+            .with_refs(vec![ContextKey::new(0, 1)])
+            .with_region(region.clone());
+        assert_eq!(
+            enc(&text_only, &edited),
+            Err(PartError::MissingReference {
+                model: ModelChoice::Masked,
+                kind: SequenceKind::Grid
+            })
+        );
+        // The first image reference is 5 × 6, the part 6 × 5.
+        let other_shape = PartSpec::new(ModelChoice::Masked)
+            .with_refs(vec![ContextKey::new(0, 1), ContextKey::new(0, 2)])
+            .with_region(region.clone());
+        assert!(matches!(
+            enc(&other_shape, &edited),
+            Err(PartError::ReferenceShape { key, rows: 5, cols: 6, .. }) if key == ContextKey::new(0, 2)
+        ));
+        // A grid that differs from the reference outside the region.
+        let mut ids = edited.ids().to_vec();
+        ids[29] = (ids[29] + 1) % K;
+        let off = TokenGrid::new(6, 5, K, ids).unwrap();
+        let spec = base.clone().with_region(region.clone());
+        assert_eq!(enc(&spec, &off), Err(PartError::OutsideRegion { cell: 29 }));
+        assert!(matches!(
+            enc(&spec.clone().with_chunk_tokens(3), &edited),
+            Err(PartError::Unchunkable { tokens: 6, .. })
+        ));
+        // A reference the context does not hold.
+        let unknown_ref = PartSpec::new(ModelChoice::Masked)
+            .with_refs(vec![ContextKey::new(8, 0)])
+            .with_region(region.clone());
+        assert!(matches!(
+            enc(&unknown_ref, &edited),
+            Err(PartError::Context(ContextError::Missing(_)))
+        ));
+        // A codec without the masked model, and one with other weights.
+        let part = codec
+            .encode(&ctx, PartTokens::Grid(&edited), &spec)
+            .unwrap();
+        assert_eq!(
+            PartCodec::default()
+                .encode(&ctx, PartTokens::Grid(&edited), &spec)
+                .map(|p| p.tokens),
+            Err(PartError::ModelUnavailable {
+                model: ModelChoice::Masked,
+                kind: SequenceKind::Grid
+            })
+        );
+        let mut other = PartCodec::new(CodecConfig::default().with_masked(masked(13)));
+        assert!(matches!(
+            other.decoder(&ctx, shape(&edited), &spec, &part.digest, &part.model),
+            Err(PartError::ModelMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn text_conditioned_part_reads_the_text_references_in_order() {
+        let t = text_cond(13);
+        let mut ctx = SessionContext::new(1 << 20);
+        let (a, b) = (vec![3923u32, 41, 200_000], vec![7u32, 12_345]);
+        ctx.insert(ContextKey::new(0, 0), Sequence::text(a.clone()))
+            .unwrap();
+        ctx.insert(ContextKey::new(0, 1), Sequence::grid(&grid(3, 3, 4)))
+            .unwrap();
+        ctx.insert(ContextKey::new(2, 0), Sequence::text(b.clone()))
+            .unwrap();
+        let g = grid(5, 4, 21);
+        let refs = vec![
+            ContextKey::new(0, 0),
+            ContextKey::new(0, 1),
+            ContextKey::new(2, 0),
+        ];
+        let spec = PartSpec::new(ModelChoice::TextCond).with_refs(refs);
+        let mut sender = PartCodec::new(CodecConfig::default().with_text_cond(t.clone()));
+        let part = sender.encode(&ctx, PartTokens::Grid(&g), &spec).unwrap();
+        assert_eq!(part.model.id, model_id::TEXT_COND_GRID);
+        assert_eq!(hex(&part.model.hash), t.content_hash());
+        assert_eq!((part.chunks.len(), part.tokens), (1, 20));
+        // The prompt is the text references concatenated in the order listed.
+        let prompt: Vec<u32> = a.iter().chain(&b).copied().collect();
+        assert_eq!(part.chunks[0].payload, t.encode(&prompt, &g).unwrap());
+        let swapped = PartSpec::new(ModelChoice::TextCond)
+            .with_refs(vec![ContextKey::new(2, 0), ContextKey::new(0, 0)]);
+        let prompt2: Vec<u32> = b.iter().chain(&a).copied().collect();
+        let part2 = sender.encode(&ctx, PartTokens::Grid(&g), &swapped).unwrap();
+        assert_eq!(part2.chunks[0].payload, t.encode(&prompt2, &g).unwrap());
+
+        let mut receiver = PartCodec::new(CodecConfig::default().with_text_cond(t));
+        let dec = receiver
+            .decoder(&ctx, shape(&g), &spec, &part.digest, &part.model)
+            .unwrap();
+        let back = dec.decode_all([part.chunks[0].payload.as_slice()]).unwrap();
+        assert_eq!(back, DecodedPart::Grid(g));
+    }
+
+    #[test]
+    fn text_conditioned_prompt_beyond_max_text_matches_the_model() {
+        let t = text_cond(13);
+        let mut ctx = SessionContext::new(1 << 20);
+        let long: Vec<u32> = (0..6).map(|i| 1000 + i).collect();
+        ctx.insert(ContextKey::new(0, 0), Sequence::text(long.clone()))
+            .unwrap();
+        ctx.insert(ContextKey::new(0, 1), Sequence::text(long.clone()))
+            .unwrap();
+        let g = grid(4, 4, 5);
+        let spec = PartSpec::new(ModelChoice::TextCond)
+            .with_refs(vec![ContextKey::new(0, 0), ContextKey::new(0, 1)]);
+        let mut codec = PartCodec::new(CodecConfig::default().with_text_cond(t.clone()));
+        let part = codec.encode(&ctx, PartTokens::Grid(&g), &spec).unwrap();
+        let all: Vec<u32> = long.iter().chain(&long).copied().collect();
+        assert_eq!(part.chunks[0].payload, t.encode(&all, &g).unwrap());
+    }
+
+    #[test]
+    fn text_conditioned_refusals_are_typed() {
+        let mut ctx = SessionContext::new(1 << 20);
+        ctx.insert(ContextKey::new(0, 0), Sequence::grid(&grid(3, 3, 4)))
+            .unwrap();
+        let mut codec = PartCodec::new(CodecConfig::default().with_text_cond(text_cond(13)));
+        let g = grid(4, 4, 5);
+        let no_text = PartSpec::new(ModelChoice::TextCond).with_refs(vec![ContextKey::new(0, 0)]);
+        assert_eq!(
+            codec
+                .encode(&ctx, PartTokens::Grid(&g), &no_text)
+                .map(|p| p.tokens),
+            Err(PartError::MissingReference {
+                model: ModelChoice::TextCond,
+                kind: SequenceKind::Text
+            })
+        );
+        assert_eq!(
+            codec
+                .encode(
+                    &ctx,
+                    PartTokens::Text(&[1, 2]),
+                    &PartSpec::new(ModelChoice::TextCond)
+                )
+                .map(|p| p.tokens),
+            Err(PartError::ModelUnavailable {
+                model: ModelChoice::TextCond,
+                kind: SequenceKind::Text
+            })
+        );
+        // Larger than the model's position tables (tiny: 16).
+        let big = grid(17, 2, 1);
+        ctx.insert(ContextKey::new(0, 1), Sequence::text(vec![5]))
+            .unwrap();
+        let spec = PartSpec::new(ModelChoice::TextCond).with_refs(vec![ContextKey::new(0, 1)]);
+        assert!(matches!(
+            codec.encode(&ctx, PartTokens::Grid(&big), &spec),
+            Err(PartError::Transformer(_))
+        ));
+        assert!(ModelChoice::TextCond.is_transformer() && !ModelChoice::Adaptive.is_transformer());
+    }
 }
