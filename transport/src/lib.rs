@@ -63,6 +63,7 @@ mod handshake;
 mod message;
 mod models;
 mod recv;
+mod region;
 mod send;
 mod session;
 pub mod tls;

@@ -73,6 +73,9 @@ pub struct OutgoingPart {
     /// The tokenizer id to name; `None` picks the first negotiated tokenizer of the right kind
     /// (for images: with the grid's codebook size).
     pub tokenizer: Option<String>,
+    /// The cells a [`ModelChoice::Masked`] image part codes (row-major, `true` inside the
+    /// region); see [`OutgoingPart::edit`].
+    pub region: Option<Vec<bool>>,
 }
 
 impl OutgoingPart {
@@ -83,6 +86,7 @@ impl OutgoingPart {
             context: Vec::new(),
             chunk_tokens: None,
             tokenizer: None,
+            region: None,
         }
     }
 
@@ -94,6 +98,30 @@ impl OutgoingPart {
     /// An image token grid.
     pub fn image(grid: TokenGrid) -> Self {
         Self::new(PartContent::Image(grid))
+    }
+
+    /// An edit of an image the peer already holds: `grid` is the whole edited grid, equal to the
+    /// image at `reference` outside `region` (row-major, `true` = edited cell). Coded with the
+    /// masked transformer ([`ModelChoice::Masked`], PROTOCOL.md §6.4), so only the region's cells
+    /// travel; the peer rebuilds the whole grid from its copy of `reference`, and the whole grid
+    /// is what enters both contexts. Further context (to be digest-checked) can follow the
+    /// reference through [`with_context`](Self::with_context), as long as `reference` stays the
+    /// first image part listed.
+    ///
+    /// ```
+    /// use unimic_codec::context::ContextKey;
+    /// use unimic_codec::grid::TokenGrid;
+    /// use unimic_transport::OutgoingPart;
+    /// let edited = TokenGrid::new(2, 2, 16, vec![1, 2, 3, 9]).unwrap();
+    /// let part = OutgoingPart::edit(edited, ContextKey::new(0, 0), vec![false, false, false, true]);
+    /// assert_eq!(part.context, [ContextKey::new(0, 0)]);
+    /// ```
+    pub fn edit(grid: TokenGrid, reference: ContextKey, region: Vec<bool>) -> Self {
+        let mut part = Self::new(PartContent::Image(grid));
+        part.model = ModelChoice::Masked;
+        part.context = vec![reference];
+        part.region = Some(region);
+        part
     }
 
     /// A raw attachment.
@@ -119,6 +147,13 @@ impl OutgoingPart {
     /// Sets the chunk size in tokens.
     pub fn with_chunk_tokens(mut self, tokens: u32) -> Self {
         self.chunk_tokens = Some(tokens.max(1));
+        self
+    }
+
+    /// Sets the region a masked part codes (row-major, `true` = coded cell); the model must be
+    /// [`ModelChoice::Masked`] (see [`edit`](Self::edit)).
+    pub fn with_region(mut self, region: Vec<bool>) -> Self {
+        self.region = Some(region);
         self
     }
 
@@ -201,13 +236,18 @@ pub struct PartInfo {
     pub context: Vec<ContextKey>,
     /// The tokenizer id it names (empty for raw parts).
     pub tokenizer: String,
+    /// For a masked image part (an edit of a referenced image): the cells it codes, row-major,
+    /// `true` inside the region. Its chunk carries those cells' tokens (row-major); the whole
+    /// grid arrives with [`MessageEvent::PartEnd`].
+    pub region: Option<Vec<bool>>,
 }
 
 /// The content of one received chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ChunkData {
-    /// Decoded token ids, starting at token `start` of the part (row-major for grids).
+    /// Decoded token ids, starting at token `start` of the part (row-major for grids; for a
+    /// masked part, the region's cells in row-major order).
     Tokens {
         /// Position of the first id in the part.
         start: u64,
@@ -283,13 +323,14 @@ pub struct ReceivedMessage {
 pub struct PartStats {
     /// Index in the message.
     pub index: u64,
-    /// Tokens coded (0 for raw parts).
+    /// Tokens coded (0 for raw parts; for a masked part, the cells of its region only).
     pub tokens: u64,
     /// Bytes of chunk payloads (the entropy-coded bits, rounded up per chunk).
     pub payload_bytes: u64,
     /// Bytes of the part's frames on the stream (header and chunks, framing included).
     pub wire_bytes: u64,
-    /// Pixels the part stands for (image parts with a known patch size), for bits per pixel.
+    /// Pixels of the coded tokens (image parts with a known patch size: coded tokens × patch²,
+    /// so for a masked part the region's pixels), for bits per pixel.
     pub pixels: Option<u64>,
 }
 

@@ -6,9 +6,10 @@
 //! `unimic-entropy/uniform`, `unimic-entropy/static-grid`, `unimic-entropy/adaptive-grid`,
 //! `unimic-entropy/adaptive-text` and `unimic-entropy/static-text`, each with the version and
 //! content hash the codec reports ([`PartCodec::identity`]). Static models appear only when the
-//! codec configuration holds one; so does the generic transformer, `unimic-entropy/generic`,
-//! whose hash is the SHA-256 of its weights file (docs/CODING.md §7), so the handshake proves both
-//! ends hold the same weights. Tokenizers are whatever the caller registers
+//! codec configuration holds one; so do the transformers, `unimic-entropy/generic`,
+//! `unimic-entropy/masked` and `unimic-entropy/text` (text-conditioned), whose hash is the SHA-256
+//! of their weights file (docs/CODING.md §7), so the handshake proves both ends hold the same
+//! weights. Tokenizers are whatever the caller registers
 //! ([`TokenizerInfo`]); the default is OpenAI's `o200k_base`.
 
 use sha2::{Digest, Sha256};
@@ -100,6 +101,8 @@ fn wire_name(id: u32) -> &'static str {
         model_id::ADAPTIVE_TEXT => "unimic-entropy/adaptive-text",
         model_id::STATIC_TEXT => "unimic-entropy/static-text",
         model_id::GENERIC_GRID => "unimic-entropy/generic",
+        model_id::MASKED_GRID => "unimic-entropy/masked",
+        model_id::TEXT_COND_GRID => "unimic-entropy/text",
         _ => "unimic-entropy/unknown",
     }
 }
@@ -130,6 +133,16 @@ pub(crate) fn entropy_table(codec: &PartCodec) -> Vec<EntropyEntry> {
         ),
         (
             ModelChoice::Generic,
+            SequenceKind::Grid,
+            Some(SequenceKind::Grid),
+        ),
+        (
+            ModelChoice::Masked,
+            SequenceKind::Grid,
+            Some(SequenceKind::Grid),
+        ),
+        (
+            ModelChoice::TextCond,
             SequenceKind::Grid,
             Some(SequenceKind::Grid),
         ),

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use unimic_codec::context::{ContextError, ContextKey, Sequence, SequenceKind};
 use unimic_codec::grid::TokenGrid;
-use unimic_codec::part::{PartDecoder, PartError, PartShape, PartSpec};
+use unimic_codec::part::{DecodedPart, ModelChoice, PartDecoder, PartError, PartShape, PartSpec};
 use unimic_protocol::control::{Ack, AckStage, Cancel};
 use unimic_protocol::message::{Event, Reader};
 use unimic_protocol::{
@@ -209,6 +209,15 @@ fn part_fail(e: &PartError) -> Fail {
             ErrorCode::MODEL_MISSING
         }
         PartError::TooLarge { .. } => ErrorCode::LIMIT_EXCEEDED,
+        // The part breaks PROTOCOL.md §6.3-6.6 for its model: a transformer part in several
+        // chunks, a region on another model, no image (masked) or text (text-conditioned)
+        // reference, a reference image of another shape.
+        PartError::Unchunkable { .. }
+        | PartError::RegionNotAllowed { .. }
+        | PartError::RegionRequired
+        | PartError::RegionSize { .. }
+        | PartError::MissingReference { .. }
+        | PartError::ReferenceShape { .. } => ErrorCode::PROTOCOL_VIOLATION,
         _ => ErrorCode::DECODE_FAILED,
     };
     Fail::new(code, e.to_string())
@@ -442,6 +451,7 @@ impl Task {
                     },
                     context: Vec::new(),
                     tokenizer: String::new(),
+                    region: None,
                 };
                 return Ok(Current::Raw {
                     info,
@@ -458,12 +468,6 @@ impl Task {
             _ => return Err(Fail::new(ErrorCode::UNSUPPORTED, "unknown part kind")),
         };
         let (kind, c): (SequenceKind, CodedPart) = coded;
-        if let CodingMode::Masked(_) = c.mode {
-            return Err(Fail::new(
-                ErrorCode::UNSUPPORTED,
-                "masked coding is not implemented by this peer",
-            ));
-        }
         let tok_info = shared.negotiated.tokenizer(c.tokenizer).ok_or_else(|| {
             Fail::new(
                 ErrorCode::MODEL_MISSING,
@@ -503,8 +507,23 @@ impl Task {
                 ),
             ));
         }
+        // Mode 2 is the masked model's, and the text-conditioned model is mode 3 (§6.3).
+        let masked = matches!(c.mode, CodingMode::Masked(_));
+        if masked != (entry.choice == ModelChoice::Masked)
+            || (entry.choice == ModelChoice::TextCond && c.mode != CodingMode::TextConditioned)
+        {
+            return Err(Fail::new(
+                ErrorCode::UNSUPPORTED,
+                format!(
+                    "coding mode {} with entropy model {}",
+                    c.mode.wire_value(),
+                    entry.info.id
+                ),
+            ));
+        }
         let rows = c.shape.rows.into_inner();
         let cols = c.shape.cols.into_inner();
+        let mut region = None;
         let (part_kind, grid, pixels) = match (kind, local_tok.kind) {
             (SequenceKind::Text, TokenizerKind::Text { .. }) => {
                 if rows != 1 || c.token_count != c.shape.cols {
@@ -547,10 +566,20 @@ impl Task {
                         return Err(Fail::new(ErrorCode::PROTOCOL_VIOLATION, "empty grid shape"));
                     }
                 };
-                if c.token_count.into_inner() != rows.saturating_mul(cols) {
+                let coded = match &c.mode {
+                    CodingMode::Masked(r) => {
+                        let mask = crate::region::from_wire(r, h, w)
+                            .map_err(|e| Fail::new(ErrorCode::PROTOCOL_VIOLATION, e))?;
+                        let cells = mask.iter().filter(|&&m| m).count() as u64;
+                        region = Some(mask);
+                        cells
+                    }
+                    _ => rows.saturating_mul(cols),
+                };
+                if c.token_count.into_inner() != coded {
                     return Err(Fail::new(
                         ErrorCode::PROTOCOL_VIOLATION,
-                        "grid token count is not rows x cols",
+                        "grid token count is not rows x cols (masked: the cells of the region)",
                     ));
                 }
                 let px = u64::from(patch) * u64::from(patch);
@@ -561,7 +590,7 @@ impl Task {
                         codebook_size,
                     },
                     Some((h, w, codebook_size)),
-                    Some(rows * cols * px),
+                    Some(coded * px),
                 )
             }
             _ => {
@@ -583,15 +612,20 @@ impl Task {
                 .verify(&keys, &c.context_digest)
                 .map_err(|e| part_fail(&PartError::from(e)))?;
         }
+        let mut spec = PartSpec::new(entry.choice).with_refs(keys.clone());
+        if let Some(r) = &region {
+            spec = spec.with_region(r.clone());
+        }
         let info = PartInfo {
             index,
             kind: part_kind,
-            context: keys.clone(),
+            context: keys,
             tokenizer: tok_info.id.clone(),
+            region,
         };
         Ok(Current::Coded {
             info,
-            spec: PartSpec::new(entry.choice).with_refs(keys),
+            spec,
             digest: c.context_digest,
             identity: entry.identity,
             kind,
@@ -736,7 +770,7 @@ impl Task {
                                 "chunk token count does not match the chunking",
                             ));
                         }
-                        if n > BLOCKING_TOKENS {
+                        if n > BLOCKING_TOKENS || spec.model.is_transformer() {
                             let (d, payload) = (d.clone(), c.payload.clone());
                             tokio::task::spawn_blocking(move || d.decode_chunk(seq, &payload))
                                 .await
@@ -826,13 +860,25 @@ impl Task {
             Current::Coded {
                 info,
                 grid,
+                decoder,
                 ids,
                 stats,
                 ..
             } => match grid {
                 Some((h, w, k)) => {
-                    let g = TokenGrid::new(h, w, k, ids)
-                        .map_err(|e| Fail::new(ErrorCode::DECODE_FAILED, e.to_string()))?;
+                    // The decoder assembles the whole grid (for a masked part: the reference
+                    // outside the region).
+                    let g = match decoder {
+                        Some(d) => match d.assemble(ids) {
+                            Ok(DecodedPart::Grid(g)) => Ok(g),
+                            Ok(DecodedPart::Text(_)) => {
+                                Err("a grid part decoded to text".to_string())
+                            }
+                            Err(e) => Err(e.to_string()),
+                        },
+                        None => TokenGrid::new(h, w, k, ids).map_err(|e| e.to_string()),
+                    }
+                    .map_err(|e| Fail::new(ErrorCode::DECODE_FAILED, e))?;
                     let seq = Sequence::grid(&g);
                     (info.index, ReceivedPart::Image(g), stats, Some(seq))
                 }

@@ -95,12 +95,39 @@ fn refs(keys: &[ContextKey]) -> Vec<ContextRef> {
         .collect()
 }
 
+/// The coding mode a part announces (PROTOCOL.md §6.3): the masked transformer codes a region
+/// (mode 2, built by the caller from the region), the text-conditioned one is mode 3, the
+/// generic one mode 1; the built-in models say what their references are.
 fn mode(model: ModelChoice, kind: SequenceKind, context: &[ContextKey]) -> CodingMode {
     match (model, kind) {
         (ModelChoice::Uniform, _) => CodingMode::Uniform,
+        (ModelChoice::TextCond, _) => CodingMode::TextConditioned,
+        (ModelChoice::Generic, _) => CodingMode::Generic,
         _ if context.is_empty() => CodingMode::Generic,
         (_, SequenceKind::Grid) => CodingMode::ImageConditioned,
         _ => CodingMode::TextConditioned,
+    }
+}
+
+/// The chunk size to code `part` with: the part's own or the session default; transformer
+/// models code a part as one chunk, so for them only an explicit size is passed on (and refused
+/// by the codec if it would split the part).
+fn chunking(part: &OutgoingPart, default: u32) -> u32 {
+    match part.chunk_tokens {
+        Some(c) => c,
+        None if part.model.is_transformer() => 0,
+        None => default,
+    }
+}
+
+/// The codec's spec for `part`.
+fn part_spec(part: &OutgoingPart, chunk_tokens: u32) -> PartSpec {
+    let spec = PartSpec::new(part.model)
+        .with_refs(part.context.clone())
+        .with_chunk_tokens(chunk_tokens);
+    match &part.region {
+        Some(region) => spec.with_region(region.clone()),
+        None => spec,
     }
 }
 
@@ -309,12 +336,12 @@ impl MessageWriter {
             }
             PartContent::Raw { .. } => return Ok(None),
         };
-        if n <= BLOCKING_TOKENS {
+        // A transformer runs a network per token (the masked one whole-grid passes): off the
+        // async workers whatever the size.
+        if n <= BLOCKING_TOKENS && !part.model.is_transformer() {
             return Ok(None);
         }
-        let spec = PartSpec::new(part.model)
-            .with_refs(part.context.clone())
-            .with_chunk_tokens(chunk_tokens);
+        let spec = part_spec(part, chunk_tokens);
         let content = std::mem::replace(&mut part.content, PartContent::Text(Vec::new()));
         let shared = self.shared.clone();
         let (coded, content) = tokio::task::spawn_blocking(move || {
@@ -346,9 +373,7 @@ impl MessageWriter {
         self.check_open()?;
         let index = self.next_part;
         let mut part = part;
-        let chunk_tokens = part
-            .chunk_tokens
-            .unwrap_or(self.shared.config.default_chunk_tokens);
+        let chunk_tokens = chunking(&part, self.shared.config.default_chunk_tokens);
         let pre = self.precode(&mut part, chunk_tokens).await?;
         let (stats, commit) = self.staged(|w, out| w.stage_part(out, index, part, pre))?;
         self.next_part += 1;
@@ -372,14 +397,13 @@ impl MessageWriter {
         pre: Option<EncodedPart>,
     ) -> Result<(PartStats, Option<Sequence>), SendError> {
         let limits = self.shared.negotiated.limits;
-        let chunk_tokens = part
-            .chunk_tokens
-            .unwrap_or(self.shared.config.default_chunk_tokens);
+        let chunk_tokens = chunking(&part, self.shared.config.default_chunk_tokens);
         let mut stats = PartStats {
             index,
             ..PartStats::default()
         };
         let before = self.total_wire;
+        let spec = part_spec(&part, chunk_tokens);
         let commit = match part.content {
             PartContent::Raw { media_type, bytes } => {
                 let header = Frame::PartHeader(PartHeader {
@@ -417,9 +441,6 @@ impl MessageWriter {
                 let (tok, _) = self.tokenizer(SequenceKind::Text, part.tokenizer.as_deref(), 0)?;
                 let model = self.entropy(part.model, SequenceKind::Text)?;
                 let n = ids.len() as u64;
-                let spec = PartSpec::new(part.model)
-                    .with_refs(part.context.clone())
-                    .with_chunk_tokens(chunk_tokens);
                 let coded = match pre {
                     Some(c) => c,
                     None => self.encode(PartTokens::Text(&ids), spec, n)?,
@@ -455,12 +476,16 @@ impl MessageWriter {
                     grid.codebook_size(),
                 )?;
                 let model = self.entropy(part.model, SequenceKind::Grid)?;
-                let spec = PartSpec::new(part.model)
-                    .with_refs(part.context.clone())
-                    .with_chunk_tokens(chunk_tokens);
                 let coded = match pre {
                     Some(c) => c,
                     None => self.encode(PartTokens::Grid(&grid), spec, h * w)?,
+                };
+                // The codec has checked the region against the grid and the model.
+                let mode = match &part.region {
+                    Some(region) => {
+                        CodingMode::Masked(crate::region::to_wire(region, grid.width()))
+                    }
+                    None => mode(part.model, SequenceKind::Grid, &part.context),
                 };
                 let header = CodedPart {
                     tokenizer: tok,
@@ -469,12 +494,13 @@ impl MessageWriter {
                         rows: v(h),
                         cols: v(w),
                     },
-                    token_count: v(h * w),
-                    mode: mode(part.model, SequenceKind::Grid, &part.context),
+                    // A masked part codes only its region's cells.
+                    token_count: v(coded.tokens),
+                    mode,
                     context: refs(&part.context),
                     context_digest: coded.digest,
                 };
-                stats.pixels = patch.map(|p| h * w * u64::from(p) * u64::from(p));
+                stats.pixels = patch.map(|p| coded.tokens * u64::from(p) * u64::from(p));
                 self.coded_frames(out, index, PartBody::Image(header), coded, &mut stats)?;
                 Some(Sequence::grid(&grid))
             }
@@ -722,7 +748,8 @@ fn encode_part(
             .max()
             .unwrap_or(0);
         let chunk = u64::from(spec.chunk_tokens.unwrap_or(u32::MAX)).min(n);
-        if largest <= budget || chunk <= 1 {
+        // Transformer models code a part as one chunk: it fits a frame or the part is refused.
+        if largest <= budget || chunk <= 1 || spec.model.is_transformer() {
             if largest > budget {
                 return Err(SendError::Limit {
                     what: "chunk payload",

@@ -1,0 +1,564 @@
+//! Edits and text-conditioned images over real QUIC sessions on loopback: an edit reply that
+//! carries only the edited region (masked transformer, conditioned on the image the peer sent),
+//! text-conditioned image parts, and the refusal paths (unknown reference, model not negotiated,
+//! a raw peer breaking the masked/text rules).
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use unimic_codec::context::{ContextError, SessionContext};
+use unimic_codec::entropy::masked::{Masked, MaskedConfig};
+use unimic_codec::entropy::text_cond::{TextCond, TextCondConfig};
+use unimic_codec::nn::weights::splitmix64;
+use unimic_codec::part::{CodecConfig, PartError};
+use unimic_protocol::{
+    CodedPart, CodingMode, ContextRef, ErrorCode, Frame, MessageEnd, MessageHeader, PartBody,
+    PartChunk, PartHeader, Rect, Region, Shape, VarInt,
+};
+use unimic_transport::{
+    ChunkData, ContextKey, MessageEvent, ModelChoice, OutgoingMessage, OutgoingPart, PartKind,
+    ReceivedPart, Role, SendError, Session, TokenGrid,
+};
+
+const K: u32 = 1024;
+
+/// A pseudo-random grid (no structure a built-in model could exploit).
+fn noise(h: u32, w: u32, seed: u64) -> TokenGrid {
+    let mut z = seed;
+    let ids = (0..h * w)
+        .map(|_| {
+            z = splitmix64(z);
+            (z % u64::from(K)) as u32
+        })
+        .collect();
+    TokenGrid::new(h, w, K, ids).unwrap()
+}
+
+/// The cells of rows `rows` and columns `cols` of a `w`-wide, `h`-high grid.
+fn block(h: u32, w: u32, rows: std::ops::Range<u32>, cols: std::ops::Range<u32>) -> Vec<bool> {
+    (0..h * w)
+        .map(|i| rows.contains(&(i / w)) && cols.contains(&(i % w)))
+        .collect()
+}
+
+/// `base` with the cells of `region` taken from `fresh`.
+fn edit(base: &TokenGrid, region: &[bool], fresh: &TokenGrid) -> TokenGrid {
+    let ids = base
+        .ids()
+        .iter()
+        .zip(fresh.ids())
+        .zip(region)
+        .map(|((&b, &f), &r)| if r { f } else { b })
+        .collect();
+    TokenGrid::new(base.height(), base.width(), K, ids).unwrap()
+}
+
+/// Codec settings holding the tiny masked and text-conditioned models with weights from `seed`.
+fn codec(seed: u64) -> CodecConfig {
+    let masked = Masked::synthetic(&MaskedConfig::tiny(K as usize), seed).unwrap();
+    let text = TextCond::synthetic(&TextCondConfig::tiny(K as usize), seed + 1).unwrap();
+    CodecConfig::default()
+        .with_masked(Arc::new(masked))
+        .with_text_cond(Arc::new(text))
+}
+
+/// A server and client whose codecs hold the transformers with weights from the given seeds.
+fn model_pair(server: CodecConfig, client: CodecConfig) -> Pair {
+    let (server, pin) = server_with(|c| c.with_session(session_config().with_codec(server)));
+    let addr = server.local_addr().unwrap();
+    let client = client_with(pin, |c| c.with_session(session_config().with_codec(client)));
+    Pair {
+        server,
+        client,
+        addr,
+        pin,
+    }
+}
+
+async fn collect(session: &Session) -> unimic_transport::ReceivedMessage {
+    within(within(session.recv()).await.unwrap().unwrap().collect())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_reply_carries_only_the_region() {
+    let mut p = model_pair(codec(12), codec(12));
+    let (client, server) = connect(&mut p).await;
+    let names: Vec<&str> = client
+        .negotiated()
+        .entropy_models
+        .iter()
+        .map(|m| m.id.as_str())
+        .collect();
+    assert!(names.contains(&"unimic-entropy/masked") && names.contains(&"unimic-entropy/text"));
+
+    // The edge sends an image (message 0, part 1) with a prompt.
+    let image = noise(16, 16, 1);
+    within(
+        client.send(
+            OutgoingMessage::new(Role::User)
+                .with_part(OutgoingPart::text(vec![3923, 41, 200, 7]))
+                .with_part(OutgoingPart::image(image.clone())),
+        ),
+    )
+    .await
+    .unwrap();
+    collect(&server).await;
+
+    // The server edits a 4 × 4 block and replies with only that region (message 1).
+    let region = block(16, 16, 5..9, 6..10);
+    let edited = edit(&image, &region, &noise(16, 16, 2));
+    let reference = ContextKey::new(0, 1);
+    let sent = within(server.send(OutgoingMessage::new(Role::Assistant).with_part(
+        OutgoingPart::edit(edited.clone(), reference, region.clone()),
+    )))
+    .await
+    .unwrap();
+    let edit_stats = sent.parts[0].clone();
+    assert_eq!(edit_stats.tokens, 16);
+    assert_eq!(edit_stats.pixels, Some(16 * 16 * 16));
+    let bpt = edit_stats.bits_per_token().unwrap();
+    assert_eq!(bpt, 8.0 * edit_stats.payload_bytes as f64 / 16.0);
+
+    // The client rebuilds the whole edited grid from its copy of the image.
+    let mut msg = within(client.recv()).await.unwrap().unwrap();
+    let mut events = Vec::new();
+    let received = loop {
+        match within(msg.next()).await.unwrap().unwrap() {
+            MessageEvent::End(stats) => break stats,
+            ev => events.push(ev),
+        }
+    };
+    let inside: Vec<u32> = edited
+        .ids()
+        .iter()
+        .zip(&region)
+        .filter(|(_, &r)| r)
+        .map(|(&id, _)| id)
+        .collect();
+    let mut seen = 0;
+    for ev in events {
+        match ev {
+            MessageEvent::PartStart(info) => {
+                assert_eq!(
+                    info.kind,
+                    PartKind::Image {
+                        height: 16,
+                        width: 16,
+                        codebook_size: K
+                    }
+                );
+                assert_eq!(info.context, vec![reference]);
+                assert_eq!(info.region.as_deref(), Some(&region[..]));
+                seen += 1;
+            }
+            MessageEvent::Chunk { seq, fin, data, .. } => {
+                assert_eq!((seq, fin), (0, true));
+                assert_eq!(
+                    data,
+                    ChunkData::Tokens {
+                        start: 0,
+                        ids: inside.clone()
+                    }
+                );
+                seen += 1;
+            }
+            MessageEvent::PartEnd { part, stats, .. } => {
+                assert_eq!(part, ReceivedPart::Image(edited.clone()));
+                assert_eq!(stats.tokens, 16);
+                assert_eq!(stats.bits_per_token(), Some(bpt));
+                seen += 1;
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    assert_eq!(seen, 3);
+    assert_eq!(received.bits_per_token(), Some(bpt));
+    assert_eq!(received.wire_bytes, sent.wire_bytes);
+
+    // The same edit as a whole grid: coded alone (what a reply without the edge's image in
+    // context costs), and with the built-in adaptive model learning the original first (it
+    // predicts the copied cells well, so it is reported, not asserted against).
+    let whole = within(
+        server.send(
+            OutgoingMessage::new(Role::Assistant)
+                .with_part(OutgoingPart::image(edited.clone()))
+                .with_part(OutgoingPart::image(edited.clone()).with_context(vec![reference])),
+        ),
+    )
+    .await
+    .unwrap();
+    collect(&client).await;
+    let edit_bytes = edit_stats.wire_bytes;
+    let (alone, learned) = (&whole.parts[0], &whole.parts[1]);
+    println!(
+        "edit reply (masked, 16 of 256 cells): {edit_bytes} bytes on the wire, {} payload \
+         ({bpt:.2} bits/token); whole grid alone (adaptive): {} bytes, {} payload; whole grid \
+         with the original learned (adaptive): {} bytes, {} payload",
+        edit_stats.payload_bytes,
+        alone.wire_bytes,
+        alone.payload_bytes,
+        learned.wire_bytes,
+        learned.payload_bytes
+    );
+    assert!(
+        edit_bytes * 4 < alone.wire_bytes,
+        "edit {edit_bytes} bytes vs whole grid {}",
+        alone.wire_bytes
+    );
+
+    // Both contexts hold the whole edited grid: the client edits the server's edit (message 2
+    // conditioned on (1, 0)), which the server decodes only if its copy is the same grid.
+    let region2 = block(16, 16, 0..2, 0..16);
+    let edited2 = edit(&edited, &region2, &noise(16, 16, 3));
+    within(client.send(
+        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
+            edited2.clone(),
+            ContextKey::new(1, 0),
+            region2,
+        )),
+    ))
+    .await
+    .unwrap();
+    let got = collect(&server).await;
+    assert_eq!(got.parts, vec![ReceivedPart::Image(edited2)]);
+    assert_eq!(client.context_keys(), server.context_keys());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_conditioned_images_in_the_same_and_a_later_message() {
+    let mut p = model_pair(codec(12), codec(12));
+    let (client, server) = connect(&mut p).await;
+    let prompt = vec![3923u32, 41, 200_000, 7, 12_345];
+    let first = noise(8, 8, 4);
+    let sent = within(
+        client.send(
+            OutgoingMessage::new(Role::User)
+                .with_part(OutgoingPart::text(prompt.clone()))
+                .with_part(
+                    OutgoingPart::image(first.clone())
+                        .with_model(ModelChoice::TextCond)
+                        .with_context(vec![ContextKey::new(0, 0)]),
+                ),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent.parts[1].tokens, 64);
+    let got = collect(&server).await;
+    assert_eq!(
+        got.parts,
+        vec![
+            ReceivedPart::Text(prompt.clone()),
+            ReceivedPart::Image(first)
+        ]
+    );
+    assert_eq!(got.stats.parts[1].tokens, 64);
+    assert_eq!(
+        got.stats.parts[1].bits_per_token(),
+        sent.parts[1].bits_per_token()
+    );
+
+    // The reply's image reads the earlier prompt and the reply's own text, in that order.
+    let answer = vec![2375u32, 0, 1];
+    let second = noise(6, 10, 5);
+    within(
+        server.send(
+            OutgoingMessage::new(Role::Assistant)
+                .with_part(OutgoingPart::text(answer.clone()))
+                .with_part(
+                    OutgoingPart::image(second.clone())
+                        .with_model(ModelChoice::TextCond)
+                        .with_context(vec![ContextKey::new(0, 0), ContextKey::new(1, 0)]),
+                ),
+        ),
+    )
+    .await
+    .unwrap();
+    let got = collect(&client).await;
+    assert_eq!(
+        got.parts,
+        vec![ReceivedPart::Text(answer), ReceivedPart::Image(second)]
+    );
+    assert_eq!(client.context_keys(), server.context_keys());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_on_the_sending_side_leave_the_session_usable() {
+    // Same weights: an edit of a part nobody holds is refused before anything is sent.
+    let mut p = model_pair(codec(12), codec(12));
+    let (client, server) = connect(&mut p).await;
+    let g = noise(4, 4, 1);
+    let err = within(client.send(
+        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
+            g.clone(),
+            ContextKey::new(9, 0),
+            block(4, 4, 0..1, 0..1),
+        )),
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SendError::Codec(PartError::Context(ContextError::Missing(k))) if k == ContextKey::new(9, 0)
+        ),
+        "{err}"
+    );
+    // A text-conditioned image without a text reference.
+    let err = within(
+        client.send(
+            OutgoingMessage::new(Role::User)
+                .with_part(OutgoingPart::image(g.clone()).with_model(ModelChoice::TextCond)),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, SendError::Codec(PartError::MissingReference { .. })),
+        "{err}"
+    );
+    within(client.send(OutgoingMessage::new(Role::User).with_part(OutgoingPart::image(g.clone()))))
+        .await
+        .unwrap();
+    assert_eq!(collect(&server).await.parts, vec![ReceivedPart::Image(g)]);
+
+    // Other weights at the client: neither transformer is negotiated.
+    let mut p = model_pair(codec(12), codec(20));
+    let (client, server) = connect(&mut p).await;
+    let names: Vec<String> = client
+        .negotiated()
+        .entropy_models
+        .iter()
+        .map(|m| m.id.clone())
+        .collect();
+    assert!(!names.iter().any(|n| n == "unimic-entropy/masked"));
+    let g = noise(4, 4, 2);
+    within(client.send(OutgoingMessage::new(Role::User).with_part(OutgoingPart::image(g.clone()))))
+        .await
+        .unwrap();
+    collect(&server).await;
+    let err = within(client.send(
+        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
+            g.clone(),
+            ContextKey::new(0, 0),
+            block(4, 4, 1..2, 1..3),
+        )),
+    ))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SendError::NotNegotiated(_)), "{err}");
+    let err = within(
+        client.send(
+            OutgoingMessage::new(Role::User)
+                .with_part(OutgoingPart::text(vec![1, 2]))
+                .with_part(
+                    OutgoingPart::image(g.clone())
+                        .with_model(ModelChoice::TextCond)
+                        .with_context(vec![ContextKey::new(2, 0)]),
+                ),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SendError::NotNegotiated(_)), "{err}");
+    within(client.send(OutgoingMessage::new(Role::User).with_part(OutgoingPart::image(g.clone()))))
+        .await
+        .unwrap();
+    assert_eq!(collect(&server).await.parts, vec![ReceivedPart::Image(g)]);
+}
+
+fn v(n: u64) -> VarInt {
+    VarInt::from_u64(n).unwrap()
+}
+
+/// A masked-mode image header for a 4 × 4 grid of the test tokenizer.
+fn masked_header(
+    tokenizer: u64,
+    model: u64,
+    region: Region,
+    tokens: u64,
+    context: Vec<ContextRef>,
+) -> Bytes {
+    frame_bytes(&Frame::PartHeader(PartHeader {
+        index: v(0),
+        body: PartBody::Image(CodedPart {
+            tokenizer: v(tokenizer),
+            entropy_model: v(model),
+            shape: Shape {
+                rows: v(4),
+                cols: v(4),
+            },
+            token_count: v(tokens),
+            mode: CodingMode::Masked(region),
+            context,
+            context_digest: SessionContext::new(0).digest(&[]).unwrap(),
+        }),
+    }))
+}
+
+fn message(id: u64, part: Bytes, tokens: u64) -> Vec<u8> {
+    let frames = [
+        frame_bytes(&Frame::MessageHeader(MessageHeader {
+            message_id: v(id),
+            role: Role::User,
+        })),
+        part,
+        frame_bytes(&Frame::PartChunk(PartChunk {
+            part_index: v(0),
+            seq: v(0),
+            fin: true,
+            token_count: v(tokens),
+            payload: Bytes::from_static(&[9, 9, 9]),
+        })),
+        frame_bytes(&Frame::MessageEnd(MessageEnd { part_count: v(1) })),
+    ];
+    frames.iter().flat_map(|b| b.iter().copied()).collect()
+}
+
+/// Sends `bytes` as message `id`'s stream; checks the stop code and the Error frame.
+async fn expect_refused(peer: &mut RawPeer, id: u64, bytes: Vec<u8>, code: ErrorCode) {
+    let stopped = peer.send_raw_message(&bytes).await;
+    assert_eq!(
+        stopped,
+        Some(code.into_inner()),
+        "stop code for message {id}"
+    );
+    let f = peer
+        .control_frame(|f| matches!(f, Frame::Error(e) if e.message_id == Some(v(id))))
+        .await;
+    let Frame::Error(e) = f else { unreachable!() };
+    assert_eq!(e.code, code, "message {id}: {}", e.reason);
+}
+
+fn rect(top: u32, left: u32, height: u32, width: u32) -> Rect {
+    Rect {
+        top: VarInt::from_u32(top),
+        left: VarInt::from_u32(left),
+        height: VarInt::from_u32(height),
+        width: VarInt::from_u32(width),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_breaking_the_masked_and_text_rules_gets_documented_errors() {
+    let mut p = model_pair(codec(12), codec(12));
+    let (good_client, good_server) = connect(&mut p).await;
+    let models = good_client.negotiated().entropy_models.clone();
+    let index = |name: &str| models.iter().position(|m| m.id == name).unwrap() as u64;
+    let (masked, adaptive, text) = (
+        index("unimic-entropy/masked"),
+        index("unimic-entropy/adaptive-grid"),
+        index("unimic-entropy/text"),
+    );
+    let (mut peer, peer_session) = {
+        let connecting = RawPeer::connect(p.addr, p.pin, models.clone());
+        let (peer, s) = within(async { tokio::join!(connecting, p.server.accept()) }).await;
+        (peer, s.unwrap())
+    };
+    let tok = peer
+        .hello
+        .tokenizers
+        .iter()
+        .position(|t| t.id == "test-vq")
+        .unwrap() as u64;
+    let drain = tokio::spawn(async move {
+        let mut outcomes = Vec::new();
+        while let Ok(Some(m)) = peer_session.recv().await {
+            outcomes.push(m.collect().await.err().map(|e| e.code()));
+        }
+        outcomes
+    });
+    let one_cell = || Region::Rects(vec![rect(1, 1, 1, 1)]);
+    let unknown = vec![ContextRef {
+        message_id: v(40),
+        part_index: v(0),
+    }];
+
+    // A masked part whose reference the server never received.
+    let m = message(
+        0,
+        masked_header(tok, masked, one_cell(), 1, unknown.clone()),
+        1,
+    );
+    expect_refused(&mut peer, 0, m, ErrorCode::CONTEXT_UNKNOWN).await;
+    // Mode 2 with a model that is not the masked one.
+    let m = message(
+        2,
+        masked_header(tok, adaptive, one_cell(), 1, unknown.clone()),
+        1,
+    );
+    expect_refused(&mut peer, 2, m, ErrorCode::UNSUPPORTED).await;
+    // A token count other than the cells of the region (2 × 2 rectangle, 3 tokens).
+    let region = Region::Rects(vec![rect(0, 0, 2, 2)]);
+    let m = message(4, masked_header(tok, masked, region, 3, unknown.clone()), 3);
+    expect_refused(&mut peer, 4, m, ErrorCode::PROTOCOL_VIOLATION).await;
+    // The text-conditioned model outside mode 3.
+    let header = frame_bytes(&Frame::PartHeader(PartHeader {
+        index: v(0),
+        body: PartBody::Image(CodedPart {
+            tokenizer: v(tok),
+            entropy_model: v(text),
+            shape: Shape {
+                rows: v(2),
+                cols: v(2),
+            },
+            token_count: v(4),
+            mode: CodingMode::Generic,
+            context: vec![],
+            context_digest: SessionContext::new(0).digest(&[]).unwrap(),
+        }),
+    }));
+    expect_refused(&mut peer, 6, message(6, header, 4), ErrorCode::UNSUPPORTED).await;
+
+    // The raw peer's session and the good session go on.
+    let ok = [
+        frame_bytes(&Frame::MessageHeader(MessageHeader {
+            message_id: v(8),
+            role: Role::User,
+        })),
+        frame_bytes(&Frame::MessageEnd(MessageEnd { part_count: v(0) })),
+    ]
+    .concat();
+    let mut s = within(peer.conn.open_uni()).await.unwrap();
+    s.write_all(&ok).await.unwrap();
+    s.finish().unwrap();
+    let image = noise(4, 4, 7);
+    within(
+        good_client
+            .send(OutgoingMessage::new(Role::User).with_part(OutgoingPart::image(image.clone()))),
+    )
+    .await
+    .unwrap();
+    collect(&good_server).await;
+    let edited = edit(&image, &block(4, 4, 2..4, 0..2), &noise(4, 4, 8));
+    within(good_client.send(
+        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
+            edited.clone(),
+            ContextKey::new(0, 0),
+            block(4, 4, 2..4, 0..2),
+        )),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        collect(&good_server).await.parts,
+        vec![ReceivedPart::Image(edited)]
+    );
+    peer.conn.close(0u32.into(), b"done");
+    let outcomes = within(drain).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            Some(ErrorCode::CONTEXT_UNKNOWN),
+            Some(ErrorCode::UNSUPPORTED),
+            Some(ErrorCode::PROTOCOL_VIOLATION),
+            Some(ErrorCode::UNSUPPORTED),
+            None
+        ]
+    );
+}
