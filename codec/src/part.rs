@@ -54,6 +54,36 @@
 //! let ids = dec.decode_chunk(0, &part.chunks[0].payload).unwrap();
 //! assert_eq!(ids, reply);
 //! ```
+//!
+//! An edit with the masked transformer: only the region's cells are coded, and the decoder
+//! rebuilds the whole grid from the reference it holds.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use unimic_codec::context::{ContextKey, Sequence, SessionContext};
+//! use unimic_codec::entropy::masked::{Masked, MaskedConfig};
+//! use unimic_codec::grid::TokenGrid;
+//! use unimic_codec::part::{
+//!     CodecConfig, DecodedPart, ModelChoice, PartCodec, PartShape, PartSpec, PartTokens,
+//! };
+//!
+//! let model = Arc::new(Masked::synthetic(&MaskedConfig::tiny(16), 3).unwrap());
+//! let mut ctx = SessionContext::new(1 << 20);
+//! let original = TokenGrid::new(2, 3, 16, vec![1, 2, 3, 4, 5, 6]).unwrap();
+//! ctx.insert(ContextKey::new(0, 0), Sequence::grid(&original)).unwrap();
+//! let edited = TokenGrid::new(2, 3, 16, vec![1, 9, 3, 4, 5, 6]).unwrap();
+//! let spec = PartSpec::new(ModelChoice::Masked)
+//!     .with_refs(vec![ContextKey::new(0, 0)])
+//!     .with_region(vec![false, true, false, false, false, false]);
+//!
+//! let mut codec = PartCodec::new(CodecConfig::default().with_masked(model));
+//! let part = codec.encode(&ctx, PartTokens::Grid(&edited), &spec).unwrap();
+//! assert_eq!((part.chunks.len(), part.tokens), (1, 1));
+//! let shape = PartShape::Grid { height: 2, width: 3, codebook_size: 16 };
+//! let dec = codec.decoder(&ctx, shape, &spec, &part.digest, &part.model).unwrap();
+//! let back = dec.decode_all([part.chunks[0].payload.as_slice()]).unwrap();
+//! assert_eq!(back, DecodedPart::Grid(edited));
+//! ```
 
 use crate::coder::{CodeError, Decoder, Encoder};
 use crate::context::{ContextError, ContextKey, SequenceKind, SessionContext};

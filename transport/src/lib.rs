@@ -11,6 +11,12 @@
 //! digests the session context, and the receiving session verifies the digest and decodes. Both
 //! ends keep their `SessionContext` in step (see [`session`](crate::Session) for the rules).
 //!
+//! When both codecs hold the same transformer weights (negotiated by weights hash), an image part
+//! can be coded with the generic, masked or text-conditioned model (one chunk per part). An
+//! **edit** ([`OutgoingPart::edit`]) sends only the cells of a region of an image the peer already
+//! holds (masked mode, PROTOCOL.md §6.3); the peer rebuilds the whole grid. A
+//! [`ModelChoice::TextCond`] image part reads the text parts it references.
+//!
 //! The API is caller-driven: [`Server::accept`], [`Session::recv`] and
 //! [`IncomingMessage::next`] are pulled by the caller; nothing calls back. The background tasks
 //! (one per server, one per session, and one per incoming message that cannot be handled at
