@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::*;
-use unimic_codec::context::{ContextError, SessionContext};
+use unimic_codec::context::{ContextError, Sequence, SessionContext};
 use unimic_codec::entropy::masked::{Masked, MaskedConfig};
 use unimic_codec::entropy::text_cond::{TextCond, TextCondConfig};
 use unimic_codec::nn::weights::splitmix64;
-use unimic_codec::part::{CodecConfig, PartError};
+use unimic_codec::part::{CodecConfig, PartCodec, PartError, PartSpec, PartTokens};
 use unimic_protocol::{
     CodedPart, CodingMode, ContextRef, ErrorCode, Frame, MessageEnd, MessageHeader, PartBody,
     PartChunk, PartHeader, Rect, Region, Shape, VarInt,
@@ -376,52 +376,78 @@ fn v(n: u64) -> VarInt {
     VarInt::from_u64(n).unwrap()
 }
 
-/// A masked-mode image header for a 4 × 4 grid of the test tokenizer.
-fn masked_header(
+/// An image part header (part 0) of the test tokenizer.
+struct Header {
     tokenizer: u64,
     model: u64,
-    region: Region,
+    rows: u64,
+    cols: u64,
     tokens: u64,
-    context: Vec<ContextRef>,
-) -> Bytes {
-    frame_bytes(&Frame::PartHeader(PartHeader {
-        index: v(0),
-        body: PartBody::Image(CodedPart {
-            tokenizer: v(tokenizer),
-            entropy_model: v(model),
-            shape: Shape {
-                rows: v(4),
-                cols: v(4),
-            },
-            token_count: v(tokens),
-            mode: CodingMode::Masked(region),
-            context,
-            context_digest: SessionContext::new(0).digest(&[]).unwrap(),
-        }),
-    }))
+    mode: CodingMode,
+    context: Vec<ContextKey>,
+    /// The sender's context, for the digest (empty: the digest of no references).
+    held: SessionContext,
 }
 
-fn message(id: u64, part: Bytes, tokens: u64) -> Vec<u8> {
-    let frames = [
+impl Header {
+    fn bytes(&self) -> Bytes {
+        let digest = self
+            .held
+            .digest(&self.context)
+            .unwrap_or_else(|_| SessionContext::new(0).digest(&[]).unwrap());
+        frame_bytes(&Frame::PartHeader(PartHeader {
+            index: v(0),
+            body: PartBody::Image(CodedPart {
+                tokenizer: v(self.tokenizer),
+                entropy_model: v(self.model),
+                shape: Shape {
+                    rows: v(self.rows),
+                    cols: v(self.cols),
+                },
+                token_count: v(self.tokens),
+                mode: self.mode.clone(),
+                context: self
+                    .context
+                    .iter()
+                    .map(|k| ContextRef {
+                        message_id: v(k.message_id),
+                        part_index: v(k.part_index),
+                    })
+                    .collect(),
+                context_digest: digest,
+            }),
+        }))
+    }
+}
+
+/// Message `id` with one part: `header`, then one chunk per entry of `chunks` (token count and
+/// payload).
+fn message(id: u64, header: &Header, chunks: &[(u64, &[u8])]) -> Vec<u8> {
+    let mut frames = vec![
         frame_bytes(&Frame::MessageHeader(MessageHeader {
             message_id: v(id),
             role: Role::User,
         })),
-        part,
-        frame_bytes(&Frame::PartChunk(PartChunk {
-            part_index: v(0),
-            seq: v(0),
-            fin: true,
-            token_count: v(tokens),
-            payload: Bytes::from_static(&[9, 9, 9]),
-        })),
-        frame_bytes(&Frame::MessageEnd(MessageEnd { part_count: v(1) })),
+        header.bytes(),
     ];
-    frames.iter().flat_map(|b| b.iter().copied()).collect()
+    for (seq, (tokens, payload)) in chunks.iter().enumerate() {
+        frames.push(frame_bytes(&Frame::PartChunk(PartChunk {
+            part_index: v(0),
+            seq: v(seq as u64),
+            fin: seq + 1 == chunks.len(),
+            token_count: v(*tokens),
+            payload: Bytes::copy_from_slice(payload),
+        })));
+    }
+    frames.push(frame_bytes(&Frame::MessageEnd(MessageEnd {
+        part_count: v(1),
+    })));
+    frames.concat()
 }
 
-/// Sends `bytes` as message `id`'s stream; checks the stop code and the Error frame.
-async fn expect_refused(peer: &mut RawPeer, id: u64, bytes: Vec<u8>, code: ErrorCode) {
+/// Sends `bytes` as message `id`'s stream; checks the stop code and the Error frame, and returns
+/// the frame's reason.
+async fn expect_refused(peer: &mut RawPeer, id: u64, bytes: Vec<u8>, code: ErrorCode) -> String {
     let stopped = peer.send_raw_message(&bytes).await;
     assert_eq!(
         stopped,
@@ -433,6 +459,7 @@ async fn expect_refused(peer: &mut RawPeer, id: u64, bytes: Vec<u8>, code: Error
         .await;
     let Frame::Error(e) = f else { unreachable!() };
     assert_eq!(e.code, code, "message {id}: {}", e.reason);
+    e.reason.to_string()
 }
 
 fn rect(top: u32, left: u32, height: u32, width: u32) -> Rect {
@@ -450,10 +477,11 @@ async fn a_peer_breaking_the_masked_and_text_rules_gets_documented_errors() {
     let (good_client, good_server) = connect(&mut p).await;
     let models = good_client.negotiated().entropy_models.clone();
     let index = |name: &str| models.iter().position(|m| m.id == name).unwrap() as u64;
-    let (masked, adaptive, text) = (
+    let (masked, adaptive, text, uniform) = (
         index("unimic-entropy/masked"),
         index("unimic-entropy/adaptive-grid"),
         index("unimic-entropy/text"),
+        index("unimic-entropy/uniform"),
     );
     let (mut peer, peer_session) = {
         let connecting = RawPeer::connect(p.addr, p.pin, models.clone());
@@ -473,52 +501,96 @@ async fn a_peer_breaking_the_masked_and_text_rules_gets_documented_errors() {
         }
         outcomes
     });
-    let one_cell = || Region::Rects(vec![rect(1, 1, 1, 1)]);
-    let unknown = vec![ContextRef {
-        message_id: v(40),
-        part_index: v(0),
-    }];
+    let (masked_mode, one_cell) = (
+        |r: Region| CodingMode::Masked(r),
+        || Region::Rects(vec![rect(1, 1, 1, 1)]),
+    );
+    let header = |model: u64, (rows, cols): (u64, u64), tokens: u64, mode: CodingMode| Header {
+        tokenizer: tok,
+        model,
+        rows,
+        cols,
+        tokens,
+        mode,
+        context: vec![ContextKey::new(40, 0)],
+        held: SessionContext::new(0),
+    };
 
     // A masked part whose reference the server never received.
-    let m = message(
-        0,
-        masked_header(tok, masked, one_cell(), 1, unknown.clone()),
-        1,
-    );
+    let h = header(masked, (4, 4), 1, masked_mode(one_cell()));
+    let m = message(0, &h, &[(1, &[9, 9])]);
     expect_refused(&mut peer, 0, m, ErrorCode::CONTEXT_UNKNOWN).await;
     // Mode 2 with a model that is not the masked one.
-    let m = message(
-        2,
-        masked_header(tok, adaptive, one_cell(), 1, unknown.clone()),
-        1,
-    );
+    let h = header(adaptive, (4, 4), 1, masked_mode(one_cell()));
+    let m = message(2, &h, &[(1, &[9, 9])]);
     expect_refused(&mut peer, 2, m, ErrorCode::UNSUPPORTED).await;
     // A token count other than the cells of the region (2 × 2 rectangle, 3 tokens).
-    let region = Region::Rects(vec![rect(0, 0, 2, 2)]);
-    let m = message(4, masked_header(tok, masked, region, 3, unknown.clone()), 3);
+    let h = header(
+        masked,
+        (4, 4),
+        3,
+        masked_mode(Region::Rects(vec![rect(0, 0, 2, 2)])),
+    );
+    let m = message(4, &h, &[(3, &[9, 9])]);
     expect_refused(&mut peer, 4, m, ErrorCode::PROTOCOL_VIOLATION).await;
     // The text-conditioned model outside mode 3.
-    let header = frame_bytes(&Frame::PartHeader(PartHeader {
-        index: v(0),
-        body: PartBody::Image(CodedPart {
-            tokenizer: v(tok),
-            entropy_model: v(text),
-            shape: Shape {
-                rows: v(2),
-                cols: v(2),
-            },
-            token_count: v(4),
-            mode: CodingMode::Generic,
-            context: vec![],
-            context_digest: SessionContext::new(0).digest(&[]).unwrap(),
-        }),
-    }));
-    expect_refused(&mut peer, 6, message(6, header, 4), ErrorCode::UNSUPPORTED).await;
+    let h = header(text, (2, 2), 4, CodingMode::Generic);
+    let m = message(6, &h, &[(4, &[9, 9])]);
+    expect_refused(&mut peer, 6, m, ErrorCode::UNSUPPORTED).await;
+
+    // A valid 4 × 4 image (uniform model) as message 8, then parts that reference it and break
+    // the rules only the session layer can check.
+    let reference = noise(4, 4, 6);
+    let uniform_part = PartCodec::default()
+        .encode(
+            &SessionContext::new(0),
+            PartTokens::Grid(&reference),
+            &PartSpec::new(ModelChoice::Uniform),
+        )
+        .unwrap();
+    let mut held = SessionContext::new(1 << 20);
+    held.insert(ContextKey::new(8, 0), Sequence::grid(&reference))
+        .unwrap();
+    let h = Header {
+        context: vec![],
+        ..header(uniform, (4, 4), 16, CodingMode::Uniform)
+    };
+    let m = message(8, &h, &[(16, &uniform_part.chunks[0].payload)]);
+    let mut s = within(peer.conn.open_uni()).await.unwrap();
+    s.write_all(&m).await.unwrap();
+    s.finish().unwrap();
+    peer.control_frame(|f| matches!(f, Frame::Ack(a) if a.message_id == v(8)))
+        .await;
+    let on_reference = |model, shape, tokens, mode| Header {
+        context: vec![ContextKey::new(8, 0)],
+        held: held.clone(),
+        ..header(model, shape, tokens, mode)
+    };
+    // A masked part (2 cells) split over two chunks.
+    let h = on_reference(
+        masked,
+        (4, 4),
+        2,
+        masked_mode(Region::Rects(vec![rect(0, 0, 1, 2)])),
+    );
+    let m = message(10, &h, &[(1, &[9]), (1, &[9])]);
+    let why = expect_refused(&mut peer, 10, m, ErrorCode::PROTOCOL_VIOLATION).await;
+    assert!(why.contains("as one chunk"), "{why}");
+    // A 2 × 2 masked part whose reference image is 4 × 4.
+    let h = on_reference(masked, (2, 2), 1, masked_mode(one_cell()));
+    let m = message(12, &h, &[(1, &[9])]);
+    let why = expect_refused(&mut peer, 12, m, ErrorCode::PROTOCOL_VIOLATION).await;
+    assert!(why.contains("does not fit"), "{why}");
+    // A text-conditioned part whose context holds no text.
+    let h = on_reference(text, (4, 4), 16, CodingMode::TextConditioned);
+    let m = message(14, &h, &[(16, &[9])]);
+    let why = expect_refused(&mut peer, 14, m, ErrorCode::PROTOCOL_VIOLATION).await;
+    assert!(why.contains("needs a Text part"), "{why}");
 
     // The raw peer's session and the good session go on.
     let ok = [
         frame_bytes(&Frame::MessageHeader(MessageHeader {
-            message_id: v(8),
+            message_id: v(16),
             role: Role::User,
         })),
         frame_bytes(&Frame::MessageEnd(MessageEnd { part_count: v(0) })),
@@ -558,6 +630,10 @@ async fn a_peer_breaking_the_masked_and_text_rules_gets_documented_errors() {
             Some(ErrorCode::UNSUPPORTED),
             Some(ErrorCode::PROTOCOL_VIOLATION),
             Some(ErrorCode::UNSUPPORTED),
+            None,
+            Some(ErrorCode::PROTOCOL_VIOLATION),
+            Some(ErrorCode::PROTOCOL_VIOLATION),
+            Some(ErrorCode::PROTOCOL_VIOLATION),
             None
         ]
     );
