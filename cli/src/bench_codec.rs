@@ -20,7 +20,8 @@
 //! `--entropy-dir` (default `models/entropy`) are measured as well: `generic`, `masked` (the whole
 //! grid, then the `inpaint25`, `inpaint50` and `outpaint` scenarios against what `generic` and
 //! `uniform` spend on the same tokens) and, on the captioned held-out images, `text` against
-//! `generic`; see [`transformers`].
+//! `generic`, plus `text-empty` (the text model given no caption: the control that shows how much
+//! of the gain is the caption); see [`transformers`].
 //!
 //! A failed round trip is an error, not a number. `ratio_vs_raw` is coded bits divided by raw
 //! bits (`tokens × log2 K`); `coder_overhead` is `bits / cross_entropy_bits − 1`.

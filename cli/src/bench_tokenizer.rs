@@ -6,6 +6,12 @@
 //! AVIF is not measured: ravif encodes, but no AV1 decoder builds here without system C libraries
 //! (dav1d/libaom headers), so its PSNR could not be computed.
 //!
+//! `--codebook-subsets 128,256,512 --usage-images DIR` also measures smaller codebooks carved out
+//! of the trained one: the codes are ranked by how often they occur in the tokens of `DIR` (never
+//! the evaluation images), and each image is tokenized again choosing only among the top `k`
+//! codes (`codec` `"vq-k<k>"`, bytes `ceil(tokens · log2(k) / 8)`). This is the cheap half of a
+//! codebook-size study: it says what fewer codes cost, not what a larger trained codebook gains.
+//!
 //! `--size S` resizes the shorter side to `S` (Catmull-Rom) and centre-crops `S×S`; `--size 0`
 //! keeps the native size (the tokenizer pads to multiples of its factor; metrics are computed on
 //! the original pixels).
@@ -40,6 +46,47 @@ pub struct Args {
     /// Use at most this many images (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// Also measure codebooks of only the `k` most used codes, for each `k` listed
+    /// (comma-separated, each below the codebook size); needs `--usage-images`.
+    #[arg(long, value_delimiter = ',')]
+    pub codebook_subsets: Vec<u32>,
+    /// Images whose tokens rank the codes by use, for `--codebook-subsets` (not the test images;
+    /// e.g. ../shared/data/bsds500/test).
+    #[arg(long)]
+    pub usage_images: Option<PathBuf>,
+    /// Use at most this many usage images (0: all).
+    #[arg(long, default_value_t = 50)]
+    pub usage_limit: usize,
+}
+
+/// The codes of `tok` ranked by use in the tokens of `dir`'s images (ties by index), and how many
+/// images were read.
+fn rank_codes(
+    tok: &Vq,
+    dir: &std::path::Path,
+    size: u32,
+    limit: usize,
+) -> anyhow::Result<(Vec<u32>, usize)> {
+    let mut paths = crate::models::list_images(dir)?;
+    if limit > 0 {
+        paths.truncate(limit);
+    }
+    if paths.is_empty() {
+        bail!("no images in {}", dir.display());
+    }
+    let mut counts = vec![0u64; tok.codebook_size() as usize];
+    for p in &paths {
+        let img = image::open(p)
+            .with_context(|| format!("opening {}", p.display()))?
+            .to_rgb8();
+        let size = if size == 0 { 256 } else { size };
+        for &id in tok.encode(&crate::models::prepare(img, size))?.ids() {
+            counts[id as usize] += 1;
+        }
+    }
+    let mut order: Vec<u32> = (0..tok.codebook_size()).collect();
+    order.sort_by_key(|&c| (std::cmp::Reverse(counts[c as usize]), c));
+    Ok((order, paths.len()))
 }
 
 #[derive(Serialize, Clone)]
@@ -167,6 +214,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::fs::create_dir_all(o)?;
     }
     let bits_per_token = f64::from(tok.codebook_size()).log2();
+    let subsets: Vec<(u32, Vec<u32>)> = if args.codebook_subsets.is_empty() {
+        Vec::new()
+    } else {
+        let dir = args
+            .usage_images
+            .as_deref()
+            .context("--codebook-subsets needs --usage-images")?;
+        if let Some(&k) = args
+            .codebook_subsets
+            .iter()
+            .find(|&&k| k == 0 || k >= tok.codebook_size())
+        {
+            bail!("codebook subset {k} must be in 1..{}", tok.codebook_size());
+        }
+        let (order, n) = rank_codes(&tok, dir, args.size, args.usage_limit)?;
+        eprintln!(
+            "ranked {} codes by use over {n} images of {}",
+            order.len(),
+            dir.display()
+        );
+        args.codebook_subsets
+            .iter()
+            .map(|&k| (k, order[..k as usize].to_vec()))
+            .collect()
+    };
+    let mut subset_rows: Vec<Vec<Row>> = vec![Vec::new(); subsets.len()];
     let jpeg_q: Vec<u8> = (1..=100).collect();
     let webp_q: Vec<u8> = (0..=100).collect();
     let (mut vq_rows, mut jpeg_rows, mut webp_rows) = (Vec::new(), Vec::new(), Vec::new());
@@ -200,6 +273,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         r.encode_ms = Some(enc_ms);
         r.decode_ms = Some(dec_ms);
 
+        let sets: Vec<&[u32]> = subsets.iter().map(|(_, s)| s.as_slice()).collect();
+        let mut extra = Vec::new();
+        for (((k, _), g), rows) in subsets
+            .iter()
+            .zip(tok.encode_among(&img, &sets)?)
+            .zip(&mut subset_rows)
+        {
+            let rec_k = tok.decode_to(&g, w, h)?;
+            let bytes = (g.len() as f64 * f64::from(*k).log2() / 8.0).ceil();
+            let mut rk = row(&format!("vq-k{k}"), &name, &img, &rec_k, bytes)?;
+            rk.setting = Some(format!("top {k} codes by use"));
+            rk.tokenizer = Some(tok_id.clone());
+            rows.push(rk.clone());
+            extra.push(rk);
+        }
+
         let (jq, jb, jd) = nearest(&jpeg_q, tok_bytes, |q| jpeg(&img, q))?;
         let mut rj = row("jpeg", &name, &img, &jd, jb.len() as f64)?;
         rj.setting = Some(format!("quality {jq}"));
@@ -216,7 +305,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             sbs.save(&f)
                 .with_context(|| format!("writing {}", f.display()))?;
         }
-        for r in [&r, &rj, &rw] {
+        for r in [&r, &rj, &rw].into_iter().chain(&extra) {
             if args.json {
                 println!("{}", serde_json::to_string(r)?);
             } else {
@@ -236,7 +325,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         jpeg_rows.push(rj);
         webp_rows.push(rw);
     }
-    for rows in [&vq_rows, &jpeg_rows, &webp_rows] {
+    for rows in [&vq_rows, &jpeg_rows, &webp_rows]
+        .into_iter()
+        .chain(&subset_rows)
+    {
         let m = mean(rows);
         if args.json {
             println!("{}", serde_json::to_string(&m)?);

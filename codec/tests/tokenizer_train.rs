@@ -148,3 +148,32 @@ fn default_model_round_trips_when_shipped() {
     assert_eq!(back.dimensions(), (48, 40));
     assert_eq!(tok.decode(&grid).unwrap().dimensions(), (48, 48));
 }
+
+#[test]
+fn encode_among_restricts_codes_and_matches_encode_with_all_codes() {
+    let dir = Vq::default_dir();
+    if !dir.join("manifest.json").exists() {
+        println!("skipping: no shipped tokenizer at {}", dir.display());
+        return;
+    }
+    let tok = Vq::default_model().unwrap();
+    let k = tok.codebook_size();
+    let img = RgbImage::from_fn(64, 48, |x, y| {
+        Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8])
+    });
+    let full = tok.encode(&img).unwrap();
+    let all: Vec<u32> = (0..k).collect();
+    // Only even codes allowed: every token is even, and the grid keeps the full codebook size.
+    // A single allowed code: a constant grid.
+    let even: Vec<u32> = (0..k).step_by(2).collect();
+    let grids = tok.encode_among(&img, &[&all, &even, &[7]]).unwrap();
+    assert_eq!(grids.len(), 3);
+    assert_eq!(grids[0], full);
+    assert_eq!(grids[1].codebook_size(), k);
+    assert!(grids[1].ids().iter().all(|id| id % 2 == 0));
+    assert!(grids[2].ids().iter().all(|&id| id == 7));
+    // Invalid sets are refused with an error, not a panic.
+    assert!(tok.encode_among(&img, &[&[]]).is_err());
+    assert!(tok.encode_among(&img, &[&[k]]).is_err());
+    assert!(tok.encode_among(&img, &[&[3, 3]]).is_err());
+}

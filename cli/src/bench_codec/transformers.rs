@@ -312,33 +312,41 @@ pub fn bench_captioned(
     }
     if let Some((t, man)) = &models.text {
         let tok = O200k::new();
-        let mut tally = Tally::default();
-        let mut text_tokens = 0usize;
-        for (i, (grid, cap)) in items.iter().zip(captions).enumerate() {
-            let ids = tok.encode(cap);
-            text_tokens += ids.len();
-            let t0 = Instant::now();
-            let bytes = t.encode(&ids, grid)?;
-            tally.enc_s += t0.elapsed().as_secs_f64();
-            let t0 = Instant::now();
-            let back = t.decode(&ids, grid.height(), grid.width(), &bytes)?;
-            tally.dec_s += t0.elapsed().as_secs_f64();
-            ensure!(&back == grid, "round trip failed: model text, item {i}");
-            tally.cross_entropy += code_lengths(&t.weights_full(&ids, grid)?, grid.ids())
-                .iter()
-                .sum::<f64>();
-            tally.add(grid, 8 * bytes.len() as u64);
+        // "text": each image with its caption; "text-empty": the same model with no caption, the
+        // control that separates what the caption adds from what the model's training data adds.
+        for (label, use_caption) in [("text", true), ("text-empty", false)] {
+            let mut tally = Tally::default();
+            let mut text_tokens = 0usize;
+            for (i, (grid, cap)) in items.iter().zip(captions).enumerate() {
+                let ids = if use_caption {
+                    tok.encode(cap)
+                } else {
+                    Vec::new()
+                };
+                text_tokens += ids.len();
+                let t0 = Instant::now();
+                let bytes = t.encode(&ids, grid)?;
+                tally.enc_s += t0.elapsed().as_secs_f64();
+                let t0 = Instant::now();
+                let back = t.decode(&ids, grid.height(), grid.width(), &bytes)?;
+                tally.dec_s += t0.elapsed().as_secs_f64();
+                ensure!(&back == grid, "round trip failed: model {label}, item {i}");
+                tally.cross_entropy += code_lengths(&t.weights_full(&ids, grid)?, grid.ids())
+                    .iter()
+                    .sum::<f64>();
+                tally.add(grid, 8 * bytes.len() as u64);
+            }
+            let mut ex = with_model(extra, &tally, man, total_pixels);
+            ex.push(("caption_tokens", json!(text_tokens)));
+            if let Some(gb) = generic_bits {
+                ex.push(("bits_generic", json!(gb)));
+                ex.push((
+                    "ratio_vs_generic",
+                    json!(tally.bits as f64 / (gb as f64).max(f64::MIN_POSITIVE)),
+                ));
+            }
+            rows.push(tally.row("image", label, &ex));
         }
-        let mut ex = with_model(extra, &tally, man, total_pixels);
-        ex.push(("caption_tokens", json!(text_tokens)));
-        if let Some(gb) = generic_bits {
-            ex.push(("bits_generic", json!(gb)));
-            ex.push((
-                "ratio_vs_generic",
-                json!(tally.bits as f64 / (gb as f64).max(f64::MIN_POSITIVE)),
-            ));
-        }
-        rows.push(tally.row("image", "text", &ex));
     }
     Ok(rows)
 }

@@ -287,11 +287,25 @@ impl Vq {
     }
 }
 
-impl ImageTokenizer for Vq {
-    fn encode(&self, image: &RgbImage) -> Result<TokenGrid, TokenizerError> {
+impl Vq {
+    /// Tokenizes like [`ImageTokenizer::encode`] once per set of allowed codes, choosing each
+    /// token only among the codes in the set (indices of the full codebook; non-empty, no
+    /// duplicates); one encoder pass serves all sets. The grids keep the full codebook size.
+    /// `unimic bench tokenizer --codebook-subsets` uses it to measure what a smaller codebook of
+    /// the most used codes would cost in quality.
+    pub fn encode_among(
+        &self,
+        image: &RgbImage,
+        sets: &[&[u32]],
+    ) -> Result<Vec<TokenGrid>, TokenizerError> {
         let x = self.input(image)?;
         let latent = self.model.latent(&x, ConvPath::Direct)?;
-        let idx = self.model.quantize(&latent)?;
+        sets.iter()
+            .map(|set| self.grid_of(&self.model.quantize_among(&latent, set)?))
+            .collect()
+    }
+
+    fn grid_of(&self, idx: &Tensor) -> Result<TokenGrid, TokenizerError> {
         let (_, h, w) = idx.dims3()?;
         let ids = idx.flatten_all()?.to_vec1::<u32>()?;
         Ok(TokenGrid::new(
@@ -300,6 +314,14 @@ impl ImageTokenizer for Vq {
             self.codebook_size(),
             ids,
         )?)
+    }
+}
+
+impl ImageTokenizer for Vq {
+    fn encode(&self, image: &RgbImage) -> Result<TokenGrid, TokenizerError> {
+        let x = self.input(image)?;
+        let latent = self.model.latent(&x, ConvPath::Direct)?;
+        self.grid_of(&self.model.quantize(&latent)?)
     }
 
     fn decode(&self, grid: &TokenGrid) -> Result<RgbImage, TokenizerError> {

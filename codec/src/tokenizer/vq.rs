@@ -508,6 +508,30 @@ impl VqModel {
         Self::nearest(&z, &self.codebook()?)?.reshape((b, h, w))
     }
 
+    /// Like [`Self::quantize`], but only the codes in `allowed` may be chosen (for studying
+    /// smaller codebooks carved out of a trained one). `allowed` must be non-empty, in range and
+    /// free of duplicates; the result holds indices of the full codebook.
+    pub fn quantize_among(&self, latent: &Tensor, allowed: &[u32]) -> Result<Tensor> {
+        let k = self.cfg.codebook_size;
+        let mut seen = vec![false; k];
+        for &a in allowed {
+            let i = a as usize;
+            if i >= k || std::mem::replace(&mut seen[i], true) {
+                candle_core::bail!("allowed code {a} out of range or repeated (codebook {k})");
+            }
+        }
+        if allowed.is_empty() {
+            candle_core::bail!("no allowed codes");
+        }
+        let (b, _, h, w) = latent.dims4()?;
+        let z = self.flat_latent(latent)?;
+        let sel = Tensor::from_slice(allowed, allowed.len(), latent.device())?;
+        let sub = self.codebook()?.index_select(&sel, 0)?;
+        let local = Self::nearest(&z, &sub)?.to_vec1::<u32>()?;
+        let ids: Vec<u32> = local.iter().map(|&j| allowed[j as usize]).collect();
+        Tensor::from_vec(ids, (b, h, w), latent.device())
+    }
+
     /// Codebook vectors at `indices` (integer `[B, h, w]`), as NCHW `[B, D, h, w]`.
     pub fn lookup(&self, indices: &Tensor) -> Result<Tensor> {
         let (b, h, w) = indices.dims3()?;
