@@ -170,6 +170,54 @@ mod tests {
         }
     }
 
+    /// Encoded size of a region body (after `region_kind`).
+    fn wire_len(r: &Region) -> usize {
+        match r {
+            Region::Bitmap(b) => VarInt::saturating(b.len() as u64).size() + b.len(),
+            Region::Rects(rs) => {
+                VarInt::saturating(rs.len() as u64).size()
+                    + rs.iter()
+                        .map(|r| r.top.size() + r.left.size() + r.height.size() + r.width.size())
+                        .sum::<usize>()
+            }
+            _ => usize::MAX,
+        }
+    }
+
+    #[test]
+    fn every_small_mask_and_random_masks_round_trip_no_longer_than_the_bitmap() {
+        let mut cases: Vec<(u32, u32, Vec<bool>)> = (0..512u32)
+            .map(|bits| (3, 3, (0..9).map(|i| bits >> i & 1 == 1).collect()))
+            .collect();
+        let mut z = 1u64;
+        let mut next = || {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            z >> 33
+        };
+        for _ in 0..200 {
+            let (rows, cols) = (1 + (next() % 40) as u32, 1 + (next() % 40) as u32);
+            // Sparse, dense and blocky masks.
+            let kind = next() % 3;
+            let (r0, c0) = (next() % u64::from(rows), next() % u64::from(cols));
+            let m = (0..rows * cols)
+                .map(|i| match kind {
+                    0 => next() % 10 == 0,
+                    1 => next() % 10 != 0,
+                    _ => u64::from(i / cols) >= r0 && u64::from(i % cols) >= c0,
+                })
+                .collect();
+            cases.push((rows, cols, m));
+        }
+        for (rows, cols, m) in cases {
+            let wire = to_wire(&m, cols);
+            assert_eq!(from_wire(&wire, rows, cols).unwrap(), m, "{wire:?}");
+            let bitmap = Region::Bitmap(Bytes::from(vec![0u8; m.len().div_ceil(8)]));
+            assert!(wire_len(&wire) <= wire_len(&bitmap));
+        }
+    }
+
     #[test]
     fn rectangles_outside_the_grid_are_refused() {
         let r = Region::Rects(vec![Rect {
