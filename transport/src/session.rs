@@ -6,9 +6,10 @@
 //! writes batched acknowledgements. Each incoming message is parsed and decoded by its own
 //! future, which feeds the [`IncomingMessage`] the caller got from [`Session::recv`]: the driver
 //! runs it until it first has to wait (a small message that arrived whole completes right
-//! there), and spawns the rest as a short task. Parts and chunks above 1,024 tokens are coded and
-//! decoded on tokio's blocking pool, never on an async worker. Nothing calls back into caller
-//! code: the caller pulls messages and their events.
+//! there), and spawns the rest as a short task. Parts and chunks above 1,024 tokens, and every
+//! part coded with a transformer model, are coded and decoded on tokio's blocking pool, never on
+//! an async worker. Nothing calls back into caller code: the caller pulls messages and their
+//! events.
 //!
 //! # Context
 //! Both ends keep a [`SessionContext`] bounded by the negotiated `max_context_bytes`. A sender
