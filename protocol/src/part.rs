@@ -143,9 +143,12 @@ pub enum CodingMode {
     /// (1) The entropy model's unconditional (autoregressive) prediction.
     Generic,
     /// (2) Only the cells inside the region are coded, conditioned on the image in the context
-    /// (the cells outside are taken from it). Image parts only.
+    /// (the cells outside are taken from it). Image parts only, with a masked model only: the
+    /// first image part in the context is the reference, the region's tokens are coded in the
+    /// model's order in one chunk, and the decoded part is the whole grid (docs/PROTOCOL.md §6.3).
     Masked(Region),
-    /// (3) Conditioned on the text parts in the context.
+    /// (3) Conditioned on the text parts in the context (for the text-conditioned model: their
+    /// ids concatenated in the order the context lists them, docs/PROTOCOL.md §6.3).
     TextConditioned,
     /// (4) Conditioned on an earlier image in the context.
     ImageConditioned,
