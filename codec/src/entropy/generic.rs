@@ -235,15 +235,8 @@ impl Generic {
         let mut cache = self.new_cache();
         self.body
             .forward(self.kernel, &mut xs, &mut cache, Mask::Causal);
-        let mut scratch = Vec::new();
-        Ok((0..n)
-            .map(|t| {
-                let mut out = Vec::new();
-                self.head
-                    .weights(self.kernel, &xs[t * d..(t + 1) * d], &mut scratch, &mut out);
-                out
-            })
-            .collect())
+        let rows: Vec<usize> = (0..n).collect();
+        Ok(self.head.weights_rows(self.kernel, &xs, d, &rows))
     }
 
     /// Codes `grid` (raster order) into a range-coder payload, using the batched path.

@@ -260,18 +260,8 @@ impl Masked {
         let mut cache = KvCache::new(&self.cfg.body);
         self.body
             .forward(self.kernel, &mut xs, &mut cache, Mask::Full);
-        let mut scratch = Vec::new();
-        group
-            .iter()
-            .map(|&i| {
-                // A position outside the grid gets no weights (the rule makes them uniform).
-                let mut out = Vec::new();
-                if let Some(h) = xs.get(i * d..(i + 1) * d) {
-                    self.head.weights(self.kernel, h, &mut scratch, &mut out);
-                }
-                out
-            })
-            .collect()
+        // A position outside the grid gets no weights (the rule makes them uniform).
+        self.head.weights_rows(self.kernel, &xs, d, group)
     }
 
     fn check(&self, h: u32, w: u32, k: u32, n: usize, unknown: &[bool]) -> Result<(), ModelError> {

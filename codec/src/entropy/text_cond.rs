@@ -303,20 +303,8 @@ impl TextCond {
         let mut cache = KvCache::new(&self.cfg.body);
         self.body
             .forward(self.kernel, &mut xs, &mut cache, Mask::Causal);
-        let mut scratch = Vec::new();
-        Ok((0..n)
-            .map(|t| {
-                let row = nt + t;
-                let mut out = Vec::new();
-                self.head.weights(
-                    self.kernel,
-                    &xs[row * d..(row + 1) * d],
-                    &mut scratch,
-                    &mut out,
-                );
-                out
-            })
-            .collect())
+        let rows: Vec<usize> = (nt..nt + n).collect();
+        Ok(self.head.weights_rows(self.kernel, &xs, d, &rows))
     }
 
     /// Codes `grid` conditioned on the prompt ids `text`, using the batched path.

@@ -131,40 +131,6 @@ pub fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     [combine(&a0), combine(&a1), combine(&a2), combine(&a3)]
 }
 
-/// Computes outputs `o0..o1` of `x · wᵀ (+ bias)` into `y[o0..o1]`, four rows at a time with
-/// [`dot4`] for [`Kernel::Lanes`].
-#[inline(always)]
-fn rows_into(
-    kernel: Kernel,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    o0: usize,
-    o1: usize,
-    y: &mut [f32],
-) {
-    let d = x.len();
-    let add = |o: usize, s: f32| match bias {
-        Some(b) => s + b[o],
-        None => s,
-    };
-    let mut o = o0;
-    if kernel == Kernel::Lanes {
-        while o + 4 <= o1 {
-            let r = |j: usize| &w[(o + j) * d..(o + j + 1) * d];
-            let s = dot4(x, [r(0), r(1), r(2), r(3)]);
-            for (j, v) in s.into_iter().enumerate() {
-                y[o + j] = add(o + j, v);
-            }
-            o += 4;
-        }
-    }
-    while o < o1 {
-        y[o] = add(o, dot_with(kernel, x, &w[o * d..(o + 1) * d]));
-        o += 1;
-    }
-}
-
 /// `y[o] = dot(x, w[o, ..]) + bias[o]` for a row-major `w` of shape `(y.len(), x.len())` (the layout
 /// of a candle/PyTorch `Linear` weight). The bias is added after the dot product (one rounding).
 pub fn linear(kernel: Kernel, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
@@ -207,34 +173,16 @@ pub mod simd {
     pub fn force_baseline(baseline: bool) {
         MODE.store(if baseline { 1 } else { 0 }, Ordering::Relaxed);
     }
-
-    /// [`super::linear_rows_body`] compiled with AVX (no FMA) enabled.
-    ///
-    /// # Safety
-    /// The CPU must support AVX.
-    #[target_feature(enable = "avx")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn linear_rows_avx(
-        xs: &[f32],
-        rows: usize,
-        d_in: usize,
-        w: &[f32],
-        bias: Option<&[f32]>,
-        d_out: usize,
-        ys: &mut [f32],
-    ) {
-        super::linear_rows_body(super::Kernel::Lanes, xs, rows, d_in, w, bias, d_out, ys);
-    }
 }
 
-/// Rows of output features computed per block in [`linear_rows`] (cache blocking only: it does not
-/// change any result).
-const ROW_BLOCK: usize = 32;
-
 /// [`linear`] applied to each of the `rows` rows of `xs` (`rows × d_in`, row-major), writing
-/// `ys` (`rows × d_out`). Weight rows are visited in blocks so that a block stays in cache while all
-/// input rows pass over it; every output element is the same [`dot`] as in [`linear`], so the result
-/// equals `rows` separate calls of [`linear`] bit for bit.
+/// `ys` (`rows × d_out`). Every output element is the same [`dot`] (plus bias) as in [`linear`],
+/// so the result equals `rows` separate calls of [`linear`] bit for bit.
+///
+/// [`Kernel::Lanes`] runs a blocked product: a register tile of two input rows by four weight
+/// rows (eight eight-lane accumulators, each fed in increasing index order), weight rows visited
+/// in cache-sized blocks while the input rows pass over them; compiled with AVX where the CPU has
+/// it. Only the loop order changes, never the order within a dot product.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_rows(
     kernel: Kernel,
@@ -246,19 +194,16 @@ pub fn linear_rows(
     d_out: usize,
     ys: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Lanes && simd::avx_enabled() {
-        // SAFETY: the CPU supports AVX (checked at run time just above).
-        unsafe { simd::linear_rows_avx(xs, rows, d_in, w, bias, d_out, ys) };
-        return;
+    if d_in == 0 || kernel == Kernel::Scalar {
+        linear_rows_reference(kernel, xs, rows, d_in, w, bias, d_out, ys);
+    } else {
+        super::fast::linear_rows(xs, rows, d_in, w, bias, d_out, ys);
     }
-    linear_rows_body(kernel, xs, rows, d_in, w, bias, d_out, ys);
 }
 
-/// The body of [`linear_rows`], inlined into each instruction-set variant.
-#[inline(always)]
+/// The definition of [`linear_rows`]: one [`dot_with`] per output element.
 #[allow(clippy::too_many_arguments)]
-fn linear_rows_body(
+fn linear_rows_reference(
     kernel: Kernel,
     xs: &[f32],
     rows: usize,
@@ -268,23 +213,20 @@ fn linear_rows_body(
     d_out: usize,
     ys: &mut [f32],
 ) {
-    if d_in == 0 {
-        for r in 0..rows {
-            for o in 0..d_out {
-                ys[r * d_out + o] = bias.map_or(0.0, |b| b[o]);
-            }
+    for r in 0..rows {
+        let x = &xs[r * d_in..(r + 1) * d_in];
+        for o in 0..d_out {
+            let s = if d_in == 0 {
+                0.0
+            } else {
+                dot_with(kernel, x, &w[o * d_in..(o + 1) * d_in])
+            };
+            ys[r * d_out + o] = match bias {
+                Some(b) if d_in == 0 => b[o],
+                Some(b) => s + b[o],
+                None => s,
+            };
         }
-        return;
-    }
-    let mut o0 = 0;
-    while o0 < d_out {
-        let o1 = (o0 + ROW_BLOCK).min(d_out);
-        for r in 0..rows {
-            let x = &xs[r * d_in..(r + 1) * d_in];
-            let yr = &mut ys[r * d_out..(r + 1) * d_out];
-            rows_into(kernel, x, w, bias, o0, o1, yr);
-        }
-        o0 = o1;
     }
 }
 
@@ -351,19 +293,8 @@ mod tests {
         let xs = data(rows * d_in, 11);
         let w = data(d_out * d_in, 12);
         let b = data(d_out, 13);
-        let mut base = vec![0.0; rows * d_out];
-        linear_rows_body(
-            Kernel::Lanes,
-            &xs,
-            rows,
-            d_in,
-            &w,
-            Some(&b),
-            d_out,
-            &mut base,
-        );
         let mut scalar = vec![0.0; rows * d_out];
-        linear_rows_body(
+        linear_rows(
             Kernel::Scalar,
             &xs,
             rows,
@@ -373,14 +304,27 @@ mod tests {
             d_out,
             &mut scalar,
         );
-        assert_eq!(base, scalar);
+        let run = |avx: bool| {
+            let mut y = vec![0.0f32; rows * d_out];
+            let (x, wp, bp, yp) = (xs.as_ptr(), w.as_ptr(), Some(b.as_ptr()), y.as_mut_ptr());
+            // SAFETY: the sizes match; AVX is only used when the CPU has it.
+            unsafe {
+                if avx {
+                    super::super::fast::gemm_avx(
+                        x, d_in, rows, wp, d_in, d_out, d_in, bp, yp, d_out,
+                    )
+                } else {
+                    super::super::fast::gemm::<super::super::lanes::Portable>(
+                        x, d_in, rows, wp, d_in, d_out, d_in, bp, yp, d_out,
+                    )
+                }
+            };
+            y
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&run(false)), bits(&scalar));
         if std::arch::is_x86_feature_detected!("avx") {
-            let mut avx = vec![0.0; rows * d_out];
-            // SAFETY: AVX support was checked just above.
-            unsafe { simd::linear_rows_avx(&xs, rows, d_in, &w, Some(&b), d_out, &mut avx) };
-            for (a, b) in avx.iter().zip(&base) {
-                assert_eq!(a.to_bits(), b.to_bits());
-            }
+            assert_eq!(bits(&run(true)), bits(&scalar));
         } else {
             println!("skipping the AVX half: this CPU has no AVX");
         }

@@ -9,11 +9,11 @@ use super::kernels::dot;
 
 /// `ln 2` split in two for Cody–Waite range reduction: `LN2_HI` has few significant bits so that
 /// `n * LN2_HI` is exact for every `|n| <= 127`.
-const LN2_HI: f32 = 0.693_359_4; // = 355/512 exactly
+pub(crate) const LN2_HI: f32 = 0.693_359_4; // = 355/512 exactly
 /// `ln 2 - LN2_HI`.
-const LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
 /// `1 / ln 2`.
-const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// Below this, [`exp`] returns 0 (the true value is below 2^-125, near the smallest normal f32).
 pub const EXP_MIN: f32 = -87.0;
 /// Above this, [`exp`] returns infinity.

@@ -29,7 +29,9 @@
 //! assert_eq!(w[2], 0); // the quantization rule still gives it a non-zero frequency
 //! ```
 
+mod fast;
 pub mod kernels;
+mod lanes;
 pub mod math;
 pub mod model;
 pub mod transformer;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::kernels::{linear, Kernel};
+use super::lanes::V8;
 use super::weights::{sha256_hex, Weights};
 use super::{logits_to_weights, NnError};
 use crate::coder::CodeError;
@@ -218,8 +219,132 @@ impl Head {
         scratch: &mut Vec<f32>,
         out: &mut Vec<u64>,
     ) {
-        self.logits(kernel, hidden, scratch);
-        logits_to_weights(scratch, out);
+        let d = hidden.len();
+        if kernel == Kernel::Scalar || d == 0 || self.w.len() < self.k * d {
+            self.logits(kernel, hidden, scratch);
+            logits_to_weights(scratch, out);
+            return;
+        }
+        scratch.resize(2 * self.k, 0.0);
+        let (logits, tmp) = scratch.split_at_mut(self.k);
+        let mut outs = [std::mem::take(out)];
+        head_lanes(self, hidden, d, &[0], logits, tmp, &mut outs);
+        *out = std::mem::take(&mut outs[0]);
+    }
+
+    /// Integer weights for the hidden states `hidden[r * d .. (r + 1) * d]` of each row `r` in
+    /// `rows`, in the order of `rows`; a row past the end of `hidden` gets no weights (an empty
+    /// vector, which the quantization rule reads as uniform). Bit-identical to calling
+    /// [`Self::weights`] per row; [`Kernel::Lanes`] computes the logits of a block of rows in one
+    /// blocked matrix product.
+    pub fn weights_rows(
+        &self,
+        kernel: Kernel,
+        hidden: &[f32],
+        d: usize,
+        rows: &[usize],
+    ) -> Vec<Vec<u64>> {
+        let n = hidden.len().checked_div(d).unwrap_or(0);
+        let mut outs: Vec<Vec<u64>> = vec![Vec::new(); rows.len()];
+        if kernel == Kernel::Scalar || d == 0 || self.w.len() < self.k * d {
+            let mut scratch = Vec::new();
+            for (&r, out) in rows.iter().zip(outs.iter_mut()) {
+                if r < n {
+                    self.weights(kernel, &hidden[r * d..(r + 1) * d], &mut scratch, out);
+                }
+            }
+            return outs;
+        }
+        let valid: Vec<usize> = rows.iter().copied().filter(|&r| r < n).collect();
+        let mut got: Vec<Vec<u64>> = vec![Vec::new(); valid.len()];
+        let mut buf = vec![0.0f32; HEAD_ROWS * self.k + self.k];
+        let (logits, tmp) = buf.split_at_mut(HEAD_ROWS * self.k);
+        for (ids, outs) in valid.chunks(HEAD_ROWS).zip(got.chunks_mut(HEAD_ROWS)) {
+            head_lanes(self, hidden, d, ids, logits, tmp, outs);
+        }
+        let mut got = got.into_iter();
+        for (&r, out) in rows.iter().zip(outs.iter_mut()) {
+            if r < n {
+                *out = got.next().unwrap_or_default();
+            }
+        }
+        outs
+    }
+}
+
+/// Rows of logits computed per blocked product in [`Head::weights_rows`].
+const HEAD_ROWS: usize = 32;
+
+/// The head of the rows `ids` of `hidden` (`d` wide): their hidden states gathered, one blocked
+/// product into `logits` (`ids.len() * k`), then the integer weights of each row into `outs`.
+fn head_lanes(
+    head: &Head,
+    hidden: &[f32],
+    d: usize,
+    ids: &[usize],
+    logits: &mut [f32],
+    tmp: &mut [f32],
+    outs: &mut [Vec<u64>],
+) {
+    let k = head.k;
+    let n = ids.len();
+    let mut x = vec![0.0f32; n * d];
+    for (row, &i) in x.chunks_exact_mut(d).zip(ids) {
+        row.copy_from_slice(&hidden[i * d..(i + 1) * d]);
+    }
+    assert!(
+        logits.len() >= n * k
+            && tmp.len() >= k
+            && outs.len() >= n
+            && super::fast::gemm_fits(&x, d, n, &head.w, d, k, d, Some(&head.b), logits, k)
+    );
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::simd::avx_enabled() {
+        // SAFETY: sizes checked above; the CPU has AVX (checked at run time).
+        unsafe { head_avx(head, &x, d, n, logits, tmp, outs) };
+        return;
+    }
+    // SAFETY: sizes checked above.
+    unsafe { head_generic::<super::lanes::Portable>(head, &x, d, n, logits, tmp, outs) };
+}
+
+/// [`head_generic`] compiled with AVX.
+///
+/// # Safety
+/// As [`head_generic`]; the CPU must have AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn head_avx(
+    head: &Head,
+    x: &[f32],
+    d: usize,
+    n: usize,
+    logits: &mut [f32],
+    tmp: &mut [f32],
+    outs: &mut [Vec<u64>],
+) {
+    head_generic::<super::lanes::Avx>(head, x, d, n, logits, tmp, outs)
+}
+
+/// # Safety
+/// `x` holds `n * d`, `logits` `n * k`, `tmp` `k` floats, `outs` `n` vectors, the head `k * d`
+/// weights and `k` biases; `V` must be usable on this CPU.
+#[inline(always)]
+unsafe fn head_generic<V: V8>(
+    head: &Head,
+    x: &[f32],
+    d: usize,
+    n: usize,
+    logits: &mut [f32],
+    tmp: &mut [f32],
+    outs: &mut [Vec<u64>],
+) {
+    let k = head.k;
+    let (lp, tp) = (logits.as_mut_ptr(), tmp.as_mut_ptr());
+    let b = Some(head.b.as_ptr());
+    super::fast::gemm::<V>(x.as_ptr(), d, n, head.w.as_ptr(), d, k, d, b, lp, k);
+    for (r, out) in outs.iter_mut().enumerate().take(n) {
+        super::fast::logits_to_weights::<V>(lp.add(r * k), k, tp, out);
     }
 }
 
