@@ -168,6 +168,110 @@ pub(crate) unsafe fn gemm<V: V8>(
     }
 }
 
+/// Output rows per panel of [`Panels`].
+const PANEL: usize = 8;
+
+/// A weight matrix (`n_out × d`, row-major) re-laid for the one-row product [`matvec`]: for each
+/// group of [`PANEL`] output rows, the first eight columns of each of the eight rows, then the
+/// next eight columns of each, and so on (the last columns zero-padded to eight). The product then
+/// reads memory strictly in order. Rows past the last full group stay in the row-major matrix.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Panels {
+    data: Vec<f32>,
+    groups: usize,
+    chunks: usize,
+}
+
+impl Panels {
+    /// Re-lays `w` (`n_out × d`, row-major).
+    pub(crate) fn new(w: &[f32], n_out: usize, d: usize) -> Self {
+        let groups = if d == 0 || w.len() < n_out * d {
+            0
+        } else {
+            n_out / PANEL
+        };
+        let chunks = d.div_ceil(LANES);
+        let mut data = vec![0.0f32; groups * chunks * PANEL * LANES];
+        for g in 0..groups {
+            for c in 0..chunks {
+                for r in 0..PANEL {
+                    let row = &w[(g * PANEL + r) * d..(g * PANEL + r + 1) * d];
+                    let src = &row[c * LANES..((c + 1) * LANES).min(d)];
+                    let at = ((g * chunks + c) * PANEL + r) * LANES;
+                    data[at..at + src.len()].copy_from_slice(src);
+                }
+            }
+        }
+        Self {
+            data,
+            groups,
+            chunks,
+        }
+    }
+}
+
+/// `y[o] = dot(x[..d], w[o]) (+ bias[o])` for `o < n_out`, one input row: [`gemm`] with
+/// `rows = 1`, reading the full groups of eight output rows from `p` (the [`Panels`] of `w`,
+/// built with the same `n_out` and `d`) and the rest from `w`. The same eight-lane sums as
+/// [`gemm`]: zero-padded columns add `+0.0` to a lane, which leaves it unchanged.
+///
+/// # Safety
+/// `x` holds `d`, `w` `n_out * d`, `y` `n_out` floats, `bias` `n_out` if given; `V` must be
+/// usable on this CPU.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matvec<V: V8>(
+    x: *const f32,
+    p: &Panels,
+    w: *const f32,
+    n_out: usize,
+    d: usize,
+    bias: Option<*const f32>,
+    y: *mut f32,
+) {
+    let chunks = p.chunks;
+    let full = d / LANES;
+    let mut pp = p.data.as_ptr();
+    for g in 0..p.groups {
+        let mut acc = [V::zero(); PANEL];
+        for c in 0..chunks {
+            let xv = if c < full {
+                V::load(x.add(c * LANES))
+            } else {
+                V::load_part(x.add(c * LANES), d - c * LANES)
+            };
+            for r in 0..PANEL {
+                acc[r] = acc[r].add(xv.mul(V::load(pp.add(r * LANES))));
+            }
+            pp = pp.add(PANEL * LANES);
+        }
+        let o = g * PANEL;
+        let lo = V::combine4(acc[0], acc[1], acc[2], acc[3]);
+        let hi = V::combine4(acc[4], acc[5], acc[6], acc[7]);
+        for (i, v) in lo.into_iter().chain(hi).enumerate() {
+            *y.add(o + i) = match bias {
+                Some(b) => v + *b.add(o + i),
+                None => v,
+            };
+        }
+    }
+    let o = p.groups * PANEL;
+    if o < n_out {
+        gemm::<V>(
+            x,
+            d,
+            1,
+            w.add(o * d),
+            d,
+            n_out - o,
+            d,
+            bias.map(|b| b.add(o)),
+            y.add(o),
+            n_out - o,
+        );
+    }
+}
+
 /// Checks the bounds of a [`gemm`] call on slices.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_fits(
@@ -782,6 +886,54 @@ pub(crate) mod tests {
                 }
                 if let Some(a) = a {
                     assert_eq!(bits(&a), bits(&p), "avx {rows}x{n_out}x{d}");
+                }
+            }
+        }
+    }
+
+    fn run_matvec<V: V8>(x: &[f32], w: &[f32], n_out: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let d = x.len();
+        let p = Panels::new(w, n_out, d);
+        let mut y = vec![f32::NAN; n_out];
+        assert!(w.len() >= n_out * d && bias.is_none_or(|b| b.len() >= n_out));
+        // SAFETY: sizes checked above; see `run_gemm` for the lanes.
+        unsafe {
+            matvec::<V>(
+                x.as_ptr(),
+                &p,
+                w.as_ptr(),
+                n_out,
+                d,
+                bias.map(|b| b.as_ptr()),
+                y.as_mut_ptr(),
+            )
+        };
+        y
+    }
+
+    #[test]
+    fn panel_matvec_equals_reference_dot_bitwise() {
+        for (n_out, d) in [
+            (1, 1),
+            (7, 5),
+            (8, 8),
+            (17, 13),
+            (64, 128),
+            (131, 384),
+            (1024, 40),
+        ] {
+            let x = data(d, 21 + d as u64);
+            let w = data(n_out * d, 22 + n_out as u64);
+            let b = data(n_out, 23);
+            for bias in [None, Some(&b[..])] {
+                let (p, a) = both!(run_matvec, &x, &w, n_out, bias);
+                for o in 0..n_out {
+                    let s = dot_scalar(&x, &w[o * d..(o + 1) * d]);
+                    let want = bias.map_or(s, |b| s + b[o]);
+                    assert_eq!(p[o].to_bits(), want.to_bits(), "{n_out}x{d} row {o}");
+                }
+                if let Some(a) = a {
+                    assert_eq!(bits(&a), bits(&p), "avx {n_out}x{d}");
                 }
             }
         }

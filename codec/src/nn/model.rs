@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::fast::Panels;
 use super::kernels::{linear, Kernel};
 use super::lanes::V8;
 use super::weights::{sha256_hex, Weights};
@@ -185,6 +186,8 @@ pub struct Head {
     w: Vec<f32>,
     b: Vec<f32>,
     k: usize,
+    /// `w` re-laid for one-row products (incremental decoding).
+    panels: Panels,
 }
 
 impl Head {
@@ -198,8 +201,10 @@ impl Head {
 
     /// Takes the head out of `w`.
     pub fn from_weights(k: usize, d: usize, w: &mut Weights) -> Result<Self, NnError> {
+        let hw = w.take("head.weight", &[k, d])?;
         Ok(Self {
-            w: w.take("head.weight", &[k, d])?,
+            panels: Panels::new(&hw, k, d),
+            w: hw,
             b: w.take("head.bias", &[k])?,
             k,
         })
@@ -342,7 +347,11 @@ unsafe fn head_generic<V: V8>(
     let k = head.k;
     let (lp, tp) = (logits.as_mut_ptr(), tmp.as_mut_ptr());
     let b = Some(head.b.as_ptr());
-    super::fast::gemm::<V>(x.as_ptr(), d, n, head.w.as_ptr(), d, k, d, b, lp, k);
+    if n == 1 {
+        super::fast::matvec::<V>(x.as_ptr(), &head.panels, head.w.as_ptr(), k, d, b, lp);
+    } else {
+        super::fast::gemm::<V>(x.as_ptr(), d, n, head.w.as_ptr(), d, k, d, b, lp, k);
+    }
     for (r, out) in outs.iter_mut().enumerate().take(n) {
         super::fast::logits_to_weights::<V>(lp.add(r * k), k, tp, out);
     }

@@ -18,7 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::fast::{self, AttnShape};
+use super::fast::{self, AttnShape, Panels};
 use super::kernels::{dot_with, linear_rows, Kernel};
 use super::lanes::V8;
 use super::math::{rms_norm, silu, softmax_in_place};
@@ -97,6 +97,11 @@ struct Block {
     fc1_b: Vec<f32>,
     fc2_w: Vec<f32>,
     fc2_b: Vec<f32>,
+    /// The four matrices re-laid for one-row products (incremental decoding).
+    qkv_p: Panels,
+    out_p: Panels,
+    fc1_p: Panels,
+    fc2_p: Panels,
 }
 
 /// Keys and values of every position seen so far, per layer: the state of incremental decoding,
@@ -195,17 +200,25 @@ impl Body {
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blocks.{i}");
+            let qkv_w = w.take(&format!("{p}.attn.qkv.weight"), &[3 * d, d])?;
+            let out_w = w.take(&format!("{p}.attn.out.weight"), &[d, d])?;
+            let fc1_w = w.take(&format!("{p}.mlp.fc1.weight"), &[f, d])?;
+            let fc2_w = w.take(&format!("{p}.mlp.fc2.weight"), &[d, f])?;
             blocks.push(Block {
                 norm1: w.take(&format!("{p}.norm1.weight"), &[d])?,
-                qkv_w: w.take(&format!("{p}.attn.qkv.weight"), &[3 * d, d])?,
                 qkv_b: w.take(&format!("{p}.attn.qkv.bias"), &[3 * d])?,
-                out_w: w.take(&format!("{p}.attn.out.weight"), &[d, d])?,
                 out_b: w.take(&format!("{p}.attn.out.bias"), &[d])?,
                 norm2: w.take(&format!("{p}.norm2.weight"), &[d])?,
-                fc1_w: w.take(&format!("{p}.mlp.fc1.weight"), &[f, d])?,
                 fc1_b: w.take(&format!("{p}.mlp.fc1.bias"), &[f])?,
-                fc2_w: w.take(&format!("{p}.mlp.fc2.weight"), &[d, f])?,
                 fc2_b: w.take(&format!("{p}.mlp.fc2.bias"), &[d])?,
+                qkv_p: Panels::new(&qkv_w, 3 * d, d),
+                out_p: Panels::new(&out_w, d, d),
+                fc1_p: Panels::new(&fc1_w, f, d),
+                fc2_p: Panels::new(&fc2_w, d, f),
+                qkv_w,
+                out_w,
+                fc1_w,
+                fc2_w,
             });
         }
         let norm_f = w.take("norm_f.weight", &[d])?;
@@ -422,7 +435,11 @@ unsafe fn forward_lanes<V: V8>(body: &Body, xs: &mut [f32], cache: &mut KvCache,
             fast::rms_norm::<V>(x.add(r * d), b.norm1.as_ptr(), a.add(r * d), d);
         }
         let qb = Some(b.qkv_b.as_ptr());
-        fast::gemm::<V>(a, d, rows, b.qkv_w.as_ptr(), d, 3 * d, d, qb, qkv, 3 * d);
+        if rows == 1 {
+            fast::matvec::<V>(a, &b.qkv_p, b.qkv_w.as_ptr(), 3 * d, d, qb, qkv);
+        } else {
+            fast::gemm::<V>(a, d, rows, b.qkv_w.as_ptr(), d, 3 * d, d, qb, qkv, 3 * d);
+        }
         let kc = &mut cache.k[li];
         let vc = &mut cache.v[li];
         kc.truncate(base * d);
@@ -434,16 +451,28 @@ unsafe fn forward_lanes<V: V8>(body: &Body, xs: &mut [f32], cache: &mut KvCache,
         }
         fast::attention::<V>(sh, qkv, kc.as_ptr(), vc.as_ptr(), o, scores);
         let ob = Some(b.out_b.as_ptr());
-        fast::gemm::<V>(o, d, rows, b.out_w.as_ptr(), d, d, d, ob, proj, d);
+        if rows == 1 {
+            fast::matvec::<V>(o, &b.out_p, b.out_w.as_ptr(), d, d, ob, proj);
+        } else {
+            fast::gemm::<V>(o, d, rows, b.out_w.as_ptr(), d, d, d, ob, proj, d);
+        }
         fast::add_assign::<V>(x, proj, rows * d);
         for r in 0..rows {
             fast::rms_norm::<V>(x.add(r * d), b.norm2.as_ptr(), a.add(r * d), d);
         }
         let f1 = Some(b.fc1_b.as_ptr());
-        fast::gemm::<V>(a, d, rows, b.fc1_w.as_ptr(), d, f, d, f1, hidden, f);
+        if rows == 1 {
+            fast::matvec::<V>(a, &b.fc1_p, b.fc1_w.as_ptr(), f, d, f1, hidden);
+        } else {
+            fast::gemm::<V>(a, d, rows, b.fc1_w.as_ptr(), d, f, d, f1, hidden, f);
+        }
         fast::silu::<V>(hidden, rows * f);
         let f2 = Some(b.fc2_b.as_ptr());
-        fast::gemm::<V>(hidden, f, rows, b.fc2_w.as_ptr(), f, d, f, f2, proj, d);
+        if rows == 1 {
+            fast::matvec::<V>(hidden, &b.fc2_p, b.fc2_w.as_ptr(), d, f, f2, proj);
+        } else {
+            fast::gemm::<V>(hidden, f, rows, b.fc2_w.as_ptr(), f, d, f, f2, proj, d);
+        }
         fast::add_assign::<V>(x, proj, rows * d);
     }
     cache.len = total;
