@@ -119,6 +119,43 @@ impl WeightPrefix for Blend<'_> {
         }
         s
     }
+
+    /// One descent of the order-0 tree. The sparse tables are walked alongside with one cursor
+    /// each: the descent only moves forward, so a candidate position adds the entries between
+    /// the accepted position and itself. `P(i)` is the same integer as [`Self::prefix`] computes,
+    /// so the result equals the binary search.
+    fn search(&self, ok: &mut dyn FnMut(u32, u64) -> bool) -> u32 {
+        let (coef_u, (coef0, order0)) = (self.coef_u, self.order0);
+        // Per sparse table: entries below the accepted position, and their weighted sum.
+        let mut cursor = [0usize; 4];
+        let mut below = 0u64;
+        let found = order0.search(|i, f| {
+            let i = i as u32;
+            if i >= self.k {
+                return false;
+            }
+            let mut next = cursor;
+            let mut sum = below;
+            for (t, (coef, counts)) in self.sparse.iter().enumerate() {
+                if let Some(c) = counts {
+                    while let Some(&(sym, n)) = c.entries.get(next[t]) {
+                        if sym >= i {
+                            break;
+                        }
+                        sum += coef * u64::from(n);
+                        next[t] += 1;
+                    }
+                }
+            }
+            let yes = ok(i, coef_u * u64::from(i) + sum + coef0 * f);
+            if yes {
+                cursor = next;
+                below = sum;
+            }
+            yes
+        });
+        found as u32
+    }
 }
 
 impl AdaptiveGrid {
@@ -257,6 +294,62 @@ impl AdaptiveGrid {
         for (p, &s) in ids.iter().enumerate() {
             let keys = Self::keys(ids, 0, p, width);
             self.update(keys, s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entropy::{Distribution, TOTAL};
+
+    /// The binary search over `C` that decoding used before [`WeightPrefix::search`].
+    fn bisect(d: &impl Distribution, q: u32) -> u32 {
+        let (mut lo, mut hi) = (0u32, d.alphabet_size());
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if d.cumulative(mid) <= q {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    #[test]
+    fn tree_search_equals_binary_search() {
+        for k in [1u32, 2, 5, 300, 1024, 65_536] {
+            let mut m = AdaptiveGrid::new(k);
+            let w = 16usize;
+            let mut z = u64::from(k);
+            let ids: Vec<u32> = (0..w * 24)
+                .map(|i| {
+                    z = crate::nn::weights::splitmix64(z);
+                    if z % 3 == 0 {
+                        (z >> 20) as u32 % k
+                    } else {
+                        ((i / w / 4) * 7 + (i % w) / 5) as u32 % k
+                    }
+                })
+                .collect();
+            m.learn(&ids[..w * 16], w as u32);
+            // Blends with every mix of present and absent contexts, including none learned.
+            for p in [0usize, 3, w * 16 + 5, w * 20 + 9] {
+                let keys = AdaptiveGrid::keys(&ids, 0, p, w);
+                for model in [&m, &AdaptiveGrid::new(k)] {
+                    let d = model.blend(&keys);
+                    let mut qs: Vec<u32> = (0..200u32).map(|i| i * (TOTAL / 200)).collect();
+                    for s in [0, 1, k / 2, k.saturating_sub(1)] {
+                        let c = d.cumulative(s);
+                        qs.extend([c, c.saturating_sub(1), c + 1, d.cumulative(s + 1) - 1]);
+                    }
+                    qs.push(TOTAL - 1);
+                    for q in qs.into_iter().filter(|&q| q < TOTAL) {
+                        assert_eq!(d.symbol_at(q), bisect(&d, q), "k {k} p {p} q {q}");
+                    }
+                }
+            }
         }
     }
 }

@@ -50,6 +50,29 @@ impl Fenwick {
         s
     }
 
+    /// The largest `i` in `0..=len()` with `ok(i, prefix(i))`, for a predicate that holds at
+    /// `i = 0` and is monotone (true up to some point, false after): one descent of the tree,
+    /// `O(log n)` steps, each with the prefix sum at hand instead of recomputed.
+    pub(crate) fn search(&self, mut ok: impl FnMut(usize, u64) -> bool) -> usize {
+        let n = self.len();
+        let mut pos = 0;
+        let mut sum = 0;
+        let mut step = if n == 0 { 0 } else { 1 << n.ilog2() };
+        while step > 0 {
+            let next = pos + step;
+            // `pos` is a multiple of `2 * step`, so `tree[next]` sums the slots `pos..next`.
+            if next <= n {
+                let s = sum + self.tree[next];
+                if ok(next, s) {
+                    pos = next;
+                    sum = s;
+                }
+            }
+            step >>= 1;
+        }
+        pos
+    }
+
     /// The count in slot `i`.
     pub(crate) fn get(&self, i: usize) -> u64 {
         self.prefix(i + 1) - self.prefix(i)
@@ -93,6 +116,16 @@ mod tests {
         assert_eq!(f, Fenwick::from_counts(&counts));
         for i in 0..=37 {
             assert_eq!(f.prefix(i), counts[..i].iter().sum::<u64>());
+        }
+        for limit in [0u64, 1, 5, 40, 1000] {
+            let want = (0..=37).filter(|&i| f.prefix(i) <= limit).max().unwrap();
+            assert_eq!(f.search(|_, s| s <= limit), want, "limit {limit}");
+            // A predicate on the index too.
+            let want = (0..=37)
+                .filter(|&i| i < 20 && f.prefix(i) <= limit)
+                .max()
+                .unwrap();
+            assert_eq!(f.search(|i, s| i < 20 && s <= limit), want);
         }
         f.halve();
         assert_eq!(f.get(3), counts[3].div_ceil(2));

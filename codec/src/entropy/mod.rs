@@ -100,6 +100,22 @@ pub trait WeightPrefix {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The largest `i` in `0..len()` with `ok(i, prefix(i))`, for a predicate that holds at
+    /// `i = 0` and is monotone (true up to some point, false after): what decoding searches for.
+    /// The default is a binary search calling [`prefix`](Self::prefix) at each probe; a model
+    /// whose prefix sums come from a tree overrides it with one descent.
+    fn search(&self, ok: &mut dyn FnMut(u32, u64) -> bool) -> u32 {
+        let (mut lo, mut hi) = (0u32, self.len());
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if ok(mid, self.prefix(mid)) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
 }
 
 /// Applies the quantization rule to a [`WeightPrefix`]: `C(i) = i + floor(P(i) * M / W)`.
@@ -150,6 +166,28 @@ impl<P: WeightPrefix> Distribution for Quantized<P> {
             return TOTAL;
         }
         quantized_cumulative(i, self.prefix.prefix(i), self.total_weight, self.k)
+    }
+
+    /// The symbol `s` with `C(s) <= q < C(s+1)` through [`WeightPrefix::search`], without a
+    /// division: `C(i) <= q` exactly when `i <= q` and `P(i) * M < (q - i + 1) * W`.
+    fn symbol_at(&self, q: u32) -> u32 {
+        if self.total_weight == 0 || self.k <= 1 {
+            // Uniform (or a single symbol): the plain search over `C`.
+            let (mut lo, mut hi) = (0u32, self.k);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if self.cumulative(mid) <= q {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            return lo;
+        }
+        let m = u128::from(TOTAL - self.k);
+        let w = u128::from(self.total_weight);
+        self.prefix
+            .search(&mut |i, p| i <= q && u128::from(p) * m < (u128::from(q - i) + 1) * w)
     }
 }
 
