@@ -142,7 +142,7 @@ pub(crate) unsafe fn gemm<V: V8>(
             let xr = x.add(r * xs);
             let yr = y.add(r * ys);
             let mut o = o0;
-            if r + 2 <= rows {
+            if V::PAIR_ROWS && r + 2 <= rows {
                 while o + 4 <= o1 {
                     tile::<V, 2, 4>(xr, xs, w.add(o * ws), ws, d, b(o), yr.add(o), ys);
                     o += 4;
@@ -210,6 +210,42 @@ impl Panels {
     }
 }
 
+/// The eight-lane sums of rows `r0..r0 + N` of the panel at `pg` with `x[..d]`.
+#[inline(always)]
+unsafe fn panel_rows<V: V8, const N: usize>(
+    x: *const f32,
+    pg: *const f32,
+    chunks: usize,
+    d: usize,
+    r0: usize,
+) -> [V; N] {
+    let full = d / LANES;
+    let mut acc = [V::zero(); N];
+    for c in 0..chunks {
+        let xv = if c < full {
+            V::load(x.add(c * LANES))
+        } else {
+            V::load_part(x.add(c * LANES), d - c * LANES)
+        };
+        let pc = pg.add((c * PANEL + r0) * LANES);
+        for r in 0..N {
+            acc[r] = acc[r].add(xv.mul(V::load(pc.add(r * LANES))));
+        }
+    }
+    acc
+}
+
+/// Combines four accumulators into `y[o..o + 4]`, adding `bias[o..o + 4]` if given.
+#[inline(always)]
+unsafe fn store4<V: V8>(a: V, b: V, c: V, d: V, bias: Option<*const f32>, y: *mut f32, o: usize) {
+    for (i, v) in V::combine4(a, b, c, d).into_iter().enumerate() {
+        *y.add(o + i) = match bias {
+            Some(b) => v + *b.add(o + i),
+            None => v,
+        };
+    }
+}
+
 /// `y[o] = dot(x[..d], w[o]) (+ bias[o])` for `o < n_out`, one input row: [`gemm`] with
 /// `rows = 1`, reading the full groups of eight output rows from `p` (the [`Panels`] of `w`,
 /// built with the same `n_out` and `d`) and the rest from `w`. The same eight-lane sums as
@@ -230,29 +266,20 @@ pub(crate) unsafe fn matvec<V: V8>(
     y: *mut f32,
 ) {
     let chunks = p.chunks;
-    let full = d / LANES;
-    let mut pp = p.data.as_ptr();
+    let group = chunks * PANEL * LANES;
     for g in 0..p.groups {
-        let mut acc = [V::zero(); PANEL];
-        for c in 0..chunks {
-            let xv = if c < full {
-                V::load(x.add(c * LANES))
-            } else {
-                V::load_part(x.add(c * LANES), d - c * LANES)
-            };
-            for r in 0..PANEL {
-                acc[r] = acc[r].add(xv.mul(V::load(pp.add(r * LANES))));
-            }
-            pp = pp.add(PANEL * LANES);
-        }
+        let pg = p.data.as_ptr().add(g * group);
         let o = g * PANEL;
-        let lo = V::combine4(acc[0], acc[1], acc[2], acc[3]);
-        let hi = V::combine4(acc[4], acc[5], acc[6], acc[7]);
-        for (i, v) in lo.into_iter().chain(hi).enumerate() {
-            *y.add(o + i) = match bias {
-                Some(b) => v + *b.add(o + i),
-                None => v,
-            };
+        if V::PAIR_ROWS {
+            let acc = panel_rows::<V, 8>(x, pg, chunks, d, 0);
+            store4::<V>(acc[0], acc[1], acc[2], acc[3], bias, y, o);
+            store4::<V>(acc[4], acc[5], acc[6], acc[7], bias, y, o + 4);
+        } else {
+            // Four accumulators at a time where registers are few.
+            for half in [0, 4] {
+                let acc = panel_rows::<V, 4>(x, pg, chunks, d, half);
+                store4::<V>(acc[0], acc[1], acc[2], acc[3], bias, y, o + half);
+            }
         }
     }
     let o = p.groups * PANEL;
@@ -734,7 +761,7 @@ pub(crate) unsafe fn attention<V: V8>(
                 );
                 i += 2;
             }
-            if i < nr {
+            while i < nr {
                 let ra = r0 + i;
                 pv_rows::<V, 1>(
                     [scores.add(i * st)],
@@ -744,6 +771,7 @@ pub(crate) unsafe fn attention<V: V8>(
                     [o.add(ra * d + off)],
                     sh.hd,
                 );
+                i += 1;
             }
             r0 = r1;
         }

@@ -15,6 +15,9 @@ use super::kernels::LANES;
 /// A vector of eight f32 lanes. The methods are `unsafe` because the AVX implementation may only
 /// run on a CPU with AVX (callers guarantee it) and the loads and stores take raw pointers.
 pub(crate) trait V8: Copy {
+    /// Whether register tiles take two input rows at once (enough registers for eight
+    /// accumulators) or one. A blocking choice only: it never changes a result.
+    const PAIR_ROWS: bool;
     /// All lanes `+0.0`.
     unsafe fn zero() -> Self;
     /// All lanes `v`.
@@ -99,6 +102,8 @@ macro_rules! lanewise {
 const TRUE: f32 = f32::from_bits(u32::MAX);
 
 impl V8 for Portable {
+    // Eight accumulators of two 128-bit registers each would spill on SSE2.
+    const PAIR_ROWS: bool = false;
     #[inline(always)]
     unsafe fn zero() -> Self {
         Portable([0.0; LANES])
@@ -219,6 +224,7 @@ mod avx {
     }
 
     impl V8 for Avx {
+        const PAIR_ROWS: bool = true;
         #[inline(always)]
         unsafe fn zero() -> Self {
             Avx(_mm256_setzero_ps())
