@@ -16,6 +16,15 @@
 //! * [`logits_to_weights`]: the last step, logits to the integer weights of the codec's
 //!   quantization rule ([`crate::entropy`]).
 //!
+//! [`kernels::Kernel::Lanes`] (the default) runs a blocked, vectorised implementation of exactly
+//! these operations: matrix products register-tiled over several rows and weight rows (incremental
+//! decoding reads weights re-laid in panels, in order), attention a block of query rows at a
+//! time, and `exp`, SiLU, softmax and the integer weights eight lanes at a time, compiled with AVX
+//! (never FMA) where the CPU has it. Only loop blocking differs: every dot product keeps its lanes
+//! and order, every softmax sum and attention output stays sequential over the keys, so
+//! [`kernels::Kernel::Scalar`] (the definition, one operation at a time) gives the same bits,
+//! which the tests check.
+//!
 //! The training code (candle, feature `vq`) uses the same tensor names and the same formulas, so a
 //! trained checkpoint loads here unchanged; candle's and this path's probabilities agree to about
 //! 1e-5, while this path agrees with itself bit for bit everywhere.
