@@ -14,6 +14,7 @@ pub mod codec_decode;
 pub mod frame_stream;
 pub mod handshake;
 pub mod message;
+pub mod transformer_decode;
 
 /// A target body: panics when an invariant breaks.
 pub type Body = fn(&[u8]);
@@ -24,4 +25,5 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("message", message::run),
     ("handshake", handshake::run),
     ("codec_decode", codec_decode::run),
+    ("transformer_decode", transformer_decode::run),
 ];

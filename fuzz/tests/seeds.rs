@@ -75,3 +75,28 @@ fn handshake_seeds_reach_every_outcome() {
         }
     );
 }
+
+/// The transformer seeds named `ok-*` (honest payloads of generic, masked and text-conditioned
+/// parts) decode and round-trip; those named `refused-*` are refused before decoding.
+#[test]
+fn transformer_seeds_reach_their_outcome() {
+    use unimic_fuzz::transformer_decode::{outcome, Outcome};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/transformer_decode");
+    let (mut ok, mut refused) = (0, 0);
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let got = outcome(&std::fs::read(&path).unwrap());
+        if name.starts_with("ok-") {
+            assert_eq!(got, Outcome::RoundTrip, "{name}");
+            ok += 1;
+        } else if name.starts_with("refused-") {
+            assert_eq!(got, Outcome::Refused, "{name}");
+            refused += 1;
+        }
+    }
+    assert!(
+        ok >= 6 && refused >= 6,
+        "{ok} ok and {refused} refused seeds"
+    );
+}
