@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -140,12 +140,56 @@ impl IncomingMessage {
     }
 }
 
+/// The bytes of a raw part being received: a part that arrives in one chunk keeps that chunk's
+/// buffer (no copy); later chunks are appended to a copy.
+#[derive(Default)]
+enum RawBytes {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl RawBytes {
+    fn len(&self) -> usize {
+        match self {
+            RawBytes::Empty => 0,
+            RawBytes::One(b) => b.len(),
+            RawBytes::Many(b) => b.len(),
+        }
+    }
+
+    fn push(&mut self, chunk: &Bytes) {
+        *self = match std::mem::take(self) {
+            RawBytes::Empty => RawBytes::One(chunk.clone()),
+            RawBytes::One(first) => {
+                let mut all = BytesMut::with_capacity(first.len() + chunk.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(chunk);
+                RawBytes::Many(all)
+            }
+            RawBytes::Many(mut all) => {
+                all.extend_from_slice(chunk);
+                RawBytes::Many(all)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            RawBytes::Empty => Bytes::new(),
+            RawBytes::One(b) => b,
+            RawBytes::Many(b) => b.freeze(),
+        }
+    }
+}
+
 /// The part being received.
 enum Current {
     Raw {
         info: PartInfo,
         media_type: String,
-        bytes: BytesMut,
+        bytes: RawBytes,
         stats: PartStats,
     },
     Coded {
@@ -238,7 +282,7 @@ pub(crate) async fn run(
         deliver,
         undelivered: None,
         events: None,
-        batch: Vec::new(),
+        batch: Vec::with_capacity(BATCH_EVENTS),
         message_id: None,
         registered: false,
         last_chunk: (0, 0),
@@ -366,7 +410,8 @@ impl Task {
         if self.batch.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.batch);
+        // The next batch starts with room for a whole small message (no regrowth per event).
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_EVENTS));
         if let Some(tx) = &self.events {
             // The caller may have dropped the handle; the message is still decoded.
             let _ = tx.send(batch).await;
@@ -456,7 +501,7 @@ impl Task {
                 return Ok(Current::Raw {
                     info,
                     media_type: r.media_type,
-                    bytes: BytesMut::new(),
+                    bytes: RawBytes::default(),
                     stats: PartStats {
                         index,
                         ..PartStats::default()
@@ -697,7 +742,7 @@ impl Task {
                 if bytes.len() as u64 + c.payload.len() as u64 > limit {
                     return Err(Fail::new(ErrorCode::LIMIT_EXCEEDED, "attachment too large"));
                 }
-                bytes.extend_from_slice(&c.payload);
+                bytes.push(&c.payload);
                 ChunkData::Raw(c.payload.clone())
             }
             Current::Coded {
@@ -852,7 +897,7 @@ impl Task {
                 info.index,
                 ReceivedPart::Raw {
                     media_type,
-                    bytes: bytes.freeze(),
+                    bytes: bytes.into_bytes(),
                 },
                 stats,
                 None,
@@ -982,4 +1027,31 @@ fn h_len(h: &PartHeader) -> u64 {
 fn chunk_len(c: &PartChunk) -> u64 {
     // Cloning a chunk only bumps the payload's reference count.
     Frame::PartChunk(c.clone()).encoded_len() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RawBytes;
+    use bytes::Bytes;
+
+    #[test]
+    fn raw_part_of_one_chunk_keeps_its_buffer_and_chunks_concatenate() {
+        assert_eq!(RawBytes::default().into_bytes(), Bytes::new());
+
+        let first = Bytes::from(vec![1u8, 2, 3]);
+        let mut one = RawBytes::default();
+        one.push(&first);
+        assert_eq!(one.len(), 3);
+        let kept = one.into_bytes();
+        // The same buffer, not a copy.
+        assert_eq!(kept.as_ptr(), first.as_ptr());
+        assert_eq!(kept, first);
+
+        let mut many = RawBytes::default();
+        for chunk in [&[1u8, 2][..], &[], &[3, 4, 5], &[6]] {
+            many.push(&Bytes::copy_from_slice(chunk));
+        }
+        assert_eq!(many.len(), 6);
+        assert_eq!(many.into_bytes(), Bytes::from(vec![1u8, 2, 3, 4, 5, 6]));
+    }
 }

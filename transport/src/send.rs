@@ -26,6 +26,10 @@ const CHUNK_OVERHEAD: u64 = 40;
 /// before the next part is coded, so large parts start travelling early.
 const DEFER_FLUSH_BYTES: usize = 16 * 1024;
 
+/// Initial capacity of a message's pending frames: a small message (header, a few parts, end)
+/// is staged without growing the buffer.
+const PENDING_CAPACITY: usize = 512;
+
 /// Parts of more tokens than this are coded on tokio's blocking pool, not on the async workers:
 /// a 256×256 grid takes tens of milliseconds to code, during which a worker would otherwise run
 /// nothing else (no QUIC connection driver, no other session). Smaller parts are coded inline,
@@ -144,7 +148,8 @@ impl MessageWriter {
         let mut w = MessageWriter {
             shared,
             stream: Some(stream),
-            pending: BytesMut::new(),
+            // Room for the frames of a small message, which is written in one go.
+            pending: BytesMut::with_capacity(PENDING_CAPACITY),
             defer,
             unsent: Vec::new(),
             message_id,
