@@ -225,7 +225,7 @@ impl Head {
         out: &mut Vec<u64>,
     ) {
         let d = hidden.len();
-        if kernel == Kernel::Scalar || d == 0 || self.w.len() < self.k * d {
+        if kernel == Kernel::Scalar || d == 0 || self.w.len() != self.k * d {
             self.logits(kernel, hidden, scratch);
             logits_to_weights(scratch, out);
             return;
@@ -251,7 +251,7 @@ impl Head {
     ) -> Vec<Vec<u64>> {
         let n = hidden.len().checked_div(d).unwrap_or(0);
         let mut outs: Vec<Vec<u64>> = vec![Vec::new(); rows.len()];
-        if kernel == Kernel::Scalar || d == 0 || self.w.len() < self.k * d {
+        if kernel == Kernel::Scalar || d == 0 || self.w.len() != self.k * d {
             let mut scratch = Vec::new();
             for (&r, out) in rows.iter().zip(outs.iter_mut()) {
                 if r < n {

@@ -254,6 +254,22 @@ impl Body {
         if rows == 0 {
             return;
         }
+        // The unsafe kernels below trust the cache's shape: it must come from this body's
+        // configuration (`Body::new_cache` / `KvCache::new` with the same `d_model` and layer
+        // count). A mismatched cache is a caller bug; refuse it loudly rather than read out of
+        // bounds.
+        assert!(
+            cache.d == d
+                && cache.k.len() == self.blocks.len()
+                && cache.v.len() == self.blocks.len()
+                && cache
+                    .k
+                    .iter()
+                    .chain(&cache.v)
+                    .all(|t| t.len() == cache.len * d),
+            "KvCache does not match this transformer body (d_model {d}, {} layers)",
+            self.blocks.len()
+        );
         let xs = &mut xs[..rows * d];
         let total = cache.len + rows;
         let sc = &mut cache.scratch;
