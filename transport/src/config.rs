@@ -92,6 +92,11 @@ pub struct SessionConfig {
     pub ack_delay: Duration,
     /// Tokens per chunk when the caller does not choose (4096).
     pub default_chunk_tokens: u32,
+    /// Most tokens the transformer entropy models (generic, masked, text-conditioned) may decode
+    /// for one received message, summed over its parts (65,536: sixteen 64×64 grids). A part
+    /// that would go past it is refused with `LIMIT_EXCEEDED` before any decoding, so a few bytes
+    /// of payload cannot buy unbounded model work.
+    pub max_message_model_tokens: u64,
 }
 
 impl Default for SessionConfig {
@@ -105,6 +110,7 @@ impl Default for SessionConfig {
             send_acks: true,
             ack_delay: Duration::from_millis(5),
             default_chunk_tokens: 4096,
+            max_message_model_tokens: 65_536,
         }
     }
 }
@@ -149,6 +155,12 @@ impl SessionConfig {
     /// Sets how long acknowledgements are batched before they are written.
     pub fn with_ack_delay(mut self, delay: Duration) -> Self {
         self.ack_delay = delay;
+        self
+    }
+
+    /// Sets the most transformer-decoded tokens one received message may ask for.
+    pub fn with_max_message_model_tokens(mut self, tokens: u64) -> Self {
+        self.max_message_model_tokens = tokens;
         self
     }
 

@@ -226,6 +226,9 @@ struct Task {
     stats: MessageStats,
     /// Bytes read from the stream.
     read_bytes: u64,
+    /// Tokens of this message's transformer-coded parts so far (bounded by
+    /// `SessionConfig::max_message_model_tokens`).
+    model_tokens: u64,
     started: Instant,
 }
 
@@ -289,6 +292,7 @@ pub(crate) async fn run(
         current: None,
         stats: MessageStats::default(),
         read_bytes: 0,
+        model_tokens: 0,
         started: Instant::now(),
     };
     let outcome = task.pump().await;
@@ -565,6 +569,21 @@ impl Task {
                     entry.info.id
                 ),
             ));
+        }
+        // A few payload bytes may ask a transformer for a full pass per token: bound the model
+        // work one message may cost (checked before any decoding).
+        if entry.choice.is_transformer() {
+            let budget = shared.config.max_message_model_tokens;
+            self.model_tokens = self.model_tokens.saturating_add(c.token_count.into_inner());
+            if self.model_tokens > budget {
+                return Err(Fail::new(
+                    ErrorCode::LIMIT_EXCEEDED,
+                    format!(
+                        "{} transformer-coded tokens in one message, above the limit of {budget}",
+                        self.model_tokens
+                    ),
+                ));
+            }
         }
         let rows = c.shape.rows.into_inner();
         let cols = c.shape.cols.into_inner();

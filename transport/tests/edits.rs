@@ -638,3 +638,103 @@ async fn a_peer_breaking_the_masked_and_text_rules_gets_documented_errors() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transformer_work_per_message_is_bounded() {
+    // The server lets one message ask for at most 8 transformer-decoded tokens.
+    let (server, pin) = server_with(|c| {
+        c.with_session(
+            session_config()
+                .with_codec(codec(12))
+                .with_max_message_model_tokens(8),
+        )
+    });
+    let addr = server.local_addr().unwrap();
+    let client = client_with(pin, |c| {
+        c.with_session(session_config().with_codec(codec(12)))
+    });
+    let mut p = Pair {
+        server,
+        client,
+        addr,
+        pin,
+    };
+    let (good_client, good_server) = connect(&mut p).await;
+    let models = good_client.negotiated().entropy_models.clone();
+    let masked = models
+        .iter()
+        .position(|m| m.id == "unimic-entropy/masked")
+        .unwrap() as u64;
+    let (mut peer, peer_session) = {
+        let connecting = RawPeer::connect(p.addr, p.pin, models.clone());
+        let (peer, s) = within(async { tokio::join!(connecting, p.server.accept()) }).await;
+        (peer, s.unwrap())
+    };
+    let tok = peer
+        .hello
+        .tokenizers
+        .iter()
+        .position(|t| t.id == "test-vq")
+        .unwrap() as u64;
+    let drain = tokio::spawn(async move {
+        while let Ok(Some(m)) = peer_session.recv().await {
+            let _ = m.collect().await;
+        }
+    });
+    let header = |tokens: u64, region: Region| Header {
+        tokenizer: tok,
+        model: masked,
+        rows: 4,
+        cols: 4,
+        tokens,
+        mode: CodingMode::Masked(region),
+        context: vec![ContextKey::new(40, 0)],
+        held: SessionContext::new(0),
+    };
+    // A 3 × 3 region is 9 tokens of model work: refused before anything else is looked at.
+    let h = header(9, Region::Rects(vec![rect(0, 0, 3, 3)]));
+    let reason = expect_refused(
+        &mut peer,
+        0,
+        message(0, &h, &[(9, &[9, 9])]),
+        ErrorCode::LIMIT_EXCEEDED,
+    )
+    .await;
+    assert!(reason.contains("transformer"), "{reason}");
+    // The budget is per message: a 1-cell edit in the next message gets as far as its missing
+    // reference.
+    let h = header(1, Region::Rects(vec![rect(1, 1, 1, 1)]));
+    expect_refused(
+        &mut peer,
+        2,
+        message(2, &h, &[(1, &[9, 9])]),
+        ErrorCode::CONTEXT_UNKNOWN,
+    )
+    .await;
+    // Other sessions are unaffected: an edit within the budget round-trips.
+    let image = noise(4, 4, 3);
+    within(
+        good_client
+            .send(OutgoingMessage::new(Role::User).with_part(OutgoingPart::image(image.clone()))),
+    )
+    .await
+    .unwrap();
+    collect(&good_server).await;
+    let region = block(4, 4, 1..3, 1..3);
+    let edited = edit(&image, &region, &noise(4, 4, 4));
+    within(good_client.send(
+        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
+            edited.clone(),
+            ContextKey::new(0, 0),
+            region,
+        )),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        collect(&good_server).await.parts,
+        vec![ReceivedPart::Image(edited)]
+    );
+    drop(peer);
+    let _ = drain.await;
+}
