@@ -20,7 +20,7 @@ use unimic_protocol::{
 };
 use unimic_transport::{
     ChunkData, ContextKey, MessageEvent, ModelChoice, OutgoingMessage, OutgoingPart, PartKind,
-    ReceivedPart, Role, SendError, Session, TokenGrid,
+    ReceivedPart, Role, SendError, Session, SessionConfig, TokenGrid,
 };
 
 const K: u32 = 1024;
@@ -67,7 +67,12 @@ fn codec(seed: u64) -> CodecConfig {
 
 /// A server and client whose codecs hold the transformers with weights from the given seeds.
 fn model_pair(server: CodecConfig, client: CodecConfig) -> Pair {
-    let (server, pin) = server_with(|c| c.with_session(session_config().with_codec(server)));
+    model_pair_with(session_config().with_codec(server), client)
+}
+
+/// A server with the given session configuration and a client whose codec is `client`.
+fn model_pair_with(server: SessionConfig, client: CodecConfig) -> Pair {
+    let (server, pin) = server_with(|c| c.with_session(server));
     let addr = server.local_addr().unwrap();
     let client = client_with(pin, |c| c.with_session(session_config().with_codec(client)));
     Pair {
@@ -462,6 +467,23 @@ async fn expect_refused(peer: &mut RawPeer, id: u64, bytes: Vec<u8>, code: Error
     e.reason.to_string()
 }
 
+/// Connects a raw peer offering `models` to `p`'s server; returns it, the server's session for
+/// it, and the index of the test tokenizer in the peer's hello.
+async fn raw_peer(
+    p: &mut Pair,
+    models: Vec<unimic_protocol::ModelInfo>,
+) -> (RawPeer, Session, u64) {
+    let connecting = RawPeer::connect(p.addr, p.pin, models);
+    let (peer, s) = within(async { tokio::join!(connecting, p.server.accept()) }).await;
+    let tok = peer
+        .hello
+        .tokenizers
+        .iter()
+        .position(|t| t.id == "test-vq")
+        .unwrap() as u64;
+    (peer, s.unwrap(), tok)
+}
+
 fn rect(top: u32, left: u32, height: u32, width: u32) -> Rect {
     Rect {
         top: VarInt::from_u32(top),
@@ -483,17 +505,7 @@ async fn a_peer_breaking_the_masked_and_text_rules_gets_documented_errors() {
         index("unimic-entropy/text"),
         index("unimic-entropy/uniform"),
     );
-    let (mut peer, peer_session) = {
-        let connecting = RawPeer::connect(p.addr, p.pin, models.clone());
-        let (peer, s) = within(async { tokio::join!(connecting, p.server.accept()) }).await;
-        (peer, s.unwrap())
-    };
-    let tok = peer
-        .hello
-        .tokenizers
-        .iter()
-        .position(|t| t.id == "test-vq")
-        .unwrap() as u64;
+    let (mut peer, peer_session, tok) = raw_peer(&mut p, models.clone()).await;
     let drain = tokio::spawn(async move {
         let mut outcomes = Vec::new();
         while let Ok(Some(m)) = peer_session.recv().await {
@@ -642,40 +654,19 @@ async fn a_peer_breaking_the_masked_and_text_rules_gets_documented_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transformer_work_per_message_is_bounded() {
     // The server lets one message ask for at most 8 transformer-decoded tokens.
-    let (server, pin) = server_with(|c| {
-        c.with_session(
-            session_config()
-                .with_codec(codec(12))
-                .with_max_message_model_tokens(8),
-        )
-    });
-    let addr = server.local_addr().unwrap();
-    let client = client_with(pin, |c| {
-        c.with_session(session_config().with_codec(codec(12)))
-    });
-    let mut p = Pair {
-        server,
-        client,
-        addr,
-        pin,
-    };
+    let mut p = model_pair_with(
+        session_config()
+            .with_codec(codec(12))
+            .with_max_message_model_tokens(8),
+        codec(12),
+    );
     let (good_client, good_server) = connect(&mut p).await;
     let models = good_client.negotiated().entropy_models.clone();
     let masked = models
         .iter()
         .position(|m| m.id == "unimic-entropy/masked")
         .unwrap() as u64;
-    let (mut peer, peer_session) = {
-        let connecting = RawPeer::connect(p.addr, p.pin, models.clone());
-        let (peer, s) = within(async { tokio::join!(connecting, p.server.accept()) }).await;
-        (peer, s.unwrap())
-    };
-    let tok = peer
-        .hello
-        .tokenizers
-        .iter()
-        .position(|t| t.id == "test-vq")
-        .unwrap() as u64;
+    let (mut peer, peer_session, tok) = raw_peer(&mut p, models.clone()).await;
     let drain = tokio::spawn(async move {
         while let Ok(Some(m)) = peer_session.recv().await {
             let _ = m.collect().await;
