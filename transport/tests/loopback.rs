@@ -358,8 +358,17 @@ async fn sender_reset_is_reported_to_the_receiver() {
     w.begin_text(TextStream::default()).await.unwrap();
     w.push_text(&[1, 2, 3]).await.unwrap();
     let mut msg = within(server.recv()).await.unwrap().unwrap();
-    w.cancel();
+    // Cancel only once the receiver holds the chunk: a reset may discard stream data the
+    // receiver has not read yet, so cancelling earlier makes what it sees a race.
     let mut saw_chunk = false;
+    while !saw_chunk {
+        match within(msg.next()).await.unwrap() {
+            Ok(MessageEvent::Chunk { .. }) => saw_chunk = true,
+            Ok(_) => {}
+            Err(e) => panic!("message failed before the cancellation: {e:?}"),
+        }
+    }
+    w.cancel();
     loop {
         match within(msg.next()).await.unwrap() {
             Ok(MessageEvent::Chunk { .. }) => saw_chunk = true,
