@@ -66,6 +66,7 @@ mod config;
 mod endpoint;
 mod error;
 mod handshake;
+mod inbox;
 mod message;
 mod models;
 mod recv;

@@ -1,5 +1,6 @@
-//! Incoming messages: the per-stream task that parses, checks and decodes a message, and the
-//! [`IncomingMessage`] handle through which the caller pulls its events.
+//! Incoming messages: the per-stream task that parses, checks and decodes a message (run first by
+//! whoever accepted the stream, see [`crate::inbox`]), and the [`IncomingMessage`] handle
+//! through which the caller pulls its events.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use unimic_protocol::{
 };
 
 use crate::error::RecvError;
+use crate::inbox::LiveTask;
 use crate::message::{
     ChunkData, MessageEvent, MessageStats, PartInfo, PartKind, PartStats, ReceivedMessage,
     ReceivedPart,
@@ -210,9 +212,10 @@ struct Task {
     recv: quinn::RecvStream,
     reader: Reader,
     cancel: CancellationToken,
-    /// Where the session's `recv` gets new messages.
-    deliver: mpsc::Sender<IncomingMessage>,
-    /// The handle for this message, until it is handed over (at the first flush).
+    /// Counts this task as running (see `Inbox::live`) until it ends.
+    _live: LiveTask,
+    /// The handle for this message, until it is queued in the session's inbox (at the first
+    /// flush).
     undelivered: Option<IncomingMessage>,
     events: Option<mpsc::Sender<Vec<EventResult>>>,
     /// Events not handed over yet (see [`Task::flush_events`]).
@@ -270,19 +273,15 @@ fn part_fail(e: &PartError) -> Fail {
     Fail::new(code, e.to_string())
 }
 
-/// Runs one incoming message stream to its end.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    recv: quinn::RecvStream,
-    deliver: mpsc::Sender<IncomingMessage>,
-) {
+/// Runs one incoming message stream to its end (`live` counts it as running until then).
+pub(crate) async fn run(shared: Arc<Shared>, recv: quinn::RecvStream, live: LiveTask) {
     let limits = shared.negotiated.limits;
     let mut task = Task {
         shared,
         recv,
         reader: Reader::new(limits),
         cancel: CancellationToken::new(),
-        deliver,
+        _live: live,
         undelivered: None,
         events: None,
         batch: Vec::with_capacity(BATCH_EVENTS),
@@ -331,7 +330,7 @@ impl Task {
             }
             // What has already arrived is parsed before the events go to the caller, so that a
             // message read at once reaches the caller in one wake-up (for a few reads at most:
-            // the first run of this task happens inside the session driver).
+            // the first run of this task happens inside whoever accepted the stream).
             eager += 1;
             if eager > EAGER_READS {
                 eager = 0;
@@ -409,7 +408,7 @@ impl Task {
     async fn flush_events(&mut self) {
         if let Some(msg) = self.undelivered.take() {
             // The session may be gone; the message is still decoded to keep the context.
-            let _ = self.deliver.send(msg).await;
+            self.shared.inbox.push(msg).await;
         }
         if self.batch.is_empty() {
             return;

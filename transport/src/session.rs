@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 use unimic_codec::context::{ContextKey, SessionContext};
@@ -41,9 +41,10 @@ use unimic_protocol::{ContextRef, ErrorCode, ErrorFrame, Frame, VarInt};
 use crate::config::SessionConfig;
 use crate::error::{SendError, SessionError};
 use crate::handshake::Control;
+use crate::inbox::{self, AcceptTurn, DriverMode, Inbox};
 use crate::message::OutgoingMessage;
 use crate::models::{entropy_table, EntropyEntry, TokenizerInfo};
-use crate::recv::{self, IncomingMessage};
+use crate::recv::IncomingMessage;
 use crate::send::MessageWriter;
 use crate::wire::{self, FrameReader, ReadFrameError};
 use crate::MessageStats;
@@ -102,6 +103,10 @@ pub(crate) struct Shared {
     pub going_away: AtomicBool,
     /// We announced go-away: new message streams from the peer are refused.
     pub sent_go_away: AtomicBool,
+    /// Messages waiting for [`Session::recv`].
+    pub inbox: Inbox,
+    /// Who accepts the peer's message streams (a waiting `recv`, or the driver).
+    pub accept: AcceptTurn,
     pub span: tracing::Span,
 }
 
@@ -242,7 +247,8 @@ impl Drop for AbortOnDrop {
 /// lost. Use [`Session::close`] for a graceful end.
 pub struct Session {
     shared: Arc<Shared>,
-    incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingMessage>>,
+    /// Held by the caller of [`Session::recv`] that is waiting (one at a time).
+    receiving: tokio::sync::Mutex<()>,
     _driver: AbortOnDrop,
 }
 
@@ -305,15 +311,15 @@ impl Session {
             }),
             going_away: AtomicBool::new(false),
             sent_go_away: AtomicBool::new(false),
+            inbox: Inbox::new(usize::try_from(concurrent).unwrap_or(1024).clamp(1, 1024)),
+            accept: AcceptTurn::new(),
             span: span.clone(),
         });
-        let depth = usize::try_from(concurrent).unwrap_or(1024).clamp(1, 1024);
-        let (tx, rx) = mpsc::channel(depth);
-        let driver = tokio::spawn(drive(shared.clone(), control.reader, tx).instrument(span));
+        let driver = tokio::spawn(drive(shared.clone(), control.reader).instrument(span));
         tracing::debug!(parent: &shared.span, "session established");
         Session {
             shared,
-            incoming: tokio::sync::Mutex::new(rx),
+            receiving: tokio::sync::Mutex::new(()),
             _driver: AbortOnDrop(driver),
         }
     }
@@ -364,20 +370,57 @@ impl Session {
     /// ended gracefully. Each message's parts arrive chunk by chunk through
     /// [`IncomingMessage::next`].
     ///
+    /// While it waits, the caller accepts the peer's next message stream itself and parses what
+    /// has arrived of it (a small message usually whole) before it returns: no other task is
+    /// woken for the message. While no caller waits, the session's driver accepts instead.
+    ///
     /// Several tasks may call it; each message goes to one of them.
     ///
-    /// Cancel safety: safe; no message is lost if the future is dropped.
+    /// Cancel safety: safe; no message is lost if the future is dropped (a stream it accepted is
+    /// read to its end by a task of its own and its message kept for the next call).
     pub async fn recv(&self) -> Result<Option<IncomingMessage>, SessionError> {
-        let next = self.incoming.lock().await.recv().await;
-        match next {
-            Some(m) => Ok(Some(m)),
-            None => match self.shared.conn.close_reason() {
-                Some(e) => match SessionError::from_connection(&e) {
-                    Some(err) => Err(err),
-                    None => Ok(None),
+        let shared = &self.shared;
+        let _turn = self.receiving.lock().await;
+        let _waiting = shared.accept.waiting();
+        loop {
+            let ready = shared.inbox.ready();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(m) = shared.inbox.pop() {
+                return Ok(Some(m));
+            }
+            let ended = tokio::select! {
+                biased;
+                () = &mut ready => false,
+                stream = shared.conn.accept_uni() => match stream {
+                    Ok(stream) => {
+                        inbox::admit(shared, stream).await;
+                        false
+                    }
+                    Err(_) => true,
                 },
+            };
+            if ended {
+                // No more streams: what is still being read may yet be queued.
+                if shared.inbox.live() == 0 {
+                    return match shared.inbox.pop() {
+                        Some(m) => Ok(Some(m)),
+                        None => self.ended(),
+                    };
+                }
+                ready.await;
+            }
+        }
+    }
+
+    /// What `recv` returns once the connection ended and nothing is left to deliver.
+    fn ended(&self) -> Result<Option<IncomingMessage>, SessionError> {
+        match self.shared.conn.close_reason() {
+            Some(e) => match SessionError::from_connection(&e) {
+                Some(err) => Err(err),
                 None => Ok(None),
             },
+            None => Ok(None),
         }
     }
 
@@ -446,19 +489,18 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.shared.inbox.close();
         wire::close(&self.shared.conn, ErrorCode::NO_ERROR, "session dropped");
     }
 }
 
-/// The driver: accepts message streams, reads the control stream, and writes acknowledgements
-/// that found no message to ride with, until the connection ends.
-async fn drive(
-    shared: Arc<Shared>,
-    mut control: FrameReader,
-    deliver: mpsc::Sender<IncomingMessage>,
-) {
+/// The driver: reads the control stream, writes acknowledgements that found no message to ride
+/// with, and accepts message streams while no caller waits in [`Session::recv`] (see
+/// [`crate::inbox`]), until the connection ends.
+async fn drive(shared: Arc<Shared>, mut control: FrameReader) {
     // Armed only while acknowledgements wait: an idle session holds no timer.
     let mut ack_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut mode = DriverMode::Accepting;
     loop {
         tokio::select! {
             () = shared.ack_queued.notified(), if ack_timer.is_none() => {
@@ -471,25 +513,10 @@ async fn drive(
                 let s = shared.clone();
                 tokio::spawn(async move { s.flush_acks().await }.instrument(shared.span.clone()));
             }
-            stream = shared.conn.accept_uni() => match stream {
-                Ok(mut recv) => {
-                    if shared.sent_go_away.load(Ordering::Acquire) {
-                        // PROTOCOL.md §7.4: new streams after our GO_AWAY are refused.
-                        let _ = recv.stop(wire::quic_code(ErrorCode::GOING_AWAY));
-                        continue;
-                    }
-                    shared.state().pending_headers += 1;
-                    let mut task = Box::pin(
-                        recv::run(shared.clone(), recv, deliver.clone())
-                            .instrument(shared.span.clone()),
-                    );
-                    // Run it here until it first has to wait: a message that arrived whole is
-                    // parsed, decoded (if small) and handed to the caller without a task hop.
-                    // Only the rest, if any, becomes a task of its own.
-                    if futures_util::poll!(task.as_mut()).is_pending() {
-                        tokio::spawn(task);
-                    }
-                }
+            () = DriverMode::wake(&shared.accept) => mode.woken(&shared.accept),
+            () = mode.recheck_due() => mode.recheck(&shared.accept),
+            stream = shared.conn.accept_uni(), if mode.accepting() => match stream {
+                Ok(stream) => inbox::admit(&shared, stream).await,
                 Err(e) => {
                     tracing::debug!(reason = %e, "connection ended");
                     break;
