@@ -70,6 +70,22 @@ pub fn list_images(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
 /// Id of the shipped generic (raster, causal) transformer entropy model.
 pub const GENERIC_ID: &str = "unimic-entropy-generic-v1";
 
+/// Id of the shipped masked (known-prefix) transformer entropy model.
+pub const MASKED_ID: &str = "unimic-entropy-masked-v2";
+
+/// Id of the shipped text-conditioned transformer entropy model.
+pub const TEXT_ID: &str = "unimic-entropy-text-v1";
+
+/// The shipped model id of a transformer kind (`generic`, `masked` or `text`).
+pub fn shipped_id(kind: &str) -> Option<&'static str> {
+    match kind {
+        "generic" => Some(GENERIC_ID),
+        "masked" => Some(MASKED_ID),
+        "text" => Some(TEXT_ID),
+        _ => None,
+    }
+}
+
 /// Loads the transformer entropy model `id` (kind generic) from the entropy folder, or `None`
 /// when its manifest is absent.
 pub fn generic_model(dir: Option<&Path>, id: &str) -> anyhow::Result<Option<(Generic, Manifest)>> {

@@ -85,7 +85,7 @@ pub struct Args {
     /// Output folder.
     #[arg(long, default_value = "models/entropy")]
     pub out: PathBuf,
-    /// Model id (also the file stem); default `unimic-entropy-<kind>-v1`.
+    /// Model id (also the file stem); default: the shipped id of the kind (`unimic-entropy-generic-v1`, `unimic-entropy-masked-v2`, `unimic-entropy-text-v1`).
     #[arg(long)]
     pub id: Option<String>,
     /// Optimiser steps in total.
@@ -127,9 +127,11 @@ pub struct Args {
     /// Largest grid side the model accepts.
     #[arg(long, default_value_t = 64)]
     pub max_side: usize,
-    /// Schedule steps of the masked model.
-    #[arg(long, default_value_t = 8)]
-    pub masked_steps: usize,
+    /// Start a new run from the tensors of this safetensors file that have the same name and
+    /// shape (e.g. the masked model from a trained generic model); the others keep their seeded
+    /// initialisation. Ignored when resuming from a checkpoint.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     /// Hash buckets of the text model.
     #[arg(long, default_value_t = 4096)]
     pub text_vocab: usize,
@@ -254,7 +256,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Kind::Masked => ModelSpec::Masked(MaskedConfig {
             codebook_size: k,
             max_side: args.max_side,
-            steps: args.masked_steps,
             body,
         }),
         Kind::Text => ModelSpec::Text(TextCondConfig {
@@ -266,10 +267,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }),
     };
     let kind = spec.kind();
-    let id = args
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("unimic-entropy-{kind}-v1"));
+    let id = args.id.clone().unwrap_or_else(|| {
+        crate::models::shipped_id(kind)
+            .map_or_else(|| format!("unimic-entropy-{kind}-v1"), str::to_string)
+    });
     let mut opts = TrainOptions::new(&id, &args.out);
     opts.steps = args.steps;
     opts.batch_size = args.batch_size;
@@ -279,6 +280,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.eval_every = args.eval_every;
     opts.val_samples = args.val_samples;
     opts.resume = !args.no_resume;
+    opts.init_from = args.init_from.clone();
     opts.data = data;
     opts.command = std::env::args().collect::<Vec<_>>().join(" ");
 

@@ -88,7 +88,7 @@
 use crate::coder::{CodeError, Decoder, Encoder};
 use crate::context::{ContextError, ContextKey, SequenceKind, SessionContext};
 use crate::entropy::generic::Generic;
-use crate::entropy::masked::{schedule, Masked};
+use crate::entropy::masked::Masked;
 use crate::entropy::text_cond::TextCond;
 use crate::entropy::{AdaptiveGrid, AdaptiveText, Dense, Static, TextPrior, Uniform};
 use crate::grid::{GridError, TokenGrid};
@@ -584,14 +584,10 @@ fn encode_transformer(
             {
                 return Err(PartError::OutsideRegion { cell: cell as u64 });
             }
-            let width = grid.width() as usize;
-            let mut is_known: Vec<bool> = unknown.iter().map(|u| !u).collect();
-            for group in schedule(width, unknown, m.config().steps) {
-                let weights = m.group_weights(width, ids, &is_known, &group);
-                for (&i, w) in group.iter().zip(weights) {
-                    enc.encode(ids[i], &Dense::from_weights(w))?;
-                    is_known[i] = true;
-                }
+            let weights = m.weights_unknown(grid.width() as usize, ids, unknown);
+            let region = ids.iter().zip(unknown).filter(|(_, &u)| u);
+            for (w, (&s, _)) in weights.into_iter().zip(region) {
+                enc.encode(s, &Dense::from_weights(w))?;
             }
             coded as u64
         }

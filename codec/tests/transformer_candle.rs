@@ -9,7 +9,8 @@ use unimic_codec::entropy::generic::{Generic, GenericConfig};
 use unimic_codec::entropy::masked::{Masked, MaskedConfig};
 use unimic_codec::entropy::text_cond::{TextCond, TextCondConfig};
 use unimic_codec::entropy::train::{
-    train, Event, GenericNet, GridSet, MaskedNet, ModelSpec, TextCondNet, TrainOptions,
+    masked_sequence, train, Event, GenericNet, GridSet, MaskedNet, ModelSpec, TextCondNet,
+    TrainOptions,
 };
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::nn::weights::Weights;
@@ -71,17 +72,19 @@ fn masked_candle_matches_deterministic_path() {
     let det = Masked::from_weights(&cfg, w).unwrap();
     let (h, wd) = (5usize, 4usize);
     let g = ids(h * wd);
-    let known: Vec<bool> = (0..h * wd).map(|i| i % 3 == 0).collect();
-    let input: Vec<u32> = g
-        .iter()
-        .zip(&known)
-        .map(|(&id, &k)| if k { id } else { K as u32 })
-        .collect();
-    let all: Vec<usize> = (0..h * wd).collect();
-    let det_w = det.group_weights(wd, &g, &known, &all);
-    let input = Tensor::from_vec(input, (1, h * wd), &Device::Cpu).unwrap();
-    let logits = net.forward(&input, h, wd).unwrap();
-    assert_close(&rel_probs(&logits), &det_w);
+    let unknown: Vec<bool> = (0..h * wd).map(|i| i % 3 != 0).collect();
+    let seq = masked_sequence(&g, wd, K as u32, cfg.max_side, &unknown);
+    let logits = net
+        .forward(std::slice::from_ref(&seq), &Device::Cpu)
+        .unwrap();
+    // Only the unknown rows (after the known prefix) are coded.
+    let coded = logits.narrow(1, seq.known, h * wd - seq.known).unwrap();
+    assert_close(&rel_probs(&coded), &det.weights_unknown(wd, &g, &unknown));
+    // Everything unknown: no prefix.
+    let all = vec![true; h * wd];
+    let seq = masked_sequence(&g, wd, K as u32, cfg.max_side, &all);
+    let logits = net.forward(&[seq], &Device::Cpu).unwrap();
+    assert_close(&rel_probs(&logits), &det.weights_unknown(wd, &g, &all));
 }
 
 #[test]
@@ -207,5 +210,57 @@ fn masked_and_text_training_steps_run() {
     let (t, _) = TextCond::load(&dir.join("text.json")).unwrap();
     let b = t.encode(&train_set.samples[1].text, &g).unwrap();
     assert_eq!(t.decode(&train_set.samples[1].text, 4, 4, &b).unwrap(), g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_masked_run_can_start_from_a_generic_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("unimic-train-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = 16usize;
+    let set = GridSet::synthetic(4, 4, k, 16, 5);
+    let mut gc = GenericConfig::tiny(k);
+    gc.max_side = 4;
+    let generic = Weights::synthetic(&gc.tensor_shapes(), 31, 1.0);
+    let gpath = dir.join("generic.safetensors");
+    std::fs::write(&gpath, generic.to_safetensors().unwrap()).unwrap();
+    let mc = MaskedConfig {
+        codebook_size: k,
+        max_side: 4,
+        body: gc.body.clone(),
+    };
+    // One step at learning rate 0: the written weights are the initialisation itself.
+    let mut o = tiny_opts(&dir, 1);
+    o.lr = 0.0;
+    o.id = "masked".into();
+    o.init_from = Some(gpath.clone());
+    let spec = ModelSpec::Masked(mc.clone());
+    train(&spec, &set, &set, &o, &Device::Cpu, &mut |_| {}).unwrap();
+    let saved = std::fs::read(dir.join("masked.safetensors")).unwrap();
+    let mut saved = Weights::from_safetensors(&saved).unwrap();
+    let mut generic = generic;
+    for (name, shape) in gc.tensor_shapes() {
+        assert_eq!(
+            saved.take(&name, &shape).unwrap(),
+            generic.take(&name, &shape).unwrap(),
+            "{name} copied"
+        );
+    }
+    // The known cells' tables are not in the generic file: seeded, not zero.
+    let known = saved.take("known_row_emb.weight", &[4, 16]).unwrap();
+    assert!(known.iter().any(|&v| v != 0.0));
+    // A file with nothing in common is refused.
+    let other = dir.join("other.safetensors");
+    std::fs::write(
+        &other,
+        Weights::synthetic(&[("x.weight".to_string(), vec![2])], 1, 1.0)
+            .to_safetensors()
+            .unwrap(),
+    )
+    .unwrap();
+    o.id = "masked2".into();
+    o.init_from = Some(other);
+    assert!(train(&spec, &set, &set, &o, &Device::Cpu, &mut |_| {}).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -2,7 +2,7 @@
 //! cache) vs full recompute, vectorisable vs scalar kernels, round trips, and pinned coded bytes.
 
 use unimic_codec::entropy::generic::{Generic, GenericConfig};
-use unimic_codec::entropy::masked::{schedule, Masked, MaskedConfig};
+use unimic_codec::entropy::masked::{Masked, MaskedConfig};
 use unimic_codec::entropy::text_cond::{TextCond, TextCondConfig};
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::nn::kernels::Kernel;
@@ -89,12 +89,12 @@ fn scalar_and_lanes_kernels_give_identical_weights() {
         .weights_full(&PROMPT, &g)
         .unwrap();
     assert_eq!(a, b);
-    let known: Vec<bool> = (0..30).map(|i| i % 4 == 0).collect();
-    let group: Vec<usize> = (0..30).filter(|i| i % 4 != 0).collect();
-    let a = masked().group_weights(6, g.ids(), &known, &group);
+    let unknown: Vec<bool> = (0..30).map(|i| i % 4 != 0).collect();
+    let a = masked().weights_unknown(6, g.ids(), &unknown);
     let b = masked()
         .with_kernel(Kernel::Scalar)
-        .group_weights(6, g.ids(), &known, &group);
+        .weights_unknown(6, g.ids(), &unknown);
+    assert_eq!(a.len(), 22);
     assert_eq!(a, b);
 }
 
@@ -186,21 +186,31 @@ fn masked_codes_fewer_bytes_for_a_smaller_region() {
 }
 
 #[test]
-fn masked_schedule_is_used_by_the_coder() {
-    // Decoding with the schedule of a different step count must not reproduce the grid.
+fn masked_sees_known_cells_on_every_side() {
+    // A known cell below and right of the hole changes the weights of the hole's first cell,
+    // which a raster-order model could not see.
     let g = grid(6, 6, 8);
-    let unknown = vec![true; 36];
-    let bytes = masked().encode(&g, &unknown).unwrap();
-    let mut cfg = MaskedConfig::tiny(K as usize);
-    cfg.steps = 2;
-    let other = Masked::from_weights(
-        &cfg,
-        Weights::synthetic(&MaskedConfig::tiny(K as usize).tensor_shapes(), 12, 1.0),
-    )
-    .unwrap();
-    let res = other.decode(6, 6, &[0; 36], &unknown, &bytes);
-    assert!(!matches!(res, Ok(ref back) if *back == g));
-    assert_eq!(schedule(6, &unknown, 4).len(), 4);
+    let unknown: Vec<bool> = (0..36).map(|i| (14..16).contains(&i)).collect();
+    let m = masked();
+    let a = m.weights_unknown(6, g.ids(), &unknown);
+    let mut ids = g.ids().to_vec();
+    ids[35] = (ids[35] + 1) % K;
+    let b = m.weights_unknown(6, &ids, &unknown);
+    assert_ne!(a[0], b[0]);
+    // Decoding with other known tokens does not reproduce the region: they condition the code.
+    let half: Vec<bool> = (0..36).map(|i| i % 2 == 0).collect();
+    let region = |ids: &[u32]| -> Vec<u32> {
+        ids.iter()
+            .zip(&half)
+            .filter(|(_, &u)| u)
+            .map(|(&x, _)| x)
+            .collect()
+    };
+    let bytes = m.encode(&g, &half).unwrap();
+    let other: Vec<u32> = g.ids().iter().map(|&id| (id + 3) % K).collect();
+    if let Ok(back) = m.decode(6, 6, &other, &half, &bytes) {
+        assert_ne!(region(back.ids()), region(g.ids()));
+    }
 }
 
 #[test]
@@ -224,7 +234,7 @@ fn corrupt_payloads_do_not_panic() {
 
 /// Golden coded bytes: tiny models with weights from the documented integer formula
 /// ([`Weights::synthetic`]) and fixed grids. Any change to the arithmetic, the `exp`
-/// approximation, the quantization or the schedule changes these hashes.
+/// approximation, the quantization or the coding order changes these hashes.
 #[test]
 fn golden_coded_bytes() {
     let g = grid(8, 8, 10);
@@ -248,12 +258,12 @@ const GOLDEN: [(usize, &str); 4] = [
         "66cb381ba527aa00baf079462c61af01cd51fcefc807c78a13ec3d86e8810195",
     ),
     (
-        23,
-        "e8265641eb80968470ded74fc1c7d6924645e18ef6c15a0d2eb874f1d6ca54c0",
+        24,
+        "813b281ba5866c1a07fdb23e46c3201283f61cc9fe91183803ee88c416980cff",
     ),
     (
-        42,
-        "958082bd492cdde7bb6b843f81875b2fde565222ede4a3f9a9cc47d683696235",
+        40,
+        "eee48b54cbe7765af19dde6050118ca50c723457c896a2dcc88cbf253308fe8a",
     ),
     (
         44,
@@ -348,7 +358,10 @@ fn manifest_load_checks_kind_and_hash() {
 fn default_sizes_are_lightweight() {
     // The 1,024-entry tokenizer: well under the 10 M parameter budget.
     assert_eq!(GenericConfig::small(1024).num_params(), 3_190_272);
-    assert_eq!(MaskedConfig::small(1024).num_params(), 3_190_272);
+    assert_eq!(
+        MaskedConfig::small(1024).num_params(),
+        3_190_272 + 2 * 64 * 256
+    );
     assert_eq!(
         TextCondConfig::small(1024).num_params(),
         3_190_272 + 4096 * 256 + 64 * 256

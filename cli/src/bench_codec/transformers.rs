@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context};
 use serde_json::{json, Map, Value};
 use unimic_codec::entropy::generic::Generic;
-use unimic_codec::entropy::masked::{schedule, Masked};
+use unimic_codec::entropy::masked::Masked;
 use unimic_codec::entropy::text_cond::TextCond;
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::nn::model::Manifest;
@@ -31,7 +31,8 @@ pub struct Models {
 }
 
 impl Models {
-    /// Loads `unimic-entropy-{generic,masked,text}-v1.json` from `dir` when present (a model whose
+    /// Loads the shipped models ([`crate::models::shipped_id`]: `unimic-entropy-generic-v1`,
+    /// `unimic-entropy-masked-v2`, `unimic-entropy-text-v1`) from `dir` when present (a model whose
     /// manifest exists but fails to load is an error; a missing one is reported and skipped).
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         fn one<T>(
@@ -39,7 +40,8 @@ impl Models {
             kind: &str,
             load: impl Fn(&Path) -> Result<(T, Manifest), unimic_codec::nn::model::ModelError>,
         ) -> anyhow::Result<Option<(T, Manifest)>> {
-            let p = dir.join(format!("unimic-entropy-{kind}-v1.json"));
+            let id = crate::models::shipped_id(kind).context("unknown model kind")?;
+            let p = dir.join(format!("{id}.json"));
             if !p.exists() {
                 eprintln!("bench codec: no {kind} model at {} (skipped)", p.display());
                 return Ok(None);
@@ -223,19 +225,16 @@ fn masked_roundtrip(
         &back == grid,
         "round trip failed: model masked, item {item}"
     );
-    // Ideal code length along the same schedule (a second encoder-side pass).
-    let w = grid.width() as usize;
+    // Ideal code length of the same symbols (a second encoder-side pass).
     let ids = grid.ids();
-    let mut known: Vec<bool> = unknown.iter().map(|u| !u).collect();
-    let mut ce = 0.0;
-    for group in schedule(w, unknown, m.config().steps) {
-        let ws = m.group_weights(w, ids, &known, &group);
-        let gids: Vec<u32> = group.iter().map(|&i| ids[i]).collect();
-        ce += code_lengths(&ws, &gids).iter().sum::<f64>();
-        for &i in &group {
-            known[i] = true;
-        }
-    }
+    let ws = m.weights_unknown(grid.width() as usize, ids, unknown);
+    let coded: Vec<u32> = ids
+        .iter()
+        .zip(unknown)
+        .filter(|(_, &u)| u)
+        .map(|(&id, _)| id)
+        .collect();
+    let ce = code_lengths(&ws, &coded).iter().sum::<f64>();
     Ok((8 * bytes.len() as u64, ce))
 }
 

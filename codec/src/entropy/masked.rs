@@ -1,28 +1,25 @@
-//! [`Masked`]: a bidirectional transformer that codes the unknown positions of a grid, in a fixed
-//! schedule of groups, given the known ones.
+//! [`Masked`]: a transformer that codes the unknown positions of a grid given the known ones,
+//! seeing the known tokens on every side.
 //!
 //! # Model
-//! A MaskGIT-style encoder-only transformer: every position's input is
-//! `tok_emb[id] + row_emb[r] + col_emb[c]`, where `id` is the token if the position is known
-//! and `K` (the mask token, one past the codebook) if not; attention sees every position. The
-//! hidden state of an unknown position gives the distribution of its token.
+//! A prefix language model over a reordered grid. The sequence is every **known** cell first
+//! (raster order), then every **unknown** cell (raster order):
 //!
-//! # Schedule (part of the bitstream contract)
-//! Given the unknown positions `U` of a `height × width` grid (`N = |U|`) and `S` =
-//! [`MaskedConfig::steps`]:
-//! 1. **Order**: `U` sorted by `splitmix64(0x6d61736b ^ (r << 16 | c))` (then by raster index),
-//!    a fixed quasi-random order that spreads each group over the region.
-//! 2. **Groups**: after step `s` (`1..=S`) the first `n_s = max(n_{s-1} + 1, ceil(N * s^2 / S^2))`
-//!    positions of the order are coded (`n_0 = 0`, capped at `N`; all integer arithmetic). Groups
-//!    grow quadratically, like MaskGIT's cosine schedule: few tokens are coded blind, most with
-//!    plenty of context. Empty groups are skipped.
-//! 3. **Step**: one full bidirectional pass over the grid with the current known set; the tokens
-//!    of the group are coded in raster order, each with the distribution from that pass; then
-//!    they become known.
+//! * known cell `i` at `(r, c)`: input `tok_emb[id_i] + known_row_emb[r] + known_col_emb[c]`;
+//! * `j`-th unknown cell `u_j` at `(r, c)`: input `tok_emb[a_j] + row_emb[r] + col_emb[c]`, where
+//!   `a_j` is the token of the previous unknown cell `u_{j-1}` (`K`, the begin token, for
+//!   `j = 0`): the generic model's input, the previous token and the target's own position.
+//!
+//! Attention is **bidirectional among the known cells** (each sees every known cell) and causal
+//! after them: the row of `u_j` sees every known cell and `u_0 .. u_j`. Its hidden state gives the
+//! distribution of `u_j`'s token. So every coded token is predicted from all the known tokens
+//! (above, below, left and right of it) *and* every unknown token coded before it; with nothing
+//! known, the model is the generic raster-order model.
 //!
 //! Any split works: an inpainting hole inside a known image, an outpainting border around a
 //! known centre, or the whole grid (everything unknown). The known tokens are not coded: the
-//! receiver already holds them (for example, in its session context).
+//! receiver already holds them (for example, in its session context). The known cells' keys and
+//! values are computed once (one pass); each unknown cell then costs one incremental step.
 //!
 //! ```
 //! use unimic_codec::entropy::masked::{Masked, MaskedConfig};
@@ -45,32 +42,32 @@ use crate::grid::TokenGrid;
 use crate::nn::kernels::Kernel;
 use crate::nn::model::{check_shape, Head, Manifest, ModelError, Pos2d};
 use crate::nn::transformer::{Body, BodyConfig, KvCache, Mask};
-use crate::nn::weights::{sha256_hex, splitmix64, Weights};
+use crate::nn::weights::{sha256_hex, Weights};
 use crate::nn::{embedding_row, NnError};
 
 /// The `kind` of a masked model's manifest.
 pub const KIND: &str = "masked";
 
+/// Name prefix of the known cells' position tables (`known_row_emb.weight`, `known_col_emb.weight`).
+pub const KNOWN_PREFIX: &str = "known_";
+
 /// Architecture of a [`Masked`] model (the `config` object of its manifest).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MaskedConfig {
-    /// Codebook size `K`; token `K` is the mask token.
+    /// Codebook size `K`; token `K` is the begin token.
     pub codebook_size: usize,
     /// Largest grid side.
     pub max_side: usize,
-    /// Number of schedule steps `S` (groups).
-    pub steps: usize,
     /// The transformer body.
     pub body: BodyConfig,
 }
 
 impl MaskedConfig {
-    /// The default size: d 256, 4 layers, 4 heads, MLP 768, 8 steps.
+    /// The default size: d 256, 4 layers, 4 heads, MLP 768.
     pub fn small(codebook_size: usize) -> Self {
         Self {
             codebook_size,
             max_side: 64,
-            steps: 8,
             body: BodyConfig {
                 d_model: 256,
                 n_layers: 4,
@@ -85,7 +82,6 @@ impl MaskedConfig {
         Self {
             codebook_size,
             max_side: 16,
-            steps: 4,
             body: BodyConfig {
                 d_model: 16,
                 n_layers: 2,
@@ -104,16 +100,14 @@ impl MaskedConfig {
                 self.codebook_size
             )));
         }
-        if self.max_side == 0 || self.max_side > 1024 || self.steps == 0 || self.steps > 256 {
-            return Err(NnError::Config(format!(
-                "max_side {} / steps {}",
-                self.max_side, self.steps
-            )));
+        if self.max_side == 0 || self.max_side > 1024 {
+            return Err(NnError::Config(format!("max_side {}", self.max_side)));
         }
         Ok(())
     }
 
-    /// Names and shapes of every tensor.
+    /// Names and shapes of every tensor: the generic model's, plus the known cells' position
+    /// tables.
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let d = self.body.d_model;
         let mut v = vec![(
@@ -121,6 +115,7 @@ impl MaskedConfig {
             vec![self.codebook_size + 1, d],
         )];
         v.extend(Pos2d::tensor_shapes(self.max_side, d));
+        v.extend(Pos2d::tensor_shapes_named(KNOWN_PREFIX, self.max_side, d));
         v.extend(self.body.tensor_shapes());
         v.extend(Head::tensor_shapes(self.codebook_size, d));
         v
@@ -135,43 +130,22 @@ impl MaskedConfig {
     }
 }
 
-/// The fixed group schedule (see the [module docs](self)): the raster indices of the unknown
-/// positions, split into at most `steps` non-empty groups, each group in raster order.
-pub fn schedule(width: usize, unknown: &[bool], steps: usize) -> Vec<Vec<usize>> {
-    let width = width.max(1);
-    let mut order: Vec<(u64, usize)> = unknown
-        .iter()
-        .enumerate()
-        .filter(|(_, &u)| u)
-        .map(|(i, _)| {
-            let (r, c) = ((i / width) as u64, (i % width) as u64);
-            (splitmix64(0x6d61_736b ^ ((r << 16) | c)), i)
-        })
-        .collect();
-    order.sort_unstable();
-    let n = order.len() as u128;
-    let s_total = steps.max(1) as u128;
-    let mut groups = Vec::new();
-    let mut done = 0usize;
-    for s in 1..=s_total {
-        let target = (n * s * s).div_ceil(s_total * s_total) as usize;
-        let upto = target.max(done + 1).min(order.len());
-        if upto > done {
-            let mut g: Vec<usize> = order[done..upto].iter().map(|&(_, i)| i).collect();
-            g.sort_unstable();
-            groups.push(g);
-            done = upto;
-        }
-    }
-    groups
+/// The model's sequence order (see the [module docs](self)): the raster indices of the known
+/// cells, then those of the unknown cells, each in raster order; and the number of known cells.
+pub fn sequence_order(unknown: &[bool]) -> (Vec<usize>, usize) {
+    let mut order: Vec<usize> = (0..unknown.len()).filter(|&i| !unknown[i]).collect();
+    let known = order.len();
+    order.extend((0..unknown.len()).filter(|&i| unknown[i]));
+    (order, known)
 }
 
-/// The masked (bidirectional, grouped) transformer entropy model.
+/// The masked (known-prefix) transformer entropy model.
 #[derive(Debug, Clone)]
 pub struct Masked {
     cfg: MaskedConfig,
     tok_emb: Vec<f32>,
     pos: Pos2d,
+    known_pos: Pos2d,
     body: Body,
     head: Head,
     kernel: Kernel,
@@ -186,6 +160,7 @@ impl Masked {
         let d = cfg.body.d_model;
         let tok_emb = w.take("tok_emb.weight", &[cfg.codebook_size + 1, d])?;
         let pos = Pos2d::from_weights(cfg.max_side, d, &mut w)?;
+        let known_pos = Pos2d::from_weights_named(KNOWN_PREFIX, cfg.max_side, d, &mut w)?;
         let body = Body::from_weights(&cfg.body, &mut w)?;
         let head = Head::from_weights(cfg.codebook_size, d, &mut w)?;
         w.finish()?;
@@ -193,6 +168,7 @@ impl Masked {
             cfg: cfg.clone(),
             tok_emb,
             pos,
+            known_pos,
             body,
             head,
             kernel: Kernel::default(),
@@ -236,32 +212,57 @@ impl Masked {
         &self.content_hash
     }
 
-    /// Runs one pass with `ids` (mask token where `known[i]` is false) and returns the integer
-    /// weights of the positions in `group` (one full bidirectional pass over the grid).
-    pub fn group_weights(
-        &self,
-        width: usize,
-        ids: &[u32],
-        known: &[bool],
-        group: &[usize],
-    ) -> Vec<Vec<u64>> {
+    /// The input row of known cell `i` holding token `id`.
+    fn known_input(&self, id: u32, i: usize, width: usize, out: &mut [f32]) {
         let d = self.cfg.body.d_model;
-        let k = self.cfg.codebook_size;
-        let n = ids.len();
-        let width = width.max(1);
-        let mut xs = vec![0.0f32; n * d];
-        for (i, (&tid, &kn)) in ids.iter().zip(known).enumerate().take(n) {
-            let id = if kn { (tid as usize).min(k) } else { k };
-            if let Some(tok) = embedding_row(&self.tok_emb, d, id) {
-                self.pos
-                    .add_to(tok, i / width, i % width, &mut xs[i * d..(i + 1) * d]);
-            }
+        let id = (id as usize).min(self.cfg.codebook_size);
+        if let Some(tok) = embedding_row(&self.tok_emb, d, id) {
+            self.known_pos.add_to(tok, i / width, i % width, out);
+        }
+    }
+
+    /// The input row of unknown cell `i`, after the unknown token `prev` (`None`: the first).
+    fn unknown_input(&self, prev: Option<u32>, i: usize, width: usize, out: &mut [f32]) {
+        let d = self.cfg.body.d_model;
+        let id = prev.map_or(self.cfg.codebook_size, |p| p as usize);
+        if let Some(tok) = embedding_row(&self.tok_emb, d, id.min(self.cfg.codebook_size)) {
+            self.pos.add_to(tok, i / width, i % width, out);
+        }
+    }
+
+    /// Runs the known cells (`ids[i]` for each `i` with `!unknown[i]`, raster order) through
+    /// the body with full attention among them; returns the cache holding their keys and values.
+    fn known_prefix(&self, width: usize, ids: &[u32], unknown: &[bool]) -> KvCache {
+        let d = self.cfg.body.d_model;
+        let known: Vec<usize> = (0..unknown.len()).filter(|&i| !unknown[i]).collect();
+        let mut xs = vec![0.0f32; known.len() * d];
+        for (row, &i) in xs.chunks_exact_mut(d).zip(&known) {
+            self.known_input(ids[i], i, width, row);
         }
         let mut cache = KvCache::new(&self.cfg.body);
         self.body
             .forward(self.kernel, &mut xs, &mut cache, Mask::Full);
-        // A position outside the grid gets no weights (the rule makes them uniform).
-        self.head.weights_rows(self.kernel, &xs, d, group)
+        cache
+    }
+
+    /// The integer weights of every unknown cell's token, in raster order of the unknown cells,
+    /// from one pass over the known cells and one batched causal pass over the unknown ones
+    /// (`ids` must hold the true tokens of every cell).
+    pub fn weights_unknown(&self, width: usize, ids: &[u32], unknown: &[bool]) -> Vec<Vec<u64>> {
+        let d = self.cfg.body.d_model;
+        let width = width.max(1);
+        let mut cache = self.known_prefix(width, ids, unknown);
+        let cells: Vec<usize> = (0..unknown.len()).filter(|&i| unknown[i]).collect();
+        let mut xs = vec![0.0f32; cells.len() * d];
+        let mut prev = None;
+        for (row, &i) in xs.chunks_exact_mut(d).zip(&cells) {
+            self.unknown_input(prev, i, width, row);
+            prev = Some(ids[i]);
+        }
+        self.body
+            .forward(self.kernel, &mut xs, &mut cache, Mask::Causal);
+        let rows: Vec<usize> = (0..cells.len()).collect();
+        self.head.weights_rows(self.kernel, &xs, d, &rows)
     }
 
     fn check(&self, h: u32, w: u32, k: u32, n: usize, unknown: &[bool]) -> Result<(), ModelError> {
@@ -275,7 +276,7 @@ impl Masked {
         Ok(())
     }
 
-    /// Codes the positions of `grid` where `unknown` is true, given the others.
+    /// Codes the positions of `grid` where `unknown` is true (raster order), given the others.
     pub fn encode(&self, grid: &TokenGrid, unknown: &[bool]) -> Result<Vec<u8>, ModelError> {
         self.check(
             grid.height(),
@@ -284,23 +285,19 @@ impl Masked {
             grid.len(),
             unknown,
         )?;
-        let width = grid.width() as usize;
         let ids = grid.ids();
-        let mut known: Vec<bool> = unknown.iter().map(|u| !u).collect();
+        let weights = self.weights_unknown(grid.width() as usize, ids, unknown);
         let mut enc = Encoder::new();
-        for group in schedule(width, unknown, self.cfg.steps) {
-            let ws = self.group_weights(width, ids, &known, &group);
-            for (&i, w) in group.iter().zip(ws) {
-                enc.encode(ids[i], &Dense::from_weights(w))?;
-                known[i] = true;
-            }
+        let coded = ids.iter().zip(unknown).filter(|(_, &u)| u);
+        for (w, (&id, _)) in weights.into_iter().zip(coded) {
+            enc.encode(id, &Dense::from_weights(w))?;
         }
         Ok(enc.finish())
     }
 
     /// Decodes the unknown positions of a `height × width` grid from `payload`; `known_ids` holds
     /// the receiver's tokens (row-major, `height * width` entries; values at unknown positions are
-    /// ignored).
+    /// ignored). One pass over the known cells, then one incremental step per unknown cell.
     pub fn decode(
         &self,
         height: u32,
@@ -318,20 +315,29 @@ impl Masked {
                 known_ids.len()
             )));
         }
-        let w = width as usize;
+        let w = (width as usize).max(1);
+        let d = self.cfg.body.d_model;
         let mut ids: Vec<u32> = known_ids
             .iter()
             .zip(unknown)
             .map(|(&id, &u)| if u { 0 } else { id })
             .collect();
-        let mut known: Vec<bool> = unknown.iter().map(|u| !u).collect();
+        let mut cache = self.known_prefix(w, &ids, unknown);
         let mut dec = Decoder::new(payload);
-        for group in schedule(w, unknown, self.cfg.steps) {
-            let ws = self.group_weights(w, &ids, &known, &group);
-            for (&i, wt) in group.iter().zip(ws) {
-                ids[i] = dec.decode(&Dense::from_weights(wt))?;
-                known[i] = true;
+        let mut prev = None;
+        let mut x = vec![0.0f32; d];
+        let (mut scratch, mut wts) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            if !unknown[i] {
+                continue;
             }
+            self.unknown_input(prev, i, w, &mut x);
+            self.body
+                .forward(self.kernel, &mut x, &mut cache, Mask::Causal);
+            self.head.weights(self.kernel, &x, &mut scratch, &mut wts);
+            let id = dec.decode(&Dense::from_weights(wts.iter().copied()))?;
+            ids[i] = id;
+            prev = Some(id);
         }
         TokenGrid::new(height, width, k, ids).map_err(|e| ModelError::Grid(e.to_string()))
     }
@@ -342,18 +348,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn schedule_covers_unknown_once_in_growing_groups() {
-        let unknown: Vec<bool> = (0..256).map(|i| i % 3 != 0).collect();
-        let groups = schedule(16, &unknown, 8);
-        assert_eq!(groups.len(), 8);
-        let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
-        seen.sort_unstable();
-        let want: Vec<usize> = (0..256).filter(|i| i % 3 != 0).collect();
-        assert_eq!(seen, want);
-        assert!(groups[0].len() < groups[7].len());
-        // ceil(170 * 1 / 64) = 3 tokens in the first group.
-        assert_eq!(groups[0].len(), 3);
-        assert!(schedule(4, &[false; 16], 8).is_empty());
-        assert_eq!(schedule(4, &[true; 3], 8).len(), 3);
+    fn sequence_order_puts_known_cells_first() {
+        let unknown = [true, false, true, false, false, true];
+        let (order, known) = sequence_order(&unknown);
+        assert_eq!(order, vec![1, 3, 4, 0, 2, 5]);
+        assert_eq!(known, 3);
+        assert_eq!(sequence_order(&[]), (vec![], 0));
+    }
+
+    #[test]
+    fn whole_grid_weights_match_incremental_decoding_inputs() {
+        // The batched unknown pass after an empty prefix equals step-by-step decoding: a round
+        // trip of a random grid proves both paths give the same weights.
+        let m = Masked::synthetic(&MaskedConfig::tiny(16), 4).unwrap();
+        let ids: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 16).collect();
+        let g = TokenGrid::new(4, 5, 16, ids).unwrap();
+        for unknown in [vec![true; 20], (0..20).map(|i| i % 3 == 1).collect()] {
+            let bytes = m.encode(&g, &unknown).unwrap();
+            assert_eq!(m.decode(4, 5, g.ids(), &unknown, &bytes).unwrap(), g);
+        }
     }
 }

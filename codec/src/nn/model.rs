@@ -145,21 +145,41 @@ pub struct Pos2d {
 }
 
 impl Pos2d {
-    /// Names and shapes of the position tables.
+    /// Names and shapes of the position tables (`row_emb.weight`, `col_emb.weight`).
     pub fn tensor_shapes(max_side: usize, d: usize) -> Vec<(String, Vec<usize>)> {
+        Self::tensor_shapes_named("", max_side, d)
+    }
+
+    /// Names and shapes of a second pair of tables whose names start with `prefix`
+    /// (`{prefix}row_emb.weight`, `{prefix}col_emb.weight`).
+    pub fn tensor_shapes_named(
+        prefix: &str,
+        max_side: usize,
+        d: usize,
+    ) -> Vec<(String, Vec<usize>)> {
         vec![
-            ("row_emb.weight".to_string(), vec![max_side, d]),
-            ("col_emb.weight".to_string(), vec![max_side, d]),
+            (format!("{prefix}row_emb.weight"), vec![max_side, d]),
+            (format!("{prefix}col_emb.weight"), vec![max_side, d]),
         ]
     }
 
     /// Takes the tables out of `w`.
     pub fn from_weights(max_side: usize, d: usize, w: &mut Weights) -> Result<Self, NnError> {
+        Self::from_weights_named("", max_side, d, w)
+    }
+
+    /// Takes the tables named with `prefix` (see [`Self::tensor_shapes_named`]) out of `w`.
+    pub fn from_weights_named(
+        prefix: &str,
+        max_side: usize,
+        d: usize,
+        w: &mut Weights,
+    ) -> Result<Self, NnError> {
         Ok(Self {
             d,
             max_side,
-            row: w.take("row_emb.weight", &[max_side, d])?,
-            col: w.take("col_emb.weight", &[max_side, d])?,
+            row: w.take(&format!("{prefix}row_emb.weight"), &[max_side, d])?,
+            col: w.take(&format!("{prefix}col_emb.weight"), &[max_side, d])?,
         })
     }
 

@@ -20,7 +20,7 @@ mod text_cond;
 
 pub use blocks::Body;
 pub use generic::GenericNet;
-pub use masked::{masked_example, random_unknown, MaskedNet};
+pub use masked::{masked_sequence, random_unknown, MaskedNet, MaskedSequence};
 pub use text_cond::TextCondNet;
 
 use std::collections::HashMap;
@@ -207,7 +207,7 @@ impl Batch {
 pub enum ModelSpec {
     /// The causal raster-order model.
     Generic(GenericConfig),
-    /// The bidirectional grouped model.
+    /// The known-prefix model for inpainting and outpainting.
     Masked(MaskedConfig),
     /// The text-conditioned causal model.
     Text(TextCondConfig),
@@ -326,6 +326,10 @@ pub struct TrainOptions {
     pub val_samples: usize,
     /// Continue from an existing checkpoint in `out_dir` if there is one.
     pub resume: bool,
+    /// A fresh run (not a resumed one) starts from the tensors of this safetensors file that
+    /// have the same name and shape as the model's; the others keep their seeded values. At
+    /// least one tensor must match.
+    pub init_from: Option<PathBuf>,
     /// Description of the training data, for the manifest.
     pub data: String,
     /// The command line that reproduces this run, for the manifest.
@@ -347,6 +351,7 @@ impl TrainOptions {
             eval_every: 250,
             val_samples: 256,
             resume: true,
+            init_from: None,
             data: String::new(),
             command: String::new(),
         }
@@ -524,6 +529,26 @@ fn seeded_init(
     Ok(out)
 }
 
+/// Copies into `varmap` every tensor of the safetensors file `path` with the same name and shape
+/// as one of its variables; returns how many were copied.
+fn init_from(varmap: &VarMap, path: &Path, dev: &Device) -> Result<usize, TrainError> {
+    let all = candle_core::safetensors::load(path, dev)?;
+    let vars = match varmap.data().lock() {
+        Ok(g) => g.clone(),
+        Err(_) => return Err(TrainError::Invalid("variable map lock poisoned".into())),
+    };
+    let mut copied = 0;
+    for (name, var) in &vars {
+        if let Some(t) = all.get(name) {
+            if t.dims() == var.dims() {
+                var.set(&t.to_dtype(DType::F32)?)?;
+                copied += 1;
+            }
+        }
+    }
+    Ok(copied)
+}
+
 fn lr_at(step: u64, opts: &TrainOptions) -> f64 {
     if step < opts.warmup {
         return opts.lr * (step + 1) as f64 / opts.warmup as f64;
@@ -603,9 +628,9 @@ pub fn train(
             )));
         }
     }
-    if opts.batch_size == 0 || opts.eval_every == 0 {
+    if opts.batch_size == 0 || opts.eval_every == 0 || opts.steps == 0 {
         return Err(TrainError::Invalid(
-            "batch size and eval interval must be > 0".into(),
+            "steps, batch size and eval interval must be > 0".into(),
         ));
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
@@ -632,6 +657,14 @@ pub fn train(
         opt.load(&opath, st.step, dev)?;
         step = st.step;
         last_train = st.train_bits;
+    } else if let Some(init) = &opts.init_from {
+        let copied = init_from(&varmap, init, dev)?;
+        if copied == 0 {
+            return Err(TrainError::Invalid(format!(
+                "{} holds no tensor of this model's names and shapes",
+                init.display()
+            )));
+        }
     }
     on_event(Event::Start {
         step,
