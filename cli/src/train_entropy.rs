@@ -184,6 +184,7 @@ fn load_set(
         .map(|(g, text)| Sample {
             ids: g.into_ids(),
             text,
+            alt_texts: Vec::new(),
         })
         .collect();
     Ok(GridSet {

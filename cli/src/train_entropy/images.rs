@@ -171,9 +171,42 @@ fn to_set(grids: Vec<TokenGrid>, caps: &[String], text: bool) -> anyhow::Result<
             .map(|(g, text)| Sample {
                 ids: g.into_ids(),
                 text,
+                alt_texts: Vec::new(),
             })
             .collect(),
     })
+}
+
+/// Gives each training grid the other captions of its image (`n` grids per item, in item order,
+/// grid `i` of an item captioned with caption `i mod captions`, as [`tokenize`] lays them out).
+fn add_alternative_captions(
+    set: &mut GridSet,
+    items: &[(PathBuf, Vec<String>)],
+    n: usize,
+) -> anyhow::Result<()> {
+    if set.samples.len() != items.len() * n {
+        bail!(
+            "{} training grids for {} images x {n} crops",
+            set.samples.len(),
+            items.len()
+        );
+    }
+    for ((_, captions), samples) in items.iter().zip(set.samples.chunks_mut(n)) {
+        if captions.len() < 2 {
+            continue;
+        }
+        let ids = tokenize_captions(&captions.iter().map(String::as_str).collect::<Vec<_>>())?;
+        for (i, s) in samples.iter_mut().enumerate() {
+            let own = i % captions.len();
+            s.alt_texts = ids
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != own)
+                .map(|(_, t)| t.clone())
+                .collect();
+        }
+    }
+    Ok(())
 }
 
 /// Loads a cached grid file and its captions, or builds and caches them.
@@ -304,9 +337,12 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
     let mut rng = CropRng::seed_from_u64(args.seed);
     let crop = args.crop;
     let n = args.crops_per_image.max(1);
-    let train_set = cached(&train_cache, text, || {
+    let mut train_set = cached(&train_cache, text, || {
         tokenize(&tok, &train_items, crop, n, Some(&mut rng), "train")
     })?;
+    if text {
+        add_alternative_captions(&mut train_set, &train_items, n)?;
+    }
     let val_set = cached(&val_cache, text, || {
         tokenize(&tok, &val_items, crop, 1, None, "val")
     })?;

@@ -72,8 +72,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 pub struct Sample {
     /// Token ids, `height * width` of them.
     pub ids: Vec<u32>,
-    /// Caption token ids (empty when there is none).
+    /// Caption token ids (empty when there is none); validation always uses this one.
     pub text: Vec<u32>,
+    /// Other captions of the same image: a training step conditions the grid on one of `text`
+    /// and these, drawn uniformly with the step's seeded RNG (more caption variety per image).
+    pub alt_texts: Vec<Vec<u32>>,
 }
 
 /// o200k ids of each caption (ordinary text, no special tokens), for the text model.
@@ -149,7 +152,11 @@ impl GridSet {
                 }
             }
             let text = vec![base, stripe as u32];
-            samples.push(Sample { ids, text });
+            samples.push(Sample {
+                ids,
+                text,
+                alt_texts: Vec::new(),
+            });
         }
         Self {
             height,
@@ -563,7 +570,19 @@ fn batch_for(set: &GridSet, seed: u64, step: u64, size: usize) -> (Batch, StdRng
     let mut rng = StdRng::seed_from_u64(splitmix64(seed ^ splitmix64(step)));
     let n = set.samples.len();
     let idx: Vec<usize> = (0..size).map(|_| rng.gen_range(0..n)).collect();
-    (Batch::from_indices(set, idx.into_iter()), rng)
+    let mut batch = Batch::from_indices(set, idx.iter().copied());
+    // Only samples with other captions draw from the RNG, so sets without them keep the batches
+    // (and loss randomness) they always had.
+    for (text, &i) in batch.texts.iter_mut().zip(&idx) {
+        let alt = &set.samples[i].alt_texts;
+        if !alt.is_empty() {
+            let c = rng.gen_range(0..=alt.len());
+            if c > 0 {
+                text.clone_from(&alt[c - 1]);
+            }
+        }
+    }
+    (batch, rng)
 }
 
 fn validate(
@@ -754,4 +773,36 @@ fn write_manifest(
     };
     let text = serde_json::to_vec_pretty(&m).map_err(|e| TrainError::Invalid(e.to_string()))?;
     std::fs::write(mpath, text).map_err(io_err(mpath))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_draw_alternative_captions_deterministically() {
+        let mut set = GridSet::synthetic(4, 4, 8, 4, 1);
+        let plain = set.clone();
+        for (i, s) in set.samples.iter_mut().enumerate() {
+            s.text = vec![100 + i as u32];
+            s.alt_texts = vec![vec![200 + i as u32], vec![300 + i as u32]];
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for step in 0..50 {
+            let (a, _) = batch_for(&set, 7, step, 4);
+            let (b, _) = batch_for(&set, 7, step, 4);
+            assert_eq!(a, b, "same seed and step, same batch");
+            for t in &a.texts {
+                assert_eq!(t.len(), 1);
+                seen.insert(t[0] / 100);
+            }
+            // Without alternatives the primary caption is always used.
+            let (p, _) = batch_for(&plain, 7, step, 4);
+            for (t, id) in p.texts.iter().zip(p.ids.chunks_exact(16)) {
+                let s = plain.samples.iter().find(|s| s.ids == id).unwrap();
+                assert_eq!(t, &s.text);
+            }
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
 }
