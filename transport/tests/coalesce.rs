@@ -1,8 +1,13 @@
 //! Behaviour around the fast path: acknowledgements queued off the critical path still reach
 //! the peer, a whole message that fails to code sends nothing (and leaves both contexts in
-//! step), and large parts (coded on the blocking pool) round trip chunk by chunk.
+//! step), large parts (coded on the blocking pool) round trip chunk by chunk, and streams
+//! accepted inline by a waiting `recv` (or by the driver while nobody waits) each reach exactly
+//! one `recv`, even when the waiting future is dropped.
 
 mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -193,4 +198,158 @@ async fn large_parts_round_trip_chunk_by_chunk_with_context() {
         .take_peer_errors()
         .iter()
         .all(|e| e.code == ErrorCode::NO_ERROR));
+}
+
+/// A raw part carrying `i`, so that each message can be told apart.
+fn numbered(i: u32) -> OutgoingMessage {
+    OutgoingMessage::new(Role::User).with_part(OutgoingPart::raw(
+        "application/x-test-index",
+        Bytes::copy_from_slice(&i.to_le_bytes()),
+    ))
+}
+
+/// The index a [`numbered`] message carries.
+fn index_of(parts: &[ReceivedPart]) -> u32 {
+    match parts {
+        [ReceivedPart::Raw { bytes, .. }] => u32::from_le_bytes(bytes[..].try_into().unwrap()),
+        other => panic!("not a numbered message: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_accepted_by_a_dropped_recv_reaches_the_next_recv() {
+    let (mut server, pin) = server_with(|c| c);
+    let addr = server.local_addr().unwrap();
+    let peer = RawPeer::connect(addr, pin, Vec::new()).await;
+    let session = within(server.accept()).await.unwrap();
+    let whole = raw_message(0, b"parked");
+    // Only the first byte of the message header: the stream can be accepted, the message not
+    // yet parsed.
+    let mut s = within(peer.conn.open_uni()).await.unwrap();
+    within(s.write_all(&whole[..1])).await.unwrap();
+    for _ in 0..3 {
+        // Each of these waits accepts the stream (or finds it accepted), then is dropped.
+        let r = tokio::time::timeout(Duration::from_millis(30), session.recv()).await;
+        assert!(r.is_err(), "a message with half a header was delivered");
+    }
+    within(s.write_all(&whole[1..])).await.unwrap();
+    s.finish().unwrap();
+    let got = within(within(session.recv()).await.unwrap().unwrap().collect())
+        .await
+        .unwrap();
+    assert_eq!(got.message_id, 0);
+    assert_eq!(
+        got.parts,
+        vec![ReceivedPart::Raw {
+            media_type: "application/octet-stream".into(),
+            bytes: Bytes::from_static(b"parked"),
+        }]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_flight_at_once_each_reach_exactly_one_recv() {
+    let mut pair = pair();
+    let (client, server) = connect(&mut pair).await;
+    let (client, server) = (Arc::new(client), Arc::new(server));
+    // Far more messages than the stream credit (16), sent at once.
+    const N: u32 = 120;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let c = client.clone();
+        sends.spawn(async move { c.send(numbered(i)).await.map(|st| st.message_id) });
+    }
+    // Three receivers at once: one waits without pause, one drops most of its waits early, one
+    // pauses (longer than the driver's standby) so that the driver accepts some streams itself.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut receivers = tokio::task::JoinSet::new();
+    for kind in 0..3u32 {
+        let (s, tx) = (server.clone(), tx.clone());
+        receivers.spawn(async move {
+            let mut round = 0u32;
+            loop {
+                round += 1;
+                let msg = match kind {
+                    1 => match tokio::time::timeout(
+                        Duration::from_micros(u64::from(round % 7) * 50),
+                        s.recv(),
+                    )
+                    .await
+                    {
+                        Ok(m) => m,
+                        Err(_) => continue,
+                    },
+                    _ => {
+                        if kind == 2 {
+                            tokio::time::sleep(Duration::from_millis(u64::from(round % 3) * 6))
+                                .await;
+                        }
+                        s.recv().await
+                    }
+                };
+                let Ok(Some(msg)) = msg else { return };
+                let got = msg.collect().await.unwrap();
+                if tx.send((got.message_id, index_of(&got.parts))).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut sent = Vec::new();
+    while let Some(r) = within(sends.join_next()).await {
+        sent.push(r.unwrap().unwrap());
+    }
+    let mut got = Vec::new();
+    while got.len() < N as usize {
+        got.push(within(rx.recv()).await.unwrap());
+    }
+    receivers.abort_all();
+    // Every message exactly once, whoever accepted its stream; ids match what the sends
+    // returned.
+    got.sort_unstable();
+    let mut indices: Vec<u32> = got.iter().map(|&(_, i)| i).collect();
+    indices.sort_unstable();
+    assert_eq!(indices, (0..N).collect::<Vec<_>>());
+    let mut ids: Vec<u64> = got.iter().map(|&(id, _)| id).collect();
+    ids.dedup();
+    sent.sort_unstable();
+    assert_eq!(ids, sent);
+    assert!(rx.try_recv().is_err(), "a message was delivered twice");
+    assert_eq!(client.context_keys(), server.context_keys());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_accepts_while_nobody_waits() {
+    let mut pair = pair();
+    let (client, server) = connect(&mut pair).await;
+    // The server receives once (so its driver stands by), then waits in recv without result and
+    // gives up (so its driver parks, and must be woken when the wait ends).
+    within(client.send(numbered(0))).await.unwrap();
+    let first = within(within(server.recv()).await.unwrap().unwrap().collect())
+        .await
+        .unwrap();
+    assert_eq!(index_of(&first.parts), 0);
+    let r = tokio::time::timeout(Duration::from_millis(40), server.recv()).await;
+    assert!(r.is_err());
+    // Nobody waits now: the driver reads and acknowledges what arrives.
+    let mut ids = Vec::new();
+    for i in 1..=5 {
+        ids.push(within(client.send(numbered(i))).await.unwrap().message_id);
+    }
+    for &id in &ids {
+        within(client.wait_ack(id, AckStage::Decoded))
+            .await
+            .unwrap();
+    }
+    // The messages it read wait for the next recv.
+    let mut got = Vec::new();
+    for _ in &ids {
+        let m = within(within(server.recv()).await.unwrap().unwrap().collect())
+            .await
+            .unwrap();
+        got.push(index_of(&m.parts));
+    }
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 2, 3, 4, 5]);
 }
