@@ -70,6 +70,15 @@ pub struct Args {
     /// Random crops (each flipped with probability 1/2) per training image.
     #[arg(long, default_value_t = 8)]
     pub crops_per_image: usize,
+    /// Also tokenize every training image whole, scaled so that its shorter side is this many
+    /// pixels (then cut to a multiple of 16), as is and flipped horizontally, and add every
+    /// `crop`-sized window of those token grids (at `--window-stride`) to the training grids;
+    /// 0: off. Many more distinct grids for about two crops' tokenizing cost per image.
+    #[arg(long, default_value_t = 0)]
+    pub whole_side: u32,
+    /// Stride, in tokens, between the windows of `--whole-side`.
+    #[arg(long, default_value_t = 1)]
+    pub window_stride: usize,
     /// Tokenizer folder (manifest.json + weights); default: the project's `models/tokenizer`.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,

@@ -132,6 +132,61 @@ fn tokenize(
     Ok((grids, caps))
 }
 
+/// Every `win × win` window, at `stride` tokens, of each training image tokenized whole: scaled
+/// so that its shorter side is `side` pixels, cut (centred) to multiples of 16, as is and flipped.
+fn whole_windows(
+    tok: &Vq,
+    items: &[(PathBuf, Vec<String>)],
+    side: u32,
+    win: usize,
+    stride: usize,
+) -> anyhow::Result<(Vec<TokenGrid>, Vec<String>)> {
+    let pb = ProgressBar::new(items.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} tokenizing whole images {bar:30} {pos}/{len} images ({eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let stride = stride.max(1);
+    let mut out = Vec::new();
+    for (path, _) in items {
+        let img = image::open(path)
+            .with_context(|| format!("decoding {}", path.display()))?
+            .to_rgb8();
+        let (w, h) = img.dimensions();
+        let short = w.min(h).max(1);
+        let (sw, sh) = (
+            (u64::from(w) * u64::from(side) / u64::from(short)).max(u64::from(side)) as u32,
+            (u64::from(h) * u64::from(side) / u64::from(short)).max(u64::from(side)) as u32,
+        );
+        let scaled = imageops::resize(&img, sw, sh, FilterType::CatmullRom);
+        let (cw, ch) = (sw / 16 * 16, sh / 16 * 16);
+        let base = imageops::crop_imm(&scaled, (sw - cw) / 2, (sh - ch) / 2, cw, ch).to_image();
+        for view in [imageops::flip_horizontal(&base), base] {
+            let g = tok.encode(&view)?;
+            let (gh, gw, k) = (g.height() as usize, g.width() as usize, g.codebook_size());
+            if gh < win || gw < win {
+                continue;
+            }
+            let ids = g.ids();
+            for r0 in (0..=gh - win).step_by(stride) {
+                for c0 in (0..=gw - win).step_by(stride) {
+                    let mut v = Vec::with_capacity(win * win);
+                    for r in r0..r0 + win {
+                        v.extend_from_slice(&ids[r * gw + c0..r * gw + c0 + win]);
+                    }
+                    out.push(TokenGrid::new(win as u32, win as u32, k, v)?);
+                }
+            }
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let caps = vec![String::new(); out.len()];
+    Ok((out, caps))
+}
+
 /// Reads `captions.csv` (`image,caption` with a header; captions may contain commas).
 fn read_captions(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let text =
@@ -343,11 +398,46 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
     if text {
         add_alternative_captions(&mut train_set, &train_items, n)?;
     }
+    let mut whole = String::new();
+    if args.whole_side > 0 {
+        if text {
+            bail!("--whole-side is for uncaptioned training images (generic, masked)");
+        }
+        if args.whole_side < crop {
+            bail!("--whole-side {} is below the crop {crop}", args.whole_side);
+        }
+        let win = (crop / 16) as usize;
+        let stride = args.window_stride.max(1);
+        let wkey = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for (p, _) in &train_items {
+                h.update(p.display().to_string().as_bytes());
+                h.update([0]);
+            }
+            h.update(format!("whole-v1|{}|{win}|{stride}", args.whole_side));
+            hex::encode(&h.finalize()[..6])
+        };
+        let path = args.out.join(format!("data/{tag}-{wkey}.whole.umtg"));
+        let windows = cached(&path, false, || {
+            whole_windows(&tok, &train_items, args.whole_side, win, stride)
+        })?;
+        if (windows.height, windows.width) != (train_set.height, train_set.width) {
+            bail!("whole-image windows do not match the crops' grid shape");
+        }
+        whole = format!(
+            " + {} windows ({win}x{win}, stride {stride}) of the training images tokenized whole \
+             at shorter side {} px, as is and flipped",
+            windows.samples.len(),
+            args.whole_side
+        );
+        train_set.samples.extend(windows.samples);
+    }
     let val_set = cached(&val_cache, text, || {
         tokenize(&tok, &val_items, crop, 1, None, "val")
     })?;
     let data = format!(
-        "{src}; {crop}x{crop} crops ({n} random+flip per training image, centre crop for validation) \
+        "{src}; {crop}x{crop} crops ({n} random+flip per training image, centre crop for validation){whole} \
          tokenized by {} sha256 {}: {} train / {} val grids of {}x{}",
         tok.id().name,
         tok.id().sha256,
