@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tracing::Instrument;
-use unimic_codec::context::{ContextKey, Sequence, SequenceKind};
-use unimic_codec::part::{EncodedPart, ModelChoice, PartSpec, PartTokens};
+use unimic_codec::context::{ContextKey, Sequence, SequenceKind, SessionContext};
+use unimic_codec::part::{EncodedPart, ModelChoice, PartCodec, PartSpec, PartTokens};
 use unimic_protocol::{
     CodedPart, CodingMode, ContextRef, Encode, ErrorCode, Frame, MessageEnd, MessageHeader,
     PartBody, PartChunk, PartHeader, RawPart, Role, Shape, VarInt,
@@ -725,8 +725,16 @@ impl Drop for MessageWriter {
     }
 }
 
-/// Codes tokens so that every chunk fits a frame: halves the chunk size until it does. Holds the
-/// state lock while coding (both ends code against the context as it is at that moment).
+/// Codes tokens so that every chunk fits a frame: halves the chunk size until it does. Codes
+/// against the context as it is at that moment (what the peer checks with the digest).
+///
+/// Algorithmic models code under the state lock: they learn the references through the shared
+/// codec's cache of learned states. A transformer part depends only on the codec configuration
+/// and the sequences it refers to (nothing is learned or cached for it), so only those are taken
+/// under the lock ([`references_only`]) and the model passes run without it: a long encode does
+/// not hold up the receive side's context lookups. The bytes are the same either way, and our
+/// context is still updated only when the part is written ([`MessageWriter::commit`]), in the
+/// same order as before.
 fn encode_part(
     shared: &Shared,
     tokens: PartTokens<'_>,
@@ -740,6 +748,26 @@ fn encode_part(
         .into_inner()
         .saturating_sub(CHUNK_OVERHEAD);
     let mut spec = spec;
+    if spec.model.is_transformer() {
+        let (mut codec, context) = {
+            let st = shared.state();
+            (
+                PartCodec::new(st.codec.config().clone()),
+                references_only(&st.context, &spec.refs),
+            )
+        };
+        let part = codec.encode(&context, tokens, &spec)?;
+        // One chunk per part: it fits a frame or the part is refused.
+        let largest = part.chunks.iter().map(|c| c.payload.len() as u64).max();
+        return match largest {
+            Some(largest) if largest > budget => Err(SendError::Limit {
+                what: "chunk payload",
+                value: largest,
+                limit: budget,
+            }),
+            _ => Ok(part),
+        };
+    }
     loop {
         let part = {
             let mut st = shared.state();
@@ -753,8 +781,7 @@ fn encode_part(
             .max()
             .unwrap_or(0);
         let chunk = u64::from(spec.chunk_tokens.unwrap_or(u32::MAX)).min(n);
-        // Transformer models code a part as one chunk: it fits a frame or the part is refused.
-        if largest <= budget || chunk <= 1 || spec.model.is_transformer() {
+        if largest <= budget || chunk <= 1 {
             if largest > budget {
                 return Err(SendError::Limit {
                     what: "chunk payload",
@@ -765,5 +792,50 @@ fn encode_part(
             return Ok(part);
         }
         spec = spec.with_chunk_tokens(u32::try_from(chunk / 2).unwrap_or(u32::MAX).max(1));
+    }
+}
+
+/// A context holding only the entries of `context` that `refs` name (sequences are shared, not
+/// copied): the digest over `refs` and the sequences they resolve to are the same in both, and a
+/// reference `context` lacks is lacking here too (the encode fails the same way).
+fn references_only(context: &SessionContext, refs: &[ContextKey]) -> SessionContext {
+    let mut only = SessionContext::new(u64::MAX);
+    for &key in refs {
+        if let Some(seq) = context.get(key) {
+            // A key named twice is already in.
+            let _ = only.insert(key, seq.clone());
+        }
+    }
+    only
+}
+
+#[cfg(test)]
+mod tests {
+    use super::references_only;
+    use unimic_codec::context::{ContextError, ContextKey, Sequence, SessionContext};
+    use unimic_codec::grid::TokenGrid;
+
+    #[test]
+    fn references_only_keeps_the_digest_and_what_is_missing() {
+        let k = ContextKey::new;
+        let mut ctx = SessionContext::new(1 << 20);
+        ctx.insert(k(0, 0), Sequence::text(vec![1, 2, 3])).unwrap();
+        ctx.insert(k(2, 0), Sequence::text(vec![4])).unwrap();
+        let grid = TokenGrid::new(2, 2, 16, vec![1, 2, 3, 4]).unwrap();
+        ctx.insert(k(2, 1), Sequence::grid(&grid)).unwrap();
+
+        // Out of order, and one key named twice.
+        let refs = [k(2, 1), k(0, 0), k(2, 1)];
+        let only = references_only(&ctx, &refs);
+        assert_eq!(only.keys().len(), 2);
+        assert_eq!(only.digest(&refs).unwrap(), ctx.digest(&refs).unwrap());
+        assert_eq!(only.resolve(&refs).unwrap(), ctx.resolve(&refs).unwrap());
+        assert!(only.get(k(2, 0)).is_none());
+
+        // A reference the context lacks is lacking in the copy too.
+        let refs = [k(0, 0), k(4, 0)];
+        let only = references_only(&ctx, &refs);
+        assert!(matches!(ctx.digest(&refs), Err(ContextError::Missing(m)) if m == k(4, 0)));
+        assert!(matches!(only.digest(&refs), Err(ContextError::Missing(m)) if m == k(4, 0)));
     }
 }

@@ -2,14 +2,15 @@
 //!
 //! # Tasks
 //! Each session runs one driver task (spawned when the handshake finishes, aborted when the
-//! [`Session`] is dropped) that accepts the peer's message streams, reads the control stream and
-//! writes batched acknowledgements. Each incoming message is parsed and decoded by its own
-//! future, which feeds the [`IncomingMessage`] the caller got from [`Session::recv`]: the driver
-//! runs it until it first has to wait (a small message that arrived whole completes right
-//! there), and spawns the rest as a short task. Parts and chunks above 1,024 tokens, and every
-//! part coded with a transformer model, are coded and decoded on tokio's blocking pool, never on
-//! an async worker. Nothing calls back into caller code: the caller pulls messages and their
-//! events.
+//! [`Session`] is dropped) that reads the control stream, writes batched acknowledgements, and
+//! accepts the peer's message streams while no caller waits in [`Session::recv`]; a waiting
+//! caller accepts them itself (see `inbox.rs` for the hand-over). Each incoming message is
+//! parsed and decoded by its own future, which feeds the [`IncomingMessage`] the caller got from
+//! [`Session::recv`]: whoever accepted the stream runs it until it first has to wait (a small
+//! message that arrived whole completes right there, with no task hop), and spawns the rest as
+//! a short task. Parts and chunks above 1,024 tokens, and every part coded with a transformer
+//! model, are coded and decoded on tokio's blocking pool, never on an async worker. Nothing
+//! calls back into caller code: the caller pulls messages and their events.
 //!
 //! # Context
 //! Both ends keep a [`SessionContext`] bounded by the negotiated `max_context_bytes`. A sender
@@ -59,7 +60,9 @@ pub enum Side {
 }
 
 /// Mutable session state behind one lock; held only for short, non-async sections (coding a part
-/// happens under it, so both ends see the context exactly as it was when the part was coded).
+/// with an algorithmic model happens under it, so both ends see the context exactly as it was
+/// when the part was coded; a transformer part is coded from the sequences it refers to, taken
+/// under it).
 pub(crate) struct State {
     pub context: SessionContext,
     pub codec: PartCodec,
