@@ -9,8 +9,8 @@ use unimic_codec::entropy::generic::{Generic, GenericConfig};
 use unimic_codec::entropy::masked::{Masked, MaskedConfig};
 use unimic_codec::entropy::text_cond::{TextCond, TextCondConfig};
 use unimic_codec::entropy::train::{
-    masked_sequence, train, Event, GenericNet, GridSet, MaskedNet, ModelSpec, TextCondNet,
-    TrainOptions,
+    masked_sequence, train, Event, GenericNet, GridSet, MaskedNet, MaskedSequence, ModelSpec,
+    TextCondNet, TrainOptions,
 };
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::nn::weights::Weights;
@@ -74,17 +74,32 @@ fn masked_candle_matches_deterministic_path() {
     let g = ids(h * wd);
     let unknown: Vec<bool> = (0..h * wd).map(|i| i % 3 != 0).collect();
     let seq = masked_sequence(&g, wd, K as u32, cfg.max_side, &unknown);
-    let logits = net
-        .forward(std::slice::from_ref(&seq), &Device::Cpu)
-        .unwrap();
-    // Only the unknown rows (after the known prefix) are coded.
-    let coded = logits.narrow(1, seq.known, h * wd - seq.known).unwrap();
-    assert_close(&rel_probs(&coded), &det.weights_unknown(wd, &g, &unknown));
-    // Everything unknown: no prefix.
     let all = vec![true; h * wd];
-    let seq = masked_sequence(&g, wd, K as u32, cfg.max_side, &all);
-    let logits = net.forward(&[seq], &Device::Cpu).unwrap();
-    assert_close(&rel_probs(&logits), &det.weights_unknown(wd, &g, &all));
+    let whole = masked_sequence(&g, wd, K as u32, cfg.max_side, &all);
+    // Two sequences of different lengths in one (padded) batch.
+    let logits = net.forward(&[seq.clone(), whole], &Device::Cpu).unwrap();
+    // Only the raster rows of unknown cells are coded.
+    let pick = |b: usize, s: &MaskedSequence, unknown: &[bool]| -> Tensor {
+        let rows: Vec<u32> = (0..h * wd)
+            .filter(|&t| unknown[t])
+            .map(|t| (s.prefix + t) as u32)
+            .collect();
+        let idx = Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu).unwrap();
+        logits
+            .narrow(0, b, 1)
+            .unwrap()
+            .index_select(&idx, 1)
+            .unwrap()
+    };
+    assert_close(
+        &rel_probs(&pick(0, &seq, &unknown)),
+        &det.weights_unknown(wd, &g, &unknown),
+    );
+    let whole = masked_sequence(&g, wd, K as u32, cfg.max_side, &all);
+    assert_close(
+        &rel_probs(&pick(1, &whole, &all)),
+        &det.weights_unknown(wd, &g, &all),
+    );
 }
 
 #[test]

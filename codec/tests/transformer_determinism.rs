@@ -259,7 +259,7 @@ const GOLDEN: [(usize, &str); 4] = [
     ),
     (
         24,
-        "813b281ba5866c1a07fdb23e46c3201283f61cc9fe91183803ee88c416980cff",
+        "bc6f0de830b3ba81647124c3c38eee02bd169e510894df4b601262b277a14bea",
     ),
     (
         40,

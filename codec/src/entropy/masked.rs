@@ -2,24 +2,28 @@
 //! seeing the known tokens on every side.
 //!
 //! # Model
-//! A prefix language model over a reordered grid. The sequence is every **known** cell first
-//! (raster order), then every **unknown** cell (raster order):
+//! The [generic](super::generic) raster-order model with a **prefix of known cells**. Let `f` be
+//! the first unknown cell and `l` the last one (raster indices). The sequence is:
 //!
-//! * known cell `i` at `(r, c)`: input `tok_emb[id_i] + known_row_emb[r] + known_col_emb[c]`;
-//! * `j`-th unknown cell `u_j` at `(r, c)`: input `tok_emb[a_j] + row_emb[r] + col_emb[c]`, where
-//!   `a_j` is the token of the previous unknown cell `u_{j-1}` (`K`, the begin token, for
-//!   `j = 0`): the generic model's input, the previous token and the target's own position.
+//! 1. **Prefix**: every known cell after `f` (raster order), input
+//!    `tok_emb[id] + known_row_emb[r] + known_col_emb[c]`, with attention among the prefix rows
+//!    in both directions. These are the cells a raster scan would only reach later: below and to
+//!    the right of the region.
+//! 2. **Raster part**: cells `0 ..= l` exactly as in the generic model (input: the previous cell's
+//!    token and the position of the cell predicted; `K` begins), causal, and each row also sees
+//!    the whole prefix. The hidden state of an unknown cell's row gives the distribution of its
+//!    token; known cells are inputs only.
 //!
-//! Attention is **bidirectional among the known cells** (each sees every known cell) and causal
-//! after them: the row of `u_j` sees every known cell and `u_0 .. u_j`. Its hidden state gives the
-//! distribution of `u_j`'s token. So every coded token is predicted from all the known tokens
-//! (above, below, left and right of it) *and* every unknown token coded before it; with nothing
-//! known, the model is the generic raster-order model.
+//! So every coded token is predicted from the cells before it in raster order (known or already
+//! coded) *and* every known cell after it; with nothing known, the model is the generic model.
+//! Fine-tuned from the generic model's weights, it starts from generic quality and learns to use
+//! the prefix.
 //!
 //! Any split works: an inpainting hole inside a known image, an outpainting border around a
 //! known centre, or the whole grid (everything unknown). The known tokens are not coded: the
-//! receiver already holds them (for example, in its session context). The known cells' keys and
-//! values are computed once (one pass); each unknown cell then costs one incremental step.
+//! receiver already holds them (for example, in its session context). The prefix's keys and
+//! values are computed in one pass; the decoder then runs the raster part with runs of known
+//! cells batched and one incremental step per unknown cell.
 //!
 //! ```
 //! use unimic_codec::entropy::masked::{Masked, MaskedConfig};
@@ -130,13 +134,18 @@ impl MaskedConfig {
     }
 }
 
-/// The model's sequence order (see the [module docs](self)): the raster indices of the known
-/// cells, then those of the unknown cells, each in raster order; and the number of known cells.
-pub fn sequence_order(unknown: &[bool]) -> (Vec<usize>, usize) {
-    let mut order: Vec<usize> = (0..unknown.len()).filter(|&i| !unknown[i]).collect();
-    let known = order.len();
-    order.extend((0..unknown.len()).filter(|&i| unknown[i]));
-    (order, known)
+/// The model's sequence (see the [module docs](self)) for an unknown mask: the prefix (raster
+/// indices of the known cells after the first unknown cell) and the length of the raster part
+/// (the last unknown cell's index plus one; 0 when nothing is unknown).
+pub fn layout(unknown: &[bool]) -> (Vec<usize>, usize) {
+    let Some(first) = unknown.iter().position(|&u| u) else {
+        return (Vec::new(), 0);
+    };
+    let last = unknown.iter().rposition(|&u| u).unwrap_or(first);
+    let prefix = (first + 1..unknown.len())
+        .filter(|&i| !unknown[i])
+        .collect();
+    (prefix, last + 1)
 }
 
 /// The masked (known-prefix) transformer entropy model.
@@ -221,8 +230,8 @@ impl Masked {
         }
     }
 
-    /// The input row of unknown cell `i`, after the unknown token `prev` (`None`: the first).
-    fn unknown_input(&self, prev: Option<u32>, i: usize, width: usize, out: &mut [f32]) {
+    /// The raster-part input row of cell `i`, after the token `prev` (`None`: the first cell).
+    fn raster_input(&self, prev: Option<u32>, i: usize, width: usize, out: &mut [f32]) {
         let d = self.cfg.body.d_model;
         let id = prev.map_or(self.cfg.codebook_size, |p| p as usize);
         if let Some(tok) = embedding_row(&self.tok_emb, d, id.min(self.cfg.codebook_size)) {
@@ -230,13 +239,12 @@ impl Masked {
         }
     }
 
-    /// Runs the known cells (`ids[i]` for each `i` with `!unknown[i]`, raster order) through
-    /// the body with full attention among them; returns the cache holding their keys and values.
-    fn known_prefix(&self, width: usize, ids: &[u32], unknown: &[bool]) -> KvCache {
+    /// Runs the prefix cells (`ids[i]` for each `i` of `prefix`) through the body with full
+    /// attention among them; returns the cache holding their keys and values.
+    fn known_prefix(&self, width: usize, ids: &[u32], prefix: &[usize]) -> KvCache {
         let d = self.cfg.body.d_model;
-        let known: Vec<usize> = (0..unknown.len()).filter(|&i| !unknown[i]).collect();
-        let mut xs = vec![0.0f32; known.len() * d];
-        for (row, &i) in xs.chunks_exact_mut(d).zip(&known) {
+        let mut xs = vec![0.0f32; prefix.len() * d];
+        for (row, &i) in xs.chunks_exact_mut(d).zip(prefix) {
             self.known_input(ids[i], i, width, row);
         }
         let mut cache = KvCache::new(&self.cfg.body);
@@ -245,23 +253,29 @@ impl Masked {
         cache
     }
 
+    /// The raster-part input rows of cells `from..to` (`ids[t - 1]` before cell `t`, `K` first).
+    fn raster_inputs(&self, width: usize, ids: &[u32], from: usize, to: usize) -> Vec<f32> {
+        let d = self.cfg.body.d_model;
+        let mut xs = vec![0.0f32; (to - from) * d];
+        for (row, t) in xs.chunks_exact_mut(d).zip(from..to) {
+            let prev = if t == 0 { None } else { Some(ids[t - 1]) };
+            self.raster_input(prev, t, width, row);
+        }
+        xs
+    }
+
     /// The integer weights of every unknown cell's token, in raster order of the unknown cells,
-    /// from one pass over the known cells and one batched causal pass over the unknown ones
-    /// (`ids` must hold the true tokens of every cell).
+    /// from one pass over the prefix and one batched causal pass over the raster part (`ids`
+    /// must hold the true tokens of every cell).
     pub fn weights_unknown(&self, width: usize, ids: &[u32], unknown: &[bool]) -> Vec<Vec<u64>> {
         let d = self.cfg.body.d_model;
         let width = width.max(1);
-        let mut cache = self.known_prefix(width, ids, unknown);
-        let cells: Vec<usize> = (0..unknown.len()).filter(|&i| unknown[i]).collect();
-        let mut xs = vec![0.0f32; cells.len() * d];
-        let mut prev = None;
-        for (row, &i) in xs.chunks_exact_mut(d).zip(&cells) {
-            self.unknown_input(prev, i, width, row);
-            prev = Some(ids[i]);
-        }
+        let (prefix, len) = layout(unknown);
+        let mut cache = self.known_prefix(width, ids, &prefix);
+        let mut xs = self.raster_inputs(width, ids, 0, len);
         self.body
             .forward(self.kernel, &mut xs, &mut cache, Mask::Causal);
-        let rows: Vec<usize> = (0..cells.len()).collect();
+        let rows: Vec<usize> = (0..len).filter(|&t| unknown[t]).collect();
         self.head.weights_rows(self.kernel, &xs, d, &rows)
     }
 
@@ -297,7 +311,8 @@ impl Masked {
 
     /// Decodes the unknown positions of a `height × width` grid from `payload`; `known_ids` holds
     /// the receiver's tokens (row-major, `height * width` entries; values at unknown positions are
-    /// ignored). One pass over the known cells, then one incremental step per unknown cell.
+    /// ignored). One pass over the prefix, then the raster part: runs of known cells batched,
+    /// one incremental step per unknown cell.
     pub fn decode(
         &self,
         height: u32,
@@ -316,28 +331,32 @@ impl Masked {
             )));
         }
         let w = (width as usize).max(1);
-        let d = self.cfg.body.d_model;
         let mut ids: Vec<u32> = known_ids
             .iter()
             .zip(unknown)
             .map(|(&id, &u)| if u { 0 } else { id })
             .collect();
-        let mut cache = self.known_prefix(w, &ids, unknown);
+        let (prefix, len) = layout(unknown);
+        let mut cache = self.known_prefix(w, &ids, &prefix);
         let mut dec = Decoder::new(payload);
-        let mut prev = None;
-        let mut x = vec![0.0f32; d];
         let (mut scratch, mut wts) = (Vec::new(), Vec::new());
-        for i in 0..n {
-            if !unknown[i] {
-                continue;
+        let mut t = 0;
+        while t < len {
+            if unknown[t] {
+                let mut x = self.raster_inputs(w, &ids, t, t + 1);
+                self.body
+                    .forward(self.kernel, &mut x, &mut cache, Mask::Causal);
+                self.head.weights(self.kernel, &x, &mut scratch, &mut wts);
+                ids[t] = dec.decode(&Dense::from_weights(wts.iter().copied()))?;
+                t += 1;
+            } else {
+                // A run of known cells: inputs only, one batched pass.
+                let end = (t..len).find(|&i| unknown[i]).unwrap_or(len);
+                let mut xs = self.raster_inputs(w, &ids, t, end);
+                self.body
+                    .forward(self.kernel, &mut xs, &mut cache, Mask::Causal);
+                t = end;
             }
-            self.unknown_input(prev, i, w, &mut x);
-            self.body
-                .forward(self.kernel, &mut x, &mut cache, Mask::Causal);
-            self.head.weights(self.kernel, &x, &mut scratch, &mut wts);
-            let id = dec.decode(&Dense::from_weights(wts.iter().copied()))?;
-            ids[i] = id;
-            prev = Some(id);
         }
         TokenGrid::new(height, width, k, ids).map_err(|e| ModelError::Grid(e.to_string()))
     }
@@ -348,12 +367,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sequence_order_puts_known_cells_first() {
-        let unknown = [true, false, true, false, false, true];
-        let (order, known) = sequence_order(&unknown);
-        assert_eq!(order, vec![1, 3, 4, 0, 2, 5]);
-        assert_eq!(known, 3);
-        assert_eq!(sequence_order(&[]), (vec![], 0));
+    fn layout_prefixes_the_known_cells_after_the_first_unknown() {
+        let unknown = [false, true, false, true, false, false];
+        assert_eq!(layout(&unknown), (vec![2, 4, 5], 4));
+        assert_eq!(layout(&[true, true]), (vec![], 2));
+        assert_eq!(layout(&[false, false]), (vec![], 0));
+        assert_eq!(layout(&[]), (vec![], 0));
     }
 
     #[test]

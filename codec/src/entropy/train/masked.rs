@@ -7,7 +7,7 @@ use rand::Rng;
 
 use super::blocks::{embedding, head, masked_bits, Body};
 use super::Batch;
-use crate::entropy::masked::{sequence_order, MaskedConfig, KNOWN_PREFIX};
+use crate::entropy::masked::{layout, MaskedConfig, KNOWN_PREFIX};
 
 /// The masked (known-prefix) model; tensor names as in [`MaskedConfig::tensor_shapes`].
 #[derive(Debug, Clone)]
@@ -58,26 +58,27 @@ pub fn random_unknown<R: Rng>(h: usize, w: usize, rng: &mut R) -> Vec<bool> {
     m
 }
 
-/// One grid laid out as the masked model's sequence (known cells, then unknown cells; see
-/// [`crate::entropy::masked`]).
+/// One grid laid out as the masked model's sequence (the prefix of known cells, then the raster
+/// part; see [`crate::entropy::masked`]). For training, the raster part always covers the whole
+/// grid (rows after the last unknown cell carry no loss).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskedSequence {
-    /// Input token of each row: the cell's token for a known row; the previous unknown cell's
-    /// token (`K` for the first) for an unknown row.
+    /// Input token of each row: the cell's token for a prefix row; the previous cell's token
+    /// (`K` for cell 0) for a raster row.
     pub input: Vec<u32>,
-    /// Position-table index of each row: `r` (unknown rows) or `max_side + r` (known rows).
+    /// Position-table index of each row: `r` (raster rows) or `max_side + r` (prefix rows).
     pub rows: Vec<u32>,
     /// Like `rows`, for the column.
     pub cols: Vec<u32>,
-    /// The token each row predicts (its own cell's token; unused for known rows).
+    /// The token each row predicts (its own cell's token; unused for prefix rows).
     pub targets: Vec<u32>,
-    /// 1 for the unknown rows (the ones coded), 0 for the known ones.
+    /// 1 for the raster rows of unknown cells (the ones coded), 0 otherwise.
     pub weight: Vec<f32>,
-    /// Number of known rows (they come first).
-    pub known: usize,
+    /// Number of prefix rows (they come first).
+    pub prefix: usize,
 }
 
-/// Lays out the grid `ids` (`h × w`, codebook `k`) with `unknown` cells as the masked model's
+/// Lays out the grid `ids` (`w` columns, codebook `k`) with `unknown` cells as the masked model's
 /// sequence, for a model with position tables of `max_side` rows.
 pub fn masked_sequence(
     ids: &[u32],
@@ -86,51 +87,57 @@ pub fn masked_sequence(
     max_side: usize,
     unknown: &[bool],
 ) -> MaskedSequence {
-    let (order, known) = sequence_order(unknown);
-    let n = order.len();
+    let (prefix, _) = layout(unknown);
+    let n = ids.len();
     let w = w.max(1);
+    let rows = prefix.len() + n;
     let mut s = MaskedSequence {
-        input: Vec::with_capacity(n),
-        rows: Vec::with_capacity(n),
-        cols: Vec::with_capacity(n),
-        targets: Vec::with_capacity(n),
-        weight: Vec::with_capacity(n),
-        known,
+        input: Vec::with_capacity(rows),
+        rows: Vec::with_capacity(rows),
+        cols: Vec::with_capacity(rows),
+        targets: Vec::with_capacity(rows),
+        weight: Vec::with_capacity(rows),
+        prefix: prefix.len(),
     };
-    let mut prev = k;
-    for (j, &i) in order.iter().enumerate() {
-        let (r, c) = ((i / w) as u32, (i % w) as u32);
-        if j < known {
-            let off = max_side as u32;
-            s.input.push(ids[i]);
-            s.rows.push(off + r);
-            s.cols.push(off + c);
-            s.weight.push(0.0);
-        } else {
-            s.input.push(prev);
-            s.rows.push(r);
-            s.cols.push(c);
-            s.weight.push(1.0);
-            prev = ids[i];
-        }
+    let off = max_side as u32;
+    for &i in &prefix {
+        s.input.push(ids[i]);
+        s.rows.push(off + (i / w) as u32);
+        s.cols.push(off + (i % w) as u32);
         s.targets.push(ids[i]);
+        s.weight.push(0.0);
+    }
+    for t in 0..n {
+        s.input.push(if t == 0 { k } else { ids[t - 1] });
+        s.rows.push((t / w) as u32);
+        s.cols.push((t % w) as u32);
+        s.targets.push(ids[t]);
+        s.weight.push(f32::from(u8::from(unknown[t])));
     }
     s
 }
 
-/// Additive attention masks `(B, 1, n, n)`: row `i` sees row `j` when `j <= i` or both are among
-/// the first `known[b]` rows.
-fn prefix_masks(known: &[usize], n: usize, dev: &Device) -> Result<Tensor> {
-    let mut v = Vec::with_capacity(known.len() * n * n);
-    for &m in known {
-        for i in 0..n {
-            for j in 0..n {
-                let see = j <= i || (i < m && j < m);
+/// Additive attention masks `(B, 1, T, T)` for sequences of `prefix[b] + n` rows padded to `T`:
+/// prefix rows see the prefix; raster row `i` sees every row up to itself; padding rows see only
+/// themselves and nobody sees them.
+fn prefix_masks(prefix: &[usize], n: usize, t: usize, dev: &Device) -> Result<Tensor> {
+    let mut v = Vec::with_capacity(prefix.len() * t * t);
+    for &p in prefix {
+        let len = p + n;
+        for i in 0..t {
+            for j in 0..t {
+                let see = if i >= len {
+                    j == i
+                } else if i < p {
+                    j < p
+                } else {
+                    j <= i
+                };
                 v.push(if see { 0.0f32 } else { f32::NEG_INFINITY });
             }
         }
     }
-    Tensor::from_vec(v, (known.len(), 1, n, n), dev)
+    Tensor::from_vec(v, (prefix.len(), 1, t, t), dev)
 }
 
 impl MaskedNet {
@@ -149,33 +156,41 @@ impl MaskedNet {
         })
     }
 
-    /// Logits `(B, n, K)` for sequences of equal length `n` (row `i` predicts `targets[i]`).
+    /// Logits `(B, T, K)` for the sequences, each padded at the end to the longest, `T` rows
+    /// (row `i` of sequence `b` predicts `seqs[b].targets[i]`).
     pub fn forward(&self, seqs: &[MaskedSequence], dev: &Device) -> Result<Tensor> {
         let b = seqs.len();
-        let n = seqs.first().map_or(0, |s| s.input.len());
+        let t = seqs.iter().map(|s| s.input.len()).max().unwrap_or(0);
         let d = self.cfg.body.d_model;
-        let cat = |a: &Embedding, k: &Embedding| -> Result<Embedding> {
+        let k = self.cfg.codebook_size as u32;
+        let cat = |a: &Embedding, kn: &Embedding| -> Result<Embedding> {
             Ok(Embedding::new(
-                Tensor::cat(&[a.embeddings(), k.embeddings()], 0)?,
+                Tensor::cat(&[a.embeddings(), kn.embeddings()], 0)?,
                 d,
             ))
         };
         let rows_tab = cat(&self.row_emb, &self.known_row_emb)?;
         let cols_tab = cat(&self.col_emb, &self.known_col_emb)?;
-        let gather = |f: &dyn Fn(&MaskedSequence) -> &Vec<u32>| -> Result<Tensor> {
-            let v: Vec<u32> = seqs.iter().flat_map(|s| f(s).iter().copied()).collect();
-            Tensor::from_vec(v, (b, n), dev)
+        let gather = |f: &dyn Fn(&MaskedSequence) -> &Vec<u32>, pad: u32| -> Result<Tensor> {
+            let mut v = Vec::with_capacity(b * t);
+            for s in seqs {
+                let x = f(s);
+                v.extend_from_slice(x);
+                v.extend(std::iter::repeat_n(pad, t - x.len()));
+            }
+            Tensor::from_vec(v, (b, t), dev)
         };
-        let input = gather(&|s| &s.input)?;
-        let rows = gather(&|s| &s.rows)?;
-        let cols = gather(&|s| &s.cols)?;
+        let input = gather(&|s| &s.input, k)?;
+        let rows = gather(&|s| &s.rows, 0)?;
+        let cols = gather(&|s| &s.cols, 0)?;
         let x = self
             .tok_emb
             .forward(&input)?
             .add(&rows_tab.forward(&rows)?)?
             .add(&cols_tab.forward(&cols)?)?;
-        let known: Vec<usize> = seqs.iter().map(|s| s.known).collect();
-        let mask = prefix_masks(&known, n, dev)?;
+        let prefix: Vec<usize> = seqs.iter().map(|s| s.prefix).collect();
+        let n = seqs.first().map_or(0, |s| s.input.len() - s.prefix);
+        let mask = prefix_masks(&prefix, n, t, dev)?;
         self.head.forward(&self.body.forward(&x, Some(&mask))?)
     }
 
@@ -192,11 +207,18 @@ impl MaskedNet {
                 masked_sequence(g, w, k as u32, self.cfg.max_side, &unknown)
             })
             .collect();
-        let logits = self.forward(&seqs, dev)?.reshape((b * n, k))?;
-        let targets: Vec<u32> = seqs.iter().flat_map(|s| s.targets.clone()).collect();
-        let weight: Vec<f32> = seqs.iter().flat_map(|s| s.weight.clone()).collect();
-        let targets = Tensor::from_vec(targets, b * n, dev)?;
-        let weight = Tensor::from_vec(weight, b * n, dev)?.to_dtype(DType::F32)?;
+        let logits = self.forward(&seqs, dev)?;
+        let t = logits.dim(1)?;
+        let logits = logits.reshape((b * t, k))?;
+        let (mut targets, mut weight) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        for s in &seqs {
+            targets.extend_from_slice(&s.targets);
+            weight.extend_from_slice(&s.weight);
+            targets.extend(std::iter::repeat_n(0, t - s.targets.len()));
+            weight.extend(std::iter::repeat_n(0.0, t - s.weight.len()));
+        }
+        let targets = Tensor::from_vec(targets, b * t, dev)?;
+        let weight = Tensor::from_vec(weight, b * t, dev)?.to_dtype(DType::F32)?;
         masked_bits(&logits, &targets, &weight)
     }
 }
