@@ -386,32 +386,36 @@ impl Session {
         let _turn = self.receiving.lock().await;
         let _waiting = shared.accept.waiting();
         loop {
-            let ready = shared.inbox.ready();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            if let Some(m) = shared.inbox.pop() {
-                return Ok(Some(m));
-            }
-            let ended = tokio::select! {
-                biased;
-                () = &mut ready => false,
-                stream = shared.conn.accept_uni() => match stream {
-                    Ok(stream) => {
-                        inbox::admit(shared, stream).await;
-                        false
-                    }
-                    Err(_) => true,
-                },
-            };
-            if ended {
-                // No more streams: what is still being read may yet be queued.
-                if shared.inbox.live() == 0 {
-                    return match shared.inbox.pop() {
-                        Some(m) => Ok(Some(m)),
-                        None => self.ended(),
-                    };
+            let accepted = {
+                // Enabled before looking at the inbox, dropped before the accepted stream is run
+                // here (its message, queued, would otherwise wake this very task).
+                let ready = shared.inbox.ready();
+                tokio::pin!(ready);
+                ready.as_mut().enable();
+                if let Some(m) = shared.inbox.pop() {
+                    return Ok(Some(m));
                 }
-                ready.await;
+                tokio::select! {
+                    biased;
+                    () = &mut ready => continue,
+                    stream = shared.conn.accept_uni() => stream,
+                }
+            };
+            match accepted {
+                Ok(stream) => inbox::admit(shared, stream).await,
+                Err(_) => {
+                    // No more streams: what is still being read may yet be queued.
+                    let ready = shared.inbox.ready();
+                    tokio::pin!(ready);
+                    ready.as_mut().enable();
+                    if shared.inbox.live() == 0 {
+                        return match shared.inbox.pop() {
+                            Some(m) => Ok(Some(m)),
+                            None => self.ended(),
+                        };
+                    }
+                    ready.await;
+                }
             }
         }
     }
