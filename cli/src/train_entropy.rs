@@ -94,7 +94,7 @@ pub struct Args {
     /// Output folder.
     #[arg(long, default_value = "models/entropy")]
     pub out: PathBuf,
-    /// Model id (also the file stem); default: the shipped id of the kind (`unimic-entropy-generic-v1`, `unimic-entropy-masked-v2`, `unimic-entropy-text-v1`).
+    /// Model id (also the file stem); default: the shipped id of the kind (`crate::models::shipped_id`).
     #[arg(long)]
     pub id: Option<String>,
     /// Optimiser steps in total.

@@ -31,9 +31,9 @@ pub struct Models {
 }
 
 impl Models {
-    /// Loads the shipped models ([`crate::models::shipped_id`]: `unimic-entropy-generic-v1`,
-    /// `unimic-entropy-masked-v2`, `unimic-entropy-text-v1`) from `dir` when present (a model whose
-    /// manifest exists but fails to load is an error; a missing one is reported and skipped).
+    /// Loads the shipped models (ids from [`crate::models::shipped_id`]) from `dir` when present
+    /// (a model whose manifest exists but fails to load is an error; a missing one is reported
+    /// and skipped).
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         fn one<T>(
             dir: &Path,

@@ -395,10 +395,11 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
     let mut train_set = cached(&train_cache, text, || {
         tokenize(&tok, &train_items, crop, n, Some(&mut rng), "train")
     })?;
+    let mut whole = String::new();
     if text {
         add_alternative_captions(&mut train_set, &train_items, n)?;
+        whole = "; each training step draws one of the image's captions".to_string();
     }
-    let mut whole = String::new();
     if args.whole_side > 0 {
         if text {
             bail!("--whole-side is for uncaptioned training images (generic, masked)");
@@ -437,7 +438,7 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
         tokenize(&tok, &val_items, crop, 1, None, "val")
     })?;
     let data = format!(
-        "{src}; {crop}x{crop} crops ({n} random+flip per training image, centre crop for validation){whole} \
+        "{src}; {crop}x{crop} crops ({n} random+flip per training image, centre crop for validation){whole}; \
          tokenized by {} sha256 {}: {} train / {} val grids of {}x{}",
         tok.id().name,
         tok.id().sha256,
