@@ -92,6 +92,19 @@ fn crops(img: RgbImage, crop: u32, n: usize, rng: Option<&mut CropRng>) -> Vec<R
     }
 }
 
+/// A progress bar over `len` images being tokenized, labelled `label`.
+fn images_bar(len: usize, label: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} tokenizing {msg} {bar:30} {pos}/{len} images ({eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_message(label.to_string());
+    pb
+}
+
 /// Tokenizes `(image path, caption)` items, `n` crops each (centre crop if `rng` is `None`).
 fn tokenize(
     tok: &Vq,
@@ -101,14 +114,7 @@ fn tokenize(
     mut rng: Option<&mut CropRng>,
     label: &str,
 ) -> anyhow::Result<(Vec<TokenGrid>, Vec<String>)> {
-    let pb = ProgressBar::new(items.len() as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} tokenizing {msg} {bar:30} {pos}/{len} images ({eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.set_message(label.to_string());
+    let pb = images_bar(items.len(), label);
     let mut grids = Vec::new();
     let mut caps = Vec::new();
     for (path, captions) in items {
@@ -141,13 +147,7 @@ fn whole_windows(
     win: usize,
     stride: usize,
 ) -> anyhow::Result<(Vec<TokenGrid>, Vec<String>)> {
-    let pb = ProgressBar::new(items.len() as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} tokenizing whole images {bar:30} {pos}/{len} images ({eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let pb = images_bar(items.len(), "whole images");
     let stride = stride.max(1);
     let mut out = Vec::new();
     for (path, _) in items {
