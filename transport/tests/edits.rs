@@ -89,6 +89,19 @@ async fn collect(session: &Session) -> unimic_transport::ReceivedMessage {
         .unwrap()
 }
 
+/// Sends a user message of one edit part: `grid`, differing from `reference` inside `region`.
+async fn send_edit(
+    session: &Session,
+    grid: TokenGrid,
+    reference: ContextKey,
+    region: Vec<bool>,
+) -> Result<unimic_transport::MessageStats, SendError> {
+    within(session.send(
+        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(grid, reference, region)),
+    ))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_reply_carries_only_the_region() {
     let mut p = model_pair(codec(12), codec(12));
@@ -220,15 +233,9 @@ async fn edit_reply_carries_only_the_region() {
     // conditioned on (1, 0)), which the server decodes only if its copy is the same grid.
     let region2 = block(16, 16, 0..2, 0..16);
     let edited2 = edit(&edited, &region2, &noise(16, 16, 3));
-    within(client.send(
-        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
-            edited2.clone(),
-            ContextKey::new(1, 0),
-            region2,
-        )),
-    ))
-    .await
-    .unwrap();
+    send_edit(&client, edited2.clone(), ContextKey::new(1, 0), region2)
+        .await
+        .unwrap();
     let got = collect(&server).await;
     assert_eq!(got.parts, vec![ReceivedPart::Image(edited2)]);
     assert_eq!(client.context_keys(), server.context_keys());
@@ -298,13 +305,12 @@ async fn refusals_on_the_sending_side_leave_the_session_usable() {
     let mut p = model_pair(codec(12), codec(12));
     let (client, server) = connect(&mut p).await;
     let g = noise(4, 4, 1);
-    let err = within(client.send(
-        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
-            g.clone(),
-            ContextKey::new(9, 0),
-            block(4, 4, 0..1, 0..1),
-        )),
-    ))
+    let err = send_edit(
+        &client,
+        g.clone(),
+        ContextKey::new(9, 0),
+        block(4, 4, 0..1, 0..1),
+    )
     .await
     .unwrap_err();
     assert!(
@@ -347,13 +353,12 @@ async fn refusals_on_the_sending_side_leave_the_session_usable() {
         .await
         .unwrap();
     collect(&server).await;
-    let err = within(client.send(
-        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
-            g.clone(),
-            ContextKey::new(0, 0),
-            block(4, 4, 1..2, 1..3),
-        )),
-    ))
+    let err = send_edit(
+        &client,
+        g.clone(),
+        ContextKey::new(0, 0),
+        block(4, 4, 1..2, 1..3),
+    )
     .await
     .unwrap_err();
     assert!(matches!(err, SendError::NotNegotiated(_)), "{err}");
@@ -620,13 +625,12 @@ async fn a_peer_breaking_the_masked_and_text_rules_gets_documented_errors() {
     .unwrap();
     collect(&good_server).await;
     let edited = edit(&image, &block(4, 4, 2..4, 0..2), &noise(4, 4, 8));
-    within(good_client.send(
-        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
-            edited.clone(),
-            ContextKey::new(0, 0),
-            block(4, 4, 2..4, 0..2),
-        )),
-    ))
+    send_edit(
+        &good_client,
+        edited.clone(),
+        ContextKey::new(0, 0),
+        block(4, 4, 2..4, 0..2),
+    )
     .await
     .unwrap();
     assert_eq!(
@@ -713,15 +717,9 @@ async fn transformer_work_per_message_is_bounded() {
     collect(&good_server).await;
     let region = block(4, 4, 1..3, 1..3);
     let edited = edit(&image, &region, &noise(4, 4, 4));
-    within(good_client.send(
-        OutgoingMessage::new(Role::User).with_part(OutgoingPart::edit(
-            edited.clone(),
-            ContextKey::new(0, 0),
-            region,
-        )),
-    ))
-    .await
-    .unwrap();
+    send_edit(&good_client, edited.clone(), ContextKey::new(0, 0), region)
+        .await
+        .unwrap();
     assert_eq!(
         collect(&good_server).await.parts,
         vec![ReceivedPart::Image(edited)]
