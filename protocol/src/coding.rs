@@ -19,6 +19,15 @@ pub trait Encode {
     /// Appends the encoding of `self` to `buf`.
     fn encode<B: BufMut>(&self, buf: &mut B);
 
+    /// The size of the encoding of `self` in bytes: exactly what [`encode`](Self::encode)
+    /// appends. The default encodes into a scratch buffer; the types of the message and control
+    /// streams compute it without encoding or allocating.
+    fn encoded_len(&self) -> usize {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out.len()
+    }
+
     /// The encoding of `self` as a new buffer.
     fn to_bytes(&self) -> Bytes {
         let mut out = Vec::new();
@@ -225,6 +234,16 @@ pub(crate) fn read_string<B: Buf>(
 /// Writes a length as a varint.
 pub(crate) fn put_len<B: BufMut>(buf: &mut B, len: usize) {
     VarInt::saturating(len as u64).encode(buf);
+}
+
+/// The size of what [`put_len`] writes.
+pub(crate) fn len_size(len: usize) -> usize {
+    VarInt::saturating(len as u64).size()
+}
+
+/// The size of what [`put_len_bytes`] writes for `len` bytes.
+pub(crate) fn len_bytes_size(len: usize) -> usize {
+    len_size(len).saturating_add(len)
 }
 
 /// Writes a varint length and the bytes.

@@ -3,8 +3,8 @@
 use bytes::{Buf, BufMut};
 
 use crate::coding::{
-    put_len, put_len_bytes, read_bool, read_count, read_string, read_varint, Decode, DecodeError,
-    Encode,
+    len_bytes_size, len_size, put_len, put_len_bytes, read_bool, read_count, read_string,
+    read_varint, Decode, DecodeError, Encode,
 };
 use crate::error_code::ErrorCode;
 use crate::limits::{Limits, MAX_EVICTED, MAX_REASON_LEN};
@@ -89,6 +89,11 @@ impl Encode for AckStage {
         };
         VarInt::from(v).encode(buf);
     }
+
+    fn encoded_len(&self) -> usize {
+        // Every stage value is below 64: one byte.
+        1
+    }
 }
 
 impl Decode for AckStage {
@@ -112,6 +117,14 @@ impl Encode for Ack {
         self.chunk_seq.encode(buf);
         self.stage.encode(buf);
     }
+
+    fn encoded_len(&self) -> usize {
+        self.message_id
+            .size()
+            .saturating_add(self.part_index.size())
+            .saturating_add(self.chunk_seq.size())
+            .saturating_add(self.stage.encoded_len())
+    }
 }
 
 impl Decode for Ack {
@@ -129,6 +142,12 @@ impl Encode for Cancel {
     fn encode<B: BufMut>(&self, buf: &mut B) {
         self.message_id.encode(buf);
         self.code.encode(buf);
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.message_id
+            .size()
+            .saturating_add(self.code.encoded_len())
     }
 }
 
@@ -152,6 +171,15 @@ impl Encode for ErrorFrame {
             None => buf.put_u8(0),
         }
         put_len_bytes(buf, self.reason.as_bytes());
+    }
+
+    fn encoded_len(&self) -> usize {
+        let id = self.message_id.map_or(0, VarInt::size);
+        self.code
+            .encoded_len()
+            .saturating_add(1)
+            .saturating_add(id)
+            .saturating_add(len_bytes_size(self.reason.len()))
     }
 }
 
@@ -177,6 +205,12 @@ impl Encode for GoAway {
         self.code.encode(buf);
         put_len_bytes(buf, self.reason.as_bytes());
     }
+
+    fn encoded_len(&self) -> usize {
+        self.code
+            .encoded_len()
+            .saturating_add(len_bytes_size(self.reason.len()))
+    }
 }
 
 impl Decode for GoAway {
@@ -194,6 +228,12 @@ impl Encode for ContextEvicted {
         for r in &self.refs {
             r.encode(buf);
         }
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.refs.iter().fold(len_size(self.refs.len()), |n, r| {
+            n.saturating_add(r.encoded_len())
+        })
     }
 }
 

@@ -120,6 +120,10 @@ impl Encode for ErrorCode {
     fn encode<B: BufMut>(&self, buf: &mut B) {
         self.0.encode(buf);
     }
+
+    fn encoded_len(&self) -> usize {
+        self.0.size()
+    }
 }
 
 impl Decode for ErrorCode {

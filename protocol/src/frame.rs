@@ -127,17 +127,19 @@ impl Frame {
     /// The length of the payload, in bytes.
     pub fn payload_len(&self) -> usize {
         match self {
-            Frame::PartChunk(c) => {
-                let mut head = Vec::with_capacity(32);
-                c.encode_head(&mut head);
-                head.len().saturating_add(c.payload.len())
-            }
+            Frame::ClientHello(f) => f.encoded_len(),
+            Frame::ServerHello(f) => f.encoded_len(),
+            Frame::Reject(f) => f.encoded_len(),
+            Frame::MessageHeader(f) => f.encoded_len(),
+            Frame::PartHeader(f) => f.encoded_len(),
+            Frame::PartChunk(f) => f.encoded_len(),
+            Frame::MessageEnd(f) => f.encoded_len(),
+            Frame::Ack(f) => f.encoded_len(),
+            Frame::Cancel(f) => f.encoded_len(),
+            Frame::Error(f) => f.encoded_len(),
+            Frame::GoAway(f) => f.encoded_len(),
+            Frame::ContextEvicted(f) => f.encoded_len(),
             Frame::Extension { payload, .. } => payload.len(),
-            other => {
-                let mut tmp = Vec::new();
-                other.encode_payload(&mut tmp);
-                tmp.len()
-            }
         }
     }
 
@@ -249,28 +251,16 @@ fn unsupported(ty: VarInt) -> DecodeError {
 }
 
 impl Encode for Frame {
+    /// Writes the type, the payload length (computed, not measured: no scratch buffer) and
+    /// the payload straight into `buf`.
     fn encode<B: BufMut>(&self, buf: &mut B) {
         self.frame_type().encode(buf);
-        match self {
-            Frame::PartChunk(c) => {
-                // Avoid copying the (possibly large) payload through a scratch buffer.
-                let mut head = Vec::with_capacity(32);
-                c.encode_head(&mut head);
-                VarInt::saturating(head.len().saturating_add(c.payload.len()) as u64).encode(buf);
-                buf.put_slice(&head);
-                buf.put_slice(&c.payload);
-            }
-            Frame::Extension { payload, .. } => {
-                VarInt::saturating(payload.len() as u64).encode(buf);
-                buf.put_slice(payload);
-            }
-            other => {
-                let mut tmp = Vec::new();
-                other.encode_payload(&mut tmp);
-                VarInt::saturating(tmp.len() as u64).encode(buf);
-                buf.put_slice(&tmp);
-            }
-        }
+        VarInt::saturating(self.payload_len() as u64).encode(buf);
+        self.encode_payload(buf);
+    }
+
+    fn encoded_len(&self) -> usize {
+        Frame::encoded_len(self)
     }
 }
 

@@ -64,6 +64,10 @@ impl Encode for Role {
     fn encode<B: BufMut>(&self, buf: &mut B) {
         VarInt::from(self.wire_value()).encode(buf);
     }
+
+    fn encoded_len(&self) -> usize {
+        VarInt::from(self.wire_value()).size()
+    }
 }
 
 impl Decode for Role {
@@ -86,6 +90,12 @@ impl Encode for MessageHeader {
         self.message_id.encode(buf);
         self.role.encode(buf);
     }
+
+    fn encoded_len(&self) -> usize {
+        self.message_id
+            .size()
+            .saturating_add(self.role.encoded_len())
+    }
 }
 
 impl Decode for MessageHeader {
@@ -100,6 +110,10 @@ impl Decode for MessageHeader {
 impl Encode for MessageEnd {
     fn encode<B: BufMut>(&self, buf: &mut B) {
         self.part_count.encode(buf);
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.part_count.size()
     }
 }
 
@@ -345,6 +359,12 @@ impl Reader {
         } else {
             Err(DecodeError::Incomplete)
         }
+    }
+
+    /// Total size of the frames read so far, in bytes: across one [`next_event`](Self::next_event)
+    /// that returned an event, it grows by the size of that event's frame.
+    pub fn consumed(&self) -> u64 {
+        self.frames.consumed()
     }
 
     /// Whether the message end has been read.

@@ -9,8 +9,8 @@
 use bytes::{Buf, BufMut, Bytes};
 
 use crate::coding::{
-    need, put_len, put_len_bytes, read_bounded, read_count, read_hash, read_len_bytes, read_string,
-    read_varint, Decode, DecodeError, Encode,
+    len_bytes_size, len_size, need, put_len, put_len_bytes, read_bounded, read_count, read_hash,
+    read_len_bytes, read_string, read_varint, Decode, DecodeError, Encode,
 };
 use crate::limits::{Limits, MAX_CONTEXT_REFS, MAX_MEDIA_TYPE_LEN, MAX_MODELS, MAX_RECTS};
 use crate::varint::VarInt;
@@ -44,6 +44,12 @@ impl Encode for ContextRef {
     fn encode<B: BufMut>(&self, buf: &mut B) {
         self.message_id.encode(buf);
         self.part_index.encode(buf);
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.message_id
+            .size()
+            .saturating_add(self.part_index.size())
     }
 }
 
@@ -238,6 +244,17 @@ impl Encode for PartHeader {
             PartBody::Raw(r) => put_len_bytes(buf, r.media_type.as_bytes()),
         }
     }
+
+    fn encoded_len(&self) -> usize {
+        let body = match &self.body {
+            PartBody::Text(c) | PartBody::Image(c) => c.encoded_len(),
+            PartBody::Raw(r) => len_bytes_size(r.media_type.len()),
+        };
+        self.index
+            .size()
+            .saturating_add(VarInt::from(self.body.kind()).size())
+            .saturating_add(body)
+    }
 }
 
 impl Encode for CodedPart {
@@ -271,6 +288,45 @@ impl Encode for CodedPart {
             r.encode(buf);
         }
         buf.put_slice(&self.context_digest);
+    }
+
+    fn encoded_len(&self) -> usize {
+        let fixed = [
+            self.tokenizer,
+            self.entropy_model,
+            self.shape.rows,
+            self.shape.cols,
+            self.token_count,
+            VarInt::from(self.mode.wire_value()),
+        ]
+        .iter()
+        .fold(0usize, |n, v| n.saturating_add(v.size()));
+        let region = match &self.mode {
+            CodingMode::Masked(Region::Bitmap(bits)) => VarInt::ZERO
+                .size()
+                .saturating_add(len_bytes_size(bits.len())),
+            CodingMode::Masked(Region::Rects(rects)) => rects.iter().fold(
+                VarInt::from_u32(1)
+                    .size()
+                    .saturating_add(len_size(rects.len())),
+                |n, r| {
+                    [r.top, r.left, r.height, r.width]
+                        .iter()
+                        .fold(n, |n, v| n.saturating_add(v.size()))
+                },
+            ),
+            _ => 0,
+        };
+        let context = self
+            .context
+            .iter()
+            .fold(len_size(self.context.len()), |n, r| {
+                n.saturating_add(r.encoded_len())
+            });
+        fixed
+            .saturating_add(region)
+            .saturating_add(context)
+            .saturating_add(self.context_digest.len())
     }
 }
 
@@ -464,6 +520,10 @@ impl Encode for PartChunk {
         self.encode_head(buf);
         buf.put_slice(&self.payload);
     }
+
+    fn encoded_len(&self) -> usize {
+        self.head_len().saturating_add(self.payload.len())
+    }
 }
 
 impl PartChunk {
@@ -473,6 +533,15 @@ impl PartChunk {
         self.seq.encode(buf);
         buf.put_u8(u8::from(self.fin));
         self.token_count.encode(buf);
+    }
+
+    /// The size of what [`encode_head`](Self::encode_head) writes.
+    fn head_len(&self) -> usize {
+        self.part_index
+            .size()
+            .saturating_add(self.seq.size())
+            .saturating_add(1)
+            .saturating_add(self.token_count.size())
     }
 
     /// Decodes a chunk whose payload is everything left in `buf` (a frame payload).

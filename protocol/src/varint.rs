@@ -170,6 +170,10 @@ impl Encode for VarInt {
             buf.put_u64(0xc000_0000_0000_0000 | x);
         }
     }
+
+    fn encoded_len(&self) -> usize {
+        self.size()
+    }
 }
 
 impl Decode for VarInt {

@@ -61,15 +61,25 @@ fn decoder_accepts_one_byte_at_a_time() {
     let bytes = sample_message().to_bytes();
     let mut reader = message::Reader::new(Limits::default());
     let mut events = Vec::new();
+    let mut sizes = Vec::new();
     for b in bytes.iter() {
         reader.push(std::slice::from_ref(b));
+        let before = reader.consumed();
         while let Some(e) = reader.next_event().unwrap() {
             events.push(e);
+            sizes.push(reader.consumed() - before);
         }
     }
     reader.finish().unwrap();
     // Header, 2 part headers, 3 chunks, end.
     assert_eq!(events.len(), 7);
+    // Each event grew `consumed` by its frame's size.
+    let frames: Vec<u64> = sample_message()
+        .frames()
+        .map(|f| f.encoded_len() as u64)
+        .collect();
+    assert_eq!(sizes, frames);
+    assert_eq!(reader.consumed(), bytes.len() as u64);
     assert!(matches!(events[0], message::Event::Header(_)));
     assert!(matches!(events[6], message::Event::End(_)));
 }
@@ -375,6 +385,36 @@ proptest! {
     fn arbitrary_control_frames_round_trip(f in control()) {
         let bytes = f.to_bytes();
         prop_assert_eq!(Frame::decode_exact(&bytes, &Limits::default()), Ok(f));
+    }
+
+    #[test]
+    fn computed_lengths_match_the_encoding(m in message(), c in control()) {
+        // Each type's `encoded_len` (computed, not measured) against what its `encode` writes:
+        // a frame's length prefix is that computed size.
+        fn same<T: Encode>(t: &T) -> bool {
+            let mut out = Vec::new();
+            t.encode(&mut out);
+            out.len() == t.encoded_len()
+        }
+        for f in m.frames().chain([c]) {
+            let payload = match &f {
+                Frame::MessageHeader(h) => same(h) && same(&h.role) && same(&h.message_id),
+                Frame::PartHeader(h) => {
+                    same(h) && h.body.coded().is_none_or(|c| same(c) && c.context.iter().all(same))
+                }
+                Frame::PartChunk(c) => same(c),
+                Frame::MessageEnd(e) => same(e),
+                Frame::Ack(a) => same(a) && same(&a.stage),
+                Frame::Cancel(c) => same(c) && same(&c.code),
+                Frame::Error(e) => same(e),
+                Frame::GoAway(g) => same(g),
+                Frame::ContextEvicted(e) => same(e),
+                _ => true,
+            };
+            prop_assert!(payload, "{f:?}");
+            prop_assert!(same(&f), "{f:?}");
+            prop_assert_eq!(f.to_bytes().len(), f.encoded_len());
+        }
     }
 
     #[test]

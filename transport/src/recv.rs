@@ -64,11 +64,13 @@ const EAGER_READS: u32 = 4;
 pub struct IncomingMessage {
     message_id: u64,
     role: Role,
-    /// Events arrive in batches (one wake-up of the caller for everything read at once).
-    events: mpsc::Receiver<Vec<EventResult>>,
+    /// Events still to come arrive in batches (one wake-up of the caller for everything read at
+    /// once). `None` for a message that was read whole before it was handed over: all its events
+    /// are in `buffered` (no channel, no cancellation token: nothing is left to stop).
+    events: Option<mpsc::Receiver<Vec<EventResult>>>,
     /// The rest of the batch being consumed.
     buffered: VecDeque<EventResult>,
-    cancel: CancellationToken,
+    cancel: Option<CancellationToken>,
     done: bool,
 }
 
@@ -96,9 +98,11 @@ impl IncomingMessage {
             return None;
         }
         if self.buffered.is_empty() {
-            // `recv` is cancel safe and the batch is stored before any other await.
-            if let Some(batch) = self.events.recv().await {
-                self.buffered = batch.into();
+            if let Some(events) = self.events.as_mut() {
+                // `recv` is cancel safe and the batch is stored before any other await.
+                if let Some(batch) = events.recv().await {
+                    self.buffered = batch.into();
+                }
             }
         }
         let ev = self.buffered.pop_front();
@@ -136,9 +140,12 @@ impl IncomingMessage {
     }
 
     /// Stops the message: the stream is stopped with `CANCELLED` and the sender told with a
-    /// Cancel frame. Parts already complete stay in the context.
+    /// Cancel frame. Parts already complete stay in the context. Does nothing once the whole
+    /// message has been read from its stream.
     pub fn cancel(&self) {
-        self.cancel.cancel();
+        if let Some(cancel) = &self.cancel {
+            cancel.cancel();
+        }
     }
 }
 
@@ -189,13 +196,13 @@ impl RawBytes {
 /// The part being received.
 enum Current {
     Raw {
-        info: PartInfo,
+        index: u64,
         media_type: String,
         bytes: RawBytes,
         stats: PartStats,
     },
     Coded {
-        info: PartInfo,
+        index: u64,
         spec: PartSpec,
         digest: [u8; 32],
         identity: unimic_codec::part::ModelIdentity,
@@ -211,12 +218,14 @@ struct Task {
     shared: Arc<Shared>,
     recv: quinn::RecvStream,
     reader: Reader,
-    cancel: CancellationToken,
+    /// Made when the message is handed over before it has been read whole (with `events`).
+    cancel: Option<CancellationToken>,
     /// Counts this task as running (see `Inbox::live`) until it ends.
     _live: LiveTask,
     /// The handle for this message, until it is queued in the session's inbox (at the first
     /// flush).
     undelivered: Option<IncomingMessage>,
+    /// Where later events go, once the message was handed over before its end.
     events: Option<mpsc::Sender<Vec<EventResult>>>,
     /// Events not handed over yet (see [`Task::flush_events`]).
     batch: Vec<EventResult>,
@@ -280,7 +289,7 @@ pub(crate) async fn run(shared: Arc<Shared>, recv: quinn::RecvStream, live: Live
         shared,
         recv,
         reader: Reader::new(limits),
-        cancel: CancellationToken::new(),
+        cancel: None,
         _live: live,
         undelivered: None,
         events: None,
@@ -311,10 +320,11 @@ impl Task {
     async fn pump(&mut self) -> Outcome {
         let mut eager = 0;
         loop {
-            if self.cancel.is_cancelled() {
+            if self.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
                 return Outcome::Cancelled;
             }
             loop {
+                let before = self.reader.consumed();
                 let ev = match self.reader.next_event() {
                     Ok(Some(ev)) => ev,
                     Ok(None) => break,
@@ -322,7 +332,9 @@ impl Task {
                         return Outcome::Failed(Fail::new(e.error_code(), e.to_string()));
                     }
                 };
-                match self.on_event(ev).await {
+                // The size of the event's frame on the wire.
+                let wire = self.reader.consumed().saturating_sub(before);
+                match self.on_event(ev, wire).await {
                     Ok(true) => return self.drain_end().await,
                     Ok(false) => {}
                     Err(f) => return Outcome::Failed(f),
@@ -342,9 +354,13 @@ impl Task {
                 None => {
                     eager = 0;
                     self.flush_events().await;
-                    tokio::select! {
-                        r = self.recv.read_chunk(READ_CHUNK, true) => r,
-                        _ = self.cancel.cancelled() => return Outcome::Cancelled,
+                    match &self.cancel {
+                        Some(cancel) => tokio::select! {
+                            r = self.recv.read_chunk(READ_CHUNK, true) => r,
+                            _ = cancel.cancelled() => return Outcome::Cancelled,
+                        },
+                        // Not handed over yet (no header): nobody can cancel it.
+                        None => self.recv.read_chunk(READ_CHUNK, true).await,
                     }
                 }
             };
@@ -392,9 +408,9 @@ impl Task {
         }
     }
 
-    /// Adds an event to the batch; a full batch is handed over.
+    /// Adds an event to the batch (once the message has a handle); a full batch is handed over.
     async fn emit(&mut self, ev: EventResult) {
-        if self.events.is_some() {
+        if self.events.is_some() || self.undelivered.is_some() {
             self.batch.push(ev);
             if self.batch.len() >= BATCH_EVENTS {
                 self.flush_events().await;
@@ -406,7 +422,24 @@ impl Task {
     /// the caller. Called before every wait (for bytes, for context, for a long decode) and at
     /// the end.
     async fn flush_events(&mut self) {
-        if let Some(msg) = self.undelivered.take() {
+        self.hand_over(false).await;
+    }
+
+    /// [`flush_events`](Self::flush_events); `last`: no event follows. A message handed over
+    /// only at its end (it was read whole without waiting) takes its events along, with no
+    /// channel and no cancellation token; otherwise both are made at the first hand-over.
+    async fn hand_over(&mut self, last: bool) {
+        if let Some(mut msg) = self.undelivered.take() {
+            if last {
+                msg.buffered = std::mem::take(&mut self.batch).into();
+            } else {
+                let (tx, rx) = mpsc::channel(BATCH_DEPTH);
+                let cancel = CancellationToken::new();
+                msg.events = Some(rx);
+                msg.cancel = Some(cancel.clone());
+                self.events = Some(tx);
+                self.cancel = Some(cancel);
+            }
             // The session may be gone; the message is still decoded to keep the context.
             self.shared.inbox.push(msg).await;
         }
@@ -422,7 +455,8 @@ impl Task {
     }
 
     /// Handles one reader event; `Ok(true)` at the message end.
-    async fn on_event(&mut self, ev: Event) -> Result<bool, Fail> {
+    /// `wire`: the size of the event's frame.
+    async fn on_event(&mut self, ev: Event, wire: u64) -> Result<bool, Fail> {
         match ev {
             Event::Header(h) => {
                 let id = h.message_id.into_inner();
@@ -448,26 +482,20 @@ impl Task {
                 self.shared.changed.notify_waiters();
                 self.stats.message_id = id;
                 self.started = Instant::now();
-                let (tx, rx) = mpsc::channel(BATCH_DEPTH);
-                self.events = Some(tx);
                 // Handed to the session's `recv` at the next flush, with the first events.
                 self.undelivered = Some(IncomingMessage {
                     message_id: id,
                     role: h.role,
-                    events: rx,
+                    events: None,
                     buffered: VecDeque::new(),
-                    cancel: self.cancel.clone(),
+                    cancel: None,
                     done: false,
                 });
                 tracing::debug!(id, role = ?h.role, "message started");
                 Ok(false)
             }
             Event::Part(h) => {
-                let wire = h_len(&h);
-                let current = self.start_part(h).await?;
-                let info = match &current {
-                    Current::Raw { info, .. } | Current::Coded { info, .. } => info.clone(),
-                };
+                let (current, info) = self.start_part(h).await?;
                 self.current = Some(current);
                 if let Some(Current::Raw { stats, .. } | Current::Coded { stats, .. }) =
                     self.current.as_mut()
@@ -478,7 +506,7 @@ impl Task {
                 Ok(false)
             }
             Event::Chunk(c) => {
-                self.on_chunk(c).await?;
+                self.on_chunk(c, wire).await?;
                 Ok(false)
             }
             Event::End(_) => Ok(true),
@@ -486,7 +514,8 @@ impl Task {
         }
     }
 
-    async fn start_part(&mut self, h: PartHeader) -> Result<Current, Fail> {
+    /// Checks a part header; returns the part's state and what the caller is told of it.
+    async fn start_part(&mut self, h: PartHeader) -> Result<(Current, PartInfo), Fail> {
         let shared = self.shared.clone();
         let index = h.index.into_inner();
         let limits = shared.negotiated.limits;
@@ -501,15 +530,16 @@ impl Task {
                     tokenizer: String::new(),
                     region: None,
                 };
-                return Ok(Current::Raw {
-                    info,
+                let current = Current::Raw {
+                    index,
                     media_type: r.media_type,
                     bytes: RawBytes::default(),
                     stats: PartStats {
                         index,
                         ..PartStats::default()
                     },
-                });
+                };
+                return Ok((current, info));
             }
             PartBody::Text(c) => (SequenceKind::Text, c),
             PartBody::Image(c) => (SequenceKind::Grid, c),
@@ -686,8 +716,8 @@ impl Task {
             tokenizer: tok_info.id.clone(),
             region,
         };
-        Ok(Current::Coded {
-            info,
+        let current = Current::Coded {
+            index,
             spec,
             digest: c.context_digest,
             identity: entry.identity,
@@ -700,7 +730,8 @@ impl Task {
                 pixels,
                 ..PartStats::default()
             },
-        })
+        };
+        Ok((current, info))
     }
 
     /// Waits until every referenced entry is in the context, as long as one may still arrive
@@ -738,11 +769,11 @@ impl Task {
         }
     }
 
-    async fn on_chunk(&mut self, c: PartChunk) -> Result<(), Fail> {
+    /// `wire`: the size of the chunk's frame.
+    async fn on_chunk(&mut self, c: PartChunk, wire: u64) -> Result<(), Fail> {
         if c.token_count.into_inner() > BLOCKING_TOKENS {
             self.flush_events().await;
         }
-        let wire = chunk_len(&c);
         let seq = c.seq.into_inner();
         let fin = c.fin;
         let index = c.part_index.into_inner();
@@ -907,12 +938,12 @@ impl Task {
         let message_id = self.message_id.unwrap_or(0);
         let (index, part, stats, seq) = match current {
             Current::Raw {
-                info,
+                index,
                 media_type,
                 bytes,
                 stats,
             } => (
-                info.index,
+                index,
                 ReceivedPart::Raw {
                     media_type,
                     bytes: bytes.into_bytes(),
@@ -921,7 +952,7 @@ impl Task {
                 None,
             ),
             Current::Coded {
-                info,
+                index,
                 grid,
                 decoder,
                 ids,
@@ -943,11 +974,11 @@ impl Task {
                     }
                     .map_err(|e| Fail::new(ErrorCode::DECODE_FAILED, e))?;
                     let seq = Sequence::grid(&g);
-                    (info.index, ReceivedPart::Image(g), stats, Some(seq))
+                    (index, ReceivedPart::Image(g), stats, Some(seq))
                 }
                 None => {
                     let seq = Sequence::text(ids.clone());
-                    (info.index, ReceivedPart::Text(ids), stats, Some(seq))
+                    (index, ReceivedPart::Text(ids), stats, Some(seq))
                 }
             },
         };
@@ -1030,21 +1061,12 @@ impl Task {
                 self.emit(Err(RecvError::ConnectionLost(reason))).await;
             }
         }
-        self.flush_events().await;
+        self.hand_over(true).await;
         if let (Some(id), true) = (id, self.registered) {
             self.shared.state().peer_inflight.remove(&id);
         }
         self.shared.changed.notify_waiters();
     }
-}
-
-fn h_len(h: &PartHeader) -> u64 {
-    Frame::PartHeader(h.clone()).encoded_len() as u64
-}
-
-fn chunk_len(c: &PartChunk) -> u64 {
-    // Cloning a chunk only bumps the payload's reference count.
-    Frame::PartChunk(c.clone()).encoded_len() as u64
 }
 
 #[cfg(test)]

@@ -153,6 +153,50 @@ async fn raw_parts_and_uniform_model_round_trip() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_read_whole_keeps_every_event_and_its_statistics() {
+    let mut p = pair();
+    let (client, server) = connect(&mut p).await;
+    let sent = within(
+        client.send(
+            OutgoingMessage::new(Role::User)
+                .with_part(OutgoingPart::text(vec![13225, 11, 2375, 0]))
+                .with_part(OutgoingPart::raw("application/x-id", vec![1u8, 2, 3]))
+                .with_part(OutgoingPart::text(vec![7; 40])),
+        ),
+    )
+    .await
+    .unwrap();
+    // Decoded (and so read to its end) by the server's driver before anyone receives it.
+    let stage = within(client.wait_ack(sent.message_id, AckStage::Decoded)).await;
+    assert_eq!(stage, Ok(AckStage::Decoded));
+    let msg = within(server.recv()).await.unwrap().unwrap();
+    // Nothing is left to stop: the message is still whole.
+    msg.cancel();
+    let got = within(msg.collect()).await.unwrap();
+    assert_eq!(
+        got.parts,
+        vec![
+            ReceivedPart::Text(vec![13225, 11, 2375, 0]),
+            ReceivedPart::Raw {
+                media_type: "application/x-id".into(),
+                bytes: vec![1u8, 2, 3].into()
+            },
+            ReceivedPart::Text(vec![7; 40]),
+        ]
+    );
+    // Frame sizes counted on receipt match what the sender wrote, part by part.
+    assert_eq!(got.stats.wire_bytes, sent.wire_bytes);
+    assert_eq!(got.stats.parts.len(), 3);
+    for (r, s) in got.stats.parts.iter().zip(&sent.parts) {
+        assert_eq!(
+            (r.index, r.wire_bytes, r.payload_bytes),
+            (s.index, s.wire_bytes, s.payload_bytes)
+        );
+    }
+    assert!(client.take_peer_errors().is_empty());
+}
+
 /// A server and client whose codecs hold the generic transformer with weights from `server_seed`
 /// and `client_seed`.
 fn generic_pair(server_seed: u64, client_seed: u64) -> Pair {
