@@ -339,6 +339,9 @@ impl Task {
                     Ok(false) => {}
                     Err(f) => return Outcome::Failed(f),
                 }
+                if self.batch.len() >= BATCH_EVENTS {
+                    self.flush_events().await;
+                }
             }
             // What has already arrived is parsed before the events go to the caller, so that a
             // message read at once reaches the caller in one wake-up (for a few reads at most:
@@ -408,13 +411,13 @@ impl Task {
         }
     }
 
-    /// Adds an event to the batch (once the message has a handle); a full batch is handed over.
-    async fn emit(&mut self, ev: EventResult) {
+    /// Adds an event to the batch (once the message has a handle). Not async: the batch is
+    /// handed over by the caller of the event handlers ([`pump`](Self::pump)) once it holds
+    /// [`BATCH_EVENTS`], and before every wait. (The handlers thus stay small futures: each
+    /// `.await` of one moves it whole.)
+    fn emit(&mut self, ev: EventResult) {
         if self.events.is_some() || self.undelivered.is_some() {
             self.batch.push(ev);
-            if self.batch.len() >= BATCH_EVENTS {
-                self.flush_events().await;
-            }
         }
     }
 
@@ -502,7 +505,7 @@ impl Task {
                 {
                     stats.wire_bytes += wire;
                 }
-                self.emit(Ok(MessageEvent::PartStart(info))).await;
+                self.emit(Ok(MessageEvent::PartStart(info)));
                 Ok(false)
             }
             Event::Chunk(c) => {
@@ -698,7 +701,10 @@ impl Task {
             .iter()
             .map(|r| ContextKey::new(r.message_id.into_inner(), r.part_index.into_inner()))
             .collect();
-        self.wait_context(&keys).await?;
+        if !keys.is_empty() {
+            // Boxed: a rare wait (with its timer) would otherwise enlarge every event's future.
+            Box::pin(self.wait_context(&keys)).await?;
+        }
         {
             let st = shared.state();
             st.context
@@ -772,7 +778,7 @@ impl Task {
     /// `wire`: the size of the chunk's frame.
     async fn on_chunk(&mut self, c: PartChunk, wire: u64) -> Result<(), Fail> {
         if c.token_count.into_inner() > BLOCKING_TOKENS {
-            self.flush_events().await;
+            Box::pin(self.flush_events()).await;
         }
         let seq = c.seq.into_inner();
         let fin = c.fin;
@@ -923,8 +929,7 @@ impl Task {
             seq,
             fin,
             data,
-        }))
-        .await;
+        }));
         if fin {
             self.end_part().await?;
         }
@@ -989,18 +994,20 @@ impl Task {
             };
             self.shared.changed.notify_waiters();
             match evicted {
-                Ok(ev) if !ev.is_empty() => self.shared.announce_evicted(ev).await,
+                // Boxed: evictions are rare, and the write would enlarge every chunk's future.
+                Ok(ev) if !ev.is_empty() => Box::pin(self.shared.announce_evicted(ev)).await,
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "part not kept in context"),
             }
         }
         self.stats.add_part(stats.clone());
-        self.emit(Ok(MessageEvent::PartEnd { index, part, stats }))
-            .await;
+        self.emit(Ok(MessageEvent::PartEnd { index, part, stats }));
         Ok(())
     }
 
-    async fn finish(mut self, outcome: Outcome) {
+    /// Ends the message after `outcome` (by reference: moving the task into this future would
+    /// copy it whole).
+    async fn finish(&mut self, outcome: Outcome) {
         let id = self.message_id;
         if id.is_none() {
             let mut st = self.shared.state();
@@ -1023,42 +1030,41 @@ impl Task {
                 }
                 let stats = std::mem::take(&mut self.stats);
                 tracing::debug!(id, wire = stats.wire_bytes, "message received");
-                self.emit(Ok(MessageEvent::End(stats))).await;
+                self.emit(Ok(MessageEvent::End(stats)));
             }
             Outcome::Failed(f) => {
                 tracing::warn!(id, code = %f.code, reason = %f.reason, "incoming message refused");
                 let _ = self.recv.stop(wire::quic_code(f.code));
-                self.shared
-                    .send_control(Frame::Error(ErrorFrame {
-                        code: f.code,
-                        message_id: id.map(VarInt::saturating),
-                        reason: wire::short_reason(&f.reason),
-                    }))
-                    .await;
+                // Boxed (here and below): the control write would enlarge the future of every
+                // message for the sake of the failed ones.
+                Box::pin(self.shared.send_control(Frame::Error(ErrorFrame {
+                    code: f.code,
+                    message_id: id.map(VarInt::saturating),
+                    reason: wire::short_reason(&f.reason),
+                })))
+                .await;
                 self.emit(Err(RecvError::Protocol {
                     code: f.code,
                     reason: f.reason,
-                }))
-                .await;
+                }));
             }
             Outcome::Reset(code) => {
                 tracing::debug!(id, %code, "message reset by the sender");
-                self.emit(Err(RecvError::Reset(code))).await;
+                self.emit(Err(RecvError::Reset(code)));
             }
             Outcome::Cancelled => {
                 let _ = self.recv.stop(wire::quic_code(ErrorCode::CANCELLED));
                 if let Some(id) = id {
-                    self.shared
-                        .send_control(Frame::Cancel(Cancel {
-                            message_id: VarInt::saturating(id),
-                            code: ErrorCode::CANCELLED,
-                        }))
-                        .await;
+                    Box::pin(self.shared.send_control(Frame::Cancel(Cancel {
+                        message_id: VarInt::saturating(id),
+                        code: ErrorCode::CANCELLED,
+                    })))
+                    .await;
                 }
-                self.emit(Err(RecvError::Cancelled)).await;
+                self.emit(Err(RecvError::Cancelled));
             }
             Outcome::Lost(reason) => {
-                self.emit(Err(RecvError::ConnectionLost(reason))).await;
+                self.emit(Err(RecvError::ConnectionLost(reason)));
             }
         }
         self.hand_over(true).await;

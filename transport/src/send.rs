@@ -556,7 +556,8 @@ impl MessageWriter {
         }
         self.shared.changed.notify_waiters();
         match evicted {
-            Ok(ev) if !ev.is_empty() => self.shared.announce_evicted(ev).await,
+            // Boxed: evictions are rare, and the write would enlarge every part's future.
+            Ok(ev) if !ev.is_empty() => Box::pin(self.shared.announce_evicted(ev)).await,
             Ok(_) => {}
             // A part larger than the whole context budget is simply not kept.
             Err(e) => tracing::debug!(parent: &self.span, error = %e, "part not kept in context"),
@@ -679,6 +680,12 @@ impl MessageWriter {
     /// Writes the message end (with whatever is still pending, in one write) and finishes the
     /// stream. Returns the message statistics.
     pub async fn finish(mut self) -> Result<MessageStats, SendError> {
+        self.finish_here().await
+    }
+
+    /// [`finish`](Self::finish) without moving the writer into the future (a writer left
+    /// unfinished by an error resets its stream when dropped, as before).
+    pub(crate) async fn finish_here(&mut self) -> Result<MessageStats, SendError> {
         if self.text.is_some() {
             self.close_text().await?;
         }

@@ -361,7 +361,7 @@ impl Session {
         for part in message.parts {
             writer.write_part(part).await?;
         }
-        writer.finish().await
+        writer.finish_here().await
     }
 
     /// Opens a message to write part by part, or to stream text into (see [`MessageWriter`]).
