@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tracing::Instrument;
 use unimic_protocol::ErrorCode;
 
@@ -70,10 +70,16 @@ impl Inbox {
     /// Queues a message, waiting while the inbox is full. Once the session is dropped the
     /// message is dropped instead (its task still decodes it, so the context stays in step).
     pub(crate) async fn push(&self, message: IncomingMessage) {
-        match self.room.acquire().await {
-            Ok(permit) => permit.forget(),
-            Err(_) => return,
-        }
+        // Without waiting first (no future to poll when there is room, as there usually is).
+        let permit = match self.room.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => match self.room.acquire().await {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        permit.forget();
         self.queue().push_back(message);
         self.ready.notify_one();
     }

@@ -241,7 +241,8 @@ struct Task {
     /// Tokens of this message's transformer-coded parts so far (bounded by
     /// `SessionConfig::max_message_model_tokens`).
     model_tokens: u64,
-    started: Instant,
+    /// When the message header was read.
+    started: Option<Instant>,
 }
 
 /// Failure inside the task: what to tell the peer and the caller.
@@ -301,7 +302,7 @@ pub(crate) async fn run(shared: Arc<Shared>, recv: quinn::RecvStream, live: Live
         stats: MessageStats::default(),
         read_bytes: 0,
         model_tokens: 0,
-        started: Instant::now(),
+        started: None,
     };
     let outcome = task.pump().await;
     task.finish(outcome).await;
@@ -484,7 +485,7 @@ impl Task {
                 self.registered = true;
                 self.shared.changed.notify_waiters();
                 self.stats.message_id = id;
-                self.started = Instant::now();
+                self.started = Some(Instant::now());
                 // Handed to the session's `recv` at the next flush, with the first events.
                 self.undelivered = Some(IncomingMessage {
                     message_id: id,
@@ -1016,7 +1017,7 @@ impl Task {
         match outcome {
             Outcome::Done => {
                 self.stats.wire_bytes = self.read_bytes;
-                self.stats.elapsed = self.started.elapsed();
+                self.stats.elapsed = self.started.map(|t| t.elapsed()).unwrap_or_default();
                 if let (Some(id), true) = (id, self.shared.config.send_acks) {
                     // Queued, not written: it rides with our next message (or goes alone after
                     // the ack delay), so the caller gets the message end without waiting on it.
