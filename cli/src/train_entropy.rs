@@ -14,11 +14,13 @@ use unimic_codec::entropy::generic::GenericConfig;
 use unimic_codec::entropy::masked::MaskedConfig;
 use unimic_codec::entropy::text_cond::TextCondConfig;
 use unimic_codec::entropy::train::{
-    tokenize_captions, train, Device, Event, GridSet, ModelSpec, Sample, TrainOptions,
+    import_weights, tokenize_captions, train, Device, Event, GridSet, ModelSpec, Sample,
+    TrainOptions,
 };
 use unimic_codec::grid::read_grid_file;
 use unimic_codec::nn::transformer::BodyConfig;
 
+mod external;
 mod images;
 
 /// Which model to train.
@@ -73,7 +75,8 @@ pub struct Args {
     /// Also tokenize every training image whole, scaled so that its shorter side is this many
     /// pixels (then cut to a multiple of 16), as is and flipped horizontally, and add every
     /// `crop`-sized window of those token grids (at `--window-stride`) to the training grids;
-    /// 0: off. Many more distinct grids for about two crops' tokenizing cost per image.
+    /// 0: off. Many more distinct grids for about two crops' tokenizing cost per image. With
+    /// `--captioned`, each window carries its image's captions.
     #[arg(long, default_value_t = 0)]
     pub whole_side: u32,
     /// Stride, in tokens, between the windows of `--whole-side`.
@@ -150,6 +153,18 @@ pub struct Args {
     /// Largest token-grid file accepted, in tokens.
     #[arg(long, default_value_t = 1 << 28)]
     pub max_tokens: u64,
+    /// Write the assembled training and validation data to this folder (`train.umtg`,
+    /// `val.umtg`, `data.txt`, and `texts.json` with the captions' o200k ids) and exit without
+    /// training: the input of an outside trainer such as `tools/gpu-train/train_entropy.py`.
+    #[arg(long, conflicts_with = "import")]
+    pub export_data: Option<PathBuf>,
+    /// Do not train: adopt the weights in this safetensors file, trained elsewhere on the same
+    /// data (for example by `tools/gpu-train/train_entropy.py` on a GPU). Every tensor of the
+    /// architecture must be there with its shape; the validation loss is measured here, and the
+    /// outside run's steps, batch, seed, data, training loss and command are read from the
+    /// `<stem>.train.json` beside the file. Writes `<out>/<id>.safetensors` and its manifest.
+    #[arg(long)]
+    pub import: Option<PathBuf>,
 }
 
 fn load_set(
@@ -294,6 +309,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.data = data;
     opts.command = std::env::args().collect::<Vec<_>>().join(" ");
 
+    if let Some(dir) = &args.export_data {
+        external::export_data(dir, &train_set, &val_set, &opts.data)?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "exported": dir.display().to_string(),
+                "kind": kind,
+                "train_grids": train_set.samples.len(),
+                "val_grids": val_set.samples.len(),
+                "height": train_set.height,
+                "width": train_set.width,
+                "codebook_size": k,
+            })
+        );
+        return Ok(());
+    }
+    if let Some(weights) = &args.import {
+        return import(&spec, weights, &val_set, opts);
+    }
+
     let pb = ProgressBar::new(args.steps);
     pb.set_style(
         ProgressStyle::with_template(
@@ -344,6 +379,70 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "train_bits_per_token": t.train_bits_per_token,
             "val_bits_per_token": t.val_bits_per_token,
             "uniform_bits_per_token": uniform,
+        })
+    );
+    Ok(())
+}
+
+/// `--import`: adopts outside weights after measuring them here; for the generic and text models
+/// (whose validation loss has no random part) the outside trainer's own figure must agree.
+fn import(
+    spec: &ModelSpec,
+    weights: &Path,
+    val_set: &GridSet,
+    mut opts: TrainOptions,
+) -> anyhow::Result<()> {
+    let (run, record) = external::read_record(weights)?;
+    opts.batch_size = run.batch_size;
+    opts.seed = run.seed;
+    if !run.data.is_empty() {
+        opts.data.clone_from(&run.data);
+    }
+    opts.command = format!(
+        "{}{}; then {}",
+        run.command,
+        if run.device.is_empty() {
+            String::new()
+        } else {
+            format!(" (on {})", run.device)
+        },
+        opts.command
+    );
+    let report = import_weights(
+        spec,
+        weights,
+        val_set,
+        &opts,
+        run.steps,
+        run.train_bits_per_token,
+        &Device::Cpu,
+    )?;
+    let t = report.manifest.training.clone().unwrap_or_default();
+    let gap = (t.val_bits_per_token - run.val_bits_per_token).abs();
+    if !matches!(spec, ModelSpec::Masked(_)) && gap > 0.01 {
+        bail!(
+            "{}: validation here is {:.4} bits/token, {} recorded {:.4}: the outside network \
+             does not compute this architecture (or used other validation data); {} was \
+             written but must not be shipped",
+            weights.display(),
+            t.val_bits_per_token,
+            record.display(),
+            run.val_bits_per_token,
+            report.manifest_path.display()
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "manifest": report.manifest_path.display().to_string(),
+            "id": report.manifest.id,
+            "kind": report.manifest.kind,
+            "sha256": report.manifest.sha256,
+            "params": report.manifest.params,
+            "steps": t.steps,
+            "train_bits_per_token": t.train_bits_per_token,
+            "val_bits_per_token": t.val_bits_per_token,
+            "outside_val_bits_per_token": run.val_bits_per_token,
         })
     );
     Ok(())

@@ -9,8 +9,8 @@ use unimic_codec::entropy::generic::{Generic, GenericConfig};
 use unimic_codec::entropy::masked::{Masked, MaskedConfig};
 use unimic_codec::entropy::text_cond::{TextCond, TextCondConfig};
 use unimic_codec::entropy::train::{
-    masked_sequence, train, Event, GenericNet, GridSet, MaskedNet, MaskedSequence, ModelSpec,
-    TextCondNet, TrainOptions,
+    import_weights, masked_sequence, train, Event, GenericNet, GridSet, MaskedNet, MaskedSequence,
+    ModelSpec, TextCondNet, TrainOptions,
 };
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::nn::weights::Weights;
@@ -277,5 +277,72 @@ fn a_masked_run_can_start_from_a_generic_checkpoint() {
     o.id = "masked2".into();
     o.init_from = Some(other);
     assert!(train(&spec, &set, &set, &o, &Device::Cpu, &mut |_| {}).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn imported_weights_are_validated_and_get_a_manifest_that_loads() {
+    let dir = std::env::temp_dir().join(format!("unimic-train-import-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = 16usize;
+    let val = GridSet::synthetic(6, 6, k, 16, 2);
+    let mut cfg = GenericConfig::tiny(k);
+    cfg.max_side = 8;
+    let spec = ModelSpec::Generic(cfg.clone());
+    // A trained checkpoint stands in for weights from an outside trainer.
+    let mut o = tiny_opts(&dir.join("trained"), 30);
+    o.id = "trained".into();
+    let r = train(
+        &spec,
+        &GridSet::synthetic(6, 6, k, 64, 1),
+        &val,
+        &o,
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap();
+    let trained_val = r.manifest.training.unwrap().val_bits_per_token;
+    let src = dir.join("trained").join("trained.safetensors");
+    let mut io = tiny_opts(&dir.join("out"), 1);
+    io.id = "imported".into();
+    io.command = "outside trainer".into();
+    let m = import_weights(&spec, &src, &val, &io, 12_345, 3.25, &Device::Cpu).unwrap();
+    let t = m.manifest.training.clone().unwrap();
+    assert_eq!((t.steps, t.train_bits_per_token), (12_345, 3.25));
+    assert!(
+        (t.val_bits_per_token - trained_val).abs() < 1e-4,
+        "{t:?} vs {trained_val}"
+    );
+    assert_eq!(t.command, "outside trainer");
+    let (model, man) = Generic::load(&m.manifest_path).unwrap();
+    assert_eq!(model.content_hash(), man.sha256);
+    let g = TokenGrid::new(6, 6, k as u32, val.samples[0].ids.clone()).unwrap();
+    assert_eq!(model.decode(6, 6, &model.encode(&g).unwrap()).unwrap(), g);
+
+    // A file missing a tensor, with a wrong shape, or with an extra tensor is refused.
+    let write = |name: &str, shapes: &[(String, Vec<usize>)]| {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            Weights::synthetic(shapes, 3, 1.0).to_safetensors().unwrap(),
+        )
+        .unwrap();
+        p
+    };
+    let mut shapes = cfg.tensor_shapes();
+    let ok = write("ok.safetensors", &shapes);
+    assert!(import_weights(&spec, &ok, &val, &io, 1, 1.0, &Device::Cpu).is_ok());
+    shapes.push(("extra.weight".to_string(), vec![2]));
+    let extra = write("extra.safetensors", &shapes);
+    shapes.pop();
+    let last = shapes.pop().unwrap();
+    let missing = write("missing.safetensors", &shapes);
+    shapes.push((last.0, vec![last.1[0] + 1]));
+    let wrong = write("wrong.safetensors", &shapes);
+    for bad in [extra, missing, wrong] {
+        let e = import_weights(&spec, &bad, &val, &io, 1, 1.0, &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains(&*bad.display().to_string()), "{e}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -150,19 +150,16 @@ fn whole_windows(
     let pb = images_bar(items.len(), "whole images");
     let stride = stride.max(1);
     let mut out = Vec::new();
-    for (path, _) in items {
+    let mut caps = Vec::new();
+    for (path, captions) in items {
         let img = image::open(path)
             .with_context(|| format!("decoding {}", path.display()))?
             .to_rgb8();
         let (w, h) = img.dimensions();
-        let short = w.min(h).max(1);
-        let (sw, sh) = (
-            (u64::from(w) * u64::from(side) / u64::from(short)).max(u64::from(side)) as u32,
-            (u64::from(h) * u64::from(side) / u64::from(short)).max(u64::from(side)) as u32,
-        );
+        let (sw, sh, cw, ch) = whole_dims(w, h, side);
         let scaled = imageops::resize(&img, sw, sh, FilterType::CatmullRom);
-        let (cw, ch) = (sw / 16 * 16, sh / 16 * 16);
         let base = imageops::crop_imm(&scaled, (sw - cw) / 2, (sh - ch) / 2, cw, ch).to_image();
+        let mut j = 0;
         for view in [imageops::flip_horizontal(&base), base] {
             let g = tok.encode(&view)?;
             let (gh, gw, k) = (g.height() as usize, g.width() as usize, g.codebook_size());
@@ -177,17 +174,59 @@ fn whole_windows(
                         v.extend_from_slice(&ids[r * gw + c0..r * gw + c0 + win]);
                     }
                     out.push(TokenGrid::new(win as u32, win as u32, k, v)?);
+                    // Window j of a captioned image takes caption j (mod their number) as its
+                    // own; `add_alternative_captions` gives it the others.
+                    caps.push(if captions.is_empty() {
+                        String::new()
+                    } else {
+                        captions[j % captions.len()].clone()
+                    });
+                    j += 1;
                 }
             }
         }
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let caps = vec![String::new(); out.len()];
     Ok((out, caps))
 }
 
-/// Reads `captions.csv` (`image,caption` with a header; captions may contain commas).
+/// The whole-image view of a `w × h` image at shorter side `side`: the scaled size `(sw, sh)` and
+/// the centred cut `(cw, ch)` to multiples of 16.
+fn whole_dims(w: u32, h: u32, side: u32) -> (u32, u32, u32, u32) {
+    let short = w.min(h).max(1);
+    let (sw, sh) = (
+        (u64::from(w) * u64::from(side) / u64::from(short)).max(u64::from(side)) as u32,
+        (u64::from(h) * u64::from(side) / u64::from(short)).max(u64::from(side)) as u32,
+    );
+    (sw, sh, sw / 16 * 16, sh / 16 * 16)
+}
+
+/// How many windows [`whole_windows`] cuts from each item (read from the image headers, without
+/// decoding), so cached windows can be matched to their images again.
+fn window_counts(
+    items: &[(PathBuf, Vec<String>)],
+    side: u32,
+    win: usize,
+    stride: usize,
+) -> anyhow::Result<Vec<usize>> {
+    let stride = stride.max(1);
+    items
+        .iter()
+        .map(|(path, _)| {
+            let (w, h) = image::image_dimensions(path)
+                .with_context(|| format!("reading the size of {}", path.display()))?;
+            let (_, _, cw, ch) = whole_dims(w, h, side);
+            let (gh, gw) = ((ch / 16) as usize, (cw / 16) as usize);
+            Ok(if gh < win || gw < win {
+                0
+            } else {
+                2 * ((gh - win) / stride + 1) * ((gw - win) / stride + 1)
+            })
+        })
+        .collect()
+}
+
 fn read_captions(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -234,24 +273,30 @@ fn to_set(grids: Vec<TokenGrid>, caps: &[String], text: bool) -> anyhow::Result<
 
 /// Gives each training grid the other captions of its image (`n` grids per item, in item order,
 /// grid `i` of an item captioned with caption `i mod captions`, as [`tokenize`] lays them out).
+/// Gives every training grid the other captions of its image: `counts[i]` consecutive samples
+/// of `samples` belong to item `i`, sample `j` of an image owning caption `j` (mod their number).
 fn add_alternative_captions(
-    set: &mut GridSet,
+    samples: &mut [Sample],
     items: &[(PathBuf, Vec<String>)],
-    n: usize,
+    counts: &[usize],
 ) -> anyhow::Result<()> {
-    if set.samples.len() != items.len() * n {
+    let total: usize = counts.iter().sum();
+    if samples.len() != total || counts.len() != items.len() {
         bail!(
-            "{} training grids for {} images x {n} crops",
-            set.samples.len(),
+            "{} training grids for {} images ({total} expected)",
+            samples.len(),
             items.len()
         );
     }
-    for ((_, captions), samples) in items.iter().zip(set.samples.chunks_mut(n)) {
+    let mut rest = samples;
+    for ((_, captions), &n) in items.iter().zip(counts) {
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        rest = tail;
         if captions.len() < 2 {
             continue;
         }
         let ids = tokenize_captions(&captions.iter().map(String::as_str).collect::<Vec<_>>())?;
-        for (i, s) in samples.iter_mut().enumerate() {
+        for (i, s) in mine.iter_mut().enumerate() {
             let own = i % captions.len();
             s.alt_texts = ids
                 .iter()
@@ -264,7 +309,6 @@ fn add_alternative_captions(
     Ok(())
 }
 
-/// Loads a cached grid file and its captions, or builds and caches them.
 fn cached(
     path: &Path,
     text: bool,
@@ -397,13 +441,14 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
     })?;
     let mut whole = String::new();
     if text {
-        add_alternative_captions(&mut train_set, &train_items, n)?;
+        add_alternative_captions(
+            &mut train_set.samples,
+            &train_items,
+            &vec![n; train_items.len()],
+        )?;
         whole = "; each training step draws one of the image's captions".to_string();
     }
     if args.whole_side > 0 {
-        if text {
-            bail!("--whole-side is for uncaptioned training images (generic, masked)");
-        }
         if args.whole_side < crop {
             bail!("--whole-side {} is below the crop {crop}", args.whole_side);
         }
@@ -417,17 +462,24 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
                 h.update([0]);
             }
             h.update(format!("whole-v1|{}|{win}|{stride}", args.whole_side));
+            if text {
+                h.update("|captioned");
+            }
             hex::encode(&h.finalize()[..6])
         };
         let path = args.out.join(format!("data/{tag}-{wkey}.whole.umtg"));
-        let windows = cached(&path, false, || {
+        let mut windows = cached(&path, text, || {
             whole_windows(&tok, &train_items, args.whole_side, win, stride)
         })?;
+        if text {
+            let counts = window_counts(&train_items, args.whole_side, win, stride)?;
+            add_alternative_captions(&mut windows.samples, &train_items, &counts)?;
+        }
         if (windows.height, windows.width) != (train_set.height, train_set.width) {
             bail!("whole-image windows do not match the crops' grid shape");
         }
         whole = format!(
-            " + {} windows ({win}x{win}, stride {stride}) of the training images tokenized whole \
+            "{whole} + {} windows ({win}x{win}, stride {stride}) of the training images tokenized whole \
              at shorter side {} px, as is and flipped",
             windows.samples.len(),
             args.whole_side
@@ -448,4 +500,61 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
         train_set.width
     );
     Ok((train_set, val_set, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_counts_follow_the_whole_image_geometry() {
+        let dir = std::env::temp_dir().join(format!("unimic-windows-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // 500x375 at shorter side 288: 384x288 -> cut 384x288 -> 24x18 tokens.
+        let a = dir.join("a.png");
+        RgbImage::new(500, 375).save(&a).unwrap();
+        // 300x300 at 288: 288x288 -> 18x18 tokens.
+        let b = dir.join("b.png");
+        RgbImage::new(300, 300).save(&b).unwrap();
+        assert_eq!(whole_dims(500, 375, 288), (384, 288, 384, 288));
+        let items = vec![(a, vec![]), (b, vec![])];
+        // Two views each; stride 1: (18-16+1)*(24-16+1) and 3*3.
+        assert_eq!(window_counts(&items, 288, 16, 1).unwrap(), vec![54, 18]);
+        // Stride 2: rows 0,2 and columns 0,2,4,6,8.
+        assert_eq!(window_counts(&items, 288, 16, 2).unwrap(), vec![20, 8]);
+        // Windows larger than the grid: none.
+        assert_eq!(window_counts(&items, 288, 20, 1).unwrap(), vec![0, 0]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn each_grid_gets_the_other_captions_of_its_own_image() {
+        let sample = |t: u32| Sample {
+            ids: vec![t],
+            text: Vec::new(),
+            alt_texts: Vec::new(),
+        };
+        let mut samples: Vec<Sample> = (0..5).map(sample).collect();
+        let items = vec![
+            (
+                PathBuf::from("a"),
+                vec!["one".to_string(), "two".to_string()],
+            ),
+            (PathBuf::from("b"), vec!["only".to_string()]),
+            (PathBuf::from("c"), vec!["x y".to_string(), "z".to_string()]),
+        ];
+        // Uneven counts: image a has 3 grids, b 1, c 1.
+        add_alternative_captions(&mut samples, &items, &[3, 1, 1]).unwrap();
+        let ids = |s: &str| tokenize_captions(&[s]).unwrap().remove(0);
+        assert_eq!(samples[0].alt_texts, vec![ids("two")]);
+        assert_eq!(samples[1].alt_texts, vec![ids("one")]);
+        assert_eq!(samples[2].alt_texts, vec![ids("two")]);
+        assert!(
+            samples[3].alt_texts.is_empty(),
+            "one caption: no alternative"
+        );
+        assert_eq!(samples[4].alt_texts, vec![ids("z")]);
+        // Counts that do not add up are refused.
+        assert!(add_alternative_captions(&mut samples, &items, &[2, 1, 1]).is_err());
+    }
 }

@@ -744,6 +744,82 @@ pub fn train(
     })
 }
 
+/// Adopts weights trained outside [`train`] (for example by `tools/gpu-train/train_entropy.py`,
+/// the same networks in PyTorch for an accelerator): checks that `weights` holds exactly the
+/// tensors of `spec` (every name, every shape, nothing else), measures their validation loss on
+/// `val_set` with this module's networks (the same pass [`train`] reports), and writes them with
+/// their [`Manifest`] as `<out_dir>/<id>.safetensors` and `.json`. `steps` and `train_bits` are
+/// the outside run's own record; `opts` supplies the id, folder, batch size, seed, data
+/// description, command and validation size.
+pub fn import_weights(
+    spec: &ModelSpec,
+    weights: &Path,
+    val_set: &GridSet,
+    opts: &TrainOptions,
+    steps: u64,
+    train_bits: f64,
+    dev: &Device,
+) -> Result<TrainReport, TrainError> {
+    val_set.validate()?;
+    if val_set.codebook_size != spec.codebook_size() {
+        return Err(TrainError::Invalid(format!(
+            "data codebook {} differs from the model's {}",
+            val_set.codebook_size,
+            spec.codebook_size()
+        )));
+    }
+    let all = candle_core::safetensors::load(weights, dev)?;
+    let shapes = spec.tensor_shapes();
+    for (name, shape) in &shapes {
+        match all.get(name) {
+            Some(t) if t.dims() == shape.as_slice() => {}
+            Some(t) => {
+                return Err(TrainError::Invalid(format!(
+                    "{}: {name} has shape {:?}, the model needs {shape:?}",
+                    weights.display(),
+                    t.dims()
+                )))
+            }
+            None => {
+                return Err(TrainError::Invalid(format!(
+                    "{}: tensor {name} is missing",
+                    weights.display()
+                )))
+            }
+        }
+    }
+    if all.len() != shapes.len() {
+        return Err(TrainError::Invalid(format!(
+            "{} holds {} tensors, the model has {}",
+            weights.display(),
+            all.len(),
+            shapes.len()
+        )));
+    }
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let net = Net::new(spec, vb)?;
+    init_from(&varmap, weights, dev)?;
+    let val_bits = validate(&net, val_set, opts, dev)?;
+    if !val_bits.is_finite() {
+        return Err(TrainError::Invalid(format!(
+            "{}: validation loss is {val_bits}",
+            weights.display()
+        )));
+    }
+    std::fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
+    let (wpath, mpath, _, _) = paths(opts);
+    varmap.save(&wpath)?;
+    write_manifest(spec, opts, &wpath, &mpath, steps, train_bits, val_bits)?;
+    let text = std::fs::read(&mpath).map_err(io_err(&mpath))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    Ok(TrainReport {
+        manifest,
+        manifest_path: mpath,
+    })
+}
+
 fn write_manifest(
     spec: &ModelSpec,
     opts: &TrainOptions,
