@@ -22,8 +22,8 @@ run generic-a --kind generic $BF --init $M/unimic-entropy-generic-v2.safetensors
 run generic-b --kind generic $BF --lr 1e-3 --dropout 0.1 --weight-decay 0.05
 run masked-a --kind masked $BF --init $M/unimic-entropy-masked-v2.safetensors --lr 5e-4 --dropout 0.1 --weight-decay 0.05
 run masked-b --kind masked $BF --init $M/unimic-entropy-generic-v2.safetensors --lr 1e-3 --dropout 0.1 --weight-decay 0.05
-run text-a --kind text --data $DATA/flickr --init $M/unimic-entropy-text-v2.safetensors --lr 5e-4 --dropout 0.1 --weight-decay 0.05
-run text-b --kind text --data $DATA/flickr --init $M/unimic-entropy-generic-v2.safetensors --lr 1e-3 --dropout 0.1 --weight-decay 0.05
+run text-a --kind text --data $DATA/flickr --init $M/unimic-entropy-text-v2.safetensors --lr 3e-4 --dropout 0.2 --weight-decay 0.05
+run text-b --kind text --data $DATA/flickr --init $M/unimic-entropy-generic-v2.safetensors --lr 5e-4 --dropout 0.2 --weight-decay 0.05
 wait
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
 tail -n 3 "$OUT"/log/*.log
