@@ -419,16 +419,12 @@ impl MessageWriter {
                 let budget = usize::try_from(self.frame_budget())
                     .unwrap_or(usize::MAX)
                     .max(1);
-                let pieces: Vec<Bytes> = if bytes.is_empty() {
-                    vec![Bytes::new()]
-                } else {
-                    (0..bytes.len())
-                        .step_by(budget)
-                        .map(|s| bytes.slice(s..(s + budget).min(bytes.len())))
-                        .collect()
-                };
-                let count = pieces.len();
-                for (seq, payload) in pieces.into_iter().enumerate() {
+                // A chunk per `budget` bytes (an empty part has one, empty, chunk); each a
+                // slice of the caller's buffer.
+                let count = bytes.len().div_ceil(budget).max(1);
+                for seq in 0..count {
+                    let start = seq * budget;
+                    let payload = bytes.slice(start..start.saturating_add(budget).min(bytes.len()));
                     stats.payload_bytes += payload.len() as u64;
                     let f = Frame::PartChunk(PartChunk {
                         part_index: v(index),

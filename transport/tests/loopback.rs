@@ -154,6 +154,72 @@ async fn raw_parts_and_uniform_model_round_trip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_parts_are_split_into_frame_sized_chunks() {
+    // 4,096-byte frames: 4,056 bytes of payload per chunk.
+    let limits = Limits {
+        max_frame_bytes: 4096u32.into(),
+        ..Limits::default()
+    };
+    let (server, pin) = server_with(|c| c);
+    let mut p = Pair {
+        addr: server.local_addr().unwrap(),
+        client: client_with(pin, |c| {
+            c.with_session(session_config().with_limits(limits))
+        }),
+        server,
+        pin,
+    };
+    let (client, server) = connect(&mut p).await;
+    let blob: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    within(
+        client.send(
+            OutgoingMessage::new(Role::User)
+                .with_part(OutgoingPart::raw("application/octet-stream", blob.clone()))
+                .with_part(OutgoingPart::raw("application/x-empty", Vec::new())),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut msg = within(server.recv()).await.unwrap().unwrap();
+    let mut chunks: Vec<(u64, u64, bool, usize)> = Vec::new();
+    let mut parts = Vec::new();
+    while let Some(ev) = within(msg.next()).await {
+        match ev.unwrap() {
+            MessageEvent::Chunk {
+                part_index,
+                seq,
+                fin,
+                data: ChunkData::Raw(bytes),
+            } => chunks.push((part_index, seq, fin, bytes.len())),
+            MessageEvent::PartEnd { part, .. } => parts.push(part),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        chunks,
+        vec![
+            (0, 0, false, 4056),
+            (0, 1, false, 4056),
+            (0, 2, true, 1888),
+            (1, 0, true, 0)
+        ]
+    );
+    assert_eq!(
+        parts,
+        vec![
+            ReceivedPart::Raw {
+                media_type: "application/octet-stream".into(),
+                bytes: blob.into()
+            },
+            ReceivedPart::Raw {
+                media_type: "application/x-empty".into(),
+                bytes: Vec::<u8>::new().into()
+            },
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_read_whole_keeps_every_event_and_its_statistics() {
     let mut p = pair();
     let (client, server) = connect(&mut p).await;
