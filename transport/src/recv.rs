@@ -483,7 +483,7 @@ impl Task {
                     }
                 }
                 self.registered = true;
-                self.shared.changed.notify_waiters();
+                self.shared.notify_changed();
                 self.stats.message_id = id;
                 self.started = Some(Instant::now());
                 // Handed to the session's `recv` at the next flush, with the first events.
@@ -746,8 +746,9 @@ impl Task {
     async fn wait_context(&mut self, keys: &[ContextKey]) -> Result<(), Fail> {
         let shared = self.shared.clone();
         let deadline = tokio::time::Instant::now() + shared.config.context_wait;
+        let watch = shared.watch();
         loop {
-            let notified = shared.changed.notified();
+            let notified = watch.changed();
             let missing = {
                 let st = shared.state();
                 let missing = keys.iter().find(|k| st.context.get(**k).is_none()).copied();
@@ -993,7 +994,7 @@ impl Task {
                 let mut st = self.shared.state();
                 st.context.insert(ContextKey::new(message_id, index), seq)
             };
-            self.shared.changed.notify_waiters();
+            self.shared.notify_changed();
             match evicted {
                 // Boxed: evictions are rare, and the write would enlarge every chunk's future.
                 Ok(ev) if !ev.is_empty() => Box::pin(self.shared.announce_evicted(ev)).await,
@@ -1072,7 +1073,7 @@ impl Task {
         if let (Some(id), true) = (id, self.registered) {
             self.shared.state().peer_inflight.remove(&id);
         }
-        self.shared.changed.notify_waiters();
+        self.shared.notify_changed();
     }
 }
 

@@ -550,7 +550,7 @@ impl MessageWriter {
         if evicted.is_ok() && !self.pending.is_empty() {
             self.unsent.push(key);
         }
-        self.shared.changed.notify_waiters();
+        self.shared.notify_changed();
         match evicted {
             // Boxed: evictions are rare, and the write would enlarge every part's future.
             Ok(ev) if !ev.is_empty() => Box::pin(self.shared.announce_evicted(ev)).await,

@@ -25,7 +25,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -94,8 +94,11 @@ pub(crate) struct Shared {
     pub tokenizers: Vec<TokenizerInfo>,
     pub config: SessionConfig,
     state: Mutex<State>,
-    /// Signalled whenever the context or the in-flight sets change, or an ack arrives.
-    pub changed: Notify,
+    /// Signalled whenever the context or the in-flight sets change, or an ack arrives, while
+    /// someone watches (see [`Shared::watch`]); always when the connection ends.
+    changed: Notify,
+    /// Callers waiting for `changed` (see [`Shared::watch`]).
+    watchers: AtomicUsize,
     /// Signalled (one permit) when an acknowledgement is queued while none was pending: arms the
     /// driver's ack timer.
     ack_queued: Notify,
@@ -118,6 +121,27 @@ impl Shared {
     /// ever mutated in small steps that leave it consistent.
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the callers waiting for a change of the state (context, in-flight sets, acks).
+    /// Call it after the change, made under the state lock. When nobody watches, as is usual
+    /// (waits are for acknowledgements, a graceful close, or parts still arriving), it costs one
+    /// atomic load instead of the notifier's lock.
+    ///
+    /// Nothing is missed: a watcher counts itself before it looks at the state. If this load
+    /// sees no watcher, the watcher's count, and so its look under the state lock, come after
+    /// this change was unlocked: it sees the change.
+    pub fn notify_changed(&self) {
+        if self.watchers.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Counts the caller as waiting for changes until the guard is dropped. Take it before the
+    /// first look at the state, and make each [`Watch::changed`] future before looking again.
+    pub fn watch(&self) -> Watch<'_> {
+        self.watchers.fetch_add(1, Ordering::SeqCst);
+        Watch(self)
     }
 
     /// Whether `id` is one of the peer's message ids.
@@ -210,13 +234,14 @@ impl Shared {
                 st.unacked.insert(id);
             }
         }
-        self.changed.notify_waiters();
+        self.notify_changed();
     }
 
     /// Waits until nothing is in flight in either direction and our messages are acknowledged.
     pub async fn quiesce(&self) {
+        let watch = self.watch();
         loop {
-            let notified = self.changed.notified();
+            let notified = watch.changed();
             {
                 let st = self.state();
                 if st.own_inflight.is_empty()
@@ -232,6 +257,22 @@ impl Shared {
             }
             notified.await;
         }
+    }
+}
+
+/// A caller waiting for changes of the session state (see [`Shared::watch`]).
+pub(crate) struct Watch<'a>(&'a Shared);
+
+impl Watch<'_> {
+    /// Completes at the next change notified after this call.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.changed.notified()
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        self.0.watchers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -306,6 +347,7 @@ impl Session {
             config,
             state: Mutex::new(state),
             changed: Notify::new(),
+            watchers: AtomicUsize::new(0),
             ack_queued: Notify::new(),
             control: tokio::sync::Mutex::new(control.send),
             next_id: tokio::sync::Mutex::new(match side {
@@ -437,8 +479,9 @@ impl Session {
         message_id: u64,
         stage: AckStage,
     ) -> Result<AckStage, SessionError> {
+        let watch = self.shared.watch();
         loop {
-            let notified = self.shared.changed.notified();
+            let notified = watch.changed();
             if let Some(&got) = self.shared.state().acks.get(&message_id) {
                 if got >= stage {
                     return Ok(got);
@@ -601,7 +644,7 @@ async fn on_control(shared: &Arc<Shared>, frame: Frame) -> Result<(), (ErrorCode
                 *e = stage;
             }
             drop(st);
-            shared.changed.notify_waiters();
+            shared.notify_changed();
         }
         Frame::Cancel(c) => {
             tracing::debug!(message = c.message_id.into_inner(), code = %c.code, "peer cancelled a message");
@@ -619,7 +662,7 @@ async fn on_control(shared: &Arc<Shared>, frame: Frame) -> Result<(), (ErrorCode
             }
             st.peer_errors.push(e);
             drop(st);
-            shared.changed.notify_waiters();
+            shared.notify_changed();
         }
         Frame::GoAway(g) => {
             tracing::debug!(code = %g.code, reason = %g.reason, "peer is going away");

@@ -17,8 +17,8 @@ use unimic_protocol::{
     VarInt,
 };
 use unimic_transport::{
-    AckStage, ChunkData, ContextKey, MessageEvent, OutgoingMessage, OutgoingPart, ReceivedPart,
-    SendError, TokenGrid,
+    AckStage, ChunkData, ContextKey, MessageEvent, ModelChoice, OutgoingMessage, OutgoingPart,
+    ReceivedPart, SendError, TokenGrid,
 };
 
 fn v(n: u64) -> VarInt {
@@ -352,4 +352,139 @@ async fn the_driver_accepts_while_nobody_waits() {
     }
     got.sort_unstable();
     assert_eq!(got, vec![1, 2, 3, 4, 5]);
+}
+
+/// The frames of message `id` with one text part of `ids` coded with the uniform model against
+/// `held` (the sender's context) with references `refs`: the message header, then the rest.
+fn uniform_text_message(
+    id: u64,
+    (tokenizer, model): (u64, u64),
+    ids: &[u32],
+    held: &unimic_codec::context::SessionContext,
+    refs: Vec<ContextKey>,
+) -> (Vec<u8>, Vec<u8>) {
+    use unimic_codec::part::{PartCodec, PartSpec, PartTokens};
+    use unimic_protocol::{CodedPart, CodingMode, ContextRef, Shape};
+    let coded = PartCodec::default()
+        .encode(
+            held,
+            PartTokens::Text(ids),
+            &PartSpec::new(ModelChoice::Uniform).with_refs(refs.clone()),
+        )
+        .unwrap();
+    assert_eq!(coded.chunks.len(), 1);
+    let n = ids.len() as u64;
+    let header = frame_bytes(&Frame::MessageHeader(MessageHeader {
+        message_id: v(id),
+        role: Role::User,
+    }));
+    let rest = [
+        frame_bytes(&Frame::PartHeader(PartHeader {
+            index: v(0),
+            body: PartBody::Text(CodedPart {
+                tokenizer: v(tokenizer),
+                entropy_model: v(model),
+                shape: Shape {
+                    rows: v(1),
+                    cols: v(n),
+                },
+                token_count: v(n),
+                mode: CodingMode::Uniform,
+                context: refs
+                    .iter()
+                    .map(|k| ContextRef {
+                        message_id: v(k.message_id),
+                        part_index: v(k.part_index),
+                    })
+                    .collect(),
+                context_digest: coded.digest,
+            }),
+        })),
+        frame_bytes(&Frame::PartChunk(PartChunk {
+            part_index: v(0),
+            seq: v(0),
+            fin: true,
+            token_count: v(n),
+            payload: Bytes::from(coded.chunks[0].payload.clone()),
+        })),
+        frame_bytes(&Frame::MessageEnd(MessageEnd { part_count: v(1) })),
+    ]
+    .concat();
+    (header.to_vec(), rest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_waits_for_the_part_it_references_while_that_one_is_still_arriving() {
+    use unimic_codec::context::{Sequence, SessionContext};
+    let mut p = pair();
+    // A real client's handshake gives the entropy model table a raw peer offers.
+    let (good_client, _good_server) = connect(&mut p).await;
+    let models = good_client.negotiated().entropy_models.clone();
+    let uniform = models
+        .iter()
+        .position(|m| m.id == "unimic-entropy/uniform")
+        .unwrap() as u64;
+    let connecting = RawPeer::connect(p.addr, p.pin, models);
+    let (peer, session) = within(async { tokio::join!(connecting, p.server.accept()) }).await;
+    let session = session.unwrap();
+    let text = peer
+        .hello
+        .tokenizers
+        .iter()
+        .position(|t| t.id == "o200k_base")
+        .unwrap() as u64;
+
+    // Message 0: a text part; message 2: a text part that references it.
+    let first = [13225u32, 11, 2375];
+    let (a_header, a_rest) = uniform_text_message(
+        0,
+        (text, uniform),
+        &first,
+        &SessionContext::new(0),
+        Vec::new(),
+    );
+    let mut held = SessionContext::new(1 << 20);
+    held.insert(ContextKey::new(0, 0), Sequence::text(first.to_vec()))
+        .unwrap();
+    let (b_header, b_rest) = uniform_text_message(
+        2,
+        (text, uniform),
+        &[7, 8],
+        &held,
+        vec![ContextKey::new(0, 0)],
+    );
+
+    // Only message 0's header, then message 2 whole: its part must wait for part (0, 0).
+    let mut a = within(peer.conn.open_uni()).await.unwrap();
+    within(a.write_all(&a_header)).await.unwrap();
+    let mut b = within(peer.conn.open_uni()).await.unwrap();
+    within(b.write_all(&[b_header, b_rest].concat()))
+        .await
+        .unwrap();
+    b.finish().unwrap();
+    let receiver = tokio::spawn(async move {
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let m = within(session.recv()).await.unwrap().unwrap();
+            got.push((m.message_id(), within(m.collect()).await.map(|m| m.parts)));
+        }
+        (got, session)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    within(a.write_all(&a_rest)).await.unwrap();
+    a.finish().unwrap();
+
+    let (mut got, session) = within(receiver).await.unwrap();
+    got.sort_by_key(|(id, _)| *id);
+    assert_eq!(
+        got,
+        vec![
+            (0, Ok(vec![ReceivedPart::Text(first.to_vec())])),
+            (2, Ok(vec![ReceivedPart::Text(vec![7, 8])])),
+        ]
+    );
+    assert_eq!(
+        session.context_keys(),
+        vec![ContextKey::new(0, 0), ContextKey::new(2, 0)]
+    );
 }
