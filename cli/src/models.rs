@@ -68,13 +68,13 @@ pub fn list_images(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
 }
 
 /// Id of the shipped generic (raster, causal) transformer entropy model.
-pub const GENERIC_ID: &str = "unimic-entropy-generic-v2";
+pub const GENERIC_ID: &str = "unimic-entropy-generic-v3";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
-pub const MASKED_ID: &str = "unimic-entropy-masked-v2";
+pub const MASKED_ID: &str = "unimic-entropy-masked-v3";
 
 /// Id of the shipped text-conditioned transformer entropy model.
-pub const TEXT_ID: &str = "unimic-entropy-text-v2";
+pub const TEXT_ID: &str = "unimic-entropy-text-v3";
 
 /// The shipped model id of a transformer kind (`generic`, `masked` or `text`).
 pub fn shipped_id(kind: &str) -> Option<&'static str> {

@@ -14,7 +14,7 @@
 //! client checks that every reply decodes to `a`. Prints the mean wire bytes (frames of the part)
 //! and payload bytes of each, then one JSON line.
 //!
-//! The models are the shipped manifests `unimic-entropy-generic-v1.json` and `unimic-entropy-masked-v2.json` in `--models`;
+//! The models are the shipped manifests `unimic-entropy-generic-v1.json` and `unimic-entropy-masked-v3.json` in `--models`;
 //! the grids must use their codebook (1,024) and fit their largest side.
 
 use std::net::SocketAddr;
@@ -73,7 +73,7 @@ fn centre(h: u32, w: u32) -> Vec<bool> {
 async fn main() -> Result<()> {
     let args = args()?;
     let (generic, _) = Generic::load(&args.models.join("unimic-entropy-generic-v1.json"))?;
-    let (masked, _) = Masked::load(&args.models.join("unimic-entropy-masked-v2.json"))?;
+    let (masked, _) = Masked::load(&args.models.join("unimic-entropy-masked-v3.json"))?;
     let k = generic.config().codebook_size as u32;
     let codec = CodecConfig::default()
         .with_generic(Arc::new(generic))
