@@ -15,7 +15,7 @@ use unimic_codec::entropy::masked::MaskedConfig;
 use unimic_codec::entropy::text_cond::TextCondConfig;
 use unimic_codec::entropy::train::{
     import_weights, tokenize_captions, train, Device, Event, GridSet, ModelSpec, Sample,
-    TrainOptions,
+    TrainOptions, TrainReport,
 };
 use unimic_codec::grid::read_grid_file;
 use unimic_codec::nn::transformer::BodyConfig;
@@ -366,21 +366,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let report = train(&spec, &train_set, &val_set, &opts, &dev, &mut on_event)?;
     pb.finish_and_clear();
-    let t = report.manifest.training.clone().unwrap_or_default();
-    println!(
-        "{}",
-        serde_json::json!({
-            "manifest": report.manifest_path.display().to_string(),
-            "id": report.manifest.id,
-            "kind": report.manifest.kind,
-            "sha256": report.manifest.sha256,
-            "params": report.manifest.params,
-            "steps": t.steps,
-            "train_bits_per_token": t.train_bits_per_token,
-            "val_bits_per_token": t.val_bits_per_token,
-            "uniform_bits_per_token": uniform,
-        })
-    );
+    println!("{}", summary(&report, "uniform_bits_per_token", uniform));
     Ok(())
 }
 
@@ -393,14 +379,15 @@ fn import(
     mut opts: TrainOptions,
 ) -> anyhow::Result<()> {
     let (run, record) = external::read_record(weights)?;
-    opts.batch_size = run.batch_size;
-    opts.seed = run.seed;
-    if !run.data.is_empty() {
-        opts.data.clone_from(&run.data);
+    let rec = &run.record;
+    opts.batch_size = rec.batch_size;
+    opts.seed = rec.seed;
+    if !rec.data.is_empty() {
+        opts.data.clone_from(&rec.data);
     }
     opts.command = format!(
         "{}{}; then {}",
-        run.command,
+        rec.command,
         if run.device.is_empty() {
             String::new()
         } else {
@@ -413,12 +400,12 @@ fn import(
         weights,
         val_set,
         &opts,
-        run.steps,
-        run.train_bits_per_token,
+        rec.steps,
+        rec.train_bits_per_token,
         &Device::Cpu,
     )?;
     let t = report.manifest.training.clone().unwrap_or_default();
-    let gap = (t.val_bits_per_token - run.val_bits_per_token).abs();
+    let gap = (t.val_bits_per_token - rec.val_bits_per_token).abs();
     if !matches!(spec, ModelSpec::Masked(_)) && gap > 0.01 {
         bail!(
             "{}: validation here is {:.4} bits/token, {} recorded {:.4}: the outside network \
@@ -427,23 +414,35 @@ fn import(
             weights.display(),
             t.val_bits_per_token,
             record.display(),
-            run.val_bits_per_token,
+            rec.val_bits_per_token,
             report.manifest_path.display()
         );
     }
     println!(
         "{}",
-        serde_json::json!({
-            "manifest": report.manifest_path.display().to_string(),
-            "id": report.manifest.id,
-            "kind": report.manifest.kind,
-            "sha256": report.manifest.sha256,
-            "params": report.manifest.params,
-            "steps": t.steps,
-            "train_bits_per_token": t.train_bits_per_token,
-            "val_bits_per_token": t.val_bits_per_token,
-            "outside_val_bits_per_token": run.val_bits_per_token,
-        })
+        summary(
+            &report,
+            "outside_val_bits_per_token",
+            rec.val_bits_per_token
+        )
     );
     Ok(())
+}
+
+/// The JSON line printed after training or importing: the manifest's identity and losses, plus one
+/// figure named `extra`.
+fn summary(report: &TrainReport, extra: &str, value: f64) -> serde_json::Value {
+    let t = report.manifest.training.clone().unwrap_or_default();
+    let mut v = serde_json::json!({
+        "manifest": report.manifest_path.display().to_string(),
+        "id": report.manifest.id,
+        "kind": report.manifest.kind,
+        "sha256": report.manifest.sha256,
+        "params": report.manifest.params,
+        "steps": t.steps,
+        "train_bits_per_token": t.train_bits_per_token,
+        "val_bits_per_token": t.val_bits_per_token,
+    });
+    v[extra] = value.into();
+    v
 }

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 use unimic_codec::entropy::train::GridSet;
 use unimic_codec::grid::{write_grid_file, TokenGrid};
+use unimic_codec::nn::model::TrainingRecord;
 
 /// Writes `dir/train.umtg` and `dir/val.umtg` (token-grid files), `dir/data.txt` (the data
 /// description that goes into manifests) and, when the sets carry captions, `dir/texts.json`:
@@ -68,24 +69,14 @@ pub fn export_data<'a>(
     Ok(())
 }
 
-/// What an outside trainer records about its run, in `<stem>.train.json` beside the weights.
+/// What an outside trainer records about its run, in `<stem>.train.json` beside the weights: a
+/// manifest's training record (its `val_bits_per_token` is checked against this binary's own
+/// measurement) plus where it ran.
 #[derive(Debug, Deserialize)]
 pub struct OutsideRun {
-    /// Optimiser steps taken.
-    pub steps: u64,
-    /// Grids per step.
-    pub batch_size: usize,
-    /// Seed of the run.
-    pub seed: u64,
-    /// Mean training loss over the last evaluation window, bits per token.
-    pub train_bits_per_token: f64,
-    /// Its validation loss, bits per token (checked against this binary's own measurement).
-    pub val_bits_per_token: f64,
-    /// The command line that reproduces the run.
-    pub command: String,
-    /// The data it trained on (the `data.txt` of each exported folder), when recorded.
-    #[serde(default)]
-    pub data: String,
+    /// Data, steps, batch size, seed, losses and the command line that reproduces the run.
+    #[serde(flatten)]
+    pub record: TrainingRecord,
     /// Where it ran (for example `cuda: NVIDIA H200`).
     #[serde(default)]
     pub device: String,
@@ -98,7 +89,7 @@ pub fn read_record(weights: &Path) -> anyhow::Result<(OutsideRun, PathBuf)> {
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let run: OutsideRun =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    if run.steps == 0 || !run.train_bits_per_token.is_finite() {
+    if run.record.steps == 0 || !run.record.train_bits_per_token.is_finite() {
         bail!("{} records no training", path.display());
     }
     Ok((run, path))
@@ -161,14 +152,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let w = dir.join("m.safetensors");
         assert!(read_record(&w).is_err(), "no record");
-        let rec = serde_json::json!({"steps": 9, "batch_size": 4, "seed": 2,
+        let rec = serde_json::json!({"data": "d", "steps": 9, "batch_size": 4, "seed": 2,
             "train_bits_per_token": 6.5, "val_bits_per_token": 7.0, "command": "c"});
         std::fs::write(dir.join("m.train.json"), rec.to_string()).unwrap();
         let (r, p) = read_record(&w).unwrap();
-        assert_eq!((r.steps, r.batch_size, r.seed), (9, 4, 2));
+        assert_eq!(
+            (r.record.steps, r.record.batch_size, r.record.seed),
+            (9, 4, 2)
+        );
         assert_eq!(p, dir.join("m.train.json"));
         assert!(r.device.is_empty());
-        let zero = serde_json::json!({"steps": 0, "batch_size": 4, "seed": 2,
+        let zero = serde_json::json!({"data": "d", "steps": 0, "batch_size": 4, "seed": 2,
             "train_bits_per_token": 6.5, "val_bits_per_token": 7.0, "command": "c"});
         std::fs::write(dir.join("m.train.json"), zero.to_string()).unwrap();
         assert!(read_record(&w).is_err(), "zero steps");

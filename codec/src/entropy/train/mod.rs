@@ -735,13 +735,7 @@ pub fn train(
         varmap.save(&wpath)?;
         write_manifest(spec, opts, &wpath, &mpath, step, last_train, val_bits)?;
     }
-    let text = std::fs::read(&mpath).map_err(io_err(&mpath))?;
-    let manifest: Manifest =
-        serde_json::from_slice(&text).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    Ok(TrainReport {
-        manifest,
-        manifest_path: mpath,
-    })
+    report(mpath)
 }
 
 /// Adopts weights trained outside [`train`] (for example by `tools/gpu-train/train_entropy.py`,
@@ -811,6 +805,11 @@ pub fn import_weights(
     let (wpath, mpath, _, _) = paths(opts);
     varmap.save(&wpath)?;
     write_manifest(spec, opts, &wpath, &mpath, steps, train_bits, val_bits)?;
+    report(mpath)
+}
+
+/// Reads back the manifest just written.
+fn report(mpath: PathBuf) -> Result<TrainReport, TrainError> {
     let text = std::fs::read(&mpath).map_err(io_err(&mpath))?;
     let manifest: Manifest =
         serde_json::from_slice(&text).map_err(|e| TrainError::Invalid(e.to_string()))?;
