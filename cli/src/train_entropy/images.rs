@@ -227,6 +227,7 @@ fn window_counts(
         .collect()
 }
 
+/// Reads `captions.csv` (`image,caption` with a header; captions may contain commas).
 fn read_captions(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -271,8 +272,6 @@ fn to_set(grids: Vec<TokenGrid>, caps: &[String], text: bool) -> anyhow::Result<
     })
 }
 
-/// Gives each training grid the other captions of its image (`n` grids per item, in item order,
-/// grid `i` of an item captioned with caption `i mod captions`, as [`tokenize`] lays them out).
 /// Gives every training grid the other captions of its image: `counts[i]` consecutive samples
 /// of `samples` belong to item `i`, sample `j` of an image owning caption `j` (mod their number).
 fn add_alternative_captions(
@@ -309,6 +308,7 @@ fn add_alternative_captions(
     Ok(())
 }
 
+/// Loads a cached grid file and its captions, or builds and caches them.
 fn cached(
     path: &Path,
     text: bool,
