@@ -287,14 +287,20 @@ fn add_alternative_captions(
             items.len()
         );
     }
+    // One tokenizer for every caption (building the o200k tokenizer is the expensive part).
+    let all: Vec<&str> = items
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(String::as_str))
+        .collect();
+    let mut all_ids = tokenize_captions(&all)?.into_iter();
     let mut rest = samples;
     for ((_, captions), &n) in items.iter().zip(counts) {
         let (mine, tail) = std::mem::take(&mut rest).split_at_mut(n);
         rest = tail;
+        let ids: Vec<Vec<u32>> = all_ids.by_ref().take(captions.len()).collect();
         if captions.len() < 2 {
             continue;
         }
-        let ids = tokenize_captions(&captions.iter().map(String::as_str).collect::<Vec<_>>())?;
         for (i, s) in mine.iter_mut().enumerate() {
             let own = i % captions.len();
             s.alt_texts = ids
