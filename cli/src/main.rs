@@ -8,6 +8,7 @@ mod bench_transport;
 mod decode;
 mod encode;
 mod models;
+mod tokenize;
 mod train_entropy;
 mod train_tokenizer;
 
@@ -32,6 +33,8 @@ enum Command {
     Encode(encode::Args),
     /// Decode a `.umic` file back to an image.
     Decode(decode::Args),
+    /// Tokenize images whole into token-grid files, one per grid shape.
+    Tokenize(tokenize::Args),
     /// Train the project's models on ../shared/data.
     Train {
         #[command(subcommand)]
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         },
         Command::Encode(a) => encode::run(a),
         Command::Decode(a) => decode::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
         Command::Train { what } => match what {
             TrainCommand::Tokenizer(a) => train_tokenizer::run(a),
             TrainCommand::Entropy(a) => train_entropy::run(a),

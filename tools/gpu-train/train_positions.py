@@ -1,0 +1,215 @@
+"""Teach a trained entropy model the grid positions its training never reached.
+
+Every grid `unimic train entropy` trains on is 16x16, so rows and columns 16-63 of the position
+tables (`row_emb`, `col_emb`, and the masked model's `known_row_emb`, `known_col_emb`) keep their
+random initial values, and a larger grid (a photo at native size: Kodak is 48x32 tokens) is coded
+with noise for positions. This script trains those rows only, on whole-image token grids of varied
+sizes, with every other tensor frozen and rows 0-15 restored after each step: the model codes a
+16x16 grid bit for bit as before, and larger grids get learned positions.
+
+Start: rows >= --from-row are set to a copy of row --from-row - 1 (the last trained row, which
+measured better than any interior row or a mean). Then Adam (no weight decay) on windows of
+random size (each side 16..the grid's, at least one side above 16) and whole grids, one shape per
+batch. The best checkpoint by the large-grid validation loss is kept, with a `.train.json`
+record beside it for `unimic train entropy --import` (which re-measures the 16x16 validation
+loss with the candle networks and refuses a mismatch).
+
+Data: token-grid files of whole images (docs/CODING.md section 5), one shape per file, as
+`codec/examples/...` or `unimic bench` write them; validation: whole grids of held-out images
+plus the 16x16 validation set of `unimic train entropy --export-data` (measured as
+train_entropy.py measures it, captions included for the text model; it must stay unchanged).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_entropy import Data, Net, read_umtg, random_unknown, validate  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+TABLES = {"generic": ["row_emb", "col_emb"], "text": ["row_emb", "col_emb"],
+          "masked": ["row_emb", "col_emb", "known_row_emb", "known_col_emb"]}
+
+
+def load_sets(paths, dev):
+    out = []
+    for p in paths:
+        ids, (h, w, k) = read_umtg(p)
+        out.append((torch.tensor(ids, device=dev), h, w, k))
+    return out
+
+
+def loss_on(net, ids, h, w, gen):
+    if net.kind == "generic":
+        return net.loss_generic(ids, h, w)
+    if net.kind == "text":  # no caption: the image part's positions are what is trained
+        none = torch.zeros(ids.shape[0], 0, dtype=torch.long, device=ids.device)
+        return net.loss_text(ids, h, w, none, torch.zeros(ids.shape[0], dtype=torch.long))
+    return net.loss_masked(ids, h, w, random_unknown(ids.shape[0], h, w, gen, ids.device))
+
+
+@torch.no_grad()
+def evaluate(net, sets, batch):
+    """Mean bits per token over every grid of `sets` (masked: a fixed seed per pass)."""
+    net.eval()
+    g = torch.Generator(device=sets[0][0].device)
+    g.manual_seed(0x76616C6964617465)
+    total, count = 0.0, 0
+    for ids, h, w, _ in sets:
+        for i in range(0, len(ids), batch):
+            x = ids[i:i + batch]
+            total += loss_on(net, x, h, w, g).item() * x.numel()
+            count += x.numel()
+    net.train()
+    return total / count
+
+
+def window_batch(sets, weights, batch, min_side, gen):
+    """`batch` windows of one random shape from one grid file (whole grids half the time)."""
+    j = torch.multinomial(weights, 1, generator=gen).item()
+    ids, h, w, _ = sets[j]
+    if torch.rand(1, generator=gen).item() < 0.5:
+        wh, ww = h, w
+    else:
+        while True:
+            wh = int(torch.randint(min_side, h + 1, (1,), generator=gen))
+            ww = int(torch.randint(min_side, w + 1, (1,), generator=gen))
+            if max(wh, ww) > min_side:
+                break
+    pick = torch.randint(0, len(ids), (batch,), generator=gen)
+    r0 = torch.randint(0, h - wh + 1, (batch,), generator=gen)
+    c0 = torch.randint(0, w - ww + 1, (batch,), generator=gen)
+    r = r0[:, None, None] + torch.arange(wh)[None, :, None]
+    c = c0[:, None, None] + torch.arange(ww)[None, None, :]
+    cells = (r * w + c).reshape(batch, -1).to(ids.device)
+    return ids[pick.to(ids.device)].gather(1, cells), wh, ww
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kind", choices=sorted(TABLES), required=True)
+    ap.add_argument("--init", required=True, help="the trained model's .safetensors")
+    ap.add_argument("--grids", action="append", required=True,
+                    help="token-grid file of whole training images (repeatable)")
+    ap.add_argument("--val-grids", action="append", required=True,
+                    help="token-grid file of whole held-out images (repeatable)")
+    ap.add_argument("--val16", required=True,
+                    help="folder from `unimic train entropy --export-data` (its val.umtg)")
+    ap.add_argument("--out", required=True, help="output .safetensors")
+    ap.add_argument("--from-row", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--d-ff", type=int, default=384)
+    ap.add_argument("--max-side", type=int, default=64)
+    ap.add_argument("--text-vocab", type=int, default=4096)
+    ap.add_argument("--max-text", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    torch.manual_seed(a.seed)
+    train = load_sets(a.grids, dev)
+    val = load_sets(a.val_grids, dev)
+    val16 = Data([a.val16], a.kind == "text", a.text_vocab, a.max_text, dev)
+    k = train[0][3]
+    if any(s[3] != k for s in train + val) or val16.k != k:
+        sys.exit("token-grid files disagree on the codebook size")
+    if max(max(s[1], s[2]) for s in train) <= a.from_row:
+        sys.exit(f"no training grid has a side above {a.from_row}: nothing to learn")
+
+    net = Net(a.kind, k, a.max_side, a.d_model, a.layers, a.heads, a.d_ff, a.text_vocab, a.max_text,
+              0.0).to(dev)
+    src = load_file(a.init)
+    net.load_state_dict({n: t.to(dev) for n, t in src.items()}, strict=True)
+    tables = [getattr(net, t).weight for t in TABLES[a.kind]]
+    with torch.no_grad():
+        for t in tables:
+            t[a.from_row:] = t[a.from_row - 1]
+    frozen = [t[:a.from_row].clone() for t in tables]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for t in tables:
+        t.requires_grad_(True)
+
+    v16 = validate(net, val16, 256, 64)
+    v0 = evaluate(net, val, 8)
+    print(json.dumps({"kind": a.kind, "train_files": len(train),
+                      "train_grids": sum(len(s[0]) for s in train),
+                      "val_grids": sum(len(s[0]) for s in val), "val16": v16,
+                      "val0_after_copy": v0}), flush=True)
+    weights = torch.tensor([float(len(s[0]) * s[1] * s[2]) for s in train])
+    opt = torch.optim.Adam(tables, lr=a.lr, betas=(0.9, 0.95))
+    gen = torch.Generator()
+    gen.manual_seed(a.seed)
+    mgen = torch.Generator(device=dev)
+    mgen.manual_seed(a.seed + 1)
+    t0 = time.time()
+    best = (v0, 0)
+    window = []
+    descs = " + ".join(f"{os.path.basename(p)} ({len(s[0])} grids of {s[1]}x{s[2]})"
+                       for p, s in zip(a.grids, train))
+    vdescs = " + ".join(f"{os.path.basename(p)} ({len(s[0])} grids of {s[1]}x{s[2]})"
+                        for p, s in zip(a.val_grids, val))
+
+    def save(step, train_bits, val_bits):
+        tensors = {n: v.detach().float().contiguous().cpu() for n, v in net.state_dict().items()}
+        save_file(tensors, a.out)
+        record = {"steps": step, "batch_size": a.batch_size, "seed": a.seed,
+                  "data": (f"position rows >= {a.from_row} trained on whole-image grids: {descs};"
+                           f" other tensors from {os.path.basename(a.init)}; whole-grid"
+                           f" validation ({vdescs}): {val_bits:.4f} bits/token"),
+                  "train_bits_per_token": train_bits, "val_bits_per_token": v16,
+                  "val_large_bits_per_token": val_bits,
+                  "command": "python3 " + " ".join(sys.argv),
+                  "device": "cpu" if dev.type == "cpu" else f"cuda: {torch.cuda.get_device_name(dev)}",
+                  "wall_s": round(time.time() - t0, 1), "planned_steps": a.steps}
+        with open(a.out.rsplit(".safetensors", 1)[0] + ".train.json", "w") as f:
+            json.dump(record, f, indent=2)
+
+    save(0, float("nan"), v0)
+    for step in range(1, a.steps + 1):
+        lr = a.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / a.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids, wh, ww = window_batch(train, weights, a.batch_size, a.from_row, gen)
+        loss = loss_on(net, ids, wh, ww, mgen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for t in tables:
+            t.grad[:a.from_row] = 0
+        opt.step()
+        with torch.no_grad():
+            for t, f in zip(tables, frozen):
+                t[:a.from_row] = f
+        window.append(loss.item())
+        if step % a.eval_every == 0 or step == a.steps:
+            tb = sum(window) / len(window)
+            window = []
+            vb = evaluate(net, val, 8)
+            if vb < best[0]:
+                best = (vb, step)
+                save(step, tb, vb)
+            print(json.dumps({"step": step, "train": round(tb, 4), "val": round(vb, 4),
+                              "best": round(best[0], 4), "best_step": best[1],
+                              "s": round(time.time() - t0, 1)}), flush=True)
+    check = validate(net, val16, 256, 64)
+    print(json.dumps({"done": a.out, "best": best[0], "best_step": best[1],
+                      "val16_unchanged": abs(check - v16) < 1e-6}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
