@@ -46,7 +46,7 @@ pub enum Entropy {
     Auto,
     /// The adaptive context-mixing model (no weights; chunkable).
     Adaptive,
-    /// The shipped generic transformer (`unimic-entropy-generic-v3`).
+    /// The shipped generic transformer (`unimic-entropy-generic-v4`).
     Generic,
 }
 

@@ -68,13 +68,13 @@ pub fn list_images(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
 }
 
 /// Id of the shipped generic (raster, causal) transformer entropy model.
-pub const GENERIC_ID: &str = "unimic-entropy-generic-v3";
+pub const GENERIC_ID: &str = "unimic-entropy-generic-v4";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
 pub const MASKED_ID: &str = "unimic-entropy-masked-v3";
 
 /// Id of the shipped text-conditioned transformer entropy model.
-pub const TEXT_ID: &str = "unimic-entropy-text-v3";
+pub const TEXT_ID: &str = "unimic-entropy-text-v4";
 
 /// The shipped model id of a transformer kind (`generic`, `masked` or `text`).
 pub fn shipped_id(kind: &str) -> Option<&'static str> {
@@ -132,4 +132,41 @@ pub fn prepare(img: RgbImage, size: u32) -> RgbImage {
     let nh = ((f64::from(h) * s).round() as u32).max(size);
     let r = imageops::resize(&img, nw, nh, imageops::FilterType::CatmullRom);
     imageops::crop_imm(&r, (nw - size) / 2, (nh - size) / 2, size, size).to_image()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unimic_codec::grid::TokenGrid;
+    use unimic_codec::nn::weights::splitmix64;
+
+    fn grid(height: u32, width: u32, seed: u64) -> TokenGrid {
+        let ids = (0..u64::from(height * width))
+            .map(|i| (splitmix64(seed ^ i) % 1024) as u32)
+            .collect();
+        TokenGrid::new(height, width, 1024, ids).unwrap()
+    }
+
+    /// generic-v4 is generic-v3 with position rows 16.. trained (models/entropy/README.md): a grid
+    /// within 16×16 codes to the same bytes, one with a row beyond 15 does not, and both decode.
+    #[test]
+    fn generic_v4_codes_grids_within_16x16_exactly_as_v3() {
+        let (v3, _) = generic_model(None, "unimic-entropy-generic-v3")
+            .unwrap()
+            .unwrap();
+        let (v4, m4) = generic_model(None, "unimic-entropy-generic-v4")
+            .unwrap()
+            .unwrap();
+        assert_ne!(v3.content_hash(), v4.content_hash());
+        assert_eq!(m4.training.map(|t| t.steps), Some(1200));
+        for (h, w) in [(16, 16), (3, 16), (16, 5)] {
+            let g = grid(h, w, u64::from(h * 100 + w));
+            assert_eq!(v3.encode(&g).unwrap(), v4.encode(&g).unwrap(), "{h}x{w}");
+        }
+        let tall = grid(18, 3, 7);
+        let (a, b) = (v3.encode(&tall).unwrap(), v4.encode(&tall).unwrap());
+        assert_ne!(a, b);
+        assert_eq!(v3.decode(18, 3, &a).unwrap(), tall);
+        assert_eq!(v4.decode(18, 3, &b).unwrap(), tall);
+    }
 }

@@ -169,7 +169,8 @@ def main():
         tensors = {n: v.detach().float().contiguous().cpu() for n, v in net.state_dict().items()}
         save_file(tensors, a.out)
         record = {"steps": step, "batch_size": a.batch_size, "seed": a.seed,
-                  "data": (f"position rows >= {a.from_row} trained on whole-image grids: {descs};"
+                  "data": (f"position rows >= {a.from_row} trained on whole-image grids"
+                           f" (`unimic tokenize`): {descs};"
                            f" other tensors from {os.path.basename(a.init)}; whole-grid"
                            f" validation ({vdescs}): {val_bits:.4f} bits/token"),
                   "train_bits_per_token": train_bits, "val_bits_per_token": v16,
