@@ -21,6 +21,11 @@ pub struct Args {
     /// Resize the shorter side to SIZE and center-crop to SIZE×SIZE first (0 = native size).
     #[arg(long, default_value_t = 0)]
     pub size: u32,
+    /// Scale down, keeping the aspect ratio, so that neither side exceeds MAX_SIDE pixels
+    /// (0 = never). 1024 keeps the grid within the transformer models' 64×64 positions and the
+    /// tokenizer's 4,096-token limit; a phone photo (4032×3024) becomes 1024×768.
+    #[arg(long, default_value_t = 1024)]
+    pub max_side: u32,
     /// Tokenizer directory (manifest.json + tokenizer.safetensors); default: the shipped one.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -56,8 +61,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let image = image::open(&args.image)
         .with_context(|| format!("reading {}", args.image.display()))?
         .to_rgb8();
-    let image = models::prepare(image, args.size);
-    let grid = tokenizer.encode(&image)?;
+    let image = models::fit(models::prepare(image, args.size), args.max_side);
+    let grid = tokenizer.encode(&image).with_context(|| {
+        format!(
+            "tokenizing the {}×{} px image (a smaller --max-side scales it down)",
+            image.width(),
+            image.height()
+        )
+    })?;
     let generic = match args.entropy {
         Entropy::Adaptive => None,
         Entropy::Generic => {
@@ -78,9 +89,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Entropy::Auto => models::generic_model(args.entropy_dir.as_deref(), models::GENERIC_ID)?
             .filter(|(g, _)| {
                 let side = g.config().max_side as u32;
-                grid.height() <= side
-                    && grid.width() <= side
-                    && grid.codebook_size() as usize == g.config().codebook_size
+                let fits = grid.height() <= side && grid.width() <= side;
+                if !fits && !args.json {
+                    eprintln!(
+                        "note: the {}x{} token grid exceeds the {} model's {side}x{side} \
+                         positions, so the adaptive model codes it; --max-side {} keeps an \
+                         image within them",
+                        grid.height(),
+                        grid.width(),
+                        models::GENERIC_ID,
+                        side * tokenizer.factor()
+                    );
+                }
+                fits && grid.codebook_size() as usize == g.config().codebook_size
             }),
     };
     let (model, chunks, bits) = match &generic {

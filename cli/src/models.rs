@@ -119,6 +119,20 @@ pub fn entropy_choice(name: &str) -> Option<ModelChoice> {
     }
 }
 
+/// Scales `img` down (Catmull-Rom, aspect ratio kept, sides rounded, at least one pixel) so that
+/// neither side exceeds `max_side` pixels; `max_side == 0` or an image that already fits is
+/// returned as it is.
+pub fn fit(img: RgbImage, max_side: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if max_side == 0 || (w <= max_side && h <= max_side) {
+        return img;
+    }
+    let s = f64::from(max_side) / f64::from(w.max(h));
+    let nw = ((f64::from(w) * s).round() as u32).clamp(1, max_side);
+    let nh = ((f64::from(h) * s).round() as u32).clamp(1, max_side);
+    imageops::resize(&img, nw, nh, imageops::FilterType::CatmullRom)
+}
+
 /// Resizes the shorter side to `size` (Catmull-Rom) and center-crops to `size × size` (the
 /// preparation every bench and `encode --size` share);
 /// `size == 0` keeps the image as it is.
@@ -139,6 +153,16 @@ mod tests {
     use super::*;
     use unimic_codec::grid::TokenGrid;
     use unimic_codec::nn::weights::splitmix64;
+
+    #[test]
+    fn fit_scales_down_to_the_longer_side_only_when_needed() {
+        let img = RgbImage::new(4032, 3024);
+        assert_eq!(fit(img.clone(), 1024).dimensions(), (1024, 768));
+        assert_eq!(fit(img.clone(), 0).dimensions(), (4032, 3024));
+        assert_eq!(fit(img, 5000).dimensions(), (4032, 3024));
+        assert_eq!(fit(RgbImage::new(3000, 2), 1000).dimensions(), (1000, 1));
+        assert_eq!(fit(RgbImage::new(700, 1401), 700).dimensions(), (350, 700));
+    }
 
     fn grid(height: u32, width: u32, seed: u64) -> TokenGrid {
         let ids = (0..u64::from(height * width))
