@@ -323,6 +323,25 @@ def random_unknown(b, h, w, gen, dev):
 
 # ------------------------------------------------------------------------------------- training
 
+def add_model_args(ap):
+    """The architecture flags (the shipped shape by default) and the device, which every trainer
+    here takes."""
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--d-ff", type=int, default=384)
+    ap.add_argument("--max-side", type=int, default=64)
+    ap.add_argument("--text-vocab", type=int, default=4096)
+    ap.add_argument("--max-text", type=int, default=64)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_of(a, k, dropout):
+    """The network `a.kind` of the shape `add_model_args` parsed, over a `k`-entry codebook."""
+    return Net(a.kind, k, a.max_side, a.d_model, a.layers, a.heads, a.d_ff, a.text_vocab,
+               a.max_text, dropout)
+
+
 def lr_at(step, steps, warmup, lr):
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -376,14 +395,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--val-samples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--d-ff", type=int, default=384)
-    ap.add_argument("--max-side", type=int, default=64)
-    ap.add_argument("--text-vocab", type=int, default=4096)
-    ap.add_argument("--max-text", type=int, default=64)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(ap)
     ap.add_argument("--check-only", action="store_true",
                     help="print the validation loss of --init and exit")
     a = ap.parse_args()
@@ -393,8 +405,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     data = Data(a.data, a.kind == "text", a.text_vocab, a.max_text, dev)
-    net = Net(a.kind, data.k, a.max_side, a.d_model, a.layers, a.heads, a.d_ff, a.text_vocab,
-              a.max_text, a.dropout).to(dev)
+    net = model_of(a, data.k, a.dropout).to(dev)
     for name, p in net.named_parameters():  # the candle trainer's initial scales
         if name.endswith(".bias"):
             nn.init.zeros_(p)

@@ -30,7 +30,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_entropy import Data, Net, read_umtg, random_unknown, validate  # noqa: E402
+from train_entropy import (Data, add_model_args, model_of, random_unknown, read_umtg,  # noqa: E402
+                           validate)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 TABLES = {"generic": ["row_emb", "col_emb"], "text": ["row_emb", "col_emb"],
@@ -108,15 +109,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--d-ff", type=int, default=384)
-    ap.add_argument("--max-side", type=int, default=64)
-    ap.add_argument("--text-vocab", type=int, default=4096)
-    ap.add_argument("--max-text", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(ap)
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -131,8 +125,7 @@ def main():
     if max(max(s[1], s[2]) for s in train) <= a.from_row:
         sys.exit(f"no training grid has a side above {a.from_row}: nothing to learn")
 
-    net = Net(a.kind, k, a.max_side, a.d_model, a.layers, a.heads, a.d_ff, a.text_vocab, a.max_text,
-              0.0).to(dev)
+    net = model_of(a, k, 0.0).to(dev)
     src = load_file(a.init)
     net.load_state_dict({n: t.to(dev) for n, t in src.items()}, strict=True)
     tables = [getattr(net, t).weight for t in TABLES[a.kind]]
