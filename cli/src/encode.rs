@@ -18,7 +18,8 @@ pub struct Args {
     /// Where to write the `.umic` file.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Resize the shorter side to SIZE and center-crop to SIZE×SIZE first (0 = native size).
+    /// Resize the shorter side to SIZE and center-crop to SIZE×SIZE first (0 = keep the size;
+    /// `--max-side` applies after either).
     #[arg(long, default_value_t = 0)]
     pub size: u32,
     /// Scale down, keeping the aspect ratio, so that neither side exceeds MAX_SIDE pixels

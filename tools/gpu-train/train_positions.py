@@ -79,8 +79,8 @@ def window_batch(sets, weights, batch, min_side, gen):
         wh, ww = h, w
     else:
         while True:
-            wh = int(torch.randint(min_side, h + 1, (1,), generator=gen))
-            ww = int(torch.randint(min_side, w + 1, (1,), generator=gen))
+            wh = int(torch.randint(min(min_side, h), h + 1, (1,), generator=gen))
+            ww = int(torch.randint(min(min_side, w), w + 1, (1,), generator=gen))
             if max(wh, ww) > min_side:
                 break
     pick = torch.randint(0, len(ids), (batch,), generator=gen)
@@ -144,7 +144,9 @@ def main():
                       "train_grids": sum(len(s[0]) for s in train),
                       "val_grids": sum(len(s[0]) for s in val), "val16": v16,
                       "val0_after_copy": v0}), flush=True)
-    weights = torch.tensor([float(len(s[0]) * s[1] * s[2]) for s in train])
+    # Files whose grids reach no row or column >= --from-row teach nothing: never drawn.
+    weights = torch.tensor([float(len(s[0]) * s[1] * s[2]) if max(s[1], s[2]) > a.from_row
+                            else 0.0 for s in train])
     opt = torch.optim.Adam(tables, lr=a.lr, betas=(0.9, 0.95))
     gen = torch.Generator()
     gen.manual_seed(a.seed)
