@@ -29,7 +29,7 @@
 use super::{Fenwick, Quantized, Uniform, WeightPrefix};
 use crate::coder::{CodeError, Decoder, Encoder};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const NONE: u32 = u32::MAX;
 /// Most ids the vocabulary holds (`V + 1 <= 2^16`).
@@ -229,6 +229,33 @@ impl WeightPrefix for BucketBlend<'_> {
     }
 }
 
+/// The Zipf prior's prefix sums `Z(0..=n)` for the buckets of `space` (see the module docs).
+/// Sessions build a model per text part, so the few spaces in use are computed once per
+/// process and shared.
+fn zipf_prefix(space: u32) -> Arc<Vec<u64>> {
+    /// Spaces kept (a process uses one or two text id spaces).
+    const KEEP: usize = 4;
+    static CACHE: Mutex<Vec<(u32, Arc<Vec<u64>>)>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, z)) = cache.iter().find(|(s, _)| *s == space) {
+        return z.clone();
+    }
+    let n_buckets = space.div_ceil(256) as usize;
+    let mut zipf = Vec::with_capacity(n_buckets + 1);
+    let mut acc = 0u64;
+    zipf.push(0);
+    for h in 0..n_buckets as u64 {
+        acc += ONE / (h + 8);
+        zipf.push(acc >> 8);
+    }
+    let zipf = Arc::new(zipf);
+    if cache.len() >= KEEP {
+        cache.remove(0);
+    }
+    cache.push((space, zipf.clone()));
+    zipf
+}
+
 fn share(r: &mut u64, n: u64, d: u64) -> u64 {
     if n == 0 {
         return 0;
@@ -243,13 +270,7 @@ impl AdaptiveText {
     pub fn new(space: u32) -> Self {
         let space = space.clamp(1, 1 << 24);
         let n_buckets = space.div_ceil(256) as usize;
-        let mut zipf = Vec::with_capacity(n_buckets + 1);
-        let mut acc = 0u64;
-        zipf.push(0);
-        for h in 0..n_buckets as u64 {
-            acc += ONE / (h + 8);
-            zipf.push(acc >> 8);
-        }
+        let zipf = zipf_prefix(space);
         Self {
             space,
             frozen: false,
@@ -261,7 +282,7 @@ impl AdaptiveText {
             pairs: 0,
             buckets: Fenwick::new(n_buckets),
             buckets_seen: 0,
-            zipf: Arc::new(zipf),
+            zipf,
         }
     }
 
