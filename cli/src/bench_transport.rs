@@ -30,6 +30,9 @@ pub struct Args {
     /// Payloads: any of text, grid256, grid512.
     #[arg(long, value_delimiter = ',', default_value = "text,grid256,grid512")]
     pub payloads: Vec<String>,
+    /// Worker threads of the tokio runtime that runs both ends (1: everything on one thread).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
     /// Idle sessions to open against one server (0 skips the measurement).
     #[arg(long, default_value_t = 1000)]
     pub idle_sessions: usize,
@@ -41,7 +44,7 @@ pub struct Args {
 /// Runs the benchmark.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(usize::from(args.workers))
         .enable_all()
         .build()?;
     if args.idle_server {

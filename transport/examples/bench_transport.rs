@@ -2,14 +2,15 @@
 //!
 //! ```text
 //! cargo run -p unimic-transport --features bench --release --example bench_transport -- \
-//!     [TURNS] [IDLE_SESSIONS] [--turns N] [--grid-turns N] [--idle N] [--payloads text,grid256,grid512] [--json]
+//!     [TURNS] [IDLE_SESSIONS] [--turns N] [--grid-turns N] [--idle N] [--workers N] \
+//!     [--payloads text,grid256,grid512] [--json]
 //! ```
 //!
 //! Prints the same JSON lines as `unimic bench transport --json` (`--json` is accepted and
 //! changes nothing: the output is always JSON lines; `--payloads ''` runs only the idle-session
 //! measurement). The idle-session RSS here covers one
 //! process holding both the clients and the server. Defaults: 100 turns (10 for grids), 1000 idle
-//! sessions, every payload.
+//! sessions, every payload, 2 runtime worker threads.
 
 use unimic_transport::bench::{self, BenchConfig};
 use unimic_transport::tls::ServerTls;
@@ -18,6 +19,7 @@ use unimic_transport::{Server, ServerConfig};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = BenchConfig::default();
     let mut idle: usize = 1000;
+    let mut workers: usize = 2;
     let mut positional = 0;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -27,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--turns" => config.turns = value("--turns")?.parse()?,
             "--grid-turns" => config.grid_turns = value("--grid-turns")?.parse()?,
             "--idle" => idle = value("--idle")?.parse()?,
+            "--workers" => workers = value("--workers")?.parse::<usize>()?.max(1),
             "--payloads" => {
                 config.payloads = value("--payloads")?
                     .split(',')
@@ -46,7 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()?;
     rt.block_on(async {

@@ -17,6 +17,13 @@
 //! request id in a small raw first part, and the waiting turn reads its reply itself (no router
 //! task in between). Everything runs in a task spawned on the runtime (see [`run`]).
 //!
+//! CPU per turn (Linux): after the interleaved rounds, each byte transport runs alone (at least
+//! `turns` turns and 250 ms) while the CPU time and context switches of every thread of the process are counted;
+//! the `tokens` line counts its measured turns. Both ends run in this process, so these are the
+//! costs of client and server together. The round trip on an idle machine is dominated by
+//! waking sleeping threads (each context switch there costs tens of microseconds), so compare
+//! `cpu_us_per_turn` and `ctx_switches_per_turn` too when the RTT ratios move between runs.
+//!
 //! Payloads: `text` (a prompt tokenized with o200k_base), `grid256` and `grid512` (token grids of
 //! 256×256 and 512×512 cells, codebook 1024, with smooth regions, coded with the adaptive grid
 //! model). The idle-session measurement (sessions one server holds, RSS per session) lives in
@@ -165,6 +172,87 @@ pub struct BenchRow {
     /// `rtt_us_p50` over the quinn echo's for the same payload.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_p50_vs_quinn_echo: Option<f64>,
+    /// CPU time per turn, microseconds, summed over every thread of this process (so both
+    /// ends: the client and its server run here), over turns of this transport alone: at least
+    /// `turns` of them and at least 250 ms (Linux: `/proc/self/task/*/schedstat`, which lags by
+    /// up to a scheduler tick; absent elsewhere). For the `tokens` line, its measured turns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_turn: Option<f64>,
+    /// Thread context switches (voluntary and not) per turn over the same turns: how often a
+    /// turn put a thread to sleep and woke it, which on an idle machine costs more wall time
+    /// than the work itself (Linux only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ctx_switches_per_turn: Option<f64>,
+}
+
+/// CPU time and context switches of this process so far, summed over its threads (Linux).
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    cpu_us: f64,
+    switches: f64,
+}
+
+impl CpuSample {
+    fn now() -> Option<Self> {
+        let mut sample = CpuSample {
+            cpu_us: 0.0,
+            switches: 0.0,
+        };
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let dir = task.path();
+            // A thread may end between the listing and the reads: skip it.
+            if let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) {
+                let ns: f64 = stat.split_whitespace().next()?.parse().ok()?;
+                sample.cpu_us += ns / 1e3;
+            }
+            if let Ok(status) = std::fs::read_to_string(dir.join("status")) {
+                for line in status.lines() {
+                    if line.starts_with("voluntary_ctxt_switches")
+                        || line.starts_with("nonvoluntary_ctxt_switches")
+                    {
+                        let n: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                        sample.switches += n;
+                    }
+                }
+            }
+        }
+        Some(sample)
+    }
+
+    /// `(cpu µs, switches)` per turn from `self` to `later` over `turns` turns.
+    fn per_turn(self, later: Option<Self>, turns: usize) -> (Option<f64>, Option<f64>) {
+        let Some(later) = later else {
+            return (None, None);
+        };
+        let n = turns.max(1) as f64;
+        (
+            Some((later.cpu_us - self.cpu_us) / n),
+            Some((later.switches - self.switches) / n),
+        )
+    }
+}
+
+/// Shortest span the CPU counters are read over: the kernel brings a running thread's CPU time
+/// up to date only at scheduler ticks (every 1–10 ms), so short spans would misread.
+const CPU_SPAN: Duration = Duration::from_millis(250);
+
+/// Runs `turn` alone, at least `turns` times and for at least [`CPU_SPAN`], and measures the
+/// CPU time and context switches per turn.
+async fn cpu_of<F, Fut>(turns: usize, turn: F) -> Result<(Option<f64>, Option<f64>), BenchError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BenchError>>,
+{
+    let Some(before) = CpuSample::now() else {
+        return Ok((None, None));
+    };
+    let start = Instant::now();
+    let mut done = 0;
+    while done < turns.max(1) || start.elapsed() < CPU_SPAN {
+        turn().await?;
+        done += 1;
+    }
+    Ok(before.per_turn(CpuSample::now(), done))
 }
 
 /// The result of the idle-session measurement.
@@ -368,19 +456,33 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
                     turns: config.turns,
                     bits_per_token: None,
                     rtt_p50_vs_quinn_echo: None,
+                    cpu_us_per_turn: None,
+                    ctx_switches_per_turn: None,
                 }
             };
             let rounds = config.warmup + config.turns;
             if tokens_pass {
                 let mut rtts = Vec::with_capacity(rounds);
                 let mut stats = MessageStats::default();
+                let mut before = None;
+                let mut since = Instant::now();
                 for i in 0..rounds {
+                    if i == config.warmup {
+                        (before, since) = (CpuSample::now(), Instant::now());
+                    }
                     let t = Instant::now();
                     stats = unimic_turn(&session, &replies, &p.part).await?;
                     if i >= config.warmup {
                         rtts.push(t.elapsed().as_secs_f64() * 1e6);
                     }
                 }
+                // The CPU counters need a long enough span (see CPU_SPAN).
+                let mut counted = config.turns;
+                while since.elapsed() < CPU_SPAN {
+                    unimic_turn(&session, &replies, &p.part).await?;
+                    counted += 1;
+                }
+                let cpu = before.map_or((None, None), |b| b.per_turn(CpuSample::now(), counted));
                 let tput = throughput(config, || {
                     let (session, replies, part) =
                         (session.clone(), replies.clone(), p.part.clone());
@@ -397,6 +499,7 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
                     tput,
                 );
                 r.bits_per_token = stats.bits_per_token();
+                (r.cpu_us_per_turn, r.ctx_switches_per_turn) = cpu;
                 per_payload[k].insert(0, r);
                 continue;
             }
@@ -427,6 +530,14 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
                 }
             }
             let [raw_rtts, quinn_rtts, http_rtts] = rtts;
+            // CPU per turn: each transport alone (interleaved turns cannot be told apart).
+            let raw_cpu = cpu_of(config.turns, || async {
+                unimic_turn(&session, &replies, &raw).await.map(|_| ())
+            })
+            .await?;
+            let quinn_cpu = cpu_of(config.turns, || quinn_turn(&quinn_conn, &coded)).await?;
+            let http_cpu =
+                cpu_of(config.turns, || http_turn(&http, http_addr, &body, &coded)).await?;
             // Throughput: each transport alone.
             let raw_tput = throughput(config, || {
                 let (session, replies, part) = (session.clone(), replies.clone(), raw.clone());
@@ -444,7 +555,7 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
             })
             .await?;
             let n = coded.len() as u64;
-            per_payload[k].extend([
+            let mut rows = [
                 row(
                     "unimic",
                     "precoded",
@@ -464,7 +575,11 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
                     http_rtts,
                     http_tput,
                 ),
-            ]);
+            ];
+            for (r, cpu) in rows.iter_mut().zip([raw_cpu, quinn_cpu, http_cpu]) {
+                (r.cpu_us_per_turn, r.ctx_switches_per_turn) = cpu;
+            }
+            per_payload[k].extend(rows);
         }
     }
     let mut rows = Vec::new();

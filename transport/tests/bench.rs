@@ -29,6 +29,14 @@ async fn bench_rows_cover_every_transport() {
     assert!(rows
         .iter()
         .all(|r| r.rtt_us_p50 > 0.0 && r.msgs_per_s > 0.0));
+    // CPU per turn is read from /proc on Linux: every line has it, and turns cost CPU.
+    if cfg!(target_os = "linux") {
+        for r in &rows {
+            let cpu = r.cpu_us_per_turn.unwrap();
+            let switches = r.ctx_switches_per_turn.unwrap();
+            assert!(cpu > 0.0 && switches >= 0.0, "{r:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
