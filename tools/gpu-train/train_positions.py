@@ -8,7 +8,9 @@ sizes, with every other tensor frozen and rows 0-15 restored after each step: th
 16x16 grid bit for bit as before, and larger grids get learned positions.
 
 Start: rows >= --from-row are set to a copy of row --from-row - 1 (the last trained row, which
-measured better than any interior row or a mean). Then Adam (no weight decay) on windows of
+measured better than any interior row or a mean), or, with `--rows-from FILE`, to those rows of
+FILE (a model of the same architecture whose rows were trained before, such as the previous
+version of a model fine-tuned since on 16x16 grids: its rows are a closer start). Then Adam (no weight decay) on windows of
 random size (each side 16..the grid's, at least one side above 16) and whole grids, one shape per
 batch. The best checkpoint by the large-grid validation loss is kept, with a `.train.json`
 record beside it for `unimic train entropy --import` (which re-measures the 16x16 validation
@@ -104,6 +106,8 @@ def main():
                     help="folder from `unimic train entropy --export-data` (its val.umtg)")
     ap.add_argument("--out", required=True, help="output .safetensors")
     ap.add_argument("--from-row", type=int, default=16)
+    ap.add_argument("--rows-from",
+                    help="start rows >= --from-row from this .safetensors (same tables and shapes)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -129,9 +133,16 @@ def main():
     src = load_file(a.init)
     net.load_state_dict({n: t.to(dev) for n, t in src.items()}, strict=True)
     tables = [getattr(net, t).weight for t in TABLES[a.kind]]
+    rows_src = load_file(a.rows_from) if a.rows_from else None
     with torch.no_grad():
-        for t in tables:
-            t[a.from_row:] = t[a.from_row - 1]
+        for name, t in zip(TABLES[a.kind], tables):
+            if rows_src is None:
+                t[a.from_row:] = t[a.from_row - 1]
+                continue
+            r = rows_src.get(name + ".weight")
+            if r is None or tuple(r.shape) != tuple(t.shape):
+                sys.exit(f"{a.rows_from} has no {name}.weight of shape {tuple(t.shape)}")
+            t[a.from_row:] = r[a.from_row:].to(t.dtype).to(dev)
     frozen = [t[:a.from_row].clone() for t in tables]
     for p in net.parameters():
         p.requires_grad_(False)
@@ -143,7 +154,7 @@ def main():
     print(json.dumps({"kind": a.kind, "train_files": len(train),
                       "train_grids": sum(len(s[0]) for s in train),
                       "val_grids": sum(len(s[0]) for s in val), "val16": v16,
-                      "val0_after_copy": v0}), flush=True)
+                      "val0_after_copy": v0, "rows_from": a.rows_from}), flush=True)
     # Files whose grids reach no row or column >= --from-row teach nothing: never drawn.
     weights = torch.tensor([float(len(s[0]) * s[1] * s[2]) if max(s[1], s[2]) > a.from_row
                             else 0.0 for s in train])
