@@ -68,7 +68,7 @@ pub fn list_images(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
 }
 
 /// Id of the shipped generic (raster, causal) transformer entropy model.
-pub const GENERIC_ID: &str = "unimic-entropy-generic-v4";
+pub const GENERIC_ID: &str = "unimic-entropy-generic-v5";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
 pub const MASKED_ID: &str = "unimic-entropy-masked-v4";
@@ -169,6 +169,23 @@ mod tests {
             .map(|i| (splitmix64(seed ^ i) % 1024) as u32)
             .collect();
         TokenGrid::new(height, width, 1024, ids).unwrap()
+    }
+
+    /// `.umic` files name their generic model by id: every generic model a released `encode`
+    /// has written with stays shipped and loads (its weights' hash checked against the manifest).
+    #[test]
+    fn every_generic_model_a_file_may_name_still_loads() {
+        for v in 1..=GENERIC_ID
+            .rsplit('v')
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap()
+        {
+            let id = format!("unimic-entropy-generic-v{v}");
+            let (model, manifest) = generic_model(None, &id).unwrap().unwrap();
+            assert_eq!(manifest.id, id);
+            assert_eq!(model.config().codebook_size, 1024, "{id}");
+        }
     }
 
     /// generic-v4 is generic-v3 with position rows 16.. trained (models/entropy/README.md): a grid
