@@ -71,7 +71,7 @@ pub fn list_images(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
 pub const GENERIC_ID: &str = "unimic-entropy-generic-v5";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
-pub const MASKED_ID: &str = "unimic-entropy-masked-v4";
+pub const MASKED_ID: &str = "unimic-entropy-masked-v5";
 
 /// Id of the shipped text-conditioned transformer entropy model.
 pub const TEXT_ID: &str = "unimic-entropy-text-v5";

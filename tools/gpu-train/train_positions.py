@@ -187,7 +187,12 @@ def main():
         with open(a.out.rsplit(".safetensors", 1)[0] + ".train.json", "w") as f:
             json.dump(record, f, indent=2)
 
-    save(0, float("nan"), v0)
+    # Step 0 keeps the start: its training loss is that of the run that wrote --init, when its
+    # record lies beside it (JSON has no NaN, and `--import` needs a number).
+    init_record = a.init.rsplit(".safetensors", 1)[0] + ".train.json"
+    start_train = (json.load(open(init_record)).get("train_bits_per_token", v16)
+                   if os.path.exists(init_record) else v16)
+    save(0, start_train, v0)
     for step in range(1, a.steps + 1):
         lr = a.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / a.steps))
         for g in opt.param_groups:
