@@ -18,9 +18,9 @@
 //! task in between). Everything runs in a task spawned on the runtime (see [`run`]).
 //!
 //! CPU per turn (Linux): after the interleaved rounds, each byte transport runs alone (at least
-//! `turns` turns and 250 ms) while the CPU time and context switches of every thread of the process are counted;
-//! the `tokens` line counts its measured turns. Both ends run in this process, so these are the
-//! costs of client and server together. The round trip on an idle machine is dominated by
+//! `turns` turns and 250 ms) while the CPU time and context switches of every thread of the
+//! process are counted; the `tokens` line counts its measured turns (and more up to 250 ms).
+//! Both ends run in this process, so these are the costs of client and server together. The round trip on an idle machine is dominated by
 //! waking sleeping threads (each context switch there costs tens of microseconds), so compare
 //! `cpu_us_per_turn` and `ctx_switches_per_turn` too when the RTT ratios move between runs.
 //!
