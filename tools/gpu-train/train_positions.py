@@ -10,9 +10,9 @@ sizes, with every other tensor frozen and rows 0-15 restored after each step: th
 Start: rows >= --from-row are set to a copy of row --from-row - 1 (the last trained row, which
 measured better than any interior row or a mean), or, with `--rows-from FILE`, to those rows of
 FILE (a model of the same architecture whose rows were trained before, such as the previous
-version of a model fine-tuned since on 16x16 grids: its rows are a closer start). Then Adam (no weight decay) on windows of
-random size (each side 16..the grid's, at least one side above 16) and whole grids, one shape per
-batch. The best checkpoint by the large-grid validation loss is kept, with a `.train.json`
+version of a model fine-tuned since on 16x16 grids: its rows are a closer start). Then Adam (no
+weight decay) on windows of random size (each side 16..the grid's, at least one side above 16) and
+whole grids, one shape per batch. The best checkpoint by the large-grid validation loss is kept, with a `.train.json`
 record beside it for `unimic train entropy --import` (which re-measures the 16x16 validation
 loss with the candle networks and refuses a mismatch).
 
@@ -188,7 +188,8 @@ def main():
             json.dump(record, f, indent=2)
 
     # Step 0 keeps the start: its training loss is that of the run that wrote --init, when its
-    # record lies beside it (JSON has no NaN, and `--import` needs a number).
+    # record lies beside it, else the 16x16 validation loss stands in (JSON has no NaN, and
+    # `--import` needs a number).
     init_record = a.init.rsplit(".safetensors", 1)[0] + ".train.json"
     start_train = (json.load(open(init_record)).get("train_bits_per_token", v16)
                    if os.path.exists(init_record) else v16)
