@@ -162,10 +162,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             items.push(tok.encode(&img)?);
         }
         let caps: Vec<String> = held.into_iter().map(|(_, c)| c).collect();
+        let train_caps = transformers::training_captions(dir, args.holdout)?;
         rows.extend(transformers::bench_captioned(
             &transformers,
             &items,
             &caps,
+            &train_caps,
             &pixels,
             &[
                 ("source", json!("captioned")),

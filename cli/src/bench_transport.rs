@@ -86,7 +86,7 @@ fn print_rows(rows: &[BenchRow], json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<11} {:<9} {:<9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}",
+        "{:<11} {:<9} {:<9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7} {:>7}",
         "transport",
         "payload",
         "coding",
@@ -96,11 +96,12 @@ fn print_rows(rows: &[BenchRow], json: bool) -> anyhow::Result<()> {
         "p99_us",
         "msgs/s",
         "bits/tok",
-        "vs_echo"
+        "vs_echo",
+        "alone"
     );
     for r in rows {
         println!(
-            "{:<11} {:<9} {:<9} {:>9} {:>10} {:>10.0} {:>10.0} {:>10.0} {:>9} {:>7}",
+            "{:<11} {:<9} {:<9} {:>9} {:>10} {:>10.0} {:>10.0} {:>10.0} {:>9} {:>7} {:>7}",
             r.transport,
             r.payload,
             r.coding,
@@ -111,6 +112,8 @@ fn print_rows(rows: &[BenchRow], json: bool) -> anyhow::Result<()> {
             r.msgs_per_s,
             r.bits_per_token.map_or("-".into(), |b| format!("{b:.2}")),
             r.rtt_p50_vs_quinn_echo
+                .map_or("-".into(), |x| format!("{x:.2}")),
+            r.rtt_alone_vs_quinn_echo
                 .map_or("-".into(), |x| format!("{x:.2}")),
         );
     }

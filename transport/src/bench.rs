@@ -12,17 +12,20 @@
 //!   bytes in base64, echoed back.
 //!
 //! Latency turns of the byte transports (`precoded`, `quinn-echo`, `http-json`) are
-//! interleaved: each round runs one turn of each, so that on a shared machine all of them see
-//! the same load; the `tokens` turns run after those of every payload. Replies carry the
-//! request id in a small raw first part, and the waiting turn reads its reply itself (no router
-//! task in between). Everything runs in a task spawned on the runtime (see [`run`]).
+//! interleaved: each round runs one turn of each, in an order that changes every round, so that
+//! on a shared machine all of them see the same load and none always follows the same other;
+//! the `tokens` turns run after those of every payload. Replies carry the request id in a small
+//! raw first part, and the waiting turn reads its reply itself (no router task in between).
+//! Everything runs in a task spawned on the runtime (see [`run`]).
 //!
-//! CPU per turn (Linux): after the interleaved rounds, each byte transport runs alone (at least
-//! `turns` turns and 250 ms) while the CPU time and context switches of every thread of the
-//! process are counted; the `tokens` line counts its measured turns (and more up to 250 ms).
-//! Both ends run in this process, so these are the costs of client and server together. The round trip on an idle machine is dominated by
+//! Alone (byte transports): after the interleaved rounds, each byte transport runs alone (at
+//! least `turns` turns and 250 ms). Those turns give `rtt_us_p50_alone` and, on Linux, the CPU
+//! time and context switches of every thread of the process per turn; the `tokens` line counts
+//! its measured turns (and more up to 250 ms). Both ends run in this process, so these are the
+//! costs of client and server together. The round trip on an idle machine is dominated by
 //! waking sleeping threads (each context switch there costs tens of microseconds), so compare
-//! `cpu_us_per_turn` and `ctx_switches_per_turn` too when the RTT ratios move between runs.
+//! `cpu_us_per_turn`, `ctx_switches_per_turn` and the alone ratio too when the interleaved RTT
+//! ratios move between runs.
 //!
 //! Payloads: `text` (a prompt tokenized with o200k_base), `grid256` and `grid512` (token grids of
 //! 256×256 and 512×512 cells, codebook 1024, with smooth regions, coded with the adaptive grid
@@ -183,6 +186,15 @@ pub struct BenchRow {
     /// than the work itself (Linux only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ctx_switches_per_turn: Option<f64>,
+    /// Median round trip of the turns that measured `cpu_us_per_turn` (this transport alone,
+    /// one turn after another), microseconds; byte transports only. `rtt_us_p50` comes from
+    /// interleaved rounds, which share any load fairly; this one shows each transport's own
+    /// rhythm (on an idle machine, whether the threads it needs are still awake).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_us_p50_alone: Option<f64>,
+    /// `rtt_us_p50_alone` over the quinn echo's for the same payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_alone_vs_quinn_echo: Option<f64>,
 }
 
 /// CPU time and context switches of this process so far, summed over its threads (Linux).
@@ -236,23 +248,41 @@ impl CpuSample {
 /// up to date only at scheduler ticks (every 1–10 ms), so short spans would misread.
 const CPU_SPAN: Duration = Duration::from_millis(250);
 
+/// What a transport costs when its turns run alone, one after another.
+#[derive(Debug, Clone, Copy, Default)]
+struct Alone {
+    /// CPU µs per turn (Linux).
+    cpu_us: Option<f64>,
+    /// Context switches per turn (Linux).
+    switches: Option<f64>,
+    /// Median round trip of those turns, µs.
+    rtt_us_p50: f64,
+}
+
 /// Runs `turn` alone, at least `turns` times and for at least [`CPU_SPAN`], and measures the
-/// CPU time and context switches per turn.
-async fn cpu_of<F, Fut>(turns: usize, turn: F) -> Result<(Option<f64>, Option<f64>), BenchError>
+/// CPU time and context switches per turn and the median round trip.
+async fn alone<F, Fut>(turns: usize, turn: F) -> Result<Alone, BenchError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<(), BenchError>>,
 {
-    let Some(before) = CpuSample::now() else {
-        return Ok((None, None));
-    };
+    let before = CpuSample::now();
     let start = Instant::now();
-    let mut done = 0;
-    while done < turns.max(1) || start.elapsed() < CPU_SPAN {
+    let mut rtts = Vec::new();
+    while rtts.len() < turns.max(1) || start.elapsed() < CPU_SPAN {
+        let t = Instant::now();
         turn().await?;
-        done += 1;
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    Ok(before.per_turn(CpuSample::now(), done))
+    let (cpu_us, switches) = match before {
+        Some(b) => b.per_turn(CpuSample::now(), rtts.len()),
+        None => (None, None),
+    };
+    Ok(Alone {
+        cpu_us,
+        switches,
+        rtt_us_p50: timing(rtts).p50,
+    })
 }
 
 /// The result of the idle-session measurement.
@@ -382,6 +412,18 @@ fn timing(mut samples: Vec<f64>) -> Timing {
     }
 }
 
+/// The orders in which a latency round runs the byte transports (0 `precoded`, 1 `quinn-echo`,
+/// 2 `http-json`): every permutation, so each transport runs first, second and last, and after
+/// each other one, equally often.
+const ROUND_ORDERS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [1, 2, 0],
+    [2, 0, 1],
+    [0, 2, 1],
+    [2, 1, 0],
+    [1, 0, 2],
+];
+
 /// Runs every transport for every payload; returns one row per (transport, coding, payload).
 ///
 /// The turns run in a task spawned on the runtime, as an application's session code would:
@@ -458,6 +500,8 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
                     rtt_p50_vs_quinn_echo: None,
                     cpu_us_per_turn: None,
                     ctx_switches_per_turn: None,
+                    rtt_us_p50_alone: None,
+                    rtt_alone_vs_quinn_echo: None,
                 }
             };
             let rounds = config.warmup + config.turns;
@@ -514,15 +558,18 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
             let mut raw_stats = MessageStats::default();
             for i in 0..rounds {
                 let mut took = [0.0; 3];
-                let t = Instant::now();
-                raw_stats = unimic_turn(&session, &replies, &raw).await?;
-                took[0] = t.elapsed().as_secs_f64() * 1e6;
-                let t = Instant::now();
-                quinn_turn(&quinn_conn, &coded).await?;
-                took[1] = t.elapsed().as_secs_f64() * 1e6;
-                let t = Instant::now();
-                http_turn(&http, http_addr, &body, &coded).await?;
-                took[2] = t.elapsed().as_secs_f64() * 1e6;
+                // The order changes every round (all six orders in turn), so that no transport
+                // always follows the same one (whose leftover work, such as HTTP connection
+                // bookkeeping, would land on the next turn).
+                for &which in &ROUND_ORDERS[i % ROUND_ORDERS.len()] {
+                    let t = Instant::now();
+                    match which {
+                        0 => raw_stats = unimic_turn(&session, &replies, &raw).await?,
+                        1 => quinn_turn(&quinn_conn, &coded).await?,
+                        _ => http_turn(&http, http_addr, &body, &coded).await?,
+                    }
+                    took[which] = t.elapsed().as_secs_f64() * 1e6;
+                }
                 if i >= config.warmup {
                     for (all, one) in rtts.iter_mut().zip(took) {
                         all.push(one);
@@ -530,14 +577,15 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
                 }
             }
             let [raw_rtts, quinn_rtts, http_rtts] = rtts;
-            // CPU per turn: each transport alone (interleaved turns cannot be told apart).
-            let raw_cpu = cpu_of(config.turns, || async {
+            // CPU per turn and the round trip alone: each transport alone (interleaved turns
+            // cannot be told apart).
+            let raw_alone = alone(config.turns, || async {
                 unimic_turn(&session, &replies, &raw).await.map(|_| ())
             })
             .await?;
-            let quinn_cpu = cpu_of(config.turns, || quinn_turn(&quinn_conn, &coded)).await?;
-            let http_cpu =
-                cpu_of(config.turns, || http_turn(&http, http_addr, &body, &coded)).await?;
+            let quinn_alone = alone(config.turns, || quinn_turn(&quinn_conn, &coded)).await?;
+            let http_alone =
+                alone(config.turns, || http_turn(&http, http_addr, &body, &coded)).await?;
             // Throughput: each transport alone.
             let raw_tput = throughput(config, || {
                 let (session, replies, part) = (session.clone(), replies.clone(), raw.clone());
@@ -576,8 +624,9 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
                     http_tput,
                 ),
             ];
-            for (r, cpu) in rows.iter_mut().zip([raw_cpu, quinn_cpu, http_cpu]) {
-                (r.cpu_us_per_turn, r.ctx_switches_per_turn) = cpu;
+            for (r, a) in rows.iter_mut().zip([raw_alone, quinn_alone, http_alone]) {
+                (r.cpu_us_per_turn, r.ctx_switches_per_turn) = (a.cpu_us, a.switches);
+                r.rtt_us_p50_alone = Some(a.rtt_us_p50);
             }
             per_payload[k].extend(rows);
         }
@@ -591,6 +640,15 @@ async fn run_spawned(config: BenchConfig) -> Result<Vec<BenchRow>, BenchError> {
         if quinn_p50 > 0.0 {
             for r in &mut group {
                 r.rtt_p50_vs_quinn_echo = Some(r.rtt_us_p50 / quinn_p50);
+            }
+        }
+        let quinn_alone = group
+            .iter()
+            .find(|r| r.transport == "quinn-echo")
+            .and_then(|r| r.rtt_us_p50_alone);
+        if let Some(q) = quinn_alone.filter(|&q| q > 0.0) {
+            for r in &mut group {
+                r.rtt_alone_vs_quinn_echo = r.rtt_us_p50_alone.map(|x| x / q);
             }
         }
         rows.extend(group);

@@ -29,6 +29,13 @@ async fn bench_rows_cover_every_transport() {
     assert!(rows
         .iter()
         .all(|r| r.rtt_us_p50 > 0.0 && r.msgs_per_s > 0.0));
+    // The byte transports also ran alone, and the ratio to the echo is taken from those turns.
+    for r in &rows[1..] {
+        assert!(r.rtt_us_p50_alone.unwrap() > 0.0, "{r:?}");
+        assert!(r.rtt_alone_vs_quinn_echo.unwrap() > 0.0, "{r:?}");
+    }
+    assert_eq!(rows[2].rtt_alone_vs_quinn_echo, Some(1.0));
+    assert_eq!(rows[0].rtt_us_p50_alone, None);
     // CPU per turn is read from /proc on Linux: every line has it, and turns cost CPU.
     if cfg!(target_os = "linux") {
         for r in &rows {

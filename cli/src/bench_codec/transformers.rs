@@ -285,12 +285,85 @@ pub fn held_out_captioned(dir: &Path, holdout: usize) -> anyhow::Result<Vec<(Pat
         .collect()
 }
 
+/// Every caption of the images `held_out_captioned` does not hold out (the text models' training
+/// captions), in file order.
+pub fn training_captions(dir: &Path, holdout: usize) -> anyhow::Result<Vec<String>> {
+    let caps = super::read_captions(&dir.join("captions.csv"))?;
+    let mut paths = crate::models::list_images(&dir.join("images"))?;
+    paths.truncate(paths.len().saturating_sub(holdout));
+    let names: std::collections::HashSet<String> = paths
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    Ok(caps
+        .into_iter()
+        .filter(|(image, _)| names.contains(image))
+        .map(|(_, c)| c)
+        .collect())
+}
+
+/// The `caption` line: how many bits the held-out captions themselves carry, measured as their
+/// ideal code length (`-log2 p`, no coder termination) under the adaptive text model (order 0–2)
+/// after it has learned every training caption, each held-out caption coded from that same
+/// state. A caption can save the text model at most the information it shares with its image,
+/// and `I(image; caption) <= H(caption) <=` this code length, so `ratio_vs_generic` here (caption
+/// bits over what generic spends on the images) bounds the saving any caption-conditioned model
+/// can owe to the captions (what `text-empty` versus `text` measures).
+fn caption_information(
+    train_captions: &[String],
+    captions: &[String],
+    generic_bits: Option<u64>,
+    extra: &[(&str, Value)],
+) -> anyhow::Result<Map<String, Value>> {
+    use unimic_codec::coder::Encoder;
+    use unimic_codec::entropy::AdaptiveText;
+    let tok = O200k::new();
+    let mut learned = AdaptiveText::new(tok.vocab_size());
+    for c in train_captions {
+        learned.learn(&tok.encode(c));
+    }
+    let (mut bits, mut tokens) = (0.0f64, 0usize);
+    for c in captions {
+        let ids = tok.encode(c);
+        let mut model = learned.clone();
+        let mut enc = Encoder::new();
+        model.encode(&mut enc, &ids)?;
+        bits += enc.cross_entropy_bits();
+        tokens += ids.len();
+    }
+    let mut m = Map::new();
+    m.insert("kind".into(), json!("caption"));
+    m.insert("model".into(), json!("adaptive-text"));
+    m.insert("items".into(), json!(captions.len()));
+    m.insert("tokens".into(), json!(tokens));
+    m.insert("cross_entropy_bits".into(), json!(bits));
+    m.insert("bits_per_token".into(), json!(bits / tokens.max(1) as f64));
+    m.insert(
+        "bits_per_item".into(),
+        json!(bits / captions.len().max(1) as f64),
+    );
+    m.insert("learned_captions".into(), json!(train_captions.len()));
+    if let Some(gb) = generic_bits {
+        m.insert("bits_generic".into(), json!(gb));
+        m.insert(
+            "ratio_vs_generic".into(),
+            json!(bits / (gb as f64).max(f64::MIN_POSITIVE)),
+        );
+    }
+    for (k, v) in extra {
+        m.insert((*k).into(), v.clone());
+    }
+    Ok(m)
+}
+
 /// Text-conditioned versus generic on the same held-out captioned grids (`captions[i]` belongs to
-/// `items[i]`).
+/// `items[i]`), and the `caption` line bounding what the captions can add (see
+/// `caption_information`; `train_captions` are the captions of the training images).
 pub fn bench_captioned(
     models: &Models,
     items: &[TokenGrid],
     captions: &[String],
+    train_captions: &[String],
     pixels: &[u64],
     extra: &[(&str, Value)],
 ) -> anyhow::Result<Vec<Map<String, Value>>> {
@@ -347,12 +420,102 @@ pub fn bench_captioned(
             rows.push(tally.row("image", label, &ex));
         }
     }
+    rows.push(caption_information(
+        train_captions,
+        captions,
+        generic_bits,
+        extra,
+    )?);
     Ok(rows)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scratch folder, removed when dropped.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn training_captions_leave_out_the_held_out_images() {
+        let root = std::env::temp_dir().join(format!(
+            "unimic-captions-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        let dir = Dir(root);
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        for name in ["a.jpg", "b.jpg", "c.jpg", "notes.txt"] {
+            std::fs::write(dir.path().join("images").join(name), b"").unwrap();
+        }
+        std::fs::write(
+            dir.path().join("captions.csv"),
+            "image,caption\na.jpg,a dog runs\nb.jpg,\"two cats, asleep\"\nc.jpg,held out\na.jpg,a brown dog\n",
+        )
+        .unwrap();
+        let train = training_captions(dir.path(), 1).unwrap();
+        assert_eq!(train, ["a dog runs", "two cats, asleep", "a brown dog"]);
+        assert_eq!(
+            training_captions(dir.path(), 3).unwrap(),
+            Vec::<String>::new()
+        );
+        let held = held_out_captioned(dir.path(), 1).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].1, "held out");
+    }
+
+    #[test]
+    fn caption_information_counts_what_the_training_captions_do_not_predict() {
+        let train: Vec<String> = (0..50)
+            .map(|i| format!("a dog runs across the grass number {}", i % 5))
+            .collect();
+        let seen = caption_information(
+            &train,
+            &["a dog runs across the grass".into()],
+            Some(1000),
+            &[],
+        )
+        .unwrap();
+        let novel = caption_information(
+            &train,
+            &["zebras juggle purple umbrellas".into()],
+            Some(1000),
+            &[],
+        )
+        .unwrap();
+        let bits = |m: &Map<String, Value>| m["cross_entropy_bits"].as_f64().unwrap();
+        assert!(bits(&seen) > 0.0);
+        assert!(bits(&seen) < bits(&novel) / 3.0, "{seen:?} {novel:?}");
+        assert_eq!(seen["kind"], "caption");
+        assert_eq!(seen["learned_captions"], 50);
+        let ratio = seen["ratio_vs_generic"].as_f64().unwrap();
+        assert!((ratio - bits(&seen) / 1000.0).abs() < 1e-12);
+        // Every held-out caption is coded from the learned state, not after the previous one.
+        let twice = caption_information(
+            &train,
+            &[
+                "zebras juggle purple umbrellas".into(),
+                "zebras juggle purple umbrellas".into(),
+            ],
+            None,
+            &[],
+        )
+        .unwrap();
+        assert!((bits(&twice) - 2.0 * bits(&novel)).abs() < 1e-9);
+        assert!(twice.get("ratio_vs_generic").is_none());
+    }
 
     #[test]
     fn scenario_areas() {
