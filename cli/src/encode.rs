@@ -52,7 +52,7 @@ pub enum Entropy {
     Auto,
     /// The adaptive context-mixing model (no weights; chunkable).
     Adaptive,
-    /// The shipped generic transformer (`unimic-entropy-generic-v5`).
+    /// The shipped generic transformer (`unimic-entropy-generic-v6`).
     Generic,
 }
 
