@@ -473,34 +473,8 @@ fn bench_adversarial(args: &Args) -> anyhow::Result<Vec<Map<String, Value>>> {
     Ok(rows)
 }
 
-/// Parses `image,caption` lines (the caption may contain commas; double quotes are handled).
-fn read_captions(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if n == 0 && line.starts_with("image,") {
-            continue;
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let (image, caption) = line
-            .split_once(',')
-            .with_context(|| format!("{}:{}: no comma", path.display(), n + 1))?;
-        let caption = caption.trim();
-        let caption = caption
-            .strip_prefix('"')
-            .and_then(|c| c.strip_suffix('"'))
-            .map(|c| c.replace("\"\"", "\""))
-            .unwrap_or_else(|| caption.to_string());
-        out.push((image.to_string(), caption));
-    }
-    Ok(out)
-}
-
 fn bench_captions(args: &Args, path: &Path) -> anyhow::Result<Vec<Map<String, Value>>> {
-    let all = read_captions(path)?;
+    let all = crate::models::read_captions(path)?;
     let images: BTreeSet<&str> = all.iter().map(|(i, _)| i.as_str()).collect();
     ensure!(
         args.holdout > 0 && args.holdout <= images.len(),

@@ -67,6 +67,37 @@ pub fn list_images(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     Ok(v)
 }
 
+/// Reads a captions file (`captions.csv`: an optional `image,caption` header, then one
+/// `image,caption` line per caption, several per image allowed) into `(image, caption)` pairs in
+/// file order. The caption is everything after the first comma, trimmed; one wrapped in double
+/// quotes (CSV quoting, as when it contains a comma) loses them and `""` becomes `"`. Blank lines
+/// are skipped; a line without a comma is an error. Training and the benchmarks read captions
+/// only through this function, so both see the same text.
+pub fn read_captions(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if n == 0 && line.starts_with("image,") {
+            continue;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (image, caption) = line
+            .split_once(',')
+            .with_context(|| format!("{}:{}: no comma", path.display(), n + 1))?;
+        let caption = caption.trim();
+        let caption = caption
+            .strip_prefix('"')
+            .and_then(|c| c.strip_suffix('"'))
+            .map(|c| c.replace("\"\"", "\""))
+            .unwrap_or_else(|| caption.to_string());
+        out.push((image.trim().to_string(), caption));
+    }
+    Ok(out)
+}
+
 /// Id of the shipped generic (raster, causal) transformer entropy model.
 pub const GENERIC_ID: &str = "unimic-entropy-generic-v6";
 
@@ -169,6 +200,38 @@ mod tests {
             .map(|i| (splitmix64(seed ^ i) % 1024) as u32)
             .collect();
         TokenGrid::new(height, width, 1024, ids).unwrap()
+    }
+
+    #[test]
+    fn captions_are_read_with_csv_quoting() {
+        let path = std::env::temp_dir().join(format!(
+            "unimic-captions-{}-{:?}.csv",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::write(
+            &path,
+            "image,caption\na.jpg,A dog runs .\n\nb.jpg ,\"Two cats , asleep .\"\nb.jpg,\"A \"\"big\"\" cat\"\n",
+        )
+        .unwrap();
+        let caps = read_captions(&path);
+        std::fs::write(&path, "image,caption\nno comma here\n").unwrap();
+        let bad = read_captions(&path);
+        let _ = std::fs::remove_file(&path);
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            caps.unwrap(),
+            pairs(&[
+                ("a.jpg", "A dog runs ."),
+                ("b.jpg", "Two cats , asleep ."),
+                ("b.jpg", "A \"big\" cat"),
+            ])
+        );
+        assert!(bad.unwrap_err().to_string().contains(":2: no comma"));
     }
 
     /// `.umic` files name their generic model by id: every generic model a released `encode`

@@ -261,7 +261,7 @@ fn with_model<'a>(
 
 /// A captioned set's held-out images (last `holdout` by file name) with the first caption of each.
 pub fn held_out_captioned(dir: &Path, holdout: usize) -> anyhow::Result<Vec<(PathBuf, String)>> {
-    let caps = super::read_captions(&dir.join("captions.csv"))?;
+    let caps = crate::models::read_captions(&dir.join("captions.csv"))?;
     let mut paths = crate::models::list_images(&dir.join("images"))?;
     ensure!(
         holdout > 0 && holdout <= paths.len(),
@@ -288,7 +288,7 @@ pub fn held_out_captioned(dir: &Path, holdout: usize) -> anyhow::Result<Vec<(Pat
 /// Every caption of the images `held_out_captioned` does not hold out (the text models' training
 /// captions), in file order.
 pub fn training_captions(dir: &Path, holdout: usize) -> anyhow::Result<Vec<String>> {
-    let caps = super::read_captions(&dir.join("captions.csv"))?;
+    let caps = crate::models::read_captions(&dir.join("captions.csv"))?;
     let mut paths = crate::models::list_images(&dir.join("images"))?;
     paths.truncate(paths.len().saturating_sub(holdout));
     let names: std::collections::HashSet<String> = paths

@@ -227,17 +227,11 @@ fn window_counts(
         .collect()
 }
 
-/// Reads `captions.csv` (`image,caption` with a header; captions may contain commas).
+/// Reads `captions.csv` ([`crate::models::read_captions`]) into the captions of each image.
 fn read_captions(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in text.lines().skip(1) {
-        if let Some((img, cap)) = line.split_once(',') {
-            map.entry(img.trim().to_string())
-                .or_default()
-                .push(cap.trim().to_string());
-        }
+    for (image, caption) in crate::models::read_captions(path)? {
+        map.entry(image).or_default().push(caption);
     }
     Ok(map)
 }
@@ -463,9 +457,14 @@ pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, S
         let wkey = {
             use sha2::{Digest, Sha256};
             let mut h = Sha256::new();
-            for (p, _) in &train_items {
+            for (p, c) in &train_items {
                 h.update(p.display().to_string().as_bytes());
                 h.update([0]);
+                if text {
+                    // The windows' cached captions must be those read now.
+                    h.update(c.join("\n").as_bytes());
+                    h.update([0]);
+                }
             }
             h.update(format!("whole-v1|{}|{win}|{stride}", args.whole_side));
             if text {
