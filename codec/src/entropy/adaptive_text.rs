@@ -318,6 +318,18 @@ impl AdaptiveText {
         self.vocab.len()
     }
 
+    /// Makes room in the context tables for about `n` more ids at once (at most 4,096: `n` may
+    /// come from a peer's header), instead of growing them a step at a time.
+    fn reserve(&mut self, n: usize) {
+        if self.frozen {
+            return;
+        }
+        let n = n.min(4096);
+        self.index.reserve(n);
+        self.order1.reserve(n);
+        self.order2.reserve(n);
+    }
+
     fn insert(&mut self, id: u32) {
         if self.vocab.len() as u32 >= MAX_VOCAB || self.index.contains_key(&id) {
             return;
@@ -403,6 +415,7 @@ impl AdaptiveText {
 
     /// Encodes one sequence (a text part or chunk), learning as it goes unless frozen.
     pub fn encode(&mut self, enc: &mut Encoder, ids: &[u32]) -> Result<(), CodeError> {
+        self.reserve(ids.len());
         let mut prev = (NONE, NONE);
         for &id in ids {
             if id >= self.space {
@@ -427,6 +440,7 @@ impl AdaptiveText {
     /// outside the id space.
     pub fn decode(&mut self, dec: &mut Decoder, count: usize) -> Result<Vec<u32>, CodeError> {
         let mut out = Vec::with_capacity(count.min(1 << 16));
+        self.reserve(count);
         let mut prev = (NONE, NONE);
         for _ in 0..count {
             let v = self.vocab.len() as u32;
@@ -449,6 +463,7 @@ impl AdaptiveText {
 
     /// Learns a sequence without coding it (text the session context already holds).
     pub fn learn(&mut self, ids: &[u32]) {
+        self.reserve(ids.len());
         let mut prev = (NONE, NONE);
         let space = self.space;
         for &id in ids.iter().filter(|&&id| id < space) {
