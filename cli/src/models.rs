@@ -98,6 +98,37 @@ pub fn read_captions(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// A path under the system's temporary folder that is unique to this process and call, removed
+/// (with everything under it) when dropped: scratch space for tests.
+#[cfg(test)]
+pub struct Scratch(std::path::PathBuf);
+
+#[cfg(test)]
+impl Scratch {
+    /// A new scratch path whose name starts with `unimic-{tag}-` (nothing is created yet).
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self(std::env::temp_dir().join(format!(
+            "unimic-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )))
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Id of the shipped generic (raster, causal) transformer entropy model.
 pub const GENERIC_ID: &str = "unimic-entropy-generic-v6";
 
@@ -204,11 +235,9 @@ mod tests {
 
     #[test]
     fn captions_are_read_with_csv_quoting() {
-        let path = std::env::temp_dir().join(format!(
-            "unimic-captions-{}-{:?}.csv",
-            std::process::id(),
-            std::time::SystemTime::now()
-        ));
+        let scratch = Scratch::new("captions-csv");
+        let path = scratch.path().join("captions.csv");
+        std::fs::create_dir_all(scratch.path()).unwrap();
         std::fs::write(
             &path,
             "image,caption\na.jpg,A dog runs .\n\nb.jpg ,\"Two cats , asleep .\"\nb.jpg,\"A \"\"big\"\" cat\"\n",
@@ -217,7 +246,6 @@ mod tests {
         let caps = read_captions(&path);
         std::fs::write(&path, "image,caption\nno comma here\n").unwrap();
         let bad = read_captions(&path);
-        let _ = std::fs::remove_file(&path);
         let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
             v.iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))

@@ -433,29 +433,9 @@ pub fn bench_captioned(
 mod tests {
     use super::*;
 
-    /// A scratch folder, removed when dropped.
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     #[test]
     fn training_captions_leave_out_the_held_out_images() {
-        let root = std::env::temp_dir().join(format!(
-            "unimic-captions-{}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        ));
-        let dir = Dir(root);
+        let dir = crate::models::Scratch::new("captions");
         std::fs::create_dir_all(dir.path().join("images")).unwrap();
         for name in ["a.jpg", "b.jpg", "c.jpg", "notes.txt"] {
             std::fs::write(dir.path().join("images").join(name), b"").unwrap();
