@@ -72,12 +72,16 @@ fn code_lengths(weights: &[Vec<u64>], ids: &[u32]) -> Vec<f64> {
 }
 
 /// Names of the masked-model scenarios, in output order.
-pub const SCENARIOS: [&str; 3] = ["inpaint25", "inpaint50", "outpaint"];
+pub const SCENARIOS: [&str; 4] = ["inpaint25", "inpaint50", "outpaint", "checker"];
 
 /// The unknown positions of scenario `name` on an `h × w` grid: `inpaint25` / `inpaint50` are
 /// centred squares (sides `round(side·√0.25)`, `round(side·√0.5)`) covering about 25% / 50% of the
 /// grid; `outpaint` is the border around a known centred square of side `round(side·√0.75)`, about
-/// 25% of the grid (on 16×16: 64, 121 and 60 of 256 tokens). `None` for an unknown name.
+/// 25% of the grid (on 16×16: 64, 121 and 60 of 256 tokens). `checker` is a diagnostic, not an
+/// edit: the cells with `row + column` even (half the grid), so that every unknown cell's four
+/// neighbours are known. It is the split most favourable to the masked model, so its ratio to
+/// generic bounds what context on every side gives this model per token. `None` for an unknown
+/// name.
 pub fn scenario(name: &str, h: usize, w: usize) -> Option<Vec<bool>> {
     let rect = |frac: f64| -> Vec<bool> {
         let side = |n: usize| ((n as f64 * frac.sqrt()).round() as usize).clamp(1, n);
@@ -94,6 +98,7 @@ pub fn scenario(name: &str, h: usize, w: usize) -> Option<Vec<bool>> {
         "inpaint25" => Some(rect(0.25)),
         "inpaint50" => Some(rect(0.5)),
         "outpaint" => Some(rect(0.75).into_iter().map(|k| !k).collect()),
+        "checker" => Some((0..h * w).map(|i| (i / w + i % w) % 2 == 0).collect()),
         _ => None,
     }
 }
@@ -511,6 +516,16 @@ mod tests {
         assert!(s[0][4 * 16 + 4] && !s[0][3 * 16 + 4] && s[0][11 * 16 + 11] && !s[0][12 * 16 + 11]);
         // The outpainting border is the complement of a centred square.
         assert!(s[2][0] && !s[2][16 + 1] && s[2][15 * 16 + 15]);
+        // The checkerboard: half the cells, and no two unknown cells side by side.
+        assert_eq!(count(&s[3]), 128);
+        for i in 0..256 {
+            let (r, c) = (i / 16, i % 16);
+            if s[3][i] {
+                assert!(c == 15 || !s[3][i + 1]);
+                assert!(r == 15 || !s[3][i + 16]);
+            }
+        }
+        assert_eq!(count(&scenario("checker", 3, 5).unwrap()), 8);
         assert!(scenario("nope", 4, 4).is_none());
         // Native Kodak grids (32×48) work too.
         assert_eq!(count(&scenario("inpaint25", 32, 48).unwrap()), 16 * 24);
