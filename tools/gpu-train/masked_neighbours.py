@@ -9,7 +9,7 @@ maps start at zero, so the model starts exactly as the given checkpoint. With `-
 default) only the maps train; `--no-freeze` fine-tunes every tensor as well, and `--control`
 fine-tunes the unchanged model the same way, to separate the maps' effect from the fine-tune's.
 
-It trains on whole-image token grids (`unimic tokenize`), on the random splits the trainers use,
+It runs on the CPU (`--device` is ignored). It trains on whole-image token grids (`unimic tokenize`), on the random splits the trainers use,
 and reports the `checker` and `inpaint25` scenarios of `unimic bench codec` on the evaluation
 grids: the masked model's bits on the unknown tokens against the generic model's on the same
 tokens (ideal code lengths, PyTorch arithmetic).
@@ -43,7 +43,8 @@ def grids(paths):
 
 
 def load_net(kind, path, k, a):
-    net = te.Net(kind, k, a.max_side, a.d_model, a.layers, a.heads, a.d_ff, 4096, 64, 0.0)
+    a.kind = kind
+    net = te.model_of(a, k, 0.0)
     src = load_file(path)
     net.load_state_dict({name: src[name] for name in net.state_dict()})
     return net
@@ -134,11 +135,7 @@ def main():
     ap.add_argument("--no-freeze", action="store_true")
     ap.add_argument("--control", action="store_true", help="no maps (with --no-freeze)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--max-side", type=int, default=64)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--d-ff", type=int, default=384)
+    te.add_model_args(ap)
     a = ap.parse_args()
     torch.manual_seed(a.seed)
 
