@@ -19,8 +19,8 @@
 //! With `--images` (and `--captioned DIR --holdout N`) the transformer models shipped in
 //! `--entropy-dir` (default `models/entropy`) are measured as well: `generic`, `masked` (the whole
 //! grid, then the `inpaint25`, `inpaint50`, `outpaint` and diagnostic `checker` scenarios against
-//! what `generic` and `uniform` spend on the same tokens) and, on the captioned held-out images, `text` against
-//! `generic`, plus `text-empty` (the text model given no caption: the control that shows how much
+//! what `generic` and `uniform` spend on the same tokens) and, on the captioned held-out images,
+//! `text` against `generic`, plus `text-empty` (the text model given no caption: the control that shows how much
 //! of the gain is the caption); see [`transformers`].
 //!
 //! A failed round trip is an error, not a number. `ratio_vs_raw` is coded bits divided by raw

@@ -80,8 +80,8 @@ pub const SCENARIOS: [&str; 4] = ["inpaint25", "inpaint50", "outpaint", "checker
 /// 25% of the grid (on 16×16: 64, 121 and 60 of 256 tokens). `checker` is a diagnostic, not an
 /// edit: the cells with `row + column` even (half the grid), so that every unknown cell's four
 /// neighbours are known. It is the split most favourable to the masked model, so its ratio to
-/// generic bounds what context on every side gives this model per token. `None` for an unknown
-/// name.
+/// generic shows the most that context on every side gives this model per token. `None` for an
+/// unknown name.
 pub fn scenario(name: &str, h: usize, w: usize) -> Option<Vec<bool>> {
     let rect = |frac: f64| -> Vec<bool> {
         let side = |n: usize| ((n as f64 * frac.sqrt()).round() as usize).clamp(1, n);
