@@ -84,14 +84,26 @@ pub struct Capabilities {
 #[error("reply sink closed: {0}")]
 pub struct SinkError(pub String);
 
-/// Where an agent writes its reply as it produces it.
+/// The future a [`ReplySink`] method returns: it completes once the output has been taken (for
+/// a sink that sends over a network, once it is written to the connection, so an agent that
+/// awaits every call is paced by the receiver: backpressure).
+pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'a>>;
+
+/// Where an agent writes its reply as it produces it. Each call is awaited before the next one;
+/// an error means the receiver stopped taking output (the turn was cancelled or the connection
+/// is gone) and the agent should return it.
 pub trait ReplySink: Send {
     /// Appends a text delta to the reply.
-    fn text_delta(&mut self, delta: &str) -> Result<(), SinkError>;
-    /// Appends a chunk of image token ids (row-major) to the reply's image of the given shape;
-    /// `last` marks the final chunk.
-    fn image_tokens(&mut self, shape: (u32, u32), ids: &[u32], last: bool)
-        -> Result<(), SinkError>;
+    fn text_delta<'a>(&'a mut self, delta: &'a str) -> SinkFuture<'a>;
+    /// Appends a chunk of image token ids (row-major) to the reply's image of the given shape
+    /// `(height, width)`; `last` marks the final chunk, after which the chunks of the image hold
+    /// exactly `height × width` ids.
+    fn image_tokens<'a>(
+        &'a mut self,
+        shape: (u32, u32),
+        ids: &'a [u32],
+        last: bool,
+    ) -> SinkFuture<'a>;
 }
 
 /// A [`ReplySink`] that collects everything in memory.
@@ -104,19 +116,19 @@ pub struct CollectSink {
 }
 
 impl ReplySink for CollectSink {
-    fn text_delta(&mut self, delta: &str) -> Result<(), SinkError> {
+    fn text_delta<'a>(&'a mut self, delta: &'a str) -> SinkFuture<'a> {
         self.text.push_str(delta);
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 
-    fn image_tokens(
-        &mut self,
+    fn image_tokens<'a>(
+        &'a mut self,
         shape: (u32, u32),
-        ids: &[u32],
+        ids: &'a [u32],
         last: bool,
-    ) -> Result<(), SinkError> {
+    ) -> SinkFuture<'a> {
         self.image_chunks.push((shape, ids.to_vec(), last));
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 
@@ -144,7 +156,29 @@ pub type AgentFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>> +
 /// An LMM on the receiving side of a session.
 ///
 /// The server calls [`Agent::respond`] once per incoming turn. The agent streams its reply into
-/// `sink` and returns when done; dropping the future cancels the turn.
+/// `sink` (awaiting each call) and returns when done; dropping the future cancels the turn (the
+/// server does so when the client cancels).
+///
+/// ```
+/// use unimic_agents::{Agent, AgentError, AgentFuture, Content, Conversation, ReplySink};
+///
+/// /// Answers every turn with its text in capitals.
+/// struct Shout;
+///
+/// impl Agent for Shout {
+///     fn respond<'a>(&'a self, c: &'a Conversation, sink: &'a mut dyn ReplySink) -> AgentFuture<'a> {
+///         Box::pin(async move {
+///             let turn = c.turns.last().ok_or(AgentError::EmptyConversation)?;
+///             for content in &turn.content {
+///                 if let Content::Text { text, .. } = content {
+///                     sink.text_delta(&text.to_uppercase()).await?;
+///                 }
+///             }
+///             Ok(())
+///         })
+///     }
+/// }
+/// ```
 pub trait Agent: Send + Sync {
     /// What this agent accepts and produces.
     fn capabilities(&self) -> Capabilities {

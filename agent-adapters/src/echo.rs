@@ -28,9 +28,10 @@ impl Agent for Echo {
                 .ok_or(AgentError::EmptyConversation)?;
             for content in &turn.content {
                 match content {
-                    Content::Text { text, .. } => sink.text_delta(text)?,
+                    Content::Text { text, .. } => sink.text_delta(text).await?,
                     Content::Image(grid) => {
-                        sink.image_tokens((grid.height(), grid.width()), grid.ids(), true)?
+                        sink.image_tokens((grid.height(), grid.width()), grid.ids(), true)
+                            .await?
                     }
                     Content::Raw { media_type, .. } => {
                         return Err(AgentError::Unsupported(format!(
@@ -47,7 +48,7 @@ impl Agent for Echo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{CollectSink, Role, SinkError, Turn};
+    use crate::{CollectSink, Role, SinkError, SinkFuture, Turn};
     use unimic_codec::grid::TokenGrid;
 
     fn run(
@@ -112,11 +113,16 @@ mod tests {
     fn a_closed_sink_stops_the_reply() {
         struct Closed;
         impl ReplySink for Closed {
-            fn text_delta(&mut self, _: &str) -> Result<(), SinkError> {
-                Err(SinkError("cancelled".into()))
+            fn text_delta<'a>(&'a mut self, _: &'a str) -> SinkFuture<'a> {
+                Box::pin(async { Err(SinkError("cancelled".into())) })
             }
-            fn image_tokens(&mut self, _: (u32, u32), _: &[u32], _: bool) -> Result<(), SinkError> {
-                Err(SinkError("cancelled".into()))
+            fn image_tokens<'a>(
+                &'a mut self,
+                _: (u32, u32),
+                _: &'a [u32],
+                _: bool,
+            ) -> SinkFuture<'a> {
+                Box::pin(async { Err(SinkError("cancelled".into())) })
             }
         }
         let conversation = Conversation {

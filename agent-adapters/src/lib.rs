@@ -2,9 +2,10 @@
 //! side of a unimic session, and its implementations.
 //!
 //! An agent is called once per incoming turn with the conversation so far and a [`ReplySink`] that
-//! takes streamed output (text deltas and image token chunks). Agents never see QUIC or the wire
-//! format: the transport decodes parts into [`Content`] before calling them, and codes what they
-//! emit.
+//! takes streamed output (text deltas and image token chunks; each call is awaited, which paces
+//! the agent by the receiver). Agents never see QUIC or the wire format: the serving glue
+//! (`unimic-chat`'s `serve`) decodes parts into [`Content`] before calling them, and codes what
+//! they emit.
 //!
 //! Implementations here: [`echo::Echo`] (returns what it was sent; for tests and demos). The
 //! OpenAI-compatible HTTP adapter, the token-native trait and the local agent are planned; see the
@@ -29,5 +30,5 @@ pub mod echo;
 
 pub use agent::{
     Agent, AgentError, AgentFuture, Capabilities, CollectSink, Content, Conversation, ReplySink,
-    Role, SinkError, Turn,
+    Role, SinkError, SinkFuture, Turn,
 };

@@ -230,10 +230,13 @@ fn load_grids(paths: &[PathBuf]) -> anyhow::Result<Vec<TokenGrid>> {
 
 fn tokenize_images(args: &Args, dir: &Path) -> anyhow::Result<(Vec<TokenGrid>, Vec<u64>)> {
     use image::RgbImage;
-    use unimic_codec::tokenizer::{ImageTokenizer, Vq};
-    let tdir = args.tokenizer.clone().unwrap_or_else(Vq::default_dir);
-    let tok =
-        Vq::from_dir(&tdir).with_context(|| format!("loading tokenizer {}", tdir.display()))?;
+    use unimic_codec::tokenizer::{self, ImageTokenizer};
+    let tdir = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(tokenizer::default_dir);
+    let tok = tokenizer::load_dir(&tdir)
+        .with_context(|| format!("loading tokenizer {}", tdir.display()))?;
     let paths = crate::models::list_images(dir)?;
     ensure!(!paths.is_empty(), "no PNG/JPEG images in {}", dir.display());
     let mut grids = Vec::with_capacity(paths.len());

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use unimic_codec::context::SessionContext;
+use unimic_codec::entropy::ladder::LadderModel;
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::part::{DecodedPart, PartCodec, PartShape, PartSpec};
-use unimic_codec::tokenizer::ImageTokenizer;
+use unimic_codec::tokenizer::{ImageTokenizer, MAX_TOKENS};
 use unimic_codec::umic::{hash8, UmicFile};
 
 use crate::models;
@@ -25,6 +26,9 @@ pub struct Args {
     /// Folder of the transformer entropy models (default: the shipped `models/entropy`).
     #[arg(long)]
     pub entropy_dir: Option<PathBuf>,
+    /// Decode only the first N levels of a quality-ladder file (0 = all it carries).
+    #[arg(long, default_value_t = 0)]
+    pub levels: usize,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -36,15 +40,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let file = UmicFile::from_bytes(&bytes)
         .with_context(|| format!("parsing {}", args.input.display()))?;
-    let tokenizer = models::tokenizer(args.tokenizer.as_deref())?;
-    let ours = models::tokenizer_hash8(&tokenizer)?;
-    if file.tokenizer.hash != ours {
+    let tokenizer = models::tokenizer_for(
+        args.tokenizer.as_deref(),
+        &file.tokenizer.name,
+        file.tokenizer.hash,
+    )?;
+    let tokens = file.grid_height * file.grid_width;
+    if tokens > MAX_TOKENS as u64 {
         bail!(
-            "the file was encoded with tokenizer {:?} (hash {}), but this tokenizer is {:?} (hash {})",
-            file.tokenizer.name,
-            hex8(&file.tokenizer.hash),
-            tokenizer.id().name,
-            hex8(&ours)
+            "the file declares a {}×{} grid ({tokens} tokens); tokenizers here decode at most {MAX_TOKENS}",
+            file.grid_height,
+            file.grid_width
         );
     }
     let shape = PartShape::Grid {
@@ -64,8 +70,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         decode_builtin(&file, shape)?
     };
-    let image = tokenizer.decode_to(
-        &grid,
+    let keep = if args.levels == 0 {
+        file.levels.len()
+    } else {
+        args.levels.saturating_sub(1).min(file.levels.len())
+    };
+    let mut grids = vec![grid];
+    for (i, level) in file.levels.iter().take(keep).enumerate() {
+        grids.push(decode_level(&args, i + 2, level, shape)?);
+    }
+    let grid = &grids[0];
+    let image = tokenizer.decode_levels_to(
+        &grids,
         u32::try_from(file.image_width)?,
         u32::try_from(file.image_height)?,
     )?;
@@ -79,6 +95,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "height": image.height(),
         "grid": [grid.height(), grid.width()],
         "tokens": grid.len(),
+        "levels_in_file": 1 + file.levels.len(),
+        "levels_decoded": grids.len(),
         "file_bytes": bytes.len(),
         "entropy_model": file.model.name,
     });
@@ -86,16 +104,58 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{summary}");
     } else {
         println!(
-            "{} → {}: {}×{} px from {} tokens ({} bytes)",
+            "{} → {}: {}×{} px from {} level(s) of {} tokens (of {} in the file; {} bytes)",
             args.input.display(),
             args.output.display(),
             image.width(),
             image.height(),
+            grids.len(),
             grid.len(),
+            1 + file.levels.len(),
             bytes.len()
         );
     }
     Ok(())
+}
+
+/// Decodes refinement level `level` of a ladder file with the shipped ladder model it names.
+fn decode_level(
+    args: &Args,
+    level: usize,
+    l: &unimic_codec::umic::Level,
+    shape: PartShape,
+) -> anyhow::Result<TokenGrid> {
+    let PartShape::Grid { height, width, .. } = shape else {
+        bail!("not a grid");
+    };
+    let dir = models::entropy_dir(args.entropy_dir.as_deref());
+    let m = LadderModel::load(&dir, level, l.model.version).with_context(|| {
+        format!(
+            "level {level} needs entropy model {:?} (version {}), which is not in {}",
+            l.model.name,
+            l.model.version,
+            dir.display()
+        )
+    })?;
+    if m.id() != l.model.name || hash8(&m.content_hash()) != l.model.hash {
+        bail!(
+            "level {level}'s entropy model {:?} has hash {}, ours ({}) has {}",
+            l.model.name,
+            hex8(&l.model.hash),
+            m.id(),
+            hex8(&hash8(&m.content_hash()))
+        );
+    }
+    let [(tokens, payload)] = l.chunks.as_slice() else {
+        bail!(
+            "a ladder level has exactly one chunk, level {level} has {}",
+            l.chunks.len()
+        );
+    };
+    if *tokens != u64::from(height) * u64::from(width) {
+        bail!("level {level}'s chunk declares {tokens} tokens for a {height}×{width} grid");
+    }
+    Ok(m.decode(height, width, payload)?)
 }
 
 /// Decodes a file coded by a shipped transformer model (one chunk, model named by its id and

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use unimic_codec::context::SessionContext;
+use unimic_codec::entropy::ladder::LadderModel;
 use unimic_codec::part::{ModelChoice, PartCodec, PartSpec, PartTokens};
 use unimic_codec::tokenizer::ImageTokenizer;
-use unimic_codec::umic::{hash8, ModelTag, UmicFile};
+use unimic_codec::umic::{hash8, Level, ModelTag, UmicFile};
 
 use crate::models;
 
@@ -40,6 +41,15 @@ pub struct Args {
     /// Folder of the transformer entropy models (default: the shipped `models/entropy`).
     #[arg(long)]
     pub entropy_dir: Option<PathBuf>,
+    /// Quality ladder: how many levels to send (1 = the base grid only; up to the tokenizer's
+    /// levels). Level 1 is coded with the generic transformer (or adaptive model), each further
+    /// level with its own trained ladder model.
+    #[arg(long, default_value_t = 1, conflicts_with = "bytes")]
+    pub quality: usize,
+    /// Send as many ladder levels as fit in a file of at most BYTES bytes (at least level 1;
+    /// an error when even level 1 does not fit).
+    #[arg(long)]
+    pub bytes: Option<usize>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -52,7 +62,7 @@ pub enum Entropy {
     Auto,
     /// The adaptive context-mixing model (no weights; chunkable).
     Adaptive,
-    /// The shipped generic transformer (`unimic-entropy-generic-v6`).
+    /// The shipped generic transformer (`unimic-entropy-generic-v7`, trained on the default tokenizer's level-1 tokens).
     Generic,
 }
 
@@ -63,13 +73,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.image.display()))?
         .to_rgb8();
     let image = models::fit(models::prepare(image, args.size), args.max_side);
-    let grid = tokenizer.encode(&image).with_context(|| {
-        format!(
-            "tokenizing the {}×{} px image (a smaller --max-side scales it down)",
-            image.width(),
-            image.height()
-        )
-    })?;
+    let levels_wanted = match args.bytes {
+        Some(_) => tokenizer.levels(),
+        None => args.quality,
+    };
+    if levels_wanted == 0 || levels_wanted > tokenizer.levels() {
+        bail!(
+            "--quality {levels_wanted}: the tokenizer {:?} has levels 1..={}",
+            tokenizer.id().name,
+            tokenizer.levels()
+        );
+    }
+    let mut grids = tokenizer
+        .encode_levels(&image, levels_wanted)
+        .with_context(|| {
+            format!(
+                "tokenizing the {}×{} px image (a smaller --max-side scales it down)",
+                image.width(),
+                image.height()
+            )
+        })?;
+    let refinements = grids.split_off(1);
+    let grid = grids.remove(0);
     let generic = match args.entropy {
         Entropy::Adaptive => None,
         Entropy::Generic => {
@@ -138,7 +163,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
         }
     };
-    let file = UmicFile {
+    let ladder_dir = models::entropy_dir(args.entropy_dir.as_deref());
+    let mut levels = Vec::with_capacity(refinements.len());
+    for (i, g) in refinements.iter().enumerate() {
+        let level = i + 2;
+        let m = LadderModel::load(&ladder_dir, level, 1)
+            .with_context(|| format!("loading the entropy model of ladder level {level}"))?;
+        let payload = m.encode(g)?;
+        levels.push(Level {
+            model: ModelTag {
+                name: m.id(),
+                version: m.version(),
+                hash: hash8(&m.content_hash()),
+            },
+            chunks: vec![(g.len() as u64, payload)],
+        });
+    }
+    let mut file = UmicFile {
         tokenizer: ModelTag {
             name: tokenizer.id().name.clone(),
             version: 1,
@@ -151,8 +192,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         grid_width: u64::from(grid.width()),
         codebook_size: u64::from(grid.codebook_size()),
         chunks,
+        levels,
     };
-    let bytes = file.to_bytes();
+    let mut bytes = file.to_bytes();
+    if let Some(limit) = args.bytes {
+        while bytes.len() > limit && !file.levels.is_empty() {
+            file.levels.pop();
+            bytes = file.to_bytes();
+        }
+        if bytes.len() > limit {
+            bail!(
+                "--bytes {limit}: even level 1 alone takes {} bytes (a smaller --size or \
+                 --max-side makes fewer tokens)",
+                bytes.len()
+            );
+        }
+    }
+    let level_bytes: Vec<usize> = std::iter::once(file.level1_payload_bytes())
+        .chain(
+            file.levels
+                .iter()
+                .map(|l| l.chunks.iter().map(|(_, p)| p.len()).sum()),
+        )
+        .collect();
+    let total_bits = bits + 8 * (file.payload_bytes() - file.level1_payload_bytes()) as u64;
     std::fs::write(&args.output, &bytes)
         .with_context(|| format!("writing {}", args.output.display()))?;
     let pixels = f64::from(image.width()) * f64::from(image.height());
@@ -166,22 +229,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "tokenizer": tokenizer.id().name,
         "entropy_model": file.model.name,
         "tokens": grid.len(),
+        "levels": 1 + file.levels.len(),
+        "level_payload_bytes": level_bytes,
         "payload_bytes": file.payload_bytes(),
         "file_bytes": bytes.len(),
         "bits_per_token": bits as f64 / grid.len() as f64,
         "raw_bits_per_token": f64::from(grid.codebook_size()).log2(),
-        "bpp_payload": bits as f64 / pixels,
+        "bpp_level1": bits as f64 / pixels,
+        "bpp_payload": total_bits as f64 / pixels,
         "bpp_file": 8.0 * bytes.len() as f64 / pixels,
     });
     if args.json {
         println!("{summary}");
     } else {
         println!(
-            "{} → {}: {}×{} px, {}×{} tokens (K={}), {} payload bytes + {} bytes header = {} bytes; {:.3} bits/token (raw {:.2}), {:.4} bpp ({:.4} bpp with header)",
+            "{} → {}: {}×{} px, {} level(s) of {}×{} tokens (K={}), {} payload bytes + {} bytes header = {} bytes; level 1 {:.3} bits/token (raw {:.2}), {:.4} bpp ({:.4} bpp with header)",
             args.image.display(),
             args.output.display(),
             image.width(),
             image.height(),
+            1 + file.levels.len(),
             grid.height(),
             grid.width(),
             grid.codebook_size(),
@@ -190,7 +257,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bytes.len(),
             bits as f64 / grid.len() as f64,
             f64::from(grid.codebook_size()).log2(),
-            bits as f64 / pixels,
+            total_bits as f64 / pixels,
             8.0 * bytes.len() as f64 / pixels,
         );
     }

@@ -5,9 +5,11 @@ use clap::{Parser, Subcommand};
 mod bench_codec;
 mod bench_tokenizer;
 mod bench_transport;
+mod chat;
 mod decode;
 mod encode;
 mod models;
+mod serve;
 mod tokenize;
 mod train_entropy;
 mod train_tokenizer;
@@ -35,6 +37,10 @@ enum Command {
     Decode(decode::Args),
     /// Tokenize images whole into token-grid files, one per grid shape.
     Tokenize(tokenize::Args),
+    /// Answer chat sessions over QUIC with an agent; prints the address and pin to connect.
+    Serve(serve::Args),
+    /// A terminal chat with a `unimic serve` server.
+    Chat(chat::Args),
     /// Train the project's models on ../shared/data.
     Train {
         #[command(subcommand)]
@@ -47,7 +53,7 @@ enum Command {
 enum BenchCommand {
     /// Entropy models on token grids, images or captions.
     Codec(bench_codec::Args),
-    /// The image tokenizer against JPEG/WebP/AVIF at equal bytes.
+    /// The image tokenizer against JPEG/WebP/AVIF/JPEG XL at equal bytes.
     Tokenizer(bench_tokenizer::Args),
     /// unimic over QUIC against a plain quinn echo and HTTP+JSON.
     Transport(bench_transport::Args),
@@ -77,6 +83,8 @@ fn main() -> anyhow::Result<()> {
         Command::Encode(a) => encode::run(a),
         Command::Decode(a) => decode::run(a),
         Command::Tokenize(a) => tokenize::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Train { what } => match what {
             TrainCommand::Tokenizer(a) => train_tokenizer::run(a),
             TrainCommand::Entropy(a) => train_entropy::run(a),

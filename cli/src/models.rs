@@ -2,27 +2,73 @@
 
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use image::{imageops, RgbImage};
 use unimic_codec::entropy::generic::Generic;
 use unimic_codec::nn::model::Manifest;
 use unimic_codec::part::{model_id, ModelChoice};
-use unimic_codec::tokenizer::{ImageTokenizer, Vq};
+use unimic_codec::tokenizer::{self, DynTokenizer, ImageTokenizer};
 
-/// Loads the tokenizer from `dir`, or the shipped default (`models/tokenizer`, or
+/// Loads the tokenizer from `dir`, or the shipped default (`models/tokenizer-taef2`, or
 /// `$UNIMIC_TOKENIZER`).
-pub fn tokenizer(dir: Option<&Path>) -> anyhow::Result<Vq> {
+pub fn tokenizer(dir: Option<&Path>) -> anyhow::Result<DynTokenizer> {
     match dir {
-        Some(d) => {
-            Vq::from_dir(d).with_context(|| format!("loading tokenizer from {}", d.display()))
-        }
-        None => Vq::default_model().with_context(|| {
+        Some(d) => tokenizer::load_dir(d)
+            .with_context(|| format!("loading tokenizer from {}", d.display())),
+        None => tokenizer::load_default().with_context(|| {
             format!(
                 "loading the default tokenizer from {}",
-                Vq::default_dir().display()
+                tokenizer::default_dir().display()
             )
         }),
     }
+}
+
+/// The tokenizer a file names (by `name` and the first 8 bytes of its hash): `dir` when given
+/// (which must match), else the default or whichever shipped tokenizer matches. The error names
+/// the tokenizer the file needs when none here does.
+pub fn tokenizer_for(
+    dir: Option<&Path>,
+    name: &str,
+    hash: [u8; 8],
+) -> anyhow::Result<DynTokenizer> {
+    let hex = |h: &[u8; 8]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    if let Some(d) = dir {
+        let t = tokenizer(Some(d))?;
+        let ours = tokenizer_hash8(t.as_ref())?;
+        if ours != hash {
+            bail!(
+                "the file was encoded with tokenizer {name:?} (hash {}), but {} holds {:?} (hash {})",
+                hex(&hash),
+                d.display(),
+                t.id().name,
+                hex(&ours)
+            );
+        }
+        return Ok(t);
+    }
+    let mut dirs = vec![tokenizer::default_dir()];
+    dirs.extend(tokenizer::shipped_dirs());
+    let mut seen = Vec::new();
+    for d in dirs {
+        if !d.join(tokenizer::MANIFEST_FILE).exists() || seen.contains(&d) {
+            continue;
+        }
+        seen.push(d.clone());
+        let t = tokenizer(Some(&d))?;
+        if tokenizer_hash8(t.as_ref())? == hash {
+            return Ok(t);
+        }
+    }
+    bail!(
+        "the file was encoded with tokenizer {name:?} (hash {}), which is not shipped here \
+         (looked in {}); pass its directory with --tokenizer",
+        hex(&hash),
+        seen.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// The folder of the transformer entropy models: `dir`, else `$UNIMIC_ENTROPY`, else the
@@ -38,7 +84,7 @@ pub fn entropy_dir(dir: Option<&Path>) -> std::path::PathBuf {
 }
 
 /// The first 8 bytes of the tokenizer's weights hash.
-pub fn tokenizer_hash8(t: &Vq) -> anyhow::Result<[u8; 8]> {
+pub fn tokenizer_hash8(t: &dyn ImageTokenizer) -> anyhow::Result<[u8; 8]> {
     hex_hash8(&t.id().sha256).context("tokenizer hash")
 }
 
@@ -130,7 +176,7 @@ impl Drop for Scratch {
 }
 
 /// Id of the shipped generic (raster, causal) transformer entropy model.
-pub const GENERIC_ID: &str = "unimic-entropy-generic-v6";
+pub const GENERIC_ID: &str = "unimic-entropy-generic-v7";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
 pub const MASKED_ID: &str = "unimic-entropy-masked-v6";

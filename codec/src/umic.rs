@@ -9,8 +9,14 @@
 //! | entropy model id (len, UTF-8) | model version | model hash (8 bytes)
 //! | image width | image height | grid height | grid width | codebook size
 //! | chunk count | per chunk: tokens, payload length, payload bytes
+//! [version 2 only: refinement level count (1..=15)
+//!   | per level: entropy model id | model version | model hash | chunk count | chunks]
 //! | checksum (4 bytes: the first 4 bytes of SHA-256 over everything before it)
 //! ```
+//!
+//! Version 2 carries a quality ladder: the grid above is level 1, and each refinement level is
+//! one more grid of the same shape and codebook (a residual code the tokenizer adds on top of the
+//! levels below). A file without refinement levels is always written as version 1.
 //!
 //! Hashes are truncated to 8 bytes: a file only has to detect that the decoder holds different
 //! weights, not prove it to an adversary (the session handshake uses full 32-byte hashes).
@@ -26,6 +32,7 @@
 //!     grid_width: 16,
 //!     codebook_size: 1024,
 //!     chunks: vec![(240, vec![0xde, 0xad])],
+//!     levels: vec![],
 //! };
 //! let bytes = file.to_bytes();
 //! assert_eq!(UmicFile::from_bytes(&bytes).unwrap(), file);
@@ -36,8 +43,12 @@ use thiserror::Error;
 
 /// The four bytes every `.umic` file starts with.
 pub const MAGIC: [u8; 4] = *b"UMIC";
-/// The format version this code writes and reads.
+/// The format version of a file without refinement levels.
 pub const VERSION: u8 = 1;
+/// The format version of a file with refinement levels (a quality ladder).
+pub const VERSION_LADDER: u8 = 2;
+/// Most refinement levels a file may carry (levels 2..=16 of a ladder).
+pub const MAX_REFINEMENTS: u64 = 15;
 /// Longest model name accepted.
 pub const MAX_NAME: usize = 128;
 /// Most chunks accepted in one file.
@@ -74,6 +85,18 @@ pub struct UmicFile {
     /// Codebook size of the tokenizer.
     pub codebook_size: u64,
     /// Independently decodable chunks: (tokens, range-coder payload).
+    pub chunks: Vec<(u64, Vec<u8>)>,
+    /// Refinement levels 2, 3, … of a quality ladder, in order (empty: level 1 only).
+    pub levels: Vec<Level>,
+}
+
+/// One refinement level of a quality ladder: a grid of the same shape and codebook as level 1,
+/// coded with its own entropy model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Level {
+    /// The entropy model of this level.
+    pub model: ModelTag,
+    /// Independently decodable chunks: (tokens, range-coder payload), as for level 1.
     pub chunks: Vec<(u64, Vec<u8>)>,
 }
 
@@ -161,6 +184,25 @@ impl<'a> Reader<'a> {
         Ok(h)
     }
 
+    /// A chunk count and its chunks, whose token counts must add up to `total`.
+    fn chunks(&mut self, total: u64, file_len: usize) -> Result<Vec<(u64, Vec<u8>)>, UmicError> {
+        let count = self.bounded(MAX_CHUNKS, "too many chunks")?;
+        let mut chunks = Vec::new();
+        let mut tokens_seen = 0u64;
+        for _ in 0..count {
+            let tokens = self.bounded(total, "chunk larger than the grid")?;
+            tokens_seen += tokens;
+            let len = self.bounded(file_len as u64, "chunk payload longer than the file")? as usize;
+            chunks.push((tokens, self.take(len)?.to_vec()));
+        }
+        if tokens_seen != total {
+            return Err(UmicError::Malformed(
+                "chunk token counts do not add up to the grid",
+            ));
+        }
+        Ok(chunks)
+    }
+
     fn name(&mut self) -> Result<String, UmicError> {
         let len = self.bounded(MAX_NAME as u64, "model name too long")? as usize;
         let bytes = self.take(len)?;
@@ -175,8 +217,19 @@ fn checksum(bytes: &[u8]) -> [u8; 4] {
 }
 
 impl UmicFile {
-    /// Total payload bytes over all chunks.
+    /// Total payload bytes over all chunks of every level.
     pub fn payload_bytes(&self) -> usize {
+        self.chunks.iter().map(|(_, p)| p.len()).sum::<usize>()
+            + self
+                .levels
+                .iter()
+                .flat_map(|l| l.chunks.iter())
+                .map(|(_, p)| p.len())
+                .sum::<usize>()
+    }
+
+    /// Payload bytes of level 1 alone.
+    pub fn level1_payload_bytes(&self) -> usize {
         self.chunks.iter().map(|(_, p)| p.len()).sum()
     }
 
@@ -184,7 +237,11 @@ impl UmicFile {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(96 + self.payload_bytes());
         out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
+        out.push(if self.levels.is_empty() {
+            VERSION
+        } else {
+            VERSION_LADDER
+        });
         put_varint(&mut out, self.tokenizer.name.len() as u64);
         out.extend_from_slice(self.tokenizer.name.as_bytes());
         out.extend_from_slice(&self.tokenizer.hash);
@@ -202,10 +259,17 @@ impl UmicFile {
         ] {
             put_varint(&mut out, v);
         }
-        for (tokens, payload) in &self.chunks {
-            put_varint(&mut out, *tokens);
-            put_varint(&mut out, payload.len() as u64);
-            out.extend_from_slice(payload);
+        put_chunks(&mut out, &self.chunks);
+        if !self.levels.is_empty() {
+            put_varint(&mut out, self.levels.len() as u64);
+            for level in &self.levels {
+                put_varint(&mut out, level.model.name.len() as u64);
+                out.extend_from_slice(level.model.name.as_bytes());
+                put_varint(&mut out, level.model.version);
+                out.extend_from_slice(&level.model.hash);
+                put_varint(&mut out, level.chunks.len() as u64);
+                put_chunks(&mut out, &level.chunks);
+            }
         }
         let sum = checksum(&out);
         out.extend_from_slice(&sum);
@@ -222,7 +286,7 @@ impl UmicFile {
             return Err(UmicError::Truncated);
         }
         let version = bytes[4];
-        if version != VERSION {
+        if version != VERSION && version != VERSION_LADDER {
             return Err(UmicError::UnsupportedVersion(version));
         }
         let (body, sum) = bytes.split_at(bytes.len() - 4);
@@ -251,20 +315,29 @@ impl UmicFile {
         if image_width == 0 || image_height == 0 {
             return Err(UmicError::Malformed("empty image"));
         }
-        let count = r.bounded(MAX_CHUNKS, "too many chunks")?;
         let total = grid_height * grid_width;
-        let mut chunks = Vec::new();
-        let mut tokens_seen = 0u64;
-        for _ in 0..count {
-            let tokens = r.bounded(total, "chunk larger than the grid")?;
-            tokens_seen += tokens;
-            let len = r.bounded(body.len() as u64, "chunk payload longer than the file")? as usize;
-            chunks.push((tokens, r.take(len)?.to_vec()));
-        }
-        if tokens_seen != total {
-            return Err(UmicError::Malformed(
-                "chunk token counts do not add up to the grid",
-            ));
+        let chunks = r.chunks(total, body.len())?;
+        let mut levels = Vec::new();
+        if version == VERSION_LADDER {
+            let n = r.bounded(MAX_REFINEMENTS, "too many refinement levels")?;
+            if n == 0 {
+                return Err(UmicError::Malformed(
+                    "a version 2 file without refinement levels",
+                ));
+            }
+            for _ in 0..n {
+                let name = r.name()?;
+                let version = r.varint()?;
+                let model = ModelTag {
+                    name,
+                    version,
+                    hash: r.hash8()?,
+                };
+                levels.push(Level {
+                    model,
+                    chunks: r.chunks(total, body.len())?,
+                });
+            }
         }
         if !r.buf.is_empty() {
             // Bytes between the last chunk and the checksum: either a truncated file whose tail
@@ -286,7 +359,16 @@ impl UmicFile {
             grid_width,
             codebook_size,
             chunks,
+            levels,
         })
+    }
+}
+
+fn put_chunks(out: &mut Vec<u8>, chunks: &[(u64, Vec<u8>)]) {
+    for (tokens, payload) in chunks {
+        put_varint(out, *tokens);
+        put_varint(out, payload.len() as u64);
+        out.extend_from_slice(payload);
     }
 }
 
@@ -319,7 +401,57 @@ mod tests {
             grid_width: 48,
             codebook_size: 1024,
             chunks: vec![(1000, vec![1, 2, 3]), (536, (0..=255).collect())],
+            levels: vec![],
         }
+    }
+
+    fn ladder() -> UmicFile {
+        let mut f = sample();
+        f.levels = vec![
+            Level {
+                model: ModelTag {
+                    name: "static-l2".into(),
+                    version: 1,
+                    hash: [3; 8],
+                },
+                chunks: vec![(1536, vec![4, 5])],
+            },
+            Level {
+                model: ModelTag {
+                    name: "static-l3".into(),
+                    version: 1,
+                    hash: [4; 8],
+                },
+                chunks: vec![(1000, vec![6]), (536, vec![])],
+            },
+        ];
+        f
+    }
+
+    #[test]
+    fn ladder_round_trip_and_version() {
+        let f = ladder();
+        let bytes = f.to_bytes();
+        assert_eq!(bytes[4], VERSION_LADDER);
+        assert_eq!(sample().to_bytes()[4], VERSION);
+        assert_eq!(UmicFile::from_bytes(&bytes).unwrap(), f);
+        assert_eq!(f.payload_bytes(), 3 + 256 + 2 + 1);
+        assert_eq!(f.level1_payload_bytes(), 3 + 256);
+        for n in 0..bytes.len() {
+            assert!(
+                UmicFile::from_bytes(&bytes[..n]).is_err(),
+                "prefix {n} parsed"
+            );
+        }
+        // A refinement level whose chunks do not cover the grid is refused.
+        let mut bad = ladder();
+        bad.levels[1].chunks[1].0 = 535;
+        assert_eq!(
+            UmicFile::from_bytes(&bad.to_bytes()),
+            Err(UmicError::Malformed(
+                "chunk token counts do not add up to the grid"
+            ))
+        );
     }
 
     #[test]
@@ -358,11 +490,11 @@ mod tests {
     fn specific_errors() {
         let bytes = sample().to_bytes();
         assert_eq!(UmicFile::from_bytes(b"JPEG....."), Err(UmicError::BadMagic));
-        let mut v2 = bytes.clone();
-        v2[4] = 2;
+        let mut v3 = bytes.clone();
+        v3[4] = 3;
         assert_eq!(
-            UmicFile::from_bytes(&v2),
-            Err(UmicError::UnsupportedVersion(2))
+            UmicFile::from_bytes(&v3),
+            Err(UmicError::UnsupportedVersion(3))
         );
         let mut extra = bytes.clone();
         extra.push(0);

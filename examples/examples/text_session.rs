@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
                 message_id: VarInt::from_u64(message_id)?,
                 role: Role::User,
             },
+            in_reply_to: None,
             parts: vec![Part {
                 header: PartHeader {
                     index: VarInt::from_u32(0),

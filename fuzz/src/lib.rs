@@ -15,6 +15,7 @@ pub mod frame_stream;
 pub mod handshake;
 pub mod message;
 pub mod transformer_decode;
+pub mod umic_file;
 
 /// A target body: panics when an invariant breaks.
 pub type Body = fn(&[u8]);
@@ -26,4 +27,5 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("handshake", handshake::run),
     ("codec_decode", codec_decode::run),
     ("transformer_decode", transformer_decode::run),
+    ("umic_file", umic_file::run),
 ];

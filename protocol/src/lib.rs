@@ -14,7 +14,7 @@
 //!   with the `codec` feature, a tokio-util `Encoder`/`Decoder` (`frame::Codec`).
 //! - [`handshake`]: hellos, [`Reject`], and the [`handshake::Client`] / [`handshake::Server`]
 //!   state machines.
-//! - [`message`]: [`MessageHeader`], [`MessageEnd`], a whole [`Message`], and the
+//! - [`message`]: [`MessageHeader`], [`InReplyTo`], [`MessageEnd`], a whole [`Message`], and the
 //!   [`message::Reader`] that checks a message stream as it arrives.
 //! - [`part`]: [`PartHeader`], coding modes, regions, context references, [`PartChunk`].
 //! - [`control`]: Ack, Cancel, Error, GoAway, ContextEvicted.
@@ -34,6 +34,7 @@
 //! let v = VarInt::from_u32;
 //! let message = Message {
 //!     header: MessageHeader { message_id: v(0), role: Role::User },
+//!     in_reply_to: None,
 //!     parts: vec![Part {
 //!         header: PartHeader {
 //!             index: v(0),
@@ -100,7 +101,7 @@ pub use error_code::ErrorCode;
 pub use frame::Frame;
 pub use handshake::{ClientHello, ModelInfo, Reject, ServerHello};
 pub use limits::Limits;
-pub use message::{Message, MessageEnd, MessageHeader, Part, Role};
+pub use message::{InReplyTo, Message, MessageEnd, MessageHeader, Part, Role};
 pub use part::{
     CodedPart, CodingMode, ContextRef, PartBody, PartChunk, PartHeader, RawPart, Rect, Region,
     Shape, CONTEXT_DIGEST_DOMAIN, EMPTY_CONTEXT_DIGEST,

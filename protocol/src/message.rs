@@ -2,9 +2,10 @@
 //!
 //! A message stream carries, in this order: one [`MessageHeader`] frame; for each part, a
 //! [`PartHeader`] frame followed by one or more [`PartChunk`] frames, the last with `fin` set; and
-//! one [`MessageEnd`] frame. Ignorable extension frames may appear anywhere after the header and
-//! are skipped. [`Reader`] checks that order as bytes arrive; [`Message`] holds a whole message in
-//! memory.
+//! one [`MessageEnd`] frame. An [`InReplyTo`] frame (the extension `IN_REPLY_TO`) may follow the
+//! header directly, and only there. Other ignorable extension frames may appear anywhere after the
+//! header and are skipped. [`Reader`] checks that order as bytes arrive; [`Message`] holds a whole
+//! message in memory.
 
 use bytes::{Buf, BufMut};
 
@@ -50,6 +51,34 @@ pub struct MessageHeader {
     pub message_id: VarInt,
     /// Who speaks.
     pub role: Role,
+}
+
+/// The `IN_REPLY_TO` extension frame (type `0x20`, PROTOCOL.md §5.3): names the message this one
+/// answers. It comes right after the [`MessageHeader`], at most once, and names a message of the
+/// other side (its id has the other parity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct InReplyTo {
+    /// The id of the answered message.
+    pub message_id: VarInt,
+}
+
+impl Encode for InReplyTo {
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        self.message_id.encode(buf);
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.message_id.size()
+    }
+}
+
+impl Decode for InReplyTo {
+    fn decode<B: Buf>(buf: &mut B, _limits: &Limits) -> Result<Self, DecodeError> {
+        Ok(InReplyTo {
+            message_id: read_varint(buf)?,
+        })
+    }
 }
 
 /// The last frame of a message stream.
@@ -144,6 +173,8 @@ pub struct Part {
 pub struct Message {
     /// The message header.
     pub header: MessageHeader,
+    /// The message this one answers (an `IN_REPLY_TO` frame right after the header), if any.
+    pub in_reply_to: Option<InReplyTo>,
     /// The parts, in order.
     pub parts: Vec<Part>,
 }
@@ -152,6 +183,7 @@ impl Message {
     /// The frames of this message's stream, in order.
     pub fn frames(&self) -> impl Iterator<Item = Frame> + '_ {
         std::iter::once(Frame::MessageHeader(self.header))
+            .chain(self.in_reply_to.map(Frame::InReplyTo))
             .chain(self.parts.iter().flat_map(|p| {
                 std::iter::once(Frame::PartHeader(p.header.clone()))
                     .chain(p.chunks.iter().cloned().map(Frame::PartChunk))
@@ -198,8 +230,14 @@ impl Decode for Message {
                 Event::Header(header) => {
                     message = Some(Message {
                         header,
+                        in_reply_to: None,
                         parts: Vec::new(),
                     })
+                }
+                Event::InReplyTo(r) => {
+                    if let Some(m) = message.as_mut() {
+                        m.in_reply_to = Some(r);
+                    }
                 }
                 Event::Part(header) => {
                     if let Some(m) = message.as_mut() {
@@ -232,6 +270,8 @@ impl Decode for Message {
 pub enum Event {
     /// The message header (always first).
     Header(MessageHeader),
+    /// The message this one answers (only ever right after the header).
+    InReplyTo(InReplyTo),
     /// A new part starts.
     Part(PartHeader),
     /// A chunk of the current part.
@@ -249,6 +289,8 @@ pub enum Event {
 enum State {
     /// Waiting for the message header.
     Start,
+    /// Header seen, nothing after it yet (the only place for IN_REPLY_TO).
+    AfterHeader,
     /// Header seen, no part open.
     BetweenParts,
     /// A part is open: the next chunk must have this sequence number.
@@ -259,14 +301,15 @@ enum State {
 
 /// A sans-IO reader for one message stream: push bytes as they arrive, take [`Event`]s out.
 ///
-/// It enforces the frame order, the part and chunk numbering, the token counts announced in part
+/// It enforces the frame order (an `IN_REPLY_TO` only right after the header, naming a message id
+/// of the other parity), the part and chunk numbering, the token counts announced in part
 /// headers, [`Limits::max_message_bytes`] over the whole stream, and that references to parts of
 /// the same message point backwards. Every violation is a [`DecodeError`] and ends the stream
 /// (reset it with [`DecodeError::error_code`]).
 ///
 /// ```
 /// use unimic_protocol::{message, Encode, Limits, Message, MessageHeader, Role, VarInt};
-/// let msg = Message { header: MessageHeader { message_id: VarInt::from_u32(0), role: Role::User }, parts: vec![] };
+/// let msg = Message { header: MessageHeader { message_id: VarInt::from_u32(0), role: Role::User }, in_reply_to: None, parts: vec![] };
 /// let bytes = msg.to_bytes();
 /// let mut reader = message::Reader::new(Limits::default());
 /// reader.push(&bytes);
@@ -377,10 +420,27 @@ impl Reader {
             (State::Done, _) => Err(order("frame after the message end")),
             (State::Start, Frame::MessageHeader(h)) => {
                 self.message_id = h.message_id;
-                self.state = State::BetweenParts;
+                self.state = State::AfterHeader;
                 Ok(Event::Header(h))
             }
             (State::Start, _) => Err(order("first frame is not a message header")),
+            (State::AfterHeader, Frame::InReplyTo(r)) => {
+                if r.message_id.into_inner() % 2 == self.message_id.into_inner() % 2 {
+                    return Err(DecodeError::Malformed {
+                        what: "IN_REPLY_TO",
+                        reason: "names a message of the same sender",
+                    });
+                }
+                self.state = State::BetweenParts;
+                Ok(Event::InReplyTo(r))
+            }
+            (_, Frame::InReplyTo(_)) => {
+                Err(order("IN_REPLY_TO not right after the message header"))
+            }
+            (State::AfterHeader, frame) => {
+                self.state = State::BetweenParts;
+                self.on_frame(frame)
+            }
             (_, Frame::Extension { ty, .. }) => Ok(Event::Extension { ty }),
             (State::BetweenParts, Frame::PartHeader(h)) => {
                 if h.index != self.next_part {

@@ -50,6 +50,7 @@ fn frame_vectors() -> Vec<(&'static str, Vec<Frame>)> {
         ("server_hello", vec![Frame::ServerHello(server_hello())]),
         ("reject", vec![Frame::Reject(reject())]),
         ("message_stream", sample_message().frames().collect()),
+        ("reply_stream", reply_message().frames().collect()),
         (
             "masked_rects",
             vec![Frame::PartHeader(masked_part_header())],
@@ -59,6 +60,10 @@ fn frame_vectors() -> Vec<(&'static str, Vec<Frame>)> {
             vec![Frame::PartHeader(bitmap_part_header())],
         ),
         ("raw_part", vec![Frame::PartHeader(raw_part_header())]),
+        (
+            "in_reply_to",
+            vec![Frame::InReplyTo(InReplyTo { message_id: v(4) })],
+        ),
         ("ack", vec![c[0].clone()]),
         ("cancel", vec![c[1].clone()]),
         ("error", vec![c[2].clone()]),
@@ -116,6 +121,34 @@ fn spec_message_stream_is_a_valid_message() {
     let bytes = golden("message_stream").expect("message_stream vector");
     let m = Message::decode_exact(&bytes, &Limits::default()).unwrap();
     assert_eq!(m, sample_message());
+}
+
+#[test]
+fn spec_reply_stream_is_a_valid_reply() {
+    let bytes = golden("reply_stream").expect("reply_stream vector");
+    let m = Message::decode_exact(&bytes, &Limits::default()).unwrap();
+    assert_eq!(m, reply_message());
+    assert_eq!(m.in_reply_to, Some(InReplyTo { message_id: v(4) }));
+
+    // A version 1 peer that does not know IN_REPLY_TO sees an ignorable frame (type 0x20 has
+    // bit 0x20 set) and skips it: the same message without the correlation.
+    assert!(frame::is_ignorable(frame::types::IN_REPLY_TO));
+    assert_eq!(
+        bytes[4], 0x20,
+        "IN_REPLY_TO follows the 4-byte MESSAGE_HEADER frame"
+    );
+    let ir = golden("in_reply_to").expect("in_reply_to vector");
+    assert_eq!(&bytes[4..4 + ir.len()], &ir[..]);
+    let mut stripped = bytes[..4].to_vec();
+    stripped.extend_from_slice(&bytes[4 + ir.len()..]);
+    let old = Message::decode_exact(&stripped, &Limits::default()).unwrap();
+    assert_eq!(old.in_reply_to, None);
+    assert_eq!(old.parts, reply_message().parts);
+    let as_unknown = Frame::Extension {
+        ty: v(0x20),
+        payload: bytes::Bytes::copy_from_slice(&ir[2..]),
+    };
+    assert_eq!(as_unknown.to_bytes(), ir);
 }
 
 /// One context entry: message id, part index, kind, rows, cols, token ids.
@@ -195,7 +228,7 @@ fn spec_lists_every_error_code() {
 
 #[test]
 fn spec_lists_every_frame_type() {
-    for ty in 1..=0x0c {
+    for ty in (1..=0x0c).chain([0x20]) {
         let row = format!("| `{:#04x}` | `{}` |", ty, frame::type_name(v(ty)));
         assert!(
             SPEC.contains(&row),

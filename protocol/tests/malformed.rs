@@ -144,7 +144,7 @@ fn unknown_frame_types() {
         assert_eq!(e.error_code(), ErrorCode::UNSUPPORTED);
     }
     // Ignorable unknown types come back as extensions.
-    for ty in [0x20u64, 0x21, 0x3f, 0x60, 0x1234_5660] {
+    for ty in [0x21u64, 0x3f, 0x60, 0x1234_5660] {
         assert!(frame::is_ignorable(v(ty)));
         let f = Frame::decode_exact(&raw_frame(ty, b"abc"), &limits()).unwrap();
         assert_eq!(
@@ -639,4 +639,86 @@ fn message_size_limit_counts_every_frame() {
         ..limits()
     };
     assert_eq!(Message::decode_exact(&m.to_bytes(), &exact), Ok(m));
+}
+
+#[test]
+fn in_reply_to_is_parsed_strictly() {
+    let reply = reply_message();
+    let frames: Vec<Frame> = reply.frames().collect();
+    // frames: 0 header, 1 in-reply-to, 2 part0, 3 chunk0/0, 4 chunk0/1, 5 end
+    assert!(matches!(frames[1], Frame::InReplyTo(_)));
+    let ir = frames[1].clone();
+    let ext = Frame::Extension {
+        ty: v(0x21),
+        payload: bytes::Bytes::from_static(b"x"),
+    };
+    let with = |at: usize, extra: &Frame, base: &[Frame]| -> Vec<Frame> {
+        let mut f = base.to_vec();
+        f.insert(at, extra.clone());
+        f
+    };
+    let misplaced = order("IN_REPLY_TO not right after the message header");
+    // Twice.
+    assert_eq!(stream_err(&with(2, &ir, &frames)), misplaced);
+    // After a part, between chunks, before the end, after another extension.
+    let without: Vec<Frame> = frames
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, f)| f.clone())
+        .collect();
+    for at in [2, 3, 4] {
+        assert_eq!(stream_err(&with(at, &ir, &without)), misplaced, "at {at}");
+    }
+    let after_ext = with(1, &ext, &without);
+    assert_eq!(stream_err(&with(2, &ir, &after_ext)), misplaced);
+    // Before the header.
+    assert_eq!(
+        stream_err(&with(0, &ir, &without)),
+        order("first frame is not a message header")
+    );
+    // Naming a message of the same sender (odd reply id, odd answered id).
+    let same = Frame::InReplyTo(InReplyTo { message_id: v(3) });
+    assert_eq!(
+        stream_err(&with(1, &same, &without)),
+        malformed("IN_REPLY_TO", "names a message of the same sender")
+    );
+    // Right after the header it is fine, also for a message without parts, and an extension
+    // may follow it.
+    let empty = Message {
+        header: MessageHeader {
+            message_id: v(7),
+            role: Role::Assistant,
+        },
+        in_reply_to: Some(InReplyTo { message_id: v(0) }),
+        parts: vec![],
+    };
+    assert_eq!(
+        Message::decode_exact(&empty.to_bytes(), &limits()),
+        Ok(empty.clone())
+    );
+    let mut stream: Vec<Frame> = empty.frames().collect();
+    stream.insert(2, ext.clone());
+    let mut bytes = Vec::new();
+    for f in &stream {
+        f.encode(&mut bytes);
+    }
+    assert_eq!(Message::decode_exact(&bytes, &limits()), Ok(empty));
+
+    // The payload is exactly one varint.
+    assert_eq!(
+        payload_err(0x20, &[0x04, 0x00]),
+        DecodeError::TrailingBytes {
+            what: "IN_REPLY_TO",
+            count: 1
+        }
+    );
+    assert_eq!(
+        payload_err(0x20, &[]),
+        malformed("IN_REPLY_TO", "payload ends inside a field")
+    );
+    assert!(matches!(
+        payload_err(0x20, &[0x40, 0x04]),
+        DecodeError::Malformed { .. }
+    ));
 }

@@ -20,18 +20,19 @@ fn every_frame_round_trips() {
         assert_eq!(back.to_bytes(), bytes);
         kinds.insert(frame.name());
     }
-    // Every type name of version 1, plus the extension.
-    assert_eq!(kinds.len(), 13, "{kinds:?}");
+    // Every type name of version 1, IN_REPLY_TO, plus an unknown extension.
+    assert_eq!(kinds.len(), 14, "{kinds:?}");
 }
 
 #[test]
 fn whole_message_round_trips() {
-    let m = sample_message();
-    let bytes = m.to_bytes();
-    assert_eq!(
-        Message::decode_exact(&bytes, &Limits::default()).unwrap(),
-        m
-    );
+    for m in [sample_message(), reply_message()] {
+        let bytes = m.to_bytes();
+        assert_eq!(
+            Message::decode_exact(&bytes, &Limits::default()).unwrap(),
+            m
+        );
+    }
 }
 
 #[test]
@@ -298,16 +299,20 @@ fn message() -> impl Strategy<Value = Message> {
         Just(Role::System),
         Just(Role::Tool)
     ];
-    (0u64..1000, role, 0usize..4)
-        .prop_flat_map(|(id, role, n)| {
+    (0u64..1000, role, 0usize..4, prop::option::of(0u64..500))
+        .prop_flat_map(|(id, role, n, reply)| {
             let parts: Vec<_> = (0..n as u64).map(part).collect();
-            (Just(id), Just(role), parts)
+            (Just(id), Just(role), parts, Just(reply))
         })
-        .prop_map(|(id, role, parts)| Message {
+        .prop_map(|(id, role, parts, reply)| Message {
             header: MessageHeader {
                 message_id: v(id),
                 role,
             },
+            // The answered message is the other side's: the other parity.
+            in_reply_to: reply.map(|r| InReplyTo {
+                message_id: v(2 * r + (id + 1) % 2),
+            }),
             parts,
         })
 }

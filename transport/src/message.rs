@@ -21,6 +21,8 @@ use unimic_protocol::Role;
 pub struct OutgoingMessage {
     /// Who speaks.
     pub role: Role,
+    /// The peer's message this one answers, sent as an `IN_REPLY_TO` frame (PROTOCOL.md §5.3).
+    pub in_reply_to: Option<u64>,
     /// The parts, in order.
     pub parts: Vec<OutgoingPart>,
 }
@@ -30,8 +32,15 @@ impl OutgoingMessage {
     pub fn new(role: Role) -> Self {
         Self {
             role,
+            in_reply_to: None,
             parts: Vec::new(),
         }
+    }
+
+    /// Marks the message as the answer to the peer's message `message_id` (PROTOCOL.md §5.3).
+    pub fn in_reply_to(mut self, message_id: u64) -> Self {
+        self.in_reply_to = Some(message_id);
+        self
     }
 
     /// Appends a part.
@@ -312,6 +321,8 @@ pub struct ReceivedMessage {
     pub message_id: u64,
     /// Who spoke.
     pub role: Role,
+    /// The message of ours it answers (its `IN_REPLY_TO` frame, PROTOCOL.md §5.3), if it said.
+    pub in_reply_to: Option<u64>,
     /// The parts.
     pub parts: Vec<ReceivedPart>,
     /// Statistics.

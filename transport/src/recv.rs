@@ -64,6 +64,7 @@ const EAGER_READS: u32 = 4;
 pub struct IncomingMessage {
     message_id: u64,
     role: Role,
+    in_reply_to: Option<u64>,
     /// Events still to come arrive in batches (one wake-up of the caller for everything read at
     /// once). `None` for a message that was read whole before it was handed over: all its events
     /// are in `buffered` (no channel, no cancellation token: nothing is left to stop).
@@ -83,6 +84,12 @@ impl IncomingMessage {
     /// Who speaks.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// The message of ours this one answers, if it carried an `IN_REPLY_TO` frame
+    /// (PROTOCOL.md §5.3; checked to name a message we sent).
+    pub fn in_reply_to(&self) -> Option<u64> {
+        self.in_reply_to
     }
 
     /// The context key of part `index` of this message.
@@ -129,6 +136,7 @@ impl IncomingMessage {
                     return Ok(ReceivedMessage {
                         message_id: self.message_id,
                         role: self.role,
+                        in_reply_to: self.in_reply_to,
                         parts,
                         stats,
                     })
@@ -230,6 +238,9 @@ struct Task {
     /// Events not handed over yet (see [`Task::flush_events`]).
     batch: Vec<EventResult>,
     message_id: Option<u64>,
+    /// The role of a message whose header was read and whose handle is not made yet: it is made
+    /// with the next frame, which may be its `IN_REPLY_TO` (see [`Task::materialize`]).
+    header_role: Option<Role>,
     /// Whether `message_id` was entered in the in-flight set (and must be removed at the end).
     registered: bool,
     /// The last chunk decoded: (part index, chunk sequence number).
@@ -296,6 +307,7 @@ pub(crate) async fn run(shared: Arc<Shared>, recv: quinn::RecvStream, live: Live
         events: None,
         batch: Vec::with_capacity(BATCH_EVENTS),
         message_id: None,
+        header_role: None,
         registered: false,
         last_chunk: (0, 0),
         current: None,
@@ -486,19 +498,24 @@ impl Task {
                 self.shared.notify_changed();
                 self.stats.message_id = id;
                 self.started = Some(Instant::now());
-                // Handed to the session's `recv` at the next flush, with the first events.
-                self.undelivered = Some(IncomingMessage {
-                    message_id: id,
-                    role: h.role,
-                    events: None,
-                    buffered: VecDeque::new(),
-                    cancel: None,
-                    done: false,
-                });
+                // The handle is made with the next frame, which may say what this answers.
+                self.header_role = Some(h.role);
                 tracing::debug!(id, role = ?h.role, "message started");
                 Ok(false)
             }
+            Event::InReplyTo(r) => {
+                let answered = r.message_id.into_inner();
+                if !self.shared.is_sent_id(answered) {
+                    return Err(Fail::new(
+                        ErrorCode::PROTOCOL_VIOLATION,
+                        "IN_REPLY_TO names a message this side never sent",
+                    ));
+                }
+                self.materialize(Some(answered));
+                Ok(false)
+            }
             Event::Part(h) => {
+                self.materialize(None);
                 let (current, info) = self.start_part(h).await?;
                 self.current = Some(current);
                 if let Some(Current::Raw { stats, .. } | Current::Coded { stats, .. }) =
@@ -513,9 +530,33 @@ impl Task {
                 self.on_chunk(c, wire).await?;
                 Ok(false)
             }
-            Event::End(_) => Ok(true),
-            _ => Ok(false),
+            Event::End(_) => {
+                self.materialize(None);
+                Ok(true)
+            }
+            _ => {
+                self.materialize(None);
+                Ok(false)
+            }
         }
+    }
+
+    /// Makes the message's handle once the header has been read and the frame after it is known
+    /// (`in_reply_to`: what that frame said); it is handed to the session's `recv` at the next
+    /// flush, with the first events. Does nothing before the header or once made.
+    fn materialize(&mut self, in_reply_to: Option<u64>) {
+        let (Some(role), Some(id)) = (self.header_role.take(), self.message_id) else {
+            return;
+        };
+        self.undelivered = Some(IncomingMessage {
+            message_id: id,
+            role,
+            in_reply_to,
+            events: None,
+            buffered: VecDeque::new(),
+            cancel: None,
+            done: false,
+        });
     }
 
     /// Checks a part header; returns the part's state and what the caller is told of it.
@@ -1010,6 +1051,8 @@ impl Task {
     /// Ends the message after `outcome` (by reference: moving the task into this future would
     /// copy it whole).
     async fn finish(&mut self, outcome: Outcome) {
+        // A message that ends (or fails) right after its header still reaches the caller.
+        self.materialize(None);
         let id = self.message_id;
         if id.is_none() {
             let mut st = self.shared.state();

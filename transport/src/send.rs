@@ -8,8 +8,8 @@ use tracing::Instrument;
 use unimic_codec::context::{ContextKey, Sequence, SequenceKind, SessionContext};
 use unimic_codec::part::{EncodedPart, ModelChoice, PartCodec, PartSpec, PartTokens};
 use unimic_protocol::{
-    CodedPart, CodingMode, ContextRef, Encode, ErrorCode, Frame, MessageEnd, MessageHeader,
-    PartBody, PartChunk, PartHeader, RawPart, Role, Shape, VarInt,
+    CodedPart, CodingMode, ContextRef, Encode, ErrorCode, Frame, InReplyTo, MessageEnd,
+    MessageHeader, PartBody, PartChunk, PartHeader, RawPart, Role, Shape, VarInt,
 };
 
 use crate::error::SendError;
@@ -141,8 +141,16 @@ impl MessageWriter {
     pub(crate) async fn open(
         shared: Arc<Shared>,
         role: Role,
+        in_reply_to: Option<u64>,
         defer: bool,
     ) -> Result<Self, SendError> {
+        if let Some(id) = in_reply_to {
+            if !shared.is_peer_id(id) {
+                return Err(SendError::Usage(
+                    "in_reply_to must name a message of the peer",
+                ));
+            }
+        }
         let (message_id, stream) = shared.open_stream().await?;
         let span = tracing::debug_span!(parent: &shared.span, "message.send", id = message_id);
         let mut w = MessageWriter {
@@ -169,6 +177,10 @@ impl MessageWriter {
         });
         let mut out = std::mem::take(&mut w.pending);
         w.put(&mut out, &header)?;
+        if let Some(id) = in_reply_to {
+            // PROTOCOL.md §5.3: directly after the header, in the same write.
+            w.put(&mut out, &Frame::InReplyTo(InReplyTo { message_id: v(id) }))?;
+        }
         w.pending = out;
         Ok(w)
     }
@@ -705,6 +717,19 @@ impl MessageWriter {
     /// Abandons the message: resets the stream with `CANCELLED`.
     pub fn cancel(mut self) {
         self.reset(ErrorCode::CANCELLED);
+    }
+
+    /// Abandons the message with `code` (for example `AGENT_FAILED`): resets the stream with it.
+    pub fn abort(mut self, code: ErrorCode) {
+        self.reset(code);
+    }
+
+    /// Whether the peer asked to stop this message, or every reply to the message it answers
+    /// (a CANCEL naming that message, PROTOCOL.md §5.3).
+    pub fn is_cancelled_or_reply_cancelled(&self, in_reply_to: Option<u64>) -> bool {
+        let st = self.shared.state();
+        st.cancelled.contains(&self.message_id)
+            || in_reply_to.is_some_and(|id| st.cancelled.contains(&id))
     }
 
     fn reset(&mut self, code: ErrorCode) {

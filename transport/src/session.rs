@@ -105,6 +105,8 @@ pub(crate) struct Shared {
     control: tokio::sync::Mutex<quinn::SendStream>,
     /// Next message id to use, behind the lock that also orders stream opening.
     next_id: tokio::sync::Mutex<u64>,
+    /// The next message id as last issued (readable without the lock): our ids below it exist.
+    issued: std::sync::atomic::AtomicU64,
     /// Either end announced go-away: no new messages from us.
     pub going_away: AtomicBool,
     /// We announced go-away: new message streams from the peer are refused.
@@ -151,6 +153,11 @@ impl Shared {
             Side::Server => 0,
         };
         id % 2 == peer_parity
+    }
+
+    /// Whether `id` is one of our message ids already issued (a message we opened).
+    pub fn is_sent_id(&self, id: u64) -> bool {
+        !self.is_peer_id(id) && id < self.issued.load(Ordering::Acquire)
     }
 
     /// Writes a frame on the control stream; failures (closed connection) are logged only.
@@ -218,6 +225,7 @@ impl Shared {
         let stream = self.conn.open_uni().await?;
         let id = *next;
         *next += 2;
+        self.issued.store(*next, Ordering::Release);
         self.state().own_inflight.insert(id);
         Ok((id, stream))
     }
@@ -354,6 +362,10 @@ impl Session {
                 Side::Client => 0,
                 Side::Server => 1,
             }),
+            issued: std::sync::atomic::AtomicU64::new(match side {
+                Side::Client => 0,
+                Side::Server => 1,
+            }),
             going_away: AtomicBool::new(false),
             sent_go_away: AtomicBool::new(false),
             inbox: Inbox::new(usize::try_from(concurrent).unwrap_or(1024).clamp(1, 1024)),
@@ -384,6 +396,23 @@ impl Session {
         &self.shared.negotiated
     }
 
+    /// The tokenizers of the negotiated table that this side holds, with what they produce, in
+    /// table order.
+    pub fn tokenizers(&self) -> Vec<crate::TokenizerInfo> {
+        self.shared
+            .negotiated
+            .tokenizers
+            .iter()
+            .filter_map(|m| {
+                self.shared
+                    .tokenizers
+                    .iter()
+                    .find(|t| t.info == *m)
+                    .cloned()
+            })
+            .collect()
+    }
+
     /// The underlying QUIC connection (for statistics such as RTT; do not open streams on it).
     pub fn connection(&self) -> &quinn::Connection {
         &self.shared.conn
@@ -399,7 +428,9 @@ impl Session {
     /// message.
     pub async fn send(&self, message: OutgoingMessage) -> Result<MessageStats, SendError> {
         // Whole-message mode: the frames go out in one write with the stream end (unless large).
-        let mut writer = MessageWriter::open(self.shared.clone(), message.role, true).await?;
+        let mut writer =
+            MessageWriter::open(self.shared.clone(), message.role, message.in_reply_to, true)
+                .await?;
         for part in message.parts {
             writer.write_part(part).await?;
         }
@@ -408,7 +439,88 @@ impl Session {
 
     /// Opens a message to write part by part, or to stream text into (see [`MessageWriter`]).
     pub async fn open(&self, role: unimic_protocol::Role) -> Result<MessageWriter, SendError> {
-        MessageWriter::open(self.shared.clone(), role, false).await
+        MessageWriter::open(self.shared.clone(), role, None, false).await
+    }
+
+    /// Opens a message that answers the peer's message `in_reply_to` (an `IN_REPLY_TO` frame
+    /// right after its header, PROTOCOL.md §5.3), to write part by part or to stream into.
+    pub async fn open_reply(
+        &self,
+        role: unimic_protocol::Role,
+        in_reply_to: u64,
+    ) -> Result<MessageWriter, SendError> {
+        MessageWriter::open(self.shared.clone(), role, Some(in_reply_to), false).await
+    }
+
+    /// Asks the peer to stop generating and sending every reply to our message `message_id`
+    /// (a CANCEL naming our own message, PROTOCOL.md §5.3). Replies already arriving are stopped
+    /// by the peer; cancel their [`IncomingMessage`]s too to stop reading them at once.
+    pub async fn cancel_replies(&self, message_id: u64) {
+        self.shared
+            .send_control(Frame::Cancel(unimic_protocol::Cancel {
+                message_id: VarInt::saturating(message_id),
+                code: ErrorCode::CANCELLED,
+            }))
+            .await;
+    }
+
+    /// Whether the peer sent a CANCEL naming `message_id`: one of ours (stop sending it) or one
+    /// of its own (stop replying to it, PROTOCOL.md §5.3).
+    pub fn is_cancelled(&self, message_id: u64) -> bool {
+        self.shared.state().cancelled.contains(&message_id)
+    }
+
+    /// Completes once the peer has sent a CANCEL naming `message_id` (see
+    /// [`is_cancelled`](Self::is_cancelled)), or the connection has ended.
+    ///
+    /// Cancel safety: safe.
+    pub async fn cancelled(&self, message_id: u64) {
+        let watch = self.shared.watch();
+        loop {
+            let notified = watch.changed();
+            if self.is_cancelled(message_id) || self.shared.conn.close_reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Sends an ERROR frame (PROTOCOL.md §7.3) about `message_id` (or the session), for
+    /// example `AGENT_FAILED` naming the turn an agent could not answer.
+    pub async fn report_error(&self, code: ErrorCode, message_id: Option<u64>, reason: &str) {
+        self.shared
+            .send_control(Frame::Error(ErrorFrame {
+                code,
+                message_id: message_id.map(VarInt::saturating),
+                reason: wire::short_reason(reason),
+            }))
+            .await;
+    }
+
+    /// The next error frame the peer sent (oldest first), waiting for one; `None` once the
+    /// connection has ended and none is left.
+    ///
+    /// Cancel safety: safe (an error is taken out only when returned).
+    pub async fn next_peer_error(&self) -> Option<ErrorFrame> {
+        let watch = self.shared.watch();
+        loop {
+            let notified = watch.changed();
+            {
+                let mut st = self.shared.state();
+                if !st.peer_errors.is_empty() {
+                    return Some(st.peer_errors.remove(0));
+                }
+            }
+            if self.shared.conn.close_reason().is_some() {
+                return None;
+            }
+            notified.await;
+        }
+    }
+
+    /// Completes when the connection has ended (closed by either side, or lost).
+    pub async fn closed(&self) {
+        self.shared.conn.closed().await;
     }
 
     /// The next incoming message, in the order the peer opened them; `Ok(None)` once the session
@@ -653,6 +765,8 @@ async fn on_control(shared: &Arc<Shared>, frame: Frame) -> Result<(), (ErrorCode
                 st.cancelled.clear();
             }
             st.cancelled.insert(c.message_id.into_inner());
+            drop(st);
+            shared.notify_changed();
         }
         Frame::Error(e) => {
             tracing::warn!(code = %e.code, message = ?e.message_id, reason = %e.reason, "peer reported an error");

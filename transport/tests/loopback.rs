@@ -725,3 +725,107 @@ async fn production_mode_verifies_the_chain_and_client_certificates() {
     assert!(within(named.connect(addr, "not-localhost")).await.is_err());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_carry_in_reply_to_and_replies_can_be_cancelled_before_they_start() {
+    let mut p = pair();
+    let (client, server) = connect(&mut p).await;
+    for i in 0..2u32 {
+        within(
+            client.send(OutgoingMessage::new(Role::User).with_part(OutgoingPart::text(vec![i]))),
+        )
+        .await
+        .unwrap();
+    }
+    let first = within(server.recv()).await.unwrap().unwrap();
+    assert_eq!(first.in_reply_to(), None);
+    let second = within(server.recv()).await.unwrap().unwrap();
+    let (t0, t2) = (first.message_id(), second.message_id());
+    assert_eq!((t0, t2), (0, 2));
+
+    // Answer the second turn first, whole; then the first one, streamed.
+    within(
+        server.send(
+            OutgoingMessage::new(Role::Assistant)
+                .in_reply_to(t2)
+                .with_part(OutgoingPart::text(vec![22])),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut w = within(server.open_reply(Role::Assistant, t0))
+        .await
+        .unwrap();
+    within(w.begin_text(TextStream::default())).await.unwrap();
+    within(w.push_text(&[5, 6])).await.unwrap();
+    within(w.finish()).await.unwrap();
+
+    let a = within(client.recv()).await.unwrap().unwrap();
+    assert_eq!(a.in_reply_to(), Some(t2));
+    let a = within(a.collect()).await.unwrap();
+    assert_eq!(
+        (a.in_reply_to, a.parts.clone()),
+        (Some(t2), vec![ReceivedPart::Text(vec![22])])
+    );
+    let b = within(within(client.recv()).await.unwrap().unwrap().collect())
+        .await
+        .unwrap();
+    assert_eq!(b.in_reply_to, Some(t0));
+    assert_eq!(b.parts, vec![ReceivedPart::Text(vec![5, 6])]);
+
+    // A reply may only name a message of the peer.
+    assert!(matches!(
+        server
+            .send(OutgoingMessage::new(Role::Assistant).in_reply_to(1))
+            .await,
+        Err(SendError::Usage(_))
+    ));
+
+    // Cancelling the replies to a turn before any reply started: the server learns it.
+    assert!(!server.is_cancelled(t2));
+    client.cancel_replies(t2).await;
+    within(server.cancelled(t2)).await;
+    assert!(server.is_cancelled(t2));
+
+    // An agent failure reported about a turn reaches the client's error queue.
+    server
+        .report_error(ErrorCode::AGENT_FAILED, Some(t0), "model down")
+        .await;
+    let e = within(client.next_peer_error()).await.unwrap();
+    assert_eq!(
+        (e.code, e.message_id.map(|m| m.into_inner())),
+        (ErrorCode::AGENT_FAILED, Some(t0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_a_message_never_sent_is_refused() {
+    let p = pair();
+    let peer = RawPeer::connect(p.addr, p.pin, Vec::new()).await;
+    let mut server = p.server;
+    let session = within(server.accept()).await.unwrap();
+    use unimic_protocol::{InReplyTo, Message, MessageHeader, VarInt};
+    // The server has sent nothing, so no message of odd id can be answered.
+    let m = Message {
+        header: MessageHeader {
+            message_id: VarInt::from_u32(0),
+            role: Role::User,
+        },
+        in_reply_to: Some(InReplyTo {
+            message_id: VarInt::from_u32(1),
+        }),
+        parts: vec![],
+    };
+    let mut bytes = Vec::new();
+    unimic_protocol::Encode::encode(&m, &mut bytes);
+    let code = peer.send_raw_message(&bytes).await;
+    assert_eq!(code, Some(ErrorCode::PROTOCOL_VIOLATION.into_inner()));
+    let mut msg = within(session.recv()).await.unwrap().unwrap();
+    assert!(matches!(
+        within(msg.next()).await,
+        Some(Err(RecvError::Protocol {
+            code: ErrorCode::PROTOCOL_VIOLATION,
+            ..
+        }))
+    ));
+}

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use unimic_codec::entropy::train::{tokenize_captions, GridSet, Sample};
 use unimic_codec::grid::{read_grid_file, write_grid_file, TokenGrid};
 use unimic_codec::nn::weights::splitmix64;
-use unimic_codec::tokenizer::{ImageTokenizer, Vq};
+use unimic_codec::tokenizer::{self, ImageTokenizer};
 
 use super::Args;
 
@@ -107,7 +107,7 @@ fn images_bar(len: usize, label: &str) -> ProgressBar {
 
 /// Tokenizes `(image path, caption)` items, `n` crops each (centre crop if `rng` is `None`).
 fn tokenize(
-    tok: &Vq,
+    tok: &dyn ImageTokenizer,
     items: &[(PathBuf, Vec<String>)],
     crop: u32,
     n: usize,
@@ -141,7 +141,7 @@ fn tokenize(
 /// Every `win × win` window, at `stride` tokens, of each training image tokenized whole: scaled
 /// so that its shorter side is `side` pixels, cut (centred) to multiples of 16, as is and flipped.
 fn whole_windows(
-    tok: &Vq,
+    tok: &dyn ImageTokenizer,
     items: &[(PathBuf, Vec<String>)],
     side: u32,
     win: usize,
@@ -345,8 +345,11 @@ fn cached(
 
 /// The training and validation sets and a description of the data.
 pub fn grid_sets(args: &Args, text: bool) -> anyhow::Result<(GridSet, GridSet, String)> {
-    let tok_dir = args.tokenizer.clone().unwrap_or_else(Vq::default_dir);
-    let tok = Vq::from_dir(&tok_dir)
+    let tok_dir = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(tokenizer::default_dir);
+    let tok = tokenizer::load_dir(&tok_dir)
         .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
     let (train_items, val_items, src): (Vec<_>, Vec<_>, String) = if let Some(dir) = &args.captioned
     {

@@ -38,6 +38,7 @@ mod static_model;
 mod uniform;
 
 pub mod generic;
+pub mod ladder;
 pub mod masked;
 pub mod text_cond;
 #[cfg(feature = "vq")]

@@ -3,6 +3,8 @@
 //! [`ImageTokenizer`] is the interface; [`Vq`] implements it with the LlamaGen VQ architecture
 //! ([`vq::VqModel`]) and weights from a safetensors file under the reference's parameter names.
 //! [`Vq::default_model`] loads the tokenizer the project trained (`models/tokenizer/`).
+//! [`Taef2Tokenizer`] implements it with the pretrained TAEF2 autoencoder and a trained residual
+//! vector quantizer between its halves ([`taef2`]).
 //!
 //! # Size policy
 //! A model with downsampling factor `f` (16 by default) maps an `f×f` pixel block to one token.
@@ -28,6 +30,7 @@ pub mod config;
 pub mod metrics;
 pub mod train;
 
+pub mod taef2;
 pub mod vq;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +44,7 @@ use thiserror::Error;
 
 use crate::grid::{GridError, TokenGrid};
 pub use config::VqConfig;
+pub use taef2::{Taef2Config, Taef2Tokenizer};
 use vq::{ConvPath, VqModel};
 
 /// Largest number of tokens one image may produce (attention cost grows with its square).
@@ -95,6 +99,31 @@ pub enum TokenizerError {
     /// A grid could not be built.
     #[error("grid: {0}")]
     Grid(#[from] GridError),
+    /// A residual tokenizer was asked for 0 levels or more than it has
+    /// ([`Taef2Tokenizer::encode_levels`], [`Taef2Tokenizer::decode_levels`]).
+    #[error("{requested} levels requested; the tokenizer has 1..={available}")]
+    Levels {
+        /// Levels asked for (grids given).
+        requested: usize,
+        /// Levels the model has.
+        available: usize,
+    },
+    /// The grids of one multi-level image differ in shape ([`Taef2Tokenizer::decode_levels`]).
+    #[error(
+        "level {level} grid is {height}x{width}, level 1 is {expected_height}x{expected_width}"
+    )]
+    GridShape {
+        /// 1-based level of the offending grid.
+        level: usize,
+        /// Its rows.
+        height: u32,
+        /// Its columns.
+        width: u32,
+        /// Rows of the level-1 grid.
+        expected_height: u32,
+        /// Columns of the level-1 grid.
+        expected_width: u32,
+    },
     /// The requested crop is larger than the decoded image.
     #[error("crop {width}x{height} exceeds the decoded {max_width}x{max_height}")]
     BadCrop {
@@ -114,7 +143,8 @@ pub enum TokenizerError {
 pub struct TokenizerId {
     /// Human-readable name (from the manifest).
     pub name: String,
-    /// Lower-case hex SHA-256 of the safetensors file's bytes.
+    /// Lower-case hex SHA-256 of the safetensors file's bytes ([`Vq`]), or of the weights files'
+    /// digests ([`Taef2Tokenizer`], see [`taef2::combined_sha256`]).
     pub sha256: String,
 }
 
@@ -138,20 +168,133 @@ pub trait ImageTokenizer {
         width: u32,
         height: u32,
     ) -> Result<RgbImage, TokenizerError> {
-        let full = self.decode(grid)?;
-        if width == 0 || height == 0 || width > full.width() || height > full.height() {
-            return Err(TokenizerError::BadCrop {
-                width,
-                height,
-                max_width: full.width(),
-                max_height: full.height(),
+        crop_top_left(self.decode(grid)?, width, height)
+    }
+
+    /// Levels of the tokenizer's quality ladder: level 1 is the grid [`Self::encode`] gives,
+    /// levels 2… refine it (residual codes). 1 for a tokenizer without a ladder.
+    fn levels(&self) -> usize {
+        1
+    }
+
+    /// Tokenizes into the grids of levels `1..=n` (all of one shape), one encoder pass.
+    /// The default (no ladder) accepts only `n == 1`.
+    fn encode_levels(&self, image: &RgbImage, n: usize) -> Result<Vec<TokenGrid>, TokenizerError> {
+        if n != 1 {
+            return Err(TokenizerError::Levels {
+                requested: n,
+                available: self.levels(),
             });
         }
-        if (width, height) == full.dimensions() {
-            return Ok(full);
-        }
-        Ok(image::imageops::crop_imm(&full, 0, 0, width, height).to_image())
+        Ok(vec![self.encode(image)?])
     }
+
+    /// Reconstructs the padded image from the grids of levels `1..=grids.len()`.
+    /// The default (no ladder) accepts exactly one grid.
+    fn decode_levels(&self, grids: &[TokenGrid]) -> Result<RgbImage, TokenizerError> {
+        match grids {
+            [grid] => self.decode(grid),
+            _ => Err(TokenizerError::Levels {
+                requested: grids.len(),
+                available: self.levels(),
+            }),
+        }
+    }
+
+    /// [`Self::decode_levels`], cropped to the original `width × height` (top-left corner).
+    fn decode_levels_to(
+        &self,
+        grids: &[TokenGrid],
+        width: u32,
+        height: u32,
+    ) -> Result<RgbImage, TokenizerError> {
+        crop_top_left(self.decode_levels(grids)?, width, height)
+    }
+}
+
+/// `full` cropped to its top-left `width × height` (the size policy of the module docs).
+fn crop_top_left(full: RgbImage, width: u32, height: u32) -> Result<RgbImage, TokenizerError> {
+    if width == 0 || height == 0 || width > full.width() || height > full.height() {
+        return Err(TokenizerError::BadCrop {
+            width,
+            height,
+            max_width: full.width(),
+            max_height: full.height(),
+        });
+    }
+    if (width, height) == full.dimensions() {
+        return Ok(full);
+    }
+    Ok(image::imageops::crop_imm(&full, 0, 0, width, height).to_image())
+}
+
+/// A boxed tokenizer is a tokenizer (every method forwards), so `&Box<dyn ImageTokenizer>` goes
+/// wherever a `&impl ImageTokenizer` or `&dyn ImageTokenizer` does.
+impl<T: ImageTokenizer + ?Sized> ImageTokenizer for Box<T> {
+    fn encode(&self, image: &RgbImage) -> Result<TokenGrid, TokenizerError> {
+        (**self).encode(image)
+    }
+    fn decode(&self, grid: &TokenGrid) -> Result<RgbImage, TokenizerError> {
+        (**self).decode(grid)
+    }
+    fn codebook_size(&self) -> u32 {
+        (**self).codebook_size()
+    }
+    fn factor(&self) -> u32 {
+        (**self).factor()
+    }
+    fn id(&self) -> &TokenizerId {
+        (**self).id()
+    }
+    fn levels(&self) -> usize {
+        (**self).levels()
+    }
+    fn encode_levels(&self, image: &RgbImage, n: usize) -> Result<Vec<TokenGrid>, TokenizerError> {
+        (**self).encode_levels(image, n)
+    }
+    fn decode_levels(&self, grids: &[TokenGrid]) -> Result<RgbImage, TokenizerError> {
+        (**self).decode_levels(grids)
+    }
+}
+
+/// Any tokenizer a directory may hold, behind the [`ImageTokenizer`] trait.
+pub type DynTokenizer = Box<dyn ImageTokenizer + Send + Sync>;
+
+/// Directory of the default tokenizer: `$UNIMIC_TOKENIZER` if set, else the TAEF2 tokenizer
+/// shipped in `models/tokenizer-taef2` of the workspace this crate was built from.
+pub fn default_dir() -> PathBuf {
+    Taef2Tokenizer::default_dir()
+}
+
+/// The tokenizer directories shipped with the source tree, default first: the TAEF2 tokenizer
+/// (`models/tokenizer-taef2`) and the earlier LlamaGen-architecture VQ tokenizer
+/// (`models/tokenizer`, kept so that files made with it still decode).
+pub fn shipped_dirs() -> Vec<PathBuf> {
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models"));
+    vec![root.join("tokenizer-taef2"), root.join("tokenizer")]
+}
+
+/// Loads the tokenizer in `dir`, whichever kind its `manifest.json` names (`format`
+/// [`MANIFEST_FORMAT`]: [`Vq`]; [`taef2::TAEF2_MANIFEST_FORMAT`]: [`Taef2Tokenizer`]).
+pub fn load_dir(dir: &Path) -> Result<DynTokenizer, TokenizerError> {
+    #[derive(Deserialize)]
+    struct Format {
+        format: String,
+    }
+    let f: Format = serde_json::from_slice(&read(&dir.join(MANIFEST_FILE))?)?;
+    match f.format.as_str() {
+        MANIFEST_FORMAT => Ok(Box::new(Vq::from_dir(dir)?)),
+        taef2::TAEF2_MANIFEST_FORMAT => Ok(Box::new(Taef2Tokenizer::from_dir(dir)?)),
+        other => Err(TokenizerError::Config(format!(
+            "{}: unknown tokenizer format {other:?}",
+            dir.join(MANIFEST_FILE).display()
+        ))),
+    }
+}
+
+/// Loads the default tokenizer ([`default_dir`]).
+pub fn load_default() -> Result<DynTokenizer, TokenizerError> {
+    load_dir(&default_dir())
 }
 
 /// The JSON manifest stored next to a tokenizer's weights (`manifest.json`).

@@ -106,6 +106,7 @@ pub fn sample_message() -> Message {
             message_id: v(4),
             role: Role::User,
         },
+        in_reply_to: None,
         parts: vec![
             Part {
                 header: PartHeader {
@@ -260,6 +261,54 @@ pub fn control_frames() -> Vec<Frame> {
     ]
 }
 
+/// The server's reply 5 to message 4 (IN_REPLY_TO 4): a streamed text part (length unknown in
+/// its header) coded conditioned on the prompt `(4, 0)`, in two chunks, the last one empty.
+pub fn reply_message() -> Message {
+    Message {
+        header: MessageHeader {
+            message_id: v(5),
+            role: Role::Assistant,
+        },
+        in_reply_to: Some(InReplyTo { message_id: v(4) }),
+        parts: vec![Part {
+            header: PartHeader {
+                index: v(0),
+                body: PartBody::Text(CodedPart {
+                    tokenizer: v(1),
+                    entropy_model: v(0),
+                    shape: Shape {
+                        rows: v(1),
+                        cols: v(0),
+                    },
+                    token_count: v(0),
+                    mode: CodingMode::TextConditioned,
+                    context: vec![ContextRef {
+                        message_id: v(4),
+                        part_index: v(0),
+                    }],
+                    context_digest: text_context_digest(),
+                }),
+            },
+            chunks: vec![
+                PartChunk {
+                    part_index: v(0),
+                    seq: v(0),
+                    fin: false,
+                    token_count: v(2),
+                    payload: Bytes::from_static(&[0xc1, 0xc2]),
+                },
+                PartChunk {
+                    part_index: v(0),
+                    seq: v(1),
+                    fin: true,
+                    token_count: v(0),
+                    payload: Bytes::new(),
+                },
+            ],
+        }],
+    }
+}
+
 /// Every frame kind, at least once.
 pub fn all_frames() -> Vec<Frame> {
     let mut frames = vec![
@@ -275,6 +324,7 @@ pub fn all_frames() -> Vec<Frame> {
         },
     ];
     frames.extend(sample_message().frames());
+    frames.push(Frame::InReplyTo(InReplyTo { message_id: v(4) }));
     frames.extend(control_frames());
     frames
 }

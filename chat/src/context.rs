@@ -1,0 +1,50 @@
+//! Which earlier parts a new part is coded against (context reuse): the most recent parts of the
+//! same kind that both ends still hold.
+
+use std::collections::{HashSet, VecDeque};
+
+use unimic_transport::{ContextKey, Session};
+
+/// Parts a new part references at most (each costs hashing at every chunk; the adaptive models
+/// learn them in order, and a list that grows by appending reuses the learned state).
+pub(crate) const MAX_REFS: usize = 16;
+
+/// What kind of sequence a context entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Text,
+    Image,
+}
+
+/// The parts of the conversation in order, with their kinds.
+#[derive(Debug, Default)]
+pub(crate) struct Tracker {
+    entries: VecDeque<(ContextKey, Kind)>,
+}
+
+impl Tracker {
+    /// Records a part both ends now hold (sent and written, or received and decoded).
+    pub fn record(&mut self, key: ContextKey, kind: Kind) {
+        self.entries.push_back((key, kind));
+        // Bounded: older entries than this are never referenced.
+        while self.entries.len() > 4 * MAX_REFS {
+            self.entries.pop_front();
+        }
+    }
+
+    /// The most recent parts of `kind` still in the session context (evictions dropped),
+    /// oldest first.
+    pub fn refs(&self, session: &Session, kind: Kind) -> Vec<ContextKey> {
+        let held: HashSet<ContextKey> = session.context_keys().into_iter().collect();
+        let mut refs: Vec<ContextKey> = self
+            .entries
+            .iter()
+            .rev()
+            .filter(|(k, kd)| *kd == kind && held.contains(k))
+            .map(|(k, _)| *k)
+            .take(MAX_REFS)
+            .collect();
+        refs.reverse();
+        refs
+    }
+}

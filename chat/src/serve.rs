@@ -1,0 +1,502 @@
+//! The server side: every accepted session's turns run through an [`Agent`], whose output is
+//! streamed back as the reply, correlated with the turn (`IN_REPLY_TO`, PROTOCOL.md §5.3).
+//!
+//! Per session, turns are answered one at a time, in order, and the [`Conversation`] (every
+//! turn and every reply) is kept for the agent. A reply's text is streamed as one text part,
+//! delta by delta; each image the agent emits becomes one image part when its last tokens
+//! arrive. Every sink call waits until its bytes are written to the QUIC stream, so a slow
+//! client slows the agent down (flow control is the backpressure). A CANCEL from the client
+//! (naming the turn or the reply) drops the agent's future and resets the reply. An agent that
+//! fails is reported to the client (ERROR `AGENT_FAILED` naming the turn, and the reply reset with
+//! it); the session goes on. A session that fails, or a peer that misbehaves, ends only that
+//! session: each one runs in a task of its own.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use unimic_agents::{
+    Agent, AgentError, Content, Conversation, ReplySink, Role as AgentRole, SinkError, SinkFuture,
+    Turn,
+};
+use unimic_codec::text::{O200k, TextTokenizer};
+use unimic_transport::{
+    ErrorCode, MessageWriter, ModelChoice, OutgoingPart, ReceivedMessage, ReceivedPart, Role,
+    SendError, Server, Session, TextStream, TokenGrid, TokenizerKind,
+};
+
+use crate::context::{Kind, Tracker};
+
+/// One answered (or not) turn, for logs: [`ServeOptions::on_turn`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TurnLog {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// The turn's message id.
+    pub turn: u64,
+    /// The reply's message id, if one was opened.
+    pub reply: Option<u64>,
+    /// Bytes of the turn's message stream (all frames).
+    pub bytes_in: u64,
+    /// Bytes of the reply's message stream (all frames; 0 when no reply was finished).
+    pub bytes_out: u64,
+    /// From the turn's arrival to the reply's end.
+    pub elapsed: Duration,
+    /// How it ended.
+    pub outcome: TurnOutcome,
+}
+
+/// How a turn ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TurnOutcome {
+    /// The reply was sent whole.
+    Answered,
+    /// The client cancelled the reply.
+    Cancelled,
+    /// The agent failed; the client was told (ERROR `AGENT_FAILED`).
+    AgentFailed(String),
+    /// The turn or the reply could not be received or sent (reason).
+    Failed(String),
+}
+
+/// A callback that gets every [`TurnLog`].
+pub type TurnCallback = Arc<dyn Fn(&TurnLog) + Send + Sync>;
+
+/// How [`serve_with`] answers turns.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// The text tokenizer the sessions' text parts are coded with (o200k_base; it must match the
+    /// transport's text tokenizer).
+    pub text: Arc<dyn TextTokenizer>,
+    /// Called after every turn (for logs).
+    pub on_turn: Option<TurnCallback>,
+    /// Code reply images with the generic transformer when the session negotiated it (on);
+    /// otherwise with the adaptive model.
+    pub transformer_images: bool,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("text", &self.text.name())
+            .field("on_turn", &self.on_turn.is_some())
+            .field("transformer_images", &self.transformer_images)
+            .finish()
+    }
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            text: Arc::new(O200k::new()),
+            on_turn: None,
+            transformer_images: true,
+        }
+    }
+}
+
+impl ServeOptions {
+    /// Calls `f` after every turn.
+    pub fn on_turn(mut self, f: impl Fn(&TurnLog) + Send + Sync + 'static) -> Self {
+        self.on_turn = Some(Arc::new(f));
+        self
+    }
+}
+
+/// Answers every session `server` accepts with `agent`, until the server is closed. Sessions run
+/// concurrently, each in a task of its own; one that fails ends alone.
+///
+/// ```no_run
+/// use unimic_agents::echo::Echo;
+/// use unimic_transport::{tls::ServerTls, Server, ServerConfig};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let server = Server::bind(ServerConfig::new(ServerTls::self_signed()?))?;
+/// println!("pin {}", server.cert_hash());
+/// unimic_chat::serve(server, Echo).await;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn serve(server: Server, agent: impl Agent + 'static) {
+    serve_with(server, Arc::new(agent), ServeOptions::default()).await
+}
+
+/// [`serve`] with a shared agent and options.
+pub async fn serve_with(mut server: Server, agent: Arc<dyn Agent>, options: ServeOptions) {
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = server.accept() => match accepted {
+                Some(session) => {
+                    sessions.spawn(serve_session(session, agent.clone(), options.clone()));
+                }
+                None => break,
+            },
+            Some(done) = sessions.join_next(), if !sessions.is_empty() => {
+                if let Err(e) = done {
+                    // A panicking agent ends its session only.
+                    tracing::warn!(error = %e, "a session task failed");
+                }
+            }
+        }
+    }
+    sessions.shutdown().await;
+}
+
+fn agent_role(role: Role) -> AgentRole {
+    match role {
+        Role::Assistant => AgentRole::Assistant,
+        Role::System => AgentRole::System,
+        _ => AgentRole::User,
+    }
+}
+
+/// The turn's parts as the agent sees them (text detokenized, keeping the ids).
+fn content(parts: &[ReceivedPart], text: &dyn TextTokenizer) -> Vec<Content> {
+    parts
+        .iter()
+        .filter_map(|p| match p {
+            ReceivedPart::Text(ids) => Some(Content::Text {
+                // Ids that are not valid text are decoded lossily (the agent sees the ids too).
+                text: crate::text::TextDecoder::default()
+                    .push_all(text, ids)
+                    .unwrap_or_default(),
+                ids: Some(ids.clone()),
+            }),
+            ReceivedPart::Image(grid) => Some(Content::Image(grid.clone())),
+            ReceivedPart::Raw { media_type, bytes } => Some(Content::Raw {
+                media_type: media_type.clone(),
+                bytes: bytes.to_vec(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Answers the turns of one session with `agent` until the session ends. [`serve_with`] runs one
+/// per accepted session; call it directly to serve sessions accepted elsewhere.
+pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: ServeOptions) {
+    let remote = session.remote_address();
+    let mut conversation = Conversation::default();
+    let mut tracker = Tracker::default();
+    loop {
+        let incoming = match session.recv().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "session ended");
+                break;
+            }
+        };
+        let turn = incoming.message_id();
+        let started = Instant::now();
+        let received: ReceivedMessage = match incoming.collect().await {
+            Ok(r) => r,
+            Err(e) => {
+                // A broken turn fails alone (the transport told the peer).
+                log(
+                    &options,
+                    TurnLog {
+                        remote,
+                        turn,
+                        reply: None,
+                        bytes_in: 0,
+                        bytes_out: 0,
+                        elapsed: started.elapsed(),
+                        outcome: TurnOutcome::Failed(e.to_string()),
+                    },
+                );
+                continue;
+            }
+        };
+        for (i, part) in received.parts.iter().enumerate() {
+            let kind = match part {
+                ReceivedPart::Text(_) => Kind::Text,
+                ReceivedPart::Image(_) => Kind::Image,
+                _ => continue,
+            };
+            tracker.record(received_key(&received, i), kind);
+        }
+        conversation.turns.push(Turn {
+            role: agent_role(received.role),
+            content: content(&received.parts, options.text.as_ref()),
+        });
+        let mut sink = WireSink::new(&session, turn, &tracker, &options);
+        let result = tokio::select! {
+            r = agent.respond(&conversation, &mut sink) => r,
+            () = session.cancelled(turn) => Err(AgentError::Sink(SinkError("cancelled".into()))),
+        };
+        let cancelled = session.is_cancelled(turn) || sink.cancelled();
+        let reply = sink.writer.as_ref().map(|w| w.message_id());
+        let (outcome, bytes_out, reply_content, written) = match result {
+            Ok(()) => match sink.finish().await {
+                Ok((stats, content, written)) => {
+                    (TurnOutcome::Answered, stats.wire_bytes, content, written)
+                }
+                Err(e) if cancelled || matches!(e, SendError::Stopped(_)) => {
+                    (TurnOutcome::Cancelled, 0, Vec::new(), Vec::new())
+                }
+                Err(e) => (
+                    TurnOutcome::Failed(e.to_string()),
+                    0,
+                    Vec::new(),
+                    Vec::new(),
+                ),
+            },
+            Err(_) if cancelled => {
+                sink.abort(ErrorCode::CANCELLED);
+                (TurnOutcome::Cancelled, 0, Vec::new(), Vec::new())
+            }
+            Err(AgentError::Sink(e)) => {
+                sink.abort(ErrorCode::CANCELLED);
+                (
+                    TurnOutcome::Failed(e.to_string()),
+                    0,
+                    Vec::new(),
+                    Vec::new(),
+                )
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                session
+                    .report_error(ErrorCode::AGENT_FAILED, Some(turn), &reason)
+                    .await;
+                sink.abort(ErrorCode::AGENT_FAILED);
+                (TurnOutcome::AgentFailed(reason), 0, Vec::new(), Vec::new())
+            }
+        };
+        for (key, kind) in written {
+            tracker.record(key, kind);
+        }
+        if outcome == TurnOutcome::Answered {
+            conversation.turns.push(Turn {
+                role: AgentRole::Assistant,
+                content: reply_content,
+            });
+        }
+        log(
+            &options,
+            TurnLog {
+                remote,
+                turn,
+                reply,
+                bytes_in: received.stats.wire_bytes,
+                bytes_out,
+                elapsed: started.elapsed(),
+                outcome,
+            },
+        );
+    }
+}
+
+fn received_key(m: &ReceivedMessage, index: usize) -> unimic_transport::ContextKey {
+    unimic_transport::ContextKey::new(m.message_id, index as u64)
+}
+
+fn log(options: &ServeOptions, entry: TurnLog) {
+    tracing::debug!(turn = entry.turn, outcome = ?entry.outcome, bytes_in = entry.bytes_in, bytes_out = entry.bytes_out, "turn");
+    if let Some(f) = &options.on_turn {
+        f(&entry);
+    }
+}
+
+/// The first negotiated image tokenizer's codebook size.
+fn image_codebook(session: &Session) -> Option<u32> {
+    session.tokenizers().iter().find_map(|t| match t.kind {
+        TokenizerKind::Image { codebook_size, .. } => Some(codebook_size),
+        _ => None,
+    })
+}
+
+/// Whether the session negotiated the generic transformer.
+pub(crate) fn has_generic(session: &Session) -> bool {
+    session
+        .negotiated()
+        .entropy_models
+        .iter()
+        .any(|m| m.id == "unimic-entropy/generic")
+}
+
+/// The [`ReplySink`] that writes an agent's output into the reply message.
+struct WireSink<'s> {
+    session: &'s Session,
+    turn: u64,
+    options: &'s ServeOptions,
+    writer: Option<MessageWriter>,
+    /// The index of the open streamed text part, and its text so far.
+    text: Option<(u64, String)>,
+    next_part: u64,
+    text_refs: Vec<unimic_transport::ContextKey>,
+    image_refs: Vec<unimic_transport::ContextKey>,
+    image: Vec<u32>,
+    content: Vec<Content>,
+    written: Vec<(unimic_transport::ContextKey, Kind)>,
+    stopped: bool,
+}
+
+impl<'s> WireSink<'s> {
+    fn new(session: &'s Session, turn: u64, tracker: &Tracker, options: &'s ServeOptions) -> Self {
+        Self {
+            session,
+            turn,
+            options,
+            writer: None,
+            text: None,
+            next_part: 0,
+            text_refs: tracker.refs(session, Kind::Text),
+            image_refs: tracker.refs(session, Kind::Image),
+            image: Vec::new(),
+            content: Vec::new(),
+            written: Vec::new(),
+            stopped: false,
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.stopped
+            || self
+                .writer
+                .as_ref()
+                .is_some_and(|w| w.is_cancelled_or_reply_cancelled(Some(self.turn)))
+    }
+
+    fn fail(&mut self, e: SendError) -> SinkError {
+        self.stopped = true;
+        SinkError(e.to_string())
+    }
+
+    async fn writer(&mut self) -> Result<&mut MessageWriter, SinkError> {
+        if self.writer.is_none() {
+            match self.session.open_reply(Role::Assistant, self.turn).await {
+                Ok(w) => self.writer = Some(w),
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        self.writer
+            .as_mut()
+            .ok_or_else(|| SinkError("no reply".into()))
+    }
+
+    async fn close_text(&mut self) -> Result<(), SendError> {
+        if let Some((index, text)) = self.text.take() {
+            if let Some(w) = self.writer.as_mut() {
+                w.end_text().await?;
+                self.written.push((w.key(index), Kind::Text));
+            }
+            self.content.push(Content::text(text));
+        }
+        Ok(())
+    }
+
+    async fn text(&mut self, delta: &str) -> Result<(), SinkError> {
+        if self.cancelled() {
+            return Err(SinkError("the client cancelled the reply".into()));
+        }
+        let ids = self.options.text.encode(delta);
+        let refs = self.text_refs.clone();
+        let index = self.next_part;
+        let open = self.text.is_some();
+        let w = self.writer().await?;
+        let r = async {
+            if !open {
+                w.begin_text(TextStream::default().with_context(refs))
+                    .await?;
+            }
+            w.push_text(&ids).await
+        }
+        .await;
+        if let Err(e) = r {
+            return Err(self.fail(e));
+        }
+        if !open {
+            self.next_part += 1;
+            self.text = Some((index, String::new()));
+        }
+        if let Some((_, t)) = self.text.as_mut() {
+            t.push_str(delta);
+        }
+        Ok(())
+    }
+
+    async fn image(&mut self, shape: (u32, u32), ids: &[u32], last: bool) -> Result<(), SinkError> {
+        if self.cancelled() {
+            return Err(SinkError("the client cancelled the reply".into()));
+        }
+        self.image.extend_from_slice(ids);
+        if !last {
+            return Ok(());
+        }
+        let ids = std::mem::take(&mut self.image);
+        let codebook = image_codebook(self.session)
+            .ok_or_else(|| SinkError("the session negotiated no image tokenizer".into()))?;
+        let grid = TokenGrid::new(shape.0, shape.1, codebook, ids)
+            .map_err(|e| SinkError(format!("the agent's image: {e}")))?;
+        if let Err(e) = self.close_text().await {
+            return Err(self.fail(e));
+        }
+        let generic = self.options.transformer_images && has_generic(self.session);
+        let part = if generic {
+            OutgoingPart::image(grid.clone()).with_model(ModelChoice::Generic)
+        } else {
+            OutgoingPart::image(grid.clone()).with_context(self.image_refs.clone())
+        };
+        let index = self.next_part;
+        let w = self.writer().await?;
+        let key = w.key(index);
+        if let Err(e) = w.write_part(part).await {
+            return Err(self.fail(e));
+        }
+        self.next_part += 1;
+        self.written.push((key, Kind::Image));
+        self.content.push(Content::Image(grid));
+        Ok(())
+    }
+
+    /// Ends the reply (an empty one if the agent said nothing): its statistics, what it said,
+    /// and the context keys of its parts.
+    #[allow(clippy::type_complexity)]
+    async fn finish(
+        mut self,
+    ) -> Result<
+        (
+            unimic_transport::MessageStats,
+            Vec<Content>,
+            Vec<(unimic_transport::ContextKey, Kind)>,
+        ),
+        SendError,
+    > {
+        if self.writer.is_none() {
+            self.writer = Some(self.session.open_reply(Role::Assistant, self.turn).await?);
+        }
+        self.close_text().await?;
+        let writer = self.writer.take().ok_or(SendError::Cancelled)?;
+        let stats = writer.finish().await?;
+        Ok((stats, self.content, self.written))
+    }
+
+    /// Abandons the reply, resetting its stream with `code` if it was opened.
+    fn abort(&mut self, code: ErrorCode) {
+        if let Some(w) = self.writer.take() {
+            w.abort(code);
+        }
+    }
+}
+
+impl ReplySink for WireSink<'_> {
+    fn text_delta<'a>(&'a mut self, delta: &'a str) -> SinkFuture<'a> {
+        Box::pin(self.text(delta))
+    }
+
+    fn image_tokens<'a>(
+        &'a mut self,
+        shape: (u32, u32),
+        ids: &'a [u32],
+        last: bool,
+    ) -> SinkFuture<'a> {
+        Box::pin(self.image(shape, ids, last))
+    }
+}

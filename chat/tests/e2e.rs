@@ -1,0 +1,346 @@
+//! End to end over real QUIC on loopback: `serve` with agents, `Chat` clients.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use unimic_agents::echo::Echo;
+use unimic_agents::{Agent, AgentError, AgentFuture, Content, Conversation, ReplySink};
+use unimic_chat::{
+    bind_dev, image_tokenizer_info, serve_with, Chat, ChatConfig, ChatError, Prompt, ReplyEvent,
+    ServeOptions, TurnLog, TurnOutcome,
+};
+use unimic_transport::tls::{CertHash, ClientTls};
+use unimic_transport::{TokenGrid, TokenizerInfo};
+
+/// Every step is bounded so nothing hangs.
+const STEP: Duration = Duration::from_secs(30);
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, f)
+        .await
+        .expect("test step timed out")
+}
+
+fn vq() -> TokenizerInfo {
+    image_tokenizer_info("test-vq", &"ab".repeat(32), 1024, 16).unwrap()
+}
+
+fn grid(h: u32, w: u32, seed: u32) -> TokenGrid {
+    let ids = (0..h * w)
+        .map(|i| (i * 7 + seed * 13 + i / 5) % 1024)
+        .collect();
+    TokenGrid::new(h, w, 1024, ids).unwrap()
+}
+
+struct Running {
+    addr: SocketAddr,
+    pin: CertHash,
+    logs: mpsc::UnboundedReceiver<TurnLog>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+fn start(agent: Arc<dyn Agent>) -> Running {
+    let server = bind_dev("127.0.0.1:0".parse().unwrap(), [vq()]).unwrap();
+    let (addr, pin) = (server.local_addr().unwrap(), server.cert_hash());
+    let (tx, logs) = mpsc::unbounded_channel();
+    let options = ServeOptions::default().on_turn(move |log| {
+        let _ = tx.send(log.clone());
+    });
+    let task = tokio::spawn(serve_with(server, agent, options));
+    Running {
+        addr,
+        pin,
+        logs,
+        _task: task,
+    }
+}
+
+async fn chat(r: &Running) -> Chat {
+    within(Chat::connect(
+        r.addr,
+        ChatConfig::pinned(r.pin).with_image_tokenizer(vq()),
+    ))
+    .await
+    .unwrap()
+}
+
+/// Every event of a reply.
+async fn events(reply: unimic_chat::Reply) -> Vec<ReplyEvent> {
+    let mut reply = reply;
+    let mut out = Vec::new();
+    while let Some(ev) = within(reply.next()).await {
+        out.push(ev.unwrap());
+    }
+    out
+}
+
+fn text_of(events: &[ReplyEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ReplyEvent::Text(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_turns_through_serve_and_echo_reuse_the_context() {
+    let mut r = start(Arc::new(Echo));
+    let chat = chat(&r).await;
+    let first = "Hello, agent: naïve café 日本語 🐕";
+    let ev = events(within(chat.send(Prompt::text(first))).await.unwrap()).await;
+    assert_eq!(text_of(&ev), first);
+    let Some(ReplyEvent::End(stats)) = ev.last() else {
+        panic!("no end: {ev:?}")
+    };
+    assert_eq!(stats.turn, 0);
+    assert_eq!(stats.reply % 2, 1);
+    assert!(stats.sent.wire_bytes > 0 && stats.received.wire_bytes > 0);
+
+    // The second turn is coded against the first (and the reply): the same text costs fewer
+    // payload bytes than it did alone.
+    let again = within(chat.send(Prompt::text(first))).await.unwrap();
+    let sent_again = again.sent().payload_bytes;
+    assert_eq!(within(again.text()).await.unwrap(), first);
+    assert!(
+        sent_again < stats.sent.payload_bytes,
+        "{sent_again} vs {}",
+        stats.sent.payload_bytes
+    );
+    let log = within(r.logs.recv()).await.unwrap();
+    assert_eq!(log.outcome, TurnOutcome::Answered);
+    assert!(log.bytes_in > 0 && log.bytes_out > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_turn_through_serve_and_echo() {
+    let r = start(Arc::new(Echo));
+    let chat = chat(&r).await;
+    let image = grid(12, 20, 3);
+    let ev = events(
+        within(chat.send(Prompt::text("look:").with_grid(image.clone())))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(text_of(&ev), "look:");
+    let images: Vec<&TokenGrid> = ev
+        .iter()
+        .filter_map(|e| match e {
+            ReplyEvent::Image(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(images, vec![&image]);
+    // A second image turn references the first image (context reuse) and still round-trips.
+    let image2 = grid(12, 20, 4);
+    let ev = events(
+        within(chat.send(Prompt::default().with_grid(image2.clone())))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(ev.contains(&ReplyEvent::Image(image2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_sessions_get_their_own_replies() {
+    let r = start(Arc::new(Echo));
+    let (a, b) = tokio::join!(chat(&r), chat(&r));
+    let run = |chat: Chat, tag: &'static str| async move {
+        let mut got = Vec::new();
+        for i in 0..3 {
+            let text = format!("{tag} turn {i}");
+            got.push(
+                within(
+                    within(chat.send(Prompt::text(text.clone())))
+                        .await
+                        .unwrap()
+                        .text(),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        got
+    };
+    let (ga, gb) = tokio::join!(run(a, "alpha"), run(b, "beta"));
+    assert_eq!(ga, ["alpha turn 0", "alpha turn 1", "alpha turn 2"]);
+    assert_eq!(gb, ["beta turn 0", "beta turn 1", "beta turn 2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_are_correlated_with_their_turns() {
+    let r = start(Arc::new(Echo));
+    let chat = chat(&r).await;
+    // Three turns outstanding at once; their replies are read in reverse order.
+    let r0 = within(chat.send(Prompt::text("zero"))).await.unwrap();
+    let r1 = within(chat.send(Prompt::text("one"))).await.unwrap();
+    let r2 = within(chat.send(Prompt::text("two"))).await.unwrap();
+    assert_eq!((r0.turn(), r1.turn(), r2.turn()), (0, 2, 4));
+    assert_eq!(within(r2.text()).await.unwrap(), "two");
+    assert_eq!(within(r1.text()).await.unwrap(), "one");
+    let ev = events(r0).await;
+    assert_eq!(text_of(&ev), "zero");
+    match ev.last() {
+        Some(ReplyEvent::End(s)) => assert_eq!(s.turn, 0),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Streams `n` deltas, one every `pause`.
+struct Slow {
+    n: usize,
+    pause: Duration,
+}
+
+impl Agent for Slow {
+    fn respond<'a>(&'a self, _: &'a Conversation, sink: &'a mut dyn ReplySink) -> AgentFuture<'a> {
+        Box::pin(async move {
+            for i in 0..self.n {
+                sink.text_delta(&format!("delta {i}. ")).await?;
+                tokio::time::sleep(self.pause).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_reply_stops_the_agent_and_the_session_goes_on() {
+    let mut r = start(Arc::new(Slow {
+        n: 1000,
+        pause: Duration::from_millis(20),
+    }));
+    let chat = chat(&r).await;
+    let mut reply = within(chat.send(Prompt::text("talk"))).await.unwrap();
+    match within(reply.next()).await {
+        Some(Ok(ReplyEvent::Text(t))) => assert!(t.starts_with("delta 0")),
+        other => panic!("{other:?}"),
+    }
+    within(reply.cancel()).await;
+    let log = within(r.logs.recv()).await.unwrap();
+    assert_eq!(log.outcome, TurnOutcome::Cancelled, "{log:?}");
+
+    // Cancelled before anything was said: the agent is dropped while it waits.
+    let reply = within(chat.send(Prompt::text("again"))).await.unwrap();
+    within(reply.cancel()).await;
+    let log = within(r.logs.recv()).await.unwrap();
+    assert_eq!(log.outcome, TurnOutcome::Cancelled, "{log:?}");
+}
+
+/// Fails on "fail", panics on "panic", echoes otherwise.
+struct Moody;
+
+impl Agent for Moody {
+    fn respond<'a>(&'a self, c: &'a Conversation, sink: &'a mut dyn ReplySink) -> AgentFuture<'a> {
+        Box::pin(async move {
+            let text = match c.turns.last().and_then(|t| t.content.first()) {
+                Some(Content::Text { text, .. }) => text.clone(),
+                _ => String::new(),
+            };
+            match text.as_str() {
+                "fail" => {
+                    sink.text_delta("about to fail").await?;
+                    Err(AgentError::Backend("the model is down".into()))
+                }
+                "fail early" => Err(AgentError::Backend("no model".into())),
+                "panic" => panic!("agent bug"),
+                _ => sink.text_delta(&text).await.map_err(Into::into),
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_failures_and_bad_peers_do_not_stop_the_server() {
+    let r = start(Arc::new(Moody));
+
+    // A peer that speaks garbage on the control stream is closed; the server goes on.
+    {
+        let crypto = ClientTls::pinned(r.pin).quic_config().unwrap();
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let conn = within(ep.connect(r.addr, "localhost").unwrap())
+            .await
+            .unwrap();
+        let (mut send, _recv) = within(conn.open_bi()).await.unwrap();
+        send.write_all(&[0xff; 64]).await.unwrap();
+        let closed = within(conn.closed()).await;
+        assert!(
+            matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+            "{closed:?}"
+        );
+    }
+    // A peer that opens a QUIC connection and never says hello times out alone; meanwhile:
+    let chat = chat(&r).await;
+
+    // The agent fails after saying something: the client gets the reason.
+    let reply = within(chat.send(Prompt::text("fail"))).await.unwrap();
+    match within(reply.text()).await {
+        Err(ChatError::Agent { reason, .. }) => {
+            assert!(
+                reason.contains("agent") || reason.contains("down"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // ... or before.
+    let reply = within(chat.send(Prompt::text("fail early"))).await.unwrap();
+    match within(reply.text()).await {
+        Err(ChatError::Agent { reason, .. }) => assert!(reason.contains("no model"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // The session goes on.
+    let reply = within(chat.send(Prompt::text("still here"))).await.unwrap();
+    assert_eq!(within(reply.text()).await.unwrap(), "still here");
+
+    // A panicking agent ends its own session only.
+    let doomed = chat_with_timeout(&r).await;
+    let reply = within(doomed.send(Prompt::text("panic"))).await.unwrap();
+    assert!(within(reply.text()).await.is_err());
+    let reply = within(chat.send(Prompt::text("after the panic")))
+        .await
+        .unwrap();
+    assert_eq!(within(reply.text()).await.unwrap(), "after the panic");
+    let fresh = chat_with_timeout(&r).await;
+    let reply = within(fresh.send(Prompt::text("new session")))
+        .await
+        .unwrap();
+    assert_eq!(within(reply.text()).await.unwrap(), "new session");
+}
+
+async fn chat_with_timeout(r: &Running) -> Chat {
+    within(Chat::connect(
+        r.addr,
+        ChatConfig::pinned(r.pin)
+            .with_image_tokenizer(vq())
+            .with_reply_timeout(Some(Duration::from_secs(5))),
+    ))
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_pin_and_absent_server_fail_clearly() {
+    let r = start(Arc::new(Echo));
+    let wrong = CertHash([9; 32]);
+    let e = within(Chat::connect(r.addr, ChatConfig::pinned(wrong)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ChatError::Connect(_)), "{e}");
+
+    // Nobody listens there: the handshake times out, quickly.
+    let nobody: SocketAddr = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let mut config = ChatConfig::pinned(r.pin);
+    config.connect_timeout = Duration::from_millis(500);
+    let e = within(Chat::connect(nobody, config)).await.unwrap_err();
+    assert!(matches!(e, ChatError::Connect(_)), "{e}");
+}

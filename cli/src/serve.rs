@@ -1,0 +1,104 @@
+//! `unimic serve`: answers chat sessions over QUIC with an agent (`unimic_chat::serve_with`),
+//! printing the address and the certificate pin a client needs, and one line per turn.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use unimic_agents::echo::Echo;
+use unimic_agents::Agent;
+use unimic_chat::{serve_with, ServeOptions, TurnOutcome};
+use unimic_codec::part::CodecConfig;
+#[allow(unused_imports)] // the trait's methods, whatever type the shipped tokenizer has
+use unimic_codec::tokenizer::ImageTokenizer;
+use unimic_transport::tls::ServerTls;
+use unimic_transport::{Server, ServerConfig, SessionConfig, TokenizerInfo};
+
+/// `unimic serve` arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to listen on (UDP).
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    pub listen: SocketAddr,
+    /// The agent that answers: `echo` (returns each turn's text and images).
+    #[arg(long, default_value = "echo", value_parser = ["echo"])]
+    pub agent: String,
+    /// Accept only clients that send this bearer token.
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+/// The codec both `serve` and `chat` use: with the shipped generic transformer when present, so
+/// that both ends negotiate it for images.
+pub fn codec_config() -> anyhow::Result<CodecConfig> {
+    let mut codec = CodecConfig::default();
+    if let Some((generic, _)) = crate::models::generic_model(None, crate::models::GENERIC_ID)? {
+        codec = codec.with_generic(Arc::new(generic));
+    }
+    Ok(codec)
+}
+
+/// The shipped image tokenizer's handshake identity (`serve` needs no weights to relay grids).
+pub fn shipped_tokenizer_info() -> anyhow::Result<TokenizerInfo> {
+    let tok = crate::models::tokenizer(None)?;
+    let id = tok.id();
+    Ok(unimic_chat::image_tokenizer_info(
+        &id.name,
+        &id.sha256,
+        tok.codebook_size(),
+        tok.factor(),
+    )?)
+}
+
+/// Runs `unimic serve` until it is interrupted.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let agent: Arc<dyn Agent> = match args.agent.as_str() {
+        "echo" => Arc::new(Echo),
+        other => anyhow::bail!("unknown agent {other:?} (available: echo)"),
+    };
+    let (info, codec) = (shipped_tokenizer_info()?, codec_config()?);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let tls = ServerTls::self_signed().context("making the certificate")?;
+        let pin = tls.identity.cert_hash();
+        let session = SessionConfig::default()
+            .with_tokenizer(info)
+            .with_codec(codec);
+        let mut config = ServerConfig::new(tls)
+            .with_bind(args.listen)
+            .with_session(session);
+        if let Some(t) = &args.token {
+            config = config.with_tokens([t.clone().into_bytes()]);
+        }
+        let server =
+            Server::bind(config).with_context(|| format!("listening on {}", args.listen))?;
+        let addr = server.local_addr()?;
+        println!("unimic serve: listening on {addr} (agent {})", args.agent);
+        println!("pin {pin}");
+        let token = args
+            .token
+            .as_ref()
+            .map(|t| format!(" --token {t}"))
+            .unwrap_or_default();
+        println!("connect with: unimic chat {addr} --pin {pin}{token}");
+        let options = ServeOptions::default().on_turn(|log| {
+            let outcome = match &log.outcome {
+                TurnOutcome::Answered => "answered".to_string(),
+                TurnOutcome::Cancelled => "cancelled".to_string(),
+                TurnOutcome::AgentFailed(r) => format!("agent failed: {r}"),
+                TurnOutcome::Failed(r) => format!("failed: {r}"),
+                other => format!("{other:?}"),
+            };
+            println!(
+                "turn {} from {}: in {} B, out {} B, {} ms, {outcome}",
+                log.turn,
+                log.remote,
+                log.bytes_in,
+                log.bytes_out,
+                log.elapsed.as_millis()
+            );
+        });
+        serve_with(server, agent, options).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,1024 @@
+//! The TAEF2 residual-VQ image tokenizer ([`Taef2Tokenizer`]): a pretrained tiny autoencoder with a
+//! trained quantizer between its halves.
+//!
+//! Three networks run in a row, all in candle on the CPU in f32:
+//! 1. [`Taef2Encoder`]: the encoder of TAEF2 (Ollin Boer Bohan's tiny autoencoder distilled from the
+//!    FLUX.2 VAE, MIT licence, `models/taef2/`), RGB in `[0, 1]` to 32-channel latents at 1/8 of
+//!    the image size.
+//! 2. [`Taef2Quantizer`]: `down` maps the latents to `dim`-dimensional vectors at 1/16 (one per
+//!    16×16 pixel block), a residual vector quantizer with `levels` codebooks of `codes` entries
+//!    turns each vector into one token per level, and `up` maps the summed codewords back to
+//!    latents at 1/8.
+//! 3. [`Taef2Decoder`]: the decoder of TAEF2, latents to RGB (not clamped by the network).
+//!
+//! `tools/taef2/taef2.py` is the PyTorch definition this file mirrors tensor for tensor (functions
+//! `encoder()`, `decoder()`, classes `Block`, `Clamp`, `Res`, `Quantizer`); parameter names are
+//! its `state_dict` keys (upstream `nn.Sequential` indices for TAEF2, so the shipped safetensors
+//! load unchanged; the f16 weights are widened to f32).
+//!
+//! # Quantization
+//! For each grid cell, with `e` the `down` output there: `r = e`; for level `l = 0, 1, …`:
+//! `i_l = argmin_k Σ_j (r_j − C_l[k]_j)²` (the squared distance summed over `j` in order, in f32;
+//! on a tie the lowest index wins), then `r -= C_l[i_l]`. Decoding `n` levels computes
+//! `q = C_0[i_0] + … + C_{n−1}[i_{n−1}]` (added in level order), `up(q)`, then the TAEF2 decoder.
+//! The distance is computed from the difference rather than PyTorch's `|x|² − 2x·c + |c|²`
+//! expansion, which cancels badly; the two can disagree only on near ties.
+//!
+//! The [`ImageTokenizer`] implementation codes level 1 only (a grid of `codes`-ary tokens per 16×16
+//! block); [`Taef2Tokenizer::encode_levels`] and [`Taef2Tokenizer::decode_levels`] code the first
+//! `n` levels, one grid per level, from one encoder pass. The module's size policy applies (edge
+//! replication to multiples of 16, at most [`MAX_TOKENS`] tokens per level, `decode_to` crops).
+//!
+//! # Directory and manifest
+//! A tokenizer directory holds `manifest.json` ([`Taef2Manifest`]):
+//!
+//! ```json
+//! {
+//!   "format": "unimic-taef2-tokenizer/1",
+//!   "name": "unimic-taef2-rvq",
+//!   "architecture": "taef2-rvq",
+//!   "config": {"ch": 128, "dim": 32, "codes": 1024, "levels": 4, "res": 2},
+//!   "files": {
+//!     "quantizer": {"path": "quantizer.safetensors", "sha256": "…"},
+//!     "encoder": {"path": "../taef2/taef2_encoder.safetensors", "sha256": "…"},
+//!     "decoder": {"path": "../taef2/taef2_decoder.safetensors", "sha256": "…"}
+//!   },
+//!   "training": {}
+//! }
+//! ```
+//!
+//! Paths are relative to the manifest's directory; every file's SHA-256 is checked at load
+//! ([`TokenizerError::HashMismatch`]). The quantizer file holds the `Quantizer` state dict
+//! (`down_in.weight`, `down_a.0.conv1.weight`, …, `codebooks` `[levels, codes, dim]`; the training
+//! buffers `ema_count`, `ema_sum`, `last_used` may be present and are ignored).
+//!
+//! # Identity
+//! [`TokenizerId::sha256`] of a TAEF2 tokenizer is [`combined_sha256`]: the lower-case hex SHA-256
+//! of the three files' raw 32-byte SHA-256 digests concatenated in the order encoder, decoder,
+//! quantizer. Any change to any of the three changes the id.
+//!
+//! # Example
+//! ```no_run
+//! use unimic_codec::tokenizer::{ImageTokenizer, Taef2Tokenizer};
+//! let tok = Taef2Tokenizer::default_model()?;
+//! let img = image::RgbImage::from_pixel(100, 60, image::Rgb([120, 80, 40]));
+//! let grids = tok.encode_levels(&img, tok.levels())?; // one grid per level, 4x7 each
+//! let coarse = tok.decode_to(&grids[0], 100, 60)?; // level 1 only
+//! let fine = tok.decode_levels(&grids)?; // all levels, 112x64 (padded)
+//! # Ok::<(), unimic_codec::tokenizer::TokenizerError>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{GroupNorm, VarBuilder};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::MAX_TOKENS;
+use super::{read, sha256_hex, ImageTokenizer, TokenizerError, TokenizerId, MANIFEST_FILE};
+use crate::grid::{TokenGrid, MAX_CODEBOOK};
+
+/// Format tag of a TAEF2 tokenizer manifest.
+pub const TAEF2_MANIFEST_FORMAT: &str = "unimic-taef2-tokenizer/1";
+
+/// Architecture name in a TAEF2 tokenizer manifest.
+pub const TAEF2_ARCHITECTURE: &str = "taef2-rvq";
+
+/// Channels of the TAEF2 latents.
+pub const LATENT_CHANNELS: usize = 32;
+
+/// Pixels per latent side of the TAEF2 autoencoder.
+pub const LATENT_FACTOR: usize = 8;
+
+/// Pixels per token side of [`Taef2Tokenizer`].
+pub const TAEF2_FACTOR: u32 = 16;
+
+/// Width of TAEF2's hidden layers.
+const HIDDEN: usize = 64;
+/// GroupNorm of the pooled branch: PyTorch's default epsilon.
+const GN_EPS: f64 = 1e-5;
+
+// ---------------------------------------------------------------------------------------------
+// Building blocks
+
+/// A 2-D convolution with square kernel, optional bias, symmetric zero padding.
+///
+/// Stride-1 convolutions with `padding = k/2` (all but the stride-2 ones) run as [`conv_banded`]:
+/// candle 0.11's CPU `conv2d` spends about two thirds of its time gathering patches (a strided
+/// NCHW→NHWC copy, then a scattered im2col per tile) and one third in the matrix product.
+#[derive(Debug, Clone)]
+struct Conv {
+    /// `[cout, cin, k, k]`, for candle's `conv2d`.
+    weight: Tensor,
+    /// `[cout, k·k·cin]` in `(ky, kx, ci)` order, for [`conv_banded`] (stride 1 only).
+    wmat: Option<Tensor>,
+    bias: Option<Tensor>,
+    k: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = vb.get((cout, cin, k, k), "weight")?;
+        let wmat = if stride == 1 && k % 2 == 1 && padding == k / 2 {
+            Some(
+                weight
+                    .permute((0, 2, 3, 1))?
+                    .reshape((cout, k * k * cin))?
+                    .contiguous()?,
+            )
+        } else {
+            None
+        };
+        let bias = if bias {
+            Some(vb.get(cout, "bias")?.reshape((1, cout, 1, 1))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            wmat,
+            bias,
+            k,
+            stride,
+            padding,
+        })
+    }
+
+    /// `nn.Conv2d(cin, cout, 3, stride, padding=1, bias)`.
+    fn conv3(vb: VarBuilder, cin: usize, cout: usize, stride: usize, bias: bool) -> Result<Self> {
+        Self::new(vb, cin, cout, 3, stride, 1, bias)
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.wmat {
+            Some(w) => conv_banded(x, w, self.k)?,
+            None => x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Floats of patch matrix per band: 2 MiB, so that a band's patches stay in cache.
+const BAND_FLOATS: usize = 1 << 19;
+
+/// Stride-1 convolution with `padding = k/2` (odd `k`) of `x` `[B, C, H, W]` by `wmat`
+/// `[cout, k·k·C]` (`(ky, kx, ci)` order), without bias.
+///
+/// The input is zero-padded once and viewed as `C` rows of `(H + k) · (W + k − 1)` values (one
+/// spare row at the bottom). In that flat layout the patch element `(ky, kx)` of every output
+/// position `y·(W + k − 1) + x` lies at a fixed offset `ky·(W + k − 1) + kx`, so the patch matrix
+/// of a band of output rows is `k·k` contiguous slices stacked (plain copies), multiplied by
+/// `wmat` in one matrix product; the `k − 1` columns per row computed over the padding are
+/// dropped. Bands of rows keep the patch matrix near [`BAND_FLOATS`]. Same patch order and same
+/// GEMM as candle's `conv2d`: the results differ from it by rounding at most (the GEMM's blocking
+/// depends on the band width).
+fn conv_banded(x: &Tensor, wmat: &Tensor, k: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let cout = wmat.dim(0)?;
+    if wmat.dim(1)? != k * k * c {
+        candle_core::bail!("conv: weights {:?} for {c} input channels", wmat.dims());
+    }
+    let p = k / 2;
+    let wp = w + 2 * p;
+    let xp = x
+        .pad_with_zeros(2, p, p + 1)?
+        .pad_with_zeros(3, p, p)?
+        .reshape((b, c, (h + 2 * p + 1) * wp))?;
+    let rows_per_band = (BAND_FLOATS / (k * k * c * wp)).clamp(1, h);
+    let mut items = Vec::with_capacity(b);
+    for bi in 0..b {
+        let flat = xp.get(bi)?;
+        let mut bands = Vec::with_capacity(h.div_ceil(rows_per_band));
+        let mut views = Vec::with_capacity(k * k);
+        for y0 in (0..h).step_by(rows_per_band) {
+            let rows = rows_per_band.min(h - y0);
+            views.clear();
+            for ky in 0..k {
+                for kx in 0..k {
+                    views.push(flat.narrow(1, (y0 + ky) * wp + kx, rows * wp)?);
+                }
+            }
+            let cols = Tensor::cat(&views, 0)?;
+            bands.push(wmat.matmul(&cols)?.reshape((cout, rows, wp))?);
+        }
+        items.push(Tensor::cat(&bands, 1)?.narrow(2, 0, w)?);
+    }
+    if items.len() == 1 {
+        items[0].unsqueeze(0)?.contiguous()
+    } else {
+        Tensor::stack(&items, 0)
+    }
+}
+
+/// TAEF2's `Block`: `relu(conv(x') + x')`, `x' = x + pool(x)` when the pooled branch is present.
+#[derive(Debug, Clone)]
+struct Block {
+    conv: [Conv; 3],
+    pool: Option<(Conv, GroupNorm, Conv)>,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, pool: bool) -> Result<Self> {
+        let c = vb.pp("conv");
+        let conv = [
+            Conv::conv3(c.pp("0"), HIDDEN, HIDDEN, 1, true)?,
+            Conv::conv3(c.pp("2"), HIDDEN, HIDDEN, 1, true)?,
+            Conv::conv3(c.pp("4"), HIDDEN, HIDDEN, 1, true)?,
+        ];
+        let pool = if pool {
+            let p = vb.pp("pool");
+            Some((
+                Conv::new(p.pp("0"), HIDDEN, 4 * HIDDEN, 1, 1, 0, false)?,
+                candle_nn::group_norm(4, 4 * HIDDEN, GN_EPS, p.pp("1"))?,
+                Conv::new(p.pp("3"), 4 * HIDDEN, HIDDEN, 1, 1, 0, false)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self { conv, pool })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match &self.pool {
+            Some((c0, norm, c3)) => {
+                let p = c3.forward(&norm.forward(&c0.forward(x)?)?.relu()?)?;
+                (x + p)?
+            }
+            None => x.clone(),
+        };
+        let h = self.conv[0].forward(&x)?.relu()?;
+        let h = self.conv[1].forward(&h)?.relu()?;
+        let h = self.conv[2].forward(&h)?;
+        (h + x)?.relu()
+    }
+}
+
+/// One entry of TAEF2's `nn.Sequential`.
+#[derive(Debug, Clone)]
+enum Layer {
+    Conv(Conv),
+    Block(Box<Block>),
+    Relu,
+    /// `tanh(x / 3) * 3`.
+    Clamp,
+    /// Nearest-neighbour 2× upsampling.
+    Up,
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Layer::Conv(c) => c.forward(x),
+            Layer::Block(b) => b.forward(x),
+            Layer::Relu => x.relu(),
+            Layer::Clamp => (x / 3.0)?.tanh()? * 3.0,
+            Layer::Up => {
+                let (_, _, h, w) = x.dims4()?;
+                x.upsample_nearest2d(2 * h, 2 * w)
+            }
+        }
+    }
+}
+
+fn run(layers: &[Layer], x: &Tensor) -> Result<Tensor> {
+    layers.iter().try_fold(x.clone(), |h, l| l.forward(&h))
+}
+
+fn weights_from_bytes(bytes: Vec<u8>) -> Result<VarBuilder<'static>> {
+    VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// TAEF2 encoder and decoder
+
+/// The TAEF2 encoder: RGB `[B, 3, H, W]` in `[0, 1]` to latents `[B, 32, H/8, W/8]`.
+///
+/// Layers (upstream indices): `0` conv 3→64; `1` block; `2` stride-2 conv (no bias); `3–5` blocks;
+/// `6` stride-2 conv; `7–9` blocks; `10` stride-2 conv; `11–13` blocks with the pooled branch;
+/// `14` conv 64→32.
+///
+/// ```
+/// use std::path::Path;
+/// use candle_core::Device;
+/// use unimic_codec::tokenizer::taef2::{from_rgb8, to_rgb8, Taef2Decoder, Taef2Encoder};
+/// let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/taef2"));
+/// let enc = Taef2Encoder::load(&dir.join("taef2_encoder.safetensors"))?;
+/// let dec = Taef2Decoder::load(&dir.join("taef2_decoder.safetensors"))?;
+/// let rgb: Vec<u8> = (0..32 * 48 * 3).map(|i| (i % 251) as u8).collect();
+/// let x = from_rgb8(32, 48, &rgb, &Device::Cpu)?; // [1, 3, 32, 48] in [0, 1]
+/// let z = enc.latent(&x)?;
+/// assert_eq!(z.dims(), &[1, 32, 4, 6]);
+/// let (h, w, back) = to_rgb8(&dec.forward(&z)?)?;
+/// assert_eq!((h, w, back.len()), (32, 48, rgb.len()));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Taef2Encoder {
+    layers: Vec<Layer>,
+}
+
+impl Taef2Encoder {
+    /// Builds the encoder from weights under the upstream names (`0.weight`, `1.conv.0.weight`,
+    /// `11.pool.1.weight`, …), read as f32.
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let s2 = |i: usize| -> Result<Layer> {
+            Ok(Layer::Conv(Conv::conv3(
+                vb.pp(i),
+                HIDDEN,
+                HIDDEN,
+                2,
+                false,
+            )?))
+        };
+        let block = |i: usize, pool: bool| -> Result<Layer> {
+            Ok(Layer::Block(Box::new(Block::new(vb.pp(i), pool)?)))
+        };
+        let layers = vec![
+            Layer::Conv(Conv::conv3(vb.pp("0"), 3, HIDDEN, 1, true)?),
+            block(1, false)?,
+            s2(2)?,
+            block(3, false)?,
+            block(4, false)?,
+            block(5, false)?,
+            s2(6)?,
+            block(7, false)?,
+            block(8, false)?,
+            block(9, false)?,
+            s2(10)?,
+            block(11, true)?,
+            block(12, true)?,
+            block(13, true)?,
+            Layer::Conv(Conv::conv3(vb.pp("14"), HIDDEN, LATENT_CHANNELS, 1, true)?),
+        ];
+        Ok(Self { layers })
+    }
+
+    /// Loads the encoder from safetensors bytes (`taef2_encoder.safetensors`) on the CPU.
+    pub fn from_bytes(bytes: Vec<u8>) -> std::result::Result<Self, TokenizerError> {
+        Ok(Self::new(weights_from_bytes(bytes)?)?)
+    }
+
+    /// Loads the encoder from a safetensors file on the CPU.
+    pub fn load(path: &Path) -> std::result::Result<Self, TokenizerError> {
+        Self::from_bytes(read(path)?)
+    }
+
+    /// Latents `[B, 32, ceil(H/8), ceil(W/8)]` of images `[B, 3, H, W]` with values in `[0, 1]`
+    /// (see [`from_rgb8`]).
+    pub fn latent(&self, x: &Tensor) -> Result<Tensor> {
+        run(&self.layers, x)
+    }
+}
+
+/// The TAEF2 decoder: latents `[B, 32, h, w]` to RGB `[B, 3, 8h, 8w]`, nominally in `[0, 1]` but not
+/// clamped (see [`to_rgb8`]).
+///
+/// Layers (upstream indices): `0` `tanh(x/3)·3`; `1` conv 32→64; `2` ReLU; `3–5` blocks with the
+/// pooled branch; `6` upsample; `7` conv (no bias); `8–10` blocks; `11` upsample; `12` conv;
+/// `13–15` blocks; `16` upsample; `17` conv; `18` block; `19` conv 64→3.
+#[derive(Debug, Clone)]
+pub struct Taef2Decoder {
+    layers: Vec<Layer>,
+}
+
+impl Taef2Decoder {
+    /// Builds the decoder from weights under the upstream names (`1.weight`, `3.pool.0.weight`,
+    /// …), read as f32.
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let c = |i: usize| -> Result<Layer> {
+            Ok(Layer::Conv(Conv::conv3(
+                vb.pp(i),
+                HIDDEN,
+                HIDDEN,
+                1,
+                false,
+            )?))
+        };
+        let block = |i: usize, pool: bool| -> Result<Layer> {
+            Ok(Layer::Block(Box::new(Block::new(vb.pp(i), pool)?)))
+        };
+        let layers = vec![
+            Layer::Clamp,
+            Layer::Conv(Conv::conv3(vb.pp("1"), LATENT_CHANNELS, HIDDEN, 1, true)?),
+            Layer::Relu,
+            block(3, true)?,
+            block(4, true)?,
+            block(5, true)?,
+            Layer::Up,
+            c(7)?,
+            block(8, false)?,
+            block(9, false)?,
+            block(10, false)?,
+            Layer::Up,
+            c(12)?,
+            block(13, false)?,
+            block(14, false)?,
+            block(15, false)?,
+            Layer::Up,
+            c(17)?,
+            block(18, false)?,
+            Layer::Conv(Conv::conv3(vb.pp("19"), HIDDEN, 3, 1, true)?),
+        ];
+        Ok(Self { layers })
+    }
+
+    /// Loads the decoder from safetensors bytes (`taef2_decoder.safetensors`) on the CPU.
+    pub fn from_bytes(bytes: Vec<u8>) -> std::result::Result<Self, TokenizerError> {
+        Ok(Self::new(weights_from_bytes(bytes)?)?)
+    }
+
+    /// Loads the decoder from a safetensors file on the CPU.
+    pub fn load(path: &Path) -> std::result::Result<Self, TokenizerError> {
+        Self::from_bytes(read(path)?)
+    }
+
+    /// RGB `[B, 3, 8h, 8w]` (unclamped) of latents `[B, 32, h, w]`.
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        run(&self.layers, z)
+    }
+}
+
+/// Converts interleaved RGB bytes of an `h × w` image to a TAEF2 input `[1, 3, h, w]`: `u8 / 255`.
+pub fn from_rgb8(h: usize, w: usize, rgb: &[u8], device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = rgb.iter().map(|&u| f32::from(u) / 255.0).collect();
+    Tensor::from_vec(v, (h, w, 3), device)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()
+}
+
+/// Converts decoder output `[1, 3, H, W]` to `(H, W, interleaved RGB bytes)`:
+/// `clamp(round(255 v), 0, 255)` (round half away from zero).
+pub fn to_rgb8(decoded: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
+    let (_, _, h, w) = decoded.dims4()?;
+    let v = decoded
+        .get(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let px = v
+        .into_iter()
+        .map(|x| (x * 255.0).round().clamp(0.0, 255.0) as u8)
+        .collect();
+    Ok((h, w, px))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The quantizer
+
+/// Hyper-parameters of a [`Taef2Quantizer`] (the `config` of a [`Taef2Manifest`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taef2Config {
+    /// Channels of the quantizer's convolutions.
+    pub ch: usize,
+    /// Dimension of the codewords.
+    pub dim: usize,
+    /// Entries per codebook (`K`, the token alphabet).
+    pub codes: usize,
+    /// Residual levels (`L`, number of codebooks).
+    pub levels: usize,
+    /// Residual blocks in each of the four stacks (`down_a`, `down_b`, `up_a`, `up_b`).
+    pub res: usize,
+}
+
+impl Default for Taef2Config {
+    /// The defaults of `Quantizer` in `tools/taef2/taef2.py`: 128, 32, 1024, 4, 2.
+    fn default() -> Self {
+        Self {
+            ch: 128,
+            dim: 32,
+            codes: 1024,
+            levels: 4,
+            res: 2,
+        }
+    }
+}
+
+impl Taef2Config {
+    /// Checks that the configuration describes a model: non-zero sizes and
+    /// `codes <= MAX_CODEBOOK`.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.ch == 0 || self.dim == 0 || self.levels == 0 {
+            return Err(format!(
+                "ch {}, dim {} and levels {} must be non-zero",
+                self.ch, self.dim, self.levels
+            ));
+        }
+        if self.codes == 0 || self.codes > MAX_CODEBOOK as usize {
+            return Err(format!("codes {} outside 1..={MAX_CODEBOOK}", self.codes));
+        }
+        Ok(())
+    }
+}
+
+/// `Res`: `x + conv2(silu(conv1(silu(x))))`.
+#[derive(Debug, Clone)]
+struct Res {
+    conv1: Conv,
+    conv2: Conv,
+}
+
+impl Res {
+    fn new(vb: VarBuilder, ch: usize) -> Result<Self> {
+        Ok(Self {
+            conv1: Conv::conv3(vb.pp("conv1"), ch, ch, 1, true)?,
+            conv2: Conv::conv3(vb.pp("conv2"), ch, ch, 1, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self
+            .conv2
+            .forward(&self.conv1.forward(&x.silu()?)?.silu()?)?;
+        x + h
+    }
+}
+
+fn res_stack(vb: VarBuilder, ch: usize, n: usize) -> Result<Vec<Res>> {
+    (0..n).map(|i| Res::new(vb.pp(i), ch)).collect()
+}
+
+fn run_res(stack: &[Res], x: Tensor) -> Result<Tensor> {
+    stack.iter().try_fold(x, |h, r| r.forward(&h))
+}
+
+/// The quantizer between TAEF2's encoder and decoder (`Quantizer` of `tools/taef2/taef2.py`).
+///
+/// `down`: conv3 32→ch, `res` blocks, 2×2 stride-2 conv, `res` blocks, SiLU, 1×1 conv ch→dim.
+/// `up`: 1×1 conv dim→ch, `res` blocks, nearest 2×, conv3, `res` blocks, SiLU, conv3 ch→32.
+/// Codebooks `[levels, codes, dim]`, searched as the [module docs](self) describe.
+#[derive(Debug, Clone)]
+pub struct Taef2Quantizer {
+    cfg: Taef2Config,
+    down_in: Conv,
+    down_a: Vec<Res>,
+    down_s: Conv,
+    down_b: Vec<Res>,
+    down_out: Conv,
+    up_in: Conv,
+    up_a: Vec<Res>,
+    up_s: Conv,
+    up_b: Vec<Res>,
+    up_out: Conv,
+    /// `[levels][codes][dim]`, row-major.
+    codebooks: Vec<f32>,
+}
+
+impl Taef2Quantizer {
+    /// Builds the quantizer from weights under the `Quantizer` state-dict names, read as f32.
+    pub fn new(cfg: &Taef2Config, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::Msg)?;
+        let (ch, res) = (cfg.ch, cfg.res);
+        let codebooks = vb
+            .get((cfg.levels, cfg.codes, cfg.dim), "codebooks")?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self {
+            cfg: *cfg,
+            down_in: Conv::conv3(vb.pp("down_in"), LATENT_CHANNELS, ch, 1, true)?,
+            down_a: res_stack(vb.pp("down_a"), ch, res)?,
+            down_s: Conv::new(vb.pp("down_s"), ch, ch, 2, 2, 0, true)?,
+            down_b: res_stack(vb.pp("down_b"), ch, res)?,
+            down_out: Conv::new(vb.pp("down_out"), ch, cfg.dim, 1, 1, 0, true)?,
+            up_in: Conv::new(vb.pp("up_in"), cfg.dim, ch, 1, 1, 0, true)?,
+            up_a: res_stack(vb.pp("up_a"), ch, res)?,
+            up_s: Conv::conv3(vb.pp("up_s"), ch, ch, 1, true)?,
+            up_b: res_stack(vb.pp("up_b"), ch, res)?,
+            up_out: Conv::conv3(vb.pp("up_out"), ch, LATENT_CHANNELS, 1, true)?,
+            codebooks,
+        })
+    }
+
+    /// Loads the quantizer from safetensors bytes on the CPU.
+    pub fn from_bytes(
+        cfg: &Taef2Config,
+        bytes: Vec<u8>,
+    ) -> std::result::Result<Self, TokenizerError> {
+        cfg.validate().map_err(TokenizerError::Config)?;
+        Ok(Self::new(cfg, weights_from_bytes(bytes)?)?)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Taef2Config {
+        &self.cfg
+    }
+
+    /// Codebook of `level` (0-based, `< levels`): `codes × dim` values, row-major.
+    ///
+    /// # Panics
+    /// If `level >= levels`.
+    pub fn codebook(&self, level: usize) -> &[f32] {
+        assert!(level < self.cfg.levels, "level {level} out of range");
+        let n = self.cfg.codes * self.cfg.dim;
+        &self.codebooks[level * n..(level + 1) * n]
+    }
+
+    /// `down`: latents `[B, 32, h, w]` (`h`, `w` even) to vectors `[B, dim, h/2, w/2]`.
+    pub fn down(&self, z: &Tensor) -> Result<Tensor> {
+        let h = run_res(&self.down_a, self.down_in.forward(z)?)?;
+        let h = run_res(&self.down_b, self.down_s.forward(&h)?)?;
+        self.down_out.forward(&h.silu()?)
+    }
+
+    /// `up`: summed codewords `[B, dim, h, w]` to latents `[B, 32, 2h, 2w]`.
+    pub fn up(&self, q: &Tensor) -> Result<Tensor> {
+        let h = run_res(&self.up_a, self.up_in.forward(q)?)?;
+        let (_, _, hh, ww) = h.dims4()?;
+        let h = h.upsample_nearest2d(2 * hh, 2 * ww)?;
+        let h = run_res(&self.up_b, self.up_s.forward(&h)?)?;
+        self.up_out.forward(&h.silu()?)
+    }
+
+    /// Residual quantization of `down` output `e` `[B, dim, h, w]` to the first `levels` levels:
+    /// one vector of `B·h·w` codes per level, in `(b, y, x)` row-major order. The search is the
+    /// [module docs'](self) (exact squared distance, lowest index on ties).
+    pub fn quantize(&self, e: &Tensor, levels: usize) -> Result<Vec<Vec<u32>>> {
+        let (b, d, h, w) = e.dims4()?;
+        if d != self.cfg.dim {
+            candle_core::bail!("quantize: {d} channels, codewords have {}", self.cfg.dim);
+        }
+        if levels == 0 || levels > self.cfg.levels {
+            candle_core::bail!("quantize: {levels} levels, model has {}", self.cfg.levels);
+        }
+        let flat = e.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
+        let cells = b * h * w;
+        let mut out = vec![Vec::with_capacity(cells); levels];
+        let mut r = vec![0f32; d];
+        for cell in flat.chunks_exact(d) {
+            r.copy_from_slice(cell);
+            for (l, ids) in out.iter_mut().enumerate() {
+                let cb = self.codebook(l);
+                let k = nearest(&r, cb, d);
+                ids.push(k as u32);
+                for (x, c) in r.iter_mut().zip(&cb[k * d..(k + 1) * d]) {
+                    *x -= c;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sum of the codewords `ids[0][i] + ids[1][i] + …` (level order) as `[b, dim, h, w]`;
+    /// `ids[l]` holds the `b·h·w` codes of level `l` in `(b, y, x)` order.
+    pub fn dequantize(&self, ids: &[&[u32]], (b, h, w): (usize, usize, usize)) -> Result<Tensor> {
+        let d = self.cfg.dim;
+        let cells = b * h * w;
+        if ids.is_empty() || ids.len() > self.cfg.levels {
+            candle_core::bail!(
+                "dequantize: {} levels, model has {}",
+                ids.len(),
+                self.cfg.levels
+            );
+        }
+        let mut q = vec![0f32; cells * d];
+        for (l, level) in ids.iter().enumerate() {
+            if level.len() != cells {
+                candle_core::bail!(
+                    "dequantize: level {l} has {} codes, need {cells}",
+                    level.len()
+                );
+            }
+            let cb = self.codebook(l);
+            for (dst, &k) in q.chunks_exact_mut(d).zip(level.iter()) {
+                let k = k as usize;
+                if k >= self.cfg.codes {
+                    candle_core::bail!("dequantize: code {k} >= {}", self.cfg.codes);
+                }
+                for (x, c) in dst.iter_mut().zip(&cb[k * d..(k + 1) * d]) {
+                    *x += c;
+                }
+            }
+        }
+        Tensor::from_vec(q, (b, h, w, d), &Device::Cpu)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    }
+}
+
+/// Index of the row of `cb` (`K × d`) nearest to `r` by squared distance, lowest on ties.
+fn nearest(r: &[f32], cb: &[f32], d: usize) -> usize {
+    let mut best = (f32::INFINITY, 0usize);
+    for (k, c) in cb.chunks_exact(d).enumerate() {
+        let mut s = 0f32;
+        for (x, y) in r.iter().zip(c) {
+            let t = x - y;
+            s += t * t;
+        }
+        if s < best.0 {
+            best = (s, k);
+        }
+    }
+    best.1
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifest
+
+/// One file of a TAEF2 tokenizer directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taef2File {
+    /// Path relative to the manifest's directory (`..` allowed).
+    pub path: String,
+    /// Lower-case hex SHA-256 of the file's bytes, checked at load.
+    pub sha256: String,
+}
+
+/// The three files of a TAEF2 tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taef2Files {
+    /// The trained quantizer (`Quantizer` state dict).
+    pub quantizer: Taef2File,
+    /// TAEF2's encoder (`taef2_encoder.safetensors`).
+    pub encoder: Taef2File,
+    /// TAEF2's decoder (`taef2_decoder.safetensors`).
+    pub decoder: Taef2File,
+}
+
+/// The `manifest.json` of a TAEF2 tokenizer directory (see the [module docs](self)).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Taef2Manifest {
+    /// Format tag, [`TAEF2_MANIFEST_FORMAT`].
+    pub format: String,
+    /// Name of this tokenizer (becomes [`TokenizerId::name`]).
+    pub name: String,
+    /// Architecture, [`TAEF2_ARCHITECTURE`].
+    pub architecture: String,
+    /// Quantizer hyper-parameters.
+    pub config: Taef2Config,
+    /// The weights files and their hashes.
+    pub files: Taef2Files,
+    /// How the quantizer was trained (free-form).
+    #[serde(default)]
+    pub training: serde_json::Value,
+}
+
+/// The TAEF2 tokenizer's identity hash: lower-case hex SHA-256 of
+/// `SHA256(encoder) ‖ SHA256(decoder) ‖ SHA256(quantizer)` (raw 32-byte digests of the files'
+/// bytes).
+pub fn combined_sha256(encoder: &[u8], decoder: &[u8], quantizer: &[u8]) -> String {
+    let mut all = Vec::with_capacity(96);
+    for bytes in [encoder, decoder, quantizer] {
+        all.extend_from_slice(&Sha256::digest(bytes));
+    }
+    sha256_hex(&all)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tokenizer
+
+/// The TAEF2 residual-VQ tokenizer: factor 16, `codes`-ary tokens, `levels` grids per image (see
+/// the [module docs](self)). The [`ImageTokenizer`] methods code level 1.
+#[derive(Debug, Clone)]
+pub struct Taef2Tokenizer {
+    encoder: Taef2Encoder,
+    decoder: Taef2Decoder,
+    quantizer: Taef2Quantizer,
+    device: Device,
+    id: TokenizerId,
+}
+
+impl Taef2Tokenizer {
+    /// Builds a tokenizer from the three safetensors files' bytes; the id's hash is
+    /// [`combined_sha256`] of them.
+    pub fn from_bytes(
+        name: &str,
+        config: &Taef2Config,
+        encoder: Vec<u8>,
+        decoder: Vec<u8>,
+        quantizer: Vec<u8>,
+    ) -> std::result::Result<Self, TokenizerError> {
+        config.validate().map_err(TokenizerError::Config)?;
+        let sha256 = combined_sha256(&encoder, &decoder, &quantizer);
+        Ok(Self {
+            encoder: Taef2Encoder::from_bytes(encoder)?,
+            decoder: Taef2Decoder::from_bytes(decoder)?,
+            quantizer: Taef2Quantizer::from_bytes(config, quantizer)?,
+            device: Device::Cpu,
+            id: TokenizerId {
+                name: name.to_string(),
+                sha256,
+            },
+        })
+    }
+
+    /// Loads a tokenizer directory: `manifest.json` ([`Taef2Manifest`]) and the three files it
+    /// names, checking the format tag, the architecture and every file's SHA-256.
+    pub fn from_dir(dir: &Path) -> std::result::Result<Self, TokenizerError> {
+        let m: Taef2Manifest = serde_json::from_slice(&read(&dir.join(MANIFEST_FILE))?)?;
+        if m.format != TAEF2_MANIFEST_FORMAT {
+            return Err(TokenizerError::Config(format!(
+                "manifest format {:?}, expected {TAEF2_MANIFEST_FORMAT:?}",
+                m.format
+            )));
+        }
+        if m.architecture != TAEF2_ARCHITECTURE {
+            return Err(TokenizerError::Config(format!(
+                "architecture {:?}, expected {TAEF2_ARCHITECTURE:?}",
+                m.architecture
+            )));
+        }
+        m.config.validate().map_err(TokenizerError::Config)?;
+        let load = |f: &Taef2File| -> std::result::Result<Vec<u8>, TokenizerError> {
+            let bytes = read(&dir.join(&f.path))?;
+            let actual = sha256_hex(&bytes);
+            if actual != f.sha256.to_ascii_lowercase() {
+                return Err(TokenizerError::HashMismatch {
+                    expected: f.sha256.clone(),
+                    actual,
+                });
+            }
+            Ok(bytes)
+        };
+        let encoder = load(&m.files.encoder)?;
+        let decoder = load(&m.files.decoder)?;
+        let quantizer = load(&m.files.quantizer)?;
+        Self::from_bytes(&m.name, &m.config, encoder, decoder, quantizer)
+    }
+
+    /// Directory of the TAEF2 tokenizer shipped with the source tree: `$UNIMIC_TOKENIZER` if set,
+    /// else `models/tokenizer-taef2` of the workspace this crate was built from.
+    pub fn default_dir() -> PathBuf {
+        match std::env::var_os("UNIMIC_TOKENIZER") {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../models/tokenizer-taef2"
+            )),
+        }
+    }
+
+    /// Loads the tokenizer in [`Taef2Tokenizer::default_dir`].
+    pub fn default_model() -> std::result::Result<Self, TokenizerError> {
+        Self::from_dir(&Self::default_dir())
+    }
+
+    /// Residual levels the model has (`L`): the most grids one image can have.
+    pub fn levels(&self) -> usize {
+        self.quantizer.cfg.levels
+    }
+
+    /// The quantizer's configuration.
+    pub fn config(&self) -> &Taef2Config {
+        &self.quantizer.cfg
+    }
+
+    /// The TAEF2 encoder.
+    pub fn encoder(&self) -> &Taef2Encoder {
+        &self.encoder
+    }
+
+    /// The TAEF2 decoder.
+    pub fn decoder(&self) -> &Taef2Decoder {
+        &self.decoder
+    }
+
+    /// The quantizer.
+    pub fn quantizer(&self) -> &Taef2Quantizer {
+        &self.quantizer
+    }
+
+    /// The encoder input for `image`: padded on the right and at the bottom by edge replication
+    /// to multiples of 16, as `[1, 3, H', W']` in `[0, 1]`. Fails on an empty image or one of
+    /// more than [`MAX_TOKENS`] tokens.
+    pub fn input(&self, image: &RgbImage) -> std::result::Result<Tensor, TokenizerError> {
+        let (w, h) = image.dimensions();
+        if w == 0 || h == 0 {
+            return Err(TokenizerError::EmptyImage);
+        }
+        let f = TAEF2_FACTOR;
+        let (gw, gh) = (w.div_ceil(f), h.div_ceil(f));
+        let tokens = gw as usize * gh as usize;
+        if tokens > MAX_TOKENS {
+            return Err(TokenizerError::TooLarge(tokens));
+        }
+        let (pw, ph) = (gw * f, gh * f);
+        let mut rgb = Vec::with_capacity(pw as usize * ph as usize * 3);
+        for y in 0..ph {
+            for x in 0..pw {
+                rgb.extend_from_slice(&image.get_pixel(x.min(w - 1), y.min(h - 1)).0);
+            }
+        }
+        Ok(from_rgb8(ph as usize, pw as usize, &rgb, &self.device)?)
+    }
+
+    /// Tokenizes `image` to the grids of levels `1..=n` (one encoder pass), each
+    /// `ceil(H/16) × ceil(W/16)` with codebook size `codes`. `n` must be in `1..=levels()`
+    /// ([`TokenizerError::Levels`]).
+    pub fn encode_levels(
+        &self,
+        image: &RgbImage,
+        n: usize,
+    ) -> std::result::Result<Vec<TokenGrid>, TokenizerError> {
+        if n == 0 || n > self.levels() {
+            return Err(TokenizerError::Levels {
+                requested: n,
+                available: self.levels(),
+            });
+        }
+        let x = self.input(image)?;
+        let e = self.quantizer.down(&self.encoder.latent(&x)?)?;
+        let (_, _, h, w) = e.dims4()?;
+        let ids = self.quantizer.quantize(&e, n)?;
+        ids.into_iter()
+            .map(|v| Ok(TokenGrid::new(h as u32, w as u32, self.codebook_size(), v)?))
+            .collect()
+    }
+
+    /// Reconstructs the padded image (`16·height × 16·width`) from the grids of levels `1..=n`,
+    /// `n = grids.len()` in `1..=levels()` ([`TokenizerError::Levels`]). Every grid must have the
+    /// tokenizer's codebook size ([`TokenizerError::CodebookMismatch`]) and the first grid's shape
+    /// ([`TokenizerError::GridShape`]), and at most [`MAX_TOKENS`] cells.
+    pub fn decode_levels(
+        &self,
+        grids: &[TokenGrid],
+    ) -> std::result::Result<RgbImage, TokenizerError> {
+        if grids.is_empty() || grids.len() > self.levels() {
+            return Err(TokenizerError::Levels {
+                requested: grids.len(),
+                available: self.levels(),
+            });
+        }
+        let first = &grids[0];
+        for (l, g) in grids.iter().enumerate() {
+            if g.codebook_size() != self.codebook_size() {
+                return Err(TokenizerError::CodebookMismatch {
+                    grid: g.codebook_size(),
+                    tokenizer: self.codebook_size(),
+                });
+            }
+            if (g.height(), g.width()) != (first.height(), first.width()) {
+                return Err(TokenizerError::GridShape {
+                    level: l + 1,
+                    height: g.height(),
+                    width: g.width(),
+                    expected_height: first.height(),
+                    expected_width: first.width(),
+                });
+            }
+        }
+        if first.len() > MAX_TOKENS {
+            return Err(TokenizerError::TooLarge(first.len()));
+        }
+        let (h, w) = (first.height() as usize, first.width() as usize);
+        let ids: Vec<&[u32]> = grids.iter().map(|g| g.ids()).collect();
+        let q = self.quantizer.dequantize(&ids, (1, h, w))?;
+        let out = self.decoder.forward(&self.quantizer.up(&q)?)?;
+        let (oh, ow, rgb) = to_rgb8(&out)?;
+        RgbImage::from_raw(ow as u32, oh as u32, rgb).ok_or(TokenizerError::EmptyImage)
+    }
+}
+
+impl ImageTokenizer for Taef2Tokenizer {
+    /// The level-1 grid (see [`Taef2Tokenizer::encode_levels`]).
+    fn encode(&self, image: &RgbImage) -> std::result::Result<TokenGrid, TokenizerError> {
+        Ok(self.encode_levels(image, 1)?.remove(0))
+    }
+
+    /// Reconstruction from level 1 alone (see [`Taef2Tokenizer::decode_levels`]).
+    fn decode(&self, grid: &TokenGrid) -> std::result::Result<RgbImage, TokenizerError> {
+        self.decode_levels(std::slice::from_ref(grid))
+    }
+
+    fn codebook_size(&self) -> u32 {
+        self.quantizer.cfg.codes as u32
+    }
+
+    fn factor(&self) -> u32 {
+        TAEF2_FACTOR
+    }
+
+    fn id(&self) -> &TokenizerId {
+        &self.id
+    }
+
+    fn levels(&self) -> usize {
+        Taef2Tokenizer::levels(self)
+    }
+
+    fn encode_levels(
+        &self,
+        image: &RgbImage,
+        n: usize,
+    ) -> std::result::Result<Vec<TokenGrid>, TokenizerError> {
+        Taef2Tokenizer::encode_levels(self, image, n)
+    }
+
+    fn decode_levels(&self, grids: &[TokenGrid]) -> std::result::Result<RgbImage, TokenizerError> {
+        Taef2Tokenizer::decode_levels(self, grids)
+    }
+}
