@@ -158,6 +158,20 @@ impl LadderModel {
 mod tests {
     use super::*;
 
+    /// Golden payload (docs/UMIC_FILE.md, refinement levels): counts `c_i = i` for `i < 16`, a 2×3
+    /// grid. Weights `2 c_i + 1` quantized by the crate rule, row-major, range-coded (CODING.md §2).
+    #[test]
+    fn golden_payload() {
+        let m = LadderModel::new(2, 1, Static::from_counts((0..16).collect()).unwrap());
+        let grid = TokenGrid::new(2, 3, 16, vec![15, 0, 7, 7, 3, 12]).unwrap();
+        let payload = m.encode(&grid).unwrap();
+        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, GOLDEN);
+        assert_eq!(m.decode(2, 3, &payload).unwrap(), grid);
+    }
+
+    const GOLDEN: &str = "e1064962";
+
     #[test]
     fn round_trip_and_cost_follows_the_counts() {
         let mut counts = vec![1u32; 64];
