@@ -241,3 +241,88 @@ fn decode_builtin(file: &UmicFile, shape: PartShape) -> anyhow::Result<TokenGrid
 fn hex8(h: &[u8; 8]) -> String {
     h.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode;
+    use crate::models::Scratch;
+
+    fn encode_args(out: &std::path::Path, quality: usize, bytes: Option<usize>) -> encode::Args {
+        encode::Args {
+            image: PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../samples/kodim23.png"
+            )),
+            output: out.to_path_buf(),
+            size: 64,
+            max_side: 1024,
+            tokenizer: None,
+            chunk_tokens: 0,
+            entropy: encode::Entropy::Auto,
+            entropy_dir: None,
+            quality,
+            bytes,
+            json: true,
+        }
+    }
+
+    fn decode_args(input: &std::path::Path, out: &std::path::Path, levels: usize) -> Args {
+        Args {
+            input: input.to_path_buf(),
+            output: out.to_path_buf(),
+            tokenizer: None,
+            entropy_dir: None,
+            levels,
+            json: true,
+        }
+    }
+
+    /// The quality ladder through the shipped default tokenizer and models: four levels in a
+    /// version 2 file, decoded whole or in part; `--bytes` keeps the levels that fit; a file
+    /// naming a tokenizer that is not shipped is refused with its name.
+    #[test]
+    fn ladder_files_encode_decode_and_name_what_they_need() {
+        let dir = Scratch::new("ladder");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let f4 = dir.path().join("q4.umic");
+        encode::run(encode_args(&f4, 4, None)).unwrap();
+        let bytes4 = std::fs::read(&f4).unwrap();
+        let file = UmicFile::from_bytes(&bytes4).unwrap();
+        assert_eq!(file.levels.len(), 3);
+        assert_eq!(bytes4[4], 2, "a ladder file is version 2");
+        for levels in [0, 1, 2] {
+            let png = dir.path().join(format!("l{levels}.png"));
+            run(decode_args(&f4, &png, levels)).unwrap();
+            let img = image::open(&png).unwrap();
+            assert_eq!((img.width(), img.height()), (64, 64));
+        }
+        // Level 1 alone is smaller; --bytes between the two keeps fewer than four levels.
+        let f1 = dir.path().join("q1.umic");
+        encode::run(encode_args(&f1, 1, None)).unwrap();
+        let n1 = std::fs::read(&f1).unwrap().len();
+        assert!(n1 < bytes4.len());
+        let fb = dir.path().join("b.umic");
+        encode::run(encode_args(&fb, 1, Some(bytes4.len() - 1))).unwrap();
+        let nb = std::fs::read(&fb).unwrap().len();
+        assert!(
+            nb >= n1 && nb < bytes4.len(),
+            "{n1} <= {nb} < {}",
+            bytes4.len()
+        );
+        let err = encode::run(encode_args(&fb, 1, Some(n1 - 1))).unwrap_err();
+        assert!(err.to_string().contains("even level 1"), "{err}");
+        // A tokenizer nobody here holds: the error names it.
+        let mut other = file.clone();
+        other.tokenizer.name = "someone-elses-tokenizer".into();
+        other.tokenizer.hash = [0xab; 8];
+        let fo = dir.path().join("other.umic");
+        std::fs::write(&fo, other.to_bytes()).unwrap();
+        let err = run(decode_args(&fo, &dir.path().join("o.png"), 0)).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("someone-elses-tokenizer") && msg.contains("abababab"),
+            "{msg}"
+        );
+    }
+}
