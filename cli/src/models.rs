@@ -179,7 +179,7 @@ impl Drop for Scratch {
 pub const GENERIC_ID: &str = "unimic-entropy-generic-v7";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
-pub const MASKED_ID: &str = "unimic-entropy-masked-v6";
+pub const MASKED_ID: &str = "unimic-entropy-masked-v7";
 
 /// Id of the shipped text-conditioned transformer entropy model.
 pub const TEXT_ID: &str = "unimic-entropy-text-v5";
