@@ -182,7 +182,7 @@ pub const GENERIC_ID: &str = "unimic-entropy-generic-v7";
 pub const MASKED_ID: &str = "unimic-entropy-masked-v7";
 
 /// Id of the shipped text-conditioned transformer entropy model.
-pub const TEXT_ID: &str = "unimic-entropy-text-v5";
+pub const TEXT_ID: &str = "unimic-entropy-text-v6";
 
 /// The shipped model id of a transformer kind (`generic`, `masked` or `text`).
 pub fn shipped_id(kind: &str) -> Option<&'static str> {
