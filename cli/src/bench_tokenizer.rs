@@ -51,7 +51,7 @@ use image::{imageops, RgbImage};
 use serde::{Deserialize, Serialize};
 use unimic_codec::tokenizer::metrics::{mean_ciede2000, ms_ssim, psnr, ssim};
 use unimic_codec::tokenizer::taef2::TAEF2_MANIFEST_FORMAT;
-use unimic_codec::tokenizer::{ImageTokenizer, Taef2Tokenizer, Vq, MANIFEST_FILE, MANIFEST_FORMAT};
+use unimic_codec::tokenizer::{ImageTokenizer, Vq, MANIFEST_FILE, MANIFEST_FORMAT};
 
 /// Arguments of `unimic bench tokenizer`.
 #[derive(clap::Args)]
@@ -132,15 +132,16 @@ fn load_tokenizer(dir: &Path) -> anyhow::Result<(Box<dyn ImageTokenizer>, &'stat
     let text = std::fs::read_to_string(&m).with_context(|| format!("reading {}", m.display()))?;
     let f: Format =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", m.display()))?;
-    match f.format.as_str() {
-        MANIFEST_FORMAT => Ok((Box::new(Vq::from_dir(dir)?), "vq")),
-        TAEF2_MANIFEST_FORMAT => Ok((Box::new(Taef2Tokenizer::from_dir(dir)?), "taef2")),
+    let codec = match f.format.as_str() {
+        MANIFEST_FORMAT => "vq",
+        TAEF2_MANIFEST_FORMAT => "taef2",
         other => bail!(
             "{}: unknown tokenizer format {other:?} (this bench knows {MANIFEST_FORMAT:?} and \
              {TAEF2_MANIFEST_FORMAT:?})",
             m.display()
         ),
-    }
+    };
+    Ok((unimic_codec::tokenizer::load_dir(dir)?, codec))
 }
 
 /// One image's recognition agreement, as `tools/recognizers/agreement.py` prints it.

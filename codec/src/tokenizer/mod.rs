@@ -212,6 +212,33 @@ pub trait ImageTokenizer {
     }
 }
 
+/// `image` padded on the right and at the bottom by edge replication to multiples of `factor`
+/// (the size policy of the module docs), as `(height, width, RGB bytes)`. Fails on an empty image
+/// or one of more than [`MAX_TOKENS`] tokens.
+pub(crate) fn padded_rgb8(
+    image: &RgbImage,
+    factor: u32,
+) -> Result<(usize, usize, Vec<u8>), TokenizerError> {
+    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 {
+        return Err(TokenizerError::EmptyImage);
+    }
+    let f = factor;
+    let (gw, gh) = (w.div_ceil(f), h.div_ceil(f));
+    let tokens = gw as usize * gh as usize;
+    if tokens > MAX_TOKENS {
+        return Err(TokenizerError::TooLarge(tokens));
+    }
+    let (pw, ph) = (gw * f, gh * f);
+    let mut rgb = Vec::with_capacity(pw as usize * ph as usize * 3);
+    for y in 0..ph {
+        for x in 0..pw {
+            rgb.extend_from_slice(&image.get_pixel(x.min(w - 1), y.min(h - 1)).0);
+        }
+    }
+    Ok((ph as usize, pw as usize, rgb))
+}
+
 /// `full` cropped to its top-left `width × height` (the size policy of the module docs).
 fn crop_top_left(full: RgbImage, width: u32, height: u32) -> Result<RgbImage, TokenizerError> {
     if width == 0 || height == 0 || width > full.width() || height > full.height() {
@@ -409,24 +436,8 @@ impl Vq {
 
     /// Pads `image` to multiples of the factor by edge replication; returns the model input.
     fn input(&self, image: &RgbImage) -> Result<Tensor, TokenizerError> {
-        let (w, h) = image.dimensions();
-        if w == 0 || h == 0 {
-            return Err(TokenizerError::EmptyImage);
-        }
-        let f = self.factor();
-        let (gw, gh) = (w.div_ceil(f), h.div_ceil(f));
-        let tokens = gw as usize * gh as usize;
-        if tokens > MAX_TOKENS {
-            return Err(TokenizerError::TooLarge(tokens));
-        }
-        let (pw, ph) = (gw * f, gh * f);
-        let mut rgb = Vec::with_capacity(pw as usize * ph as usize * 3);
-        for y in 0..ph {
-            for x in 0..pw {
-                rgb.extend_from_slice(&image.get_pixel(x.min(w - 1), y.min(h - 1)).0);
-            }
-        }
-        Ok(vq::from_rgb8(ph as usize, pw as usize, &rgb, &self.device)?)
+        let (ph, pw, rgb) = padded_rgb8(image, self.factor())?;
+        Ok(vq::from_rgb8(ph, pw, &rgb, &self.device)?)
     }
 }
 

@@ -896,24 +896,8 @@ impl Taef2Tokenizer {
     /// to multiples of 16, as `[1, 3, H', W']` in `[0, 1]`. Fails on an empty image or one of
     /// more than [`MAX_TOKENS`] tokens.
     pub fn input(&self, image: &RgbImage) -> std::result::Result<Tensor, TokenizerError> {
-        let (w, h) = image.dimensions();
-        if w == 0 || h == 0 {
-            return Err(TokenizerError::EmptyImage);
-        }
-        let f = TAEF2_FACTOR;
-        let (gw, gh) = (w.div_ceil(f), h.div_ceil(f));
-        let tokens = gw as usize * gh as usize;
-        if tokens > MAX_TOKENS {
-            return Err(TokenizerError::TooLarge(tokens));
-        }
-        let (pw, ph) = (gw * f, gh * f);
-        let mut rgb = Vec::with_capacity(pw as usize * ph as usize * 3);
-        for y in 0..ph {
-            for x in 0..pw {
-                rgb.extend_from_slice(&image.get_pixel(x.min(w - 1), y.min(h - 1)).0);
-            }
-        }
-        Ok(from_rgb8(ph as usize, pw as usize, &rgb, &self.device)?)
+        let (ph, pw, rgb) = super::padded_rgb8(image, TAEF2_FACTOR)?;
+        Ok(from_rgb8(ph, pw, &rgb, &self.device)?)
     }
 
     /// Tokenizes `image` to the grids of levels `1..=n` (one encoder pass), each
