@@ -39,9 +39,26 @@ pub enum Content {
         /// The bytes.
         bytes: Vec<u8>,
     },
+    /// A request for a token-native agent to make something (inpaint, outpaint, generate,
+    /// vary); it travels as a raw part of media type
+    /// [`REQUEST_MEDIA_TYPE`](crate::request::REQUEST_MEDIA_TYPE).
+    Request(crate::request::Request),
 }
 
 impl Content {
+    /// The content of a raw part: a [`Content::Request`] when it is a readable request part,
+    /// otherwise [`Content::Raw`] (an unreadable request stays raw, and an agent that takes
+    /// requests reports why with [`Request::from_json`](crate::request::Request::from_json)).
+    pub fn from_raw(media_type: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
+        let (media_type, bytes) = (media_type.into(), bytes.into());
+        if media_type == crate::request::REQUEST_MEDIA_TYPE {
+            if let Ok(r) = crate::request::Request::from_json(&bytes) {
+                return Content::Request(r);
+            }
+        }
+        Content::Raw { media_type, bytes }
+    }
+
     /// Text content without ids.
     pub fn text(text: impl Into<String>) -> Self {
         Content::Text {

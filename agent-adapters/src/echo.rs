@@ -38,6 +38,11 @@ impl Agent for Echo {
                             "echo does not return raw attachments ({media_type})"
                         )))
                     }
+                    Content::Request(_) => {
+                        return Err(AgentError::Unsupported(
+                            "echo does not take requests (the local agent does)".into(),
+                        ))
+                    }
                 }
             }
             Ok(())

@@ -7,9 +7,10 @@
 //! (`unimic-chat`'s `serve`) decodes parts into [`Content`] before calling them, and codes what
 //! they emit.
 //!
-//! Implementations here: [`echo::Echo`] (returns what it was sent; for tests and demos). The
-//! OpenAI-compatible HTTP adapter, the token-native trait and the local agent are planned; see the
-//! project's docs/ARCHITECTURE.md.
+//! Implementations here: [`echo::Echo`] (returns what it was sent; for tests and demos) and
+//! [`local::LocalAgent`] (token-native: inpainting, outpainting, variations and text-to-image
+//! sampled with the project's entropy models, no network). What a user asks a token-native agent
+//! to make travels as a [`request::Request`].
 //!
 //! ```
 //! use unimic_agents::{Agent, Content, Conversation, Role, Turn, CollectSink, echo::Echo};
@@ -27,6 +28,8 @@
 
 mod agent;
 pub mod echo;
+pub mod local;
+pub mod request;
 
 pub use agent::{
     Agent, AgentError, AgentFuture, Capabilities, CollectSink, Content, Conversation, ReplySink,

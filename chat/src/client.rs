@@ -139,6 +139,7 @@ impl ChatConfig {
 enum PromptPart {
     Text(String),
     Grid(TokenGrid),
+    Request(unimic_agents::request::Request),
     #[cfg(feature = "pixels")]
     Pixels(image::RgbImage),
 }
@@ -172,6 +173,23 @@ impl Prompt {
     /// Appends an image already tokenized.
     pub fn with_grid(mut self, grid: TokenGrid) -> Self {
         self.parts.push(PromptPart::Grid(grid));
+        self
+    }
+
+    /// Appends a request for a token-native agent (inpaint, outpaint, generate, vary), sent as a
+    /// raw part of media type
+    /// [`REQUEST_MEDIA_TYPE`](unimic_agents::request::REQUEST_MEDIA_TYPE); edits and variations
+    /// apply to the conversation's most recent image.
+    ///
+    /// ```
+    /// use unimic_agents::request::{Request, Task};
+    /// use unimic_chat::Prompt;
+    /// let prompt = Prompt::text("a red bird on a branch")
+    ///     .with_request(Request::new(Task::Generate { height: 16, width: 16 }).with_seed(1));
+    /// assert_eq!(prompt.len(), 2);
+    /// ```
+    pub fn with_request(mut self, request: unimic_agents::request::Request) -> Self {
+        self.parts.push(PromptPart::Request(request));
         self
     }
 
@@ -351,7 +369,16 @@ impl Chat {
                     let ids = inner.config.text.encode(&text);
                     message =
                         message.with_part(OutgoingPart::text(ids).with_context(text_refs.clone()));
-                    kinds.push(Kind::Text);
+                    kinds.push(Some(Kind::Text));
+                    continue;
+                }
+                PromptPart::Request(request) => {
+                    // Raw parts do not enter the context.
+                    message = message.with_part(OutgoingPart::raw(
+                        unimic_agents::request::REQUEST_MEDIA_TYPE,
+                        request.to_json(),
+                    ));
+                    kinds.push(None);
                     continue;
                 }
                 PromptPart::Grid(grid) => grid,
@@ -374,7 +401,7 @@ impl Chat {
                 OutgoingPart::image(grid).with_context(image_refs.clone())
             };
             message = message.with_part(part);
-            kinds.push(Kind::Image);
+            kinds.push(Some(Kind::Image));
         }
         let started = Instant::now();
         let sent = inner.session.send(message).await?;
@@ -382,7 +409,9 @@ impl Chat {
         {
             let mut t = inner.tracker();
             for (i, kind) in kinds.into_iter().enumerate() {
-                t.record(ContextKey::new(turn, i as u64), kind);
+                if let Some(kind) = kind {
+                    t.record(ContextKey::new(turn, i as u64), kind);
+                }
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();

@@ -168,10 +168,10 @@ fn content(parts: &[ReceivedPart], text: &dyn TextTokenizer) -> Vec<Content> {
                 ids: Some(ids.clone()),
             }),
             ReceivedPart::Image(grid) => Some(Content::Image(grid.clone())),
-            ReceivedPart::Raw { media_type, bytes } => Some(Content::Raw {
-                media_type: media_type.clone(),
-                bytes: bytes.to_vec(),
-            }),
+            // Request parts (docs/PROTOCOL.md, agent requests) become `Content::Request`.
+            ReceivedPart::Raw { media_type, bytes } => {
+                Some(Content::from_raw(media_type.clone(), bytes.to_vec()))
+            }
             _ => None,
         })
         .collect()

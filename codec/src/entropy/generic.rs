@@ -253,19 +253,44 @@ impl Generic {
 
     /// Decodes a `height × width` grid from `payload`, one position at a time with a KV cache.
     pub fn decode(&self, height: u32, width: u32, payload: &[u8]) -> Result<TokenGrid, ModelError> {
+        let mut dec = Decoder::new(payload);
+        self.generate(height, width, |_, w| {
+            Ok(dec.decode(&Dense::from_weights(w.iter().copied()))?)
+        })
+    }
+
+    /// Builds a `height × width` grid in raster order, one position at a time with a KV cache:
+    /// `pick(index, weights)` chooses the token of each position from the model's integer
+    /// weights. [`Self::decode`] picks with the range decoder; a
+    /// [`Sampler`](super::sample::Sampler) picks to generate. An error from `pick` (for example
+    /// [`ModelError::Stopped`]) ends the generation.
+    ///
+    /// ```
+    /// use unimic_codec::entropy::generic::{Generic, GenericConfig};
+    /// use unimic_codec::entropy::sample::Sampler;
+    /// let model = Generic::synthetic(&GenericConfig::tiny(16), 1).unwrap();
+    /// let mut sampler = Sampler::new(5).with_top_k(8);
+    /// let grid = model.generate(3, 4, |_, w| Ok(sampler.pick(w))).unwrap();
+    /// assert_eq!((grid.height(), grid.width()), (3, 4));
+    /// ```
+    pub fn generate(
+        &self,
+        height: u32,
+        width: u32,
+        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+    ) -> Result<TokenGrid, ModelError> {
         let k = self.cfg.codebook_size as u32;
         check_shape(height, width, k, self.cfg.max_side, self.cfg.codebook_size)?;
         if height == 0 || width == 0 {
             return Err(ModelError::Grid("empty grid".into()));
         }
         let n = height as usize * width as usize;
-        let mut dec = Decoder::new(payload);
         let mut cache = self.new_cache();
         let mut ids = Vec::with_capacity(n);
         let mut w = Vec::new();
-        for _ in 0..n {
+        for t in 0..n {
             self.step(&mut cache, ids.last().copied(), width as usize, &mut w);
-            ids.push(dec.decode(&Dense::from_weights(w.iter().copied()))?);
+            ids.push(pick(t, &w)?.min(k - 1));
         }
         TokenGrid::new(height, width, k, ids).map_err(|e| ModelError::Grid(e.to_string()))
     }

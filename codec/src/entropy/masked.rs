@@ -321,6 +321,37 @@ impl Masked {
         unknown: &[bool],
         payload: &[u8],
     ) -> Result<TokenGrid, ModelError> {
+        let mut dec = Decoder::new(payload);
+        self.generate(height, width, known_ids, unknown, |_, w| {
+            Ok(dec.decode(&Dense::from_weights(w.iter().copied()))?)
+        })
+    }
+
+    /// Fills the unknown positions of a `height × width` grid given the known ones (as in
+    /// [`Self::decode`]): `pick(index, weights)` chooses the token of each unknown cell, in
+    /// raster order, from the model's integer weights. With a
+    /// [`Sampler`](super::sample::Sampler) this is inpainting (a hole inside a known image),
+    /// outpainting (a border around one) or a variation (a scattered subset). An error from
+    /// `pick` ends the generation.
+    ///
+    /// ```
+    /// use unimic_codec::entropy::masked::{Masked, MaskedConfig};
+    /// use unimic_codec::entropy::sample::Sampler;
+    /// let model = Masked::synthetic(&MaskedConfig::tiny(16), 3).unwrap();
+    /// let known = vec![7u32; 9];
+    /// let hole: Vec<bool> = (0..9).map(|i| i == 4).collect();
+    /// let mut sampler = Sampler::new(1);
+    /// let grid = model.generate(3, 3, &known, &hole, |_, w| Ok(sampler.pick(w))).unwrap();
+    /// assert!(grid.ids().iter().enumerate().all(|(i, &id)| i == 4 || id == 7));
+    /// ```
+    pub fn generate(
+        &self,
+        height: u32,
+        width: u32,
+        known_ids: &[u32],
+        unknown: &[bool],
+        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+    ) -> Result<TokenGrid, ModelError> {
         let k = self.cfg.codebook_size as u32;
         let n = height as usize * width as usize;
         self.check(height, width, k, n, unknown)?;
@@ -338,7 +369,6 @@ impl Masked {
             .collect();
         let (prefix, len) = layout(unknown);
         let mut cache = self.known_prefix(w, &ids, &prefix);
-        let mut dec = Decoder::new(payload);
         let (mut scratch, mut wts) = (Vec::new(), Vec::new());
         let mut t = 0;
         while t < len {
@@ -347,7 +377,7 @@ impl Masked {
                 self.body
                     .forward(self.kernel, &mut x, &mut cache, Mask::Causal);
                 self.head.weights(self.kernel, &x, &mut scratch, &mut wts);
-                ids[t] = dec.decode(&Dense::from_weights(wts.iter().copied()))?;
+                ids[t] = pick(t, &wts)?.min(k.saturating_sub(1));
                 t += 1;
             } else {
                 // A run of known cells: inputs only, one batched pass.

@@ -40,6 +40,7 @@ mod uniform;
 pub mod generic;
 pub mod ladder;
 pub mod masked;
+pub mod sample;
 pub mod text_cond;
 #[cfg(feature = "vq")]
 pub mod train;

@@ -325,16 +325,32 @@ impl TextCond {
         width: u32,
         payload: &[u8],
     ) -> Result<TokenGrid, ModelError> {
+        let mut dec = Decoder::new(payload);
+        self.generate(text, height, width, |_, w| {
+            Ok(dec.decode(&Dense::from_weights(w.iter().copied()))?)
+        })
+    }
+
+    /// Builds a `height × width` grid conditioned on the prompt ids `text`, in raster order:
+    /// `pick(index, weights)` chooses each token from the model's integer weights (the range
+    /// decoder in [`Self::decode`]; a [`Sampler`](super::sample::Sampler) for text-to-image).
+    /// An error from `pick` ends the generation.
+    pub fn generate(
+        &self,
+        text: &[u32],
+        height: u32,
+        width: u32,
+        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+    ) -> Result<TokenGrid, ModelError> {
         let k = self.cfg.codebook_size as u32;
         check_shape(height, width, k, self.cfg.max_side, self.cfg.codebook_size)?;
         let n = height as usize * width as usize;
-        let mut dec = Decoder::new(payload);
         let mut cache = self.start(text);
         let mut ids = Vec::with_capacity(n);
         let mut w = Vec::new();
         for t in 0..n {
             self.step(&mut cache, t, ids.last().copied(), width as usize, &mut w);
-            ids.push(dec.decode(&Dense::from_weights(w.iter().copied()))?);
+            ids.push(pick(t, &w)?.min(k.saturating_sub(1)));
         }
         TokenGrid::new(height, width, k, ids).map_err(|e| ModelError::Grid(e.to_string()))
     }

@@ -29,6 +29,9 @@ pub enum ModelError {
     /// The manifest could not be read or parsed, or its hash does not match the weights.
     #[error("manifest: {0}")]
     Manifest(String),
+    /// A caller's token picker stopped the generation (for example, the reply was cancelled).
+    #[error("stopped by the caller")]
+    Stopped,
     /// Reading a model file failed.
     #[error("reading {path}: {source}")]
     Io {
