@@ -121,6 +121,52 @@ pub trait ReplySink: Send {
         ids: &'a [u32],
         last: bool,
     ) -> SinkFuture<'a>;
+
+    /// Appends an image that equals the conversation's image at `base` outside `region`
+    /// (row-major over `grid`, `true` = changed cell; same shape as the base image). A sink that
+    /// can send edits (the serving glue, when the session negotiated the masked model and both
+    /// ends still hold the base) sends only the region's cells; the receiver gets the whole
+    /// grid either way. The default sends the whole grid as one [`Self::image_tokens`] chunk.
+    fn image_edit<'a>(
+        &'a mut self,
+        base: ImageRef,
+        grid: &'a TokenGrid,
+        region: &'a [bool],
+    ) -> SinkFuture<'a> {
+        let _ = (base, region);
+        self.image_tokens((grid.height(), grid.width()), grid.ids(), true)
+    }
+}
+
+/// Where an image sits in a [`Conversation`]: `turns[turn].content[content]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImageRef {
+    /// Index of the turn.
+    pub turn: usize,
+    /// Index of the image within the turn's content.
+    pub content: usize,
+}
+
+impl Conversation {
+    /// The most recent image of the conversation (of either side), with where it sits.
+    pub fn last_image(&self) -> Option<(ImageRef, &TokenGrid)> {
+        self.turns.iter().enumerate().rev().find_map(|(t, turn)| {
+            turn.content
+                .iter()
+                .enumerate()
+                .rev()
+                .find_map(|(c, content)| match content {
+                    Content::Image(g) => Some((
+                        ImageRef {
+                            turn: t,
+                            content: c,
+                        },
+                        g,
+                    )),
+                    _ => None,
+                })
+        })
+    }
 }
 
 /// A [`ReplySink`] that collects everything in memory.
@@ -128,8 +174,12 @@ pub trait ReplySink: Send {
 pub struct CollectSink {
     /// All text deltas, concatenated.
     pub text: String,
-    /// Image token chunks received, with their declared shapes and final flags.
+    /// Image token chunks received, with their declared shapes and final flags (an edit
+    /// arrives here as its whole grid in one chunk, as the default [`ReplySink::image_edit`]
+    /// sends it).
     pub image_chunks: Vec<((u32, u32), Vec<u32>, bool)>,
+    /// The base and region of every image sent as an edit.
+    pub edits: Vec<(ImageRef, Vec<bool>)>,
 }
 
 impl ReplySink for CollectSink {
@@ -146,6 +196,16 @@ impl ReplySink for CollectSink {
     ) -> SinkFuture<'a> {
         self.image_chunks.push((shape, ids.to_vec(), last));
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn image_edit<'a>(
+        &'a mut self,
+        base: ImageRef,
+        grid: &'a TokenGrid,
+        region: &'a [bool],
+    ) -> SinkFuture<'a> {
+        self.edits.push((base, region.to_vec()));
+        self.image_tokens((grid.height(), grid.width()), grid.ids(), true)
     }
 }
 

@@ -11,6 +11,7 @@
 //! [`local::LocalAgent`] (token-native: inpainting, outpainting, variations and text-to-image
 //! sampled with the project's entropy models, no network). What a user asks a token-native agent
 //! to make travels as a [`request::Request`].
+//! With the `openai` feature, `openai::OpenAiAgent` streams replies from OpenAI-compatible servers.
 //!
 //! ```
 //! use unimic_agents::{Agent, Content, Conversation, Role, Turn, CollectSink, echo::Echo};
@@ -29,9 +30,11 @@
 mod agent;
 pub mod echo;
 pub mod local;
+#[cfg(feature = "openai")]
+pub mod openai;
 pub mod request;
 
 pub use agent::{
-    Agent, AgentError, AgentFuture, Capabilities, CollectSink, Content, Conversation, ReplySink,
-    Role, SinkError, SinkFuture, Turn,
+    Agent, AgentError, AgentFuture, Capabilities, CollectSink, Content, Conversation, ImageRef,
+    ReplySink, Role, SinkError, SinkFuture, Turn,
 };

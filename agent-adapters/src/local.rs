@@ -51,6 +51,7 @@
 //! ```
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -62,7 +63,9 @@ use unimic_codec::nn::model::ModelError;
 use unimic_codec::text::{O200k, TextTokenizer};
 
 use crate::request::{Request, RequestError, Task, REQUEST_MEDIA_TYPE};
-use crate::{Agent, AgentError, AgentFuture, Capabilities, Content, Conversation, ReplySink};
+use crate::{
+    Agent, AgentError, AgentFuture, Capabilities, Content, Conversation, ImageRef, ReplySink,
+};
 
 /// Rows buffered between the sampling thread and the sink.
 const ROW_BUFFER: usize = 4;
@@ -132,42 +135,30 @@ impl LocalAgent {
         let max = self.max_side();
         let k = self.codebook_size();
         let last_image = || {
-            conversation
-                .turns
-                .iter()
-                .rev()
-                .flat_map(|t| t.content.iter().rev())
-                .find_map(|c| match c {
-                    Content::Image(g) => Some(g.clone()),
-                    _ => None,
-                })
-                .ok_or_else(|| {
-                    AgentError::Unsupported("there is no image in the conversation to edit".into())
-                })
-                .and_then(|g| {
-                    if g.codebook_size() == k {
-                        Ok(g)
-                    } else {
-                        Err(AgentError::Unsupported(format!(
-                            "the image has {} codes per token, the local models {k}",
-                            g.codebook_size()
-                        )))
-                    }
-                })
+            let (at, g) = conversation.last_image().ok_or_else(|| {
+                AgentError::Unsupported("there is no image in the conversation to edit".into())
+            })?;
+            if g.codebook_size() != k {
+                return Err(AgentError::Unsupported(format!(
+                    "the image has {} codes per token, the local models {k}",
+                    g.codebook_size()
+                )));
+            }
+            Ok((at, g.clone()))
         };
         let too_big = |h: u32, w: u32| {
             AgentError::Unsupported(format!(
-                "a {h}×{w} grid is larger than the models' {max}×{max}"
+                "a {w}×{h} grid (width × height) is larger than the models' {max}×{max}"
             ))
         };
         Ok(match request.task {
             Task::Inpaint { region } => {
-                let g = last_image()?;
+                let (at, g) = last_image()?;
                 let (h, w) = (g.height(), g.width());
                 if !region.fits(h, w) {
                     return Err(AgentError::Unsupported(format!(
-                        "region ({}, {})–({}, {}) is empty or outside the {h}×{w} image",
-                        region.x0, region.y0, region.x1, region.y1
+                        "region x {}..{}, y {}..{} is empty or outside the {w}×{h} image (width × height in cells)",
+                        region.x0, region.x1, region.y0, region.y1
                     )));
                 }
                 if h > max || w > max {
@@ -179,6 +170,7 @@ impl LocalAgent {
                     width: w,
                     known: g.into_ids(),
                     unknown,
+                    base: Some(at),
                     what: format!(
                         "Inpainted cells x {}..{}, y {}..{} of the {w}×{h} image",
                         region.x0, region.x1, region.y0, region.y1
@@ -186,7 +178,7 @@ impl LocalAgent {
                 }
             }
             Task::Outpaint { border } => {
-                let g = last_image()?;
+                let (_, g) = last_image()?;
                 let h = g
                     .height()
                     .saturating_add(border.top)
@@ -215,6 +207,7 @@ impl LocalAgent {
                     width: w,
                     known,
                     unknown,
+                    base: None,
                     what: format!(
                         "Outpainted the {}×{} image to {w}×{h} (top {}, right {}, bottom {}, left {})",
                         g.width(),
@@ -227,7 +220,7 @@ impl LocalAgent {
                 }
             }
             Task::Variation { strength } => {
-                let g = last_image()?;
+                let (at, g) = last_image()?;
                 let (h, w) = (g.height(), g.width());
                 if h > max || w > max {
                     return Err(too_big(h, w));
@@ -243,6 +236,7 @@ impl LocalAgent {
                     width: w,
                     known: g.into_ids(),
                     unknown,
+                    base: Some(at),
                     what: format!(
                         "A variation of the {w}×{h} image: {n} of {} cells redrawn",
                         h * w
@@ -283,7 +277,9 @@ impl LocalAgent {
         })
     }
 
-    /// Runs `job` on a blocking thread, streaming its rows into `sink`.
+    /// Runs `job` on a blocking thread. An edit in place (inpainting, variation) goes to the
+    /// sink whole as an edit of its base image (only the region need travel); other images
+    /// stream into the sink row by row as they are sampled.
     async fn run(
         &self,
         job: Job,
@@ -291,11 +287,37 @@ impl LocalAgent {
         sink: &mut dyn ReplySink,
     ) -> Result<(), AgentError> {
         let (height, width) = job.shape();
-        let (tx, mut rx) = mpsc::channel::<Vec<u32>>(ROW_BUFFER);
         let masked = Arc::clone(&self.masked);
         let text_cond = Arc::clone(&self.text_cond);
-        let worker =
-            tokio::task::spawn_blocking(move || job.sample(&masked, &text_cond, sampler, tx));
+        // Dropping the reply future (a cancelled turn) stops the sampler at its next cell.
+        let stop = StopOnDrop::default();
+        let flag = Arc::clone(&stop.0);
+        if let Job::Masked {
+            base: Some(base),
+            ref unknown,
+            ..
+        } = job
+        {
+            let region = unknown.clone();
+            let worker = tokio::task::spawn_blocking(move || {
+                job.sample(&masked, &text_cond, sampler, None, &flag)
+            });
+            let grid = match worker.await {
+                Ok(Ok(grid)) => grid,
+                Ok(Err(e)) => return Err(AgentError::Backend(format!("sampling failed: {e}"))),
+                Err(e) => {
+                    return Err(AgentError::Backend(format!(
+                        "the sampling thread failed: {e}"
+                    )))
+                }
+            };
+            sink.image_edit(base, &grid, &region).await?;
+            return Ok(());
+        }
+        let (tx, mut rx) = mpsc::channel::<Vec<u32>>(ROW_BUFFER);
+        let worker = tokio::task::spawn_blocking(move || {
+            job.sample(&masked, &text_cond, sampler, Some(tx), &flag)
+        });
         let mut rows = 0;
         while let Some(row) = rx.recv().await {
             rows += 1;
@@ -311,8 +333,8 @@ impl LocalAgent {
             }
         }
         match worker.await {
-            Ok(Ok(())) if rows == height => Ok(()),
-            Ok(Ok(())) => Err(AgentError::Backend(format!(
+            Ok(Ok(_)) if rows == height => Ok(()),
+            Ok(Ok(_)) => Err(AgentError::Backend(format!(
                 "sampling produced {rows} of {height} rows"
             ))),
             Ok(Err(e)) => Err(AgentError::Backend(format!("sampling failed: {e}"))),
@@ -374,6 +396,8 @@ enum Job {
         width: u32,
         known: Vec<u32>,
         unknown: Vec<bool>,
+        /// The image this edits in place (same shape): the reply is sent as an edit of it.
+        base: Option<ImageRef>,
         what: String,
     },
     Text {
@@ -399,41 +423,55 @@ impl Job {
         }
     }
 
-    /// Samples the grid, sending each row once every cell of it is known.
+    /// Samples the grid, sending each row to `tx` (if any) once every cell of it is known;
+    /// stops with [`ModelError::Stopped`] when `stop` is set.
     fn sample(
         self,
         masked: &Masked,
         text_cond: &TextCond,
         mut sampler: Sampler,
-        tx: mpsc::Sender<Vec<u32>>,
-    ) -> Result<(), ModelError> {
+        tx: Option<mpsc::Sender<Vec<u32>>>,
+        stop: &AtomicBool,
+    ) -> Result<TokenGrid, ModelError> {
         let (height, width) = self.shape();
         let (h, w) = (height as usize, width as usize);
+        let cells = match &self {
+            Job::Masked { known, .. } => known.clone(),
+            Job::Text { .. } => vec![0; h * w],
+        };
         let mut rows = RowStream {
-            cells: vec![0; h * w],
+            cells,
             width: w,
             sent: 0,
             tx,
         };
-        let grid: TokenGrid = match self {
+        let mut pick = |t: usize, weights: &[u64]| {
+            if stop.load(Ordering::Relaxed) {
+                return Err(ModelError::Stopped);
+            }
+            let id = sampler.pick(weights);
+            rows.set(t, id)?;
+            Ok(id)
+        };
+        let grid: TokenGrid = match &self {
             Job::Masked { known, unknown, .. } => {
-                rows.cells.copy_from_slice(&known);
-                masked.generate(height, width, &known, &unknown, |t, weights| {
-                    let id = sampler.pick(weights);
-                    rows.set(t, id)?;
-                    Ok(id)
-                })?
+                masked.generate(height, width, known, unknown, &mut pick)?
             }
-            Job::Text { prompt, .. } => {
-                text_cond.generate(&prompt, height, width, |t, weights| {
-                    let id = sampler.pick(weights);
-                    rows.set(t, id)?;
-                    Ok(id)
-                })?
-            }
+            Job::Text { prompt, .. } => text_cond.generate(prompt, height, width, &mut pick)?,
         };
         rows.cells.copy_from_slice(grid.ids());
-        rows.flush(h)
+        rows.flush(h)?;
+        Ok(grid)
+    }
+}
+
+/// Sets its flag when dropped.
+#[derive(Default)]
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -442,24 +480,26 @@ struct RowStream {
     cells: Vec<u32>,
     width: usize,
     sent: usize,
-    tx: mpsc::Sender<Vec<u32>>,
+    tx: Option<mpsc::Sender<Vec<u32>>>,
 }
 
 impl RowStream {
     /// Records cell `t` (cells are decided in raster order, so every cell up to `t` is now
     /// known) and sends the rows it completes.
     fn set(&mut self, t: usize, id: u32) -> Result<(), ModelError> {
+        if self.tx.is_none() {
+            return Ok(());
+        }
         self.cells[t] = id;
         self.flush((t + 1) / self.width)
     }
 
     /// Sends rows up to (not including) `upto`.
     fn flush(&mut self, upto: usize) -> Result<(), ModelError> {
+        let Some(tx) = &self.tx else { return Ok(()) };
         while self.sent < upto {
             let row = self.cells[self.sent * self.width..(self.sent + 1) * self.width].to_vec();
-            self.tx
-                .blocking_send(row)
-                .map_err(|_| ModelError::Stopped)?;
+            tx.blocking_send(row).map_err(|_| ModelError::Stopped)?;
             self.sent += 1;
         }
         Ok(())

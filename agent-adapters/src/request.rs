@@ -250,3 +250,40 @@ mod tests {
         assert!(!empty.fits(16, 16));
     }
 }
+
+#[cfg(test)]
+mod spec {
+    use super::*;
+
+    const SPEC: &str = include_str!("../../docs/PROTOCOL.md");
+
+    /// The JSON of the spec's golden request block `name`.
+    fn golden(name: &str) -> &'static str {
+        let marker = format!("<!-- golden-json: {name} -->");
+        let start = SPEC.find(&marker).expect("the golden block is in the spec") + marker.len();
+        let rest = &SPEC[start..];
+        let body = &rest[rest.find("```json\n").expect("a json block") + 8..];
+        body[..body.find("```").expect("the block ends")].trim()
+    }
+
+    #[test]
+    fn the_spec_example_reads_and_writes_byte_for_byte() {
+        let json = golden("agent_request");
+        let r = Request::from_json(json.as_bytes()).unwrap();
+        assert_eq!(
+            r,
+            Request::new(Task::Inpaint {
+                region: CellRect {
+                    x0: 5,
+                    y0: 5,
+                    x1: 11,
+                    y1: 11
+                }
+            })
+            .with_seed(4)
+            .with_temperature(0.9)
+            .with_top_k(50)
+        );
+        assert_eq!(String::from_utf8(r.to_json()).unwrap(), json);
+    }
+}

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use unimic_agents::local::LocalAgent;
 use unimic_agents::request::{Border, CellRect, Request, Task, REQUEST_MEDIA_TYPE};
 use unimic_agents::{
-    Agent, AgentError, CollectSink, Content, Conversation, ReplySink, Role, SinkError, SinkFuture,
-    Turn,
+    Agent, AgentError, CollectSink, Content, Conversation, ImageRef, ReplySink, Role, SinkError,
+    SinkFuture, Turn,
 };
 use unimic_codec::grid::TokenGrid;
 
@@ -58,20 +58,31 @@ fn run(agent: &LocalAgent, c: &Conversation) -> Result<CollectSink, AgentError> 
     Ok(sink)
 }
 
-/// The reply's image, checking that it came one chunk per row with only the last one marked.
+/// The reply's image: streamed one chunk per row with only the last one marked, or (an edit in
+/// place) sent whole as an edit of the conversation's image.
 fn image_of(sink: &CollectSink) -> TokenGrid {
     let chunks = &sink.image_chunks;
     assert!(!chunks.is_empty(), "no image in the reply: {:?}", sink.text);
     let (h, w) = chunks[0].0;
-    assert_eq!(chunks.len(), h as usize, "one chunk per row");
+    if sink.edits.is_empty() {
+        assert_eq!(chunks.len(), h as usize, "one chunk per row");
+    } else {
+        assert_eq!(chunks.len(), 1, "an edit is sent whole");
+    }
     for (i, (shape, ids, last)) in chunks.iter().enumerate() {
         assert_eq!(*shape, (h, w));
-        assert_eq!(ids.len(), w as usize);
+        assert_eq!(ids.len() * chunks.len(), (h * w) as usize);
         assert_eq!(*last, i + 1 == chunks.len());
     }
     let ids = chunks.iter().flat_map(|c| c.1.iter().copied()).collect();
     TokenGrid::new(h, w, 1024, ids).unwrap()
 }
+
+/// Where `with_image` puts the photo.
+const PHOTO: ImageRef = ImageRef {
+    turn: 0,
+    content: 1,
+};
 
 #[test]
 fn inpainting_redraws_only_the_region_and_is_seeded() {
@@ -104,6 +115,12 @@ fn inpainting_redraws_only_the_region_and_is_seeded() {
     assert!(
         changed > 24,
         "only {changed} of 48 region cells were redrawn"
+    );
+    let region_mask: Vec<bool> = (0..256).map(|i| region.contains(i / 16, i % 16)).collect();
+    assert_eq!(
+        one.edits,
+        [(PHOTO, region_mask)],
+        "sent as an edit of the photo"
     );
     assert_eq!(
         image_of(&run(&a, &with_image(req)).unwrap()),
@@ -160,6 +177,13 @@ fn variation_strength_sets_how_much_changes() {
     assert!(
         (60..=160).contains(&diff),
         "{diff} of 256 cells changed at strength 0.5"
+    );
+    assert_eq!(sink.edits.len(), 1);
+    assert_eq!(sink.edits[0].0, PHOTO);
+    let redrawn = sink.edits[0].1.iter().filter(|&&u| u).count();
+    assert!(
+        redrawn >= diff && (90..=166).contains(&redrawn),
+        "{redrawn}"
     );
     assert!(sink.text.contains("cells redrawn"), "{}", sink.text);
 }

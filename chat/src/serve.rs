@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use unimic_agents::{
-    Agent, AgentError, Content, Conversation, ReplySink, Role as AgentRole, SinkError, SinkFuture,
-    Turn,
+    Agent, AgentError, Content, Conversation, ImageRef, ReplySink, Role as AgentRole, SinkError,
+    SinkFuture, Turn,
 };
 use unimic_codec::text::{O200k, TextTokenizer};
 use unimic_transport::{
-    ErrorCode, MessageWriter, ModelChoice, OutgoingPart, ReceivedMessage, ReceivedPart, Role,
-    SendError, Server, Session, TextStream, TokenGrid, TokenizerKind,
+    ContextKey, ErrorCode, MessageWriter, ModelChoice, OutgoingPart, ReceivedMessage, ReceivedPart,
+    Role, SendError, Server, Session, TextStream, TokenGrid, TokenizerKind,
 };
 
 use crate::context::{Kind, Tracker};
@@ -155,26 +155,31 @@ fn agent_role(role: Role) -> AgentRole {
     }
 }
 
-/// The turn's parts as the agent sees them (text detokenized, keeping the ids).
-fn content(parts: &[ReceivedPart], text: &dyn TextTokenizer) -> Vec<Content> {
+/// The turn's parts as the agent sees them (text detokenized, keeping the ids), each with the
+/// index of its part when the part entered the context (text and images).
+fn content(parts: &[ReceivedPart], text: &dyn TextTokenizer) -> (Vec<Content>, Vec<Option<usize>>) {
     parts
         .iter()
-        .filter_map(|p| match p {
-            ReceivedPart::Text(ids) => Some(Content::Text {
-                // Ids that are not valid text are decoded lossily (the agent sees the ids too).
-                text: crate::text::TextDecoder::default()
-                    .push_all(text, ids)
-                    .unwrap_or_default(),
-                ids: Some(ids.clone()),
-            }),
-            ReceivedPart::Image(grid) => Some(Content::Image(grid.clone())),
-            // Request parts (docs/PROTOCOL.md, agent requests) become `Content::Request`.
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            ReceivedPart::Text(ids) => Some((
+                Content::Text {
+                    // Ids that are not valid text are decoded lossily (the agent sees the ids too).
+                    text: crate::text::TextDecoder::default()
+                        .push_all(text, ids)
+                        .unwrap_or_default(),
+                    ids: Some(ids.clone()),
+                },
+                Some(i),
+            )),
+            ReceivedPart::Image(grid) => Some((Content::Image(grid.clone()), Some(i))),
+            // Request parts (docs/PROTOCOL.md §6.5.1) become `Content::Request`.
             ReceivedPart::Raw { media_type, bytes } => {
-                Some(Content::from_raw(media_type.clone(), bytes.to_vec()))
+                Some((Content::from_raw(media_type.clone(), bytes.to_vec()), None))
             }
             _ => None,
         })
-        .collect()
+        .unzip()
 }
 
 /// Answers the turns of one session with `agent` until the session ends. [`serve_with`] runs one
@@ -182,6 +187,9 @@ fn content(parts: &[ReceivedPart], text: &dyn TextTokenizer) -> Vec<Content> {
 pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: ServeOptions) {
     let remote = session.remote_address();
     let mut conversation = Conversation::default();
+    // The context key of every piece of the conversation that both ends hold (by turn and
+    // content index, like `conversation`): what an edit reply references.
+    let mut keys: Vec<Vec<Option<ContextKey>>> = Vec::new();
     let mut tracker = Tracker::default();
     loop {
         let incoming = match session.recv().await {
@@ -221,11 +229,18 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
             };
             tracker.record(received_key(&received, i), kind);
         }
+        let (turn_content, parts) = content(&received.parts, options.text.as_ref());
         conversation.turns.push(Turn {
             role: agent_role(received.role),
-            content: content(&received.parts, options.text.as_ref()),
+            content: turn_content,
         });
-        let mut sink = WireSink::new(&session, turn, &tracker, &options);
+        keys.push(
+            parts
+                .into_iter()
+                .map(|i| i.map(|i| received_key(&received, i)))
+                .collect(),
+        );
+        let mut sink = WireSink::new(&session, turn, &tracker, &options, &keys);
         let result = tokio::select! {
             r = agent.respond(&conversation, &mut sink) => r,
             () = session.cancelled(turn) => Err(AgentError::Sink(SinkError("cancelled".into()))),
@@ -273,10 +288,13 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
             tracker.record(key, kind);
         }
         if outcome == TurnOutcome::Answered {
+            let (content, content_keys): (Vec<Content>, Vec<Option<ContextKey>>) =
+                reply_content.into_iter().unzip();
             conversation.turns.push(Turn {
                 role: AgentRole::Assistant,
-                content: reply_content,
+                content,
             });
+            keys.push(content_keys);
         }
         log(
             &options,
@@ -293,8 +311,8 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
     }
 }
 
-fn received_key(m: &ReceivedMessage, index: usize) -> unimic_transport::ContextKey {
-    unimic_transport::ContextKey::new(m.message_id, index as u64)
+fn received_key(m: &ReceivedMessage, index: usize) -> ContextKey {
+    ContextKey::new(m.message_id, index as u64)
 }
 
 fn log(options: &ServeOptions, entry: TurnLog) {
@@ -314,11 +332,16 @@ fn image_codebook(session: &Session) -> Option<u32> {
 
 /// Whether the session negotiated the generic transformer.
 pub(crate) fn has_generic(session: &Session) -> bool {
+    has_model(session, "unimic-entropy/generic")
+}
+
+/// Whether the session negotiated the entropy model `id`.
+fn has_model(session: &Session, id: &str) -> bool {
     session
         .negotiated()
         .entropy_models
         .iter()
-        .any(|m| m.id == "unimic-entropy/generic")
+        .any(|m| m.id == id)
 }
 
 /// The [`ReplySink`] that writes an agent's output into the reply message.
@@ -333,13 +356,22 @@ struct WireSink<'s> {
     text_refs: Vec<unimic_transport::ContextKey>,
     image_refs: Vec<unimic_transport::ContextKey>,
     image: Vec<u32>,
-    content: Vec<Content>,
-    written: Vec<(unimic_transport::ContextKey, Kind)>,
+    /// What the reply said, with the context key of each piece.
+    content: Vec<(Content, Option<ContextKey>)>,
+    written: Vec<(ContextKey, Kind)>,
+    /// The conversation's context keys (see `serve_session`), for edits.
+    keys: &'s [Vec<Option<ContextKey>>],
     stopped: bool,
 }
 
 impl<'s> WireSink<'s> {
-    fn new(session: &'s Session, turn: u64, tracker: &Tracker, options: &'s ServeOptions) -> Self {
+    fn new(
+        session: &'s Session,
+        turn: u64,
+        tracker: &Tracker,
+        options: &'s ServeOptions,
+        keys: &'s [Vec<Option<ContextKey>>],
+    ) -> Self {
         Self {
             session,
             turn,
@@ -352,6 +384,7 @@ impl<'s> WireSink<'s> {
             image: Vec::new(),
             content: Vec::new(),
             written: Vec::new(),
+            keys,
             stopped: false,
         }
     }
@@ -383,11 +416,13 @@ impl<'s> WireSink<'s> {
 
     async fn close_text(&mut self) -> Result<(), SendError> {
         if let Some((index, text)) = self.text.take() {
+            let mut key = None;
             if let Some(w) = self.writer.as_mut() {
                 w.end_text().await?;
+                key = Some(w.key(index));
                 self.written.push((w.key(index), Kind::Text));
             }
-            self.content.push(Content::text(text));
+            self.content.push((Content::text(text), key));
         }
         Ok(())
     }
@@ -435,15 +470,20 @@ impl<'s> WireSink<'s> {
             .ok_or_else(|| SinkError("the session negotiated no image tokenizer".into()))?;
         let grid = TokenGrid::new(shape.0, shape.1, codebook, ids)
             .map_err(|e| SinkError(format!("the agent's image: {e}")))?;
-        if let Err(e) = self.close_text().await {
-            return Err(self.fail(e));
-        }
         let generic = self.options.transformer_images && has_generic(self.session);
         let part = if generic {
             OutgoingPart::image(grid.clone()).with_model(ModelChoice::Generic)
         } else {
             OutgoingPart::image(grid.clone()).with_context(self.image_refs.clone())
         };
+        self.write_image(part, grid).await
+    }
+
+    /// Closes the text part, if open, and writes the image part `part` of `grid`.
+    async fn write_image(&mut self, part: OutgoingPart, grid: TokenGrid) -> Result<(), SinkError> {
+        if let Err(e) = self.close_text().await {
+            return Err(self.fail(e));
+        }
         let index = self.next_part;
         let w = self.writer().await?;
         let key = w.key(index);
@@ -452,8 +492,42 @@ impl<'s> WireSink<'s> {
         }
         self.next_part += 1;
         self.written.push((key, Kind::Image));
-        self.content.push(Content::Image(grid));
+        self.content.push((Content::Image(grid), Some(key)));
         Ok(())
+    }
+
+    /// An image that equals the conversation's image at `base` outside `region`: sent as a
+    /// masked edit of it (only the region's cells travel) when the session negotiated the
+    /// masked transformer and both ends still hold the base; otherwise whole.
+    async fn edit(
+        &mut self,
+        base: ImageRef,
+        grid: &TokenGrid,
+        region: &[bool],
+    ) -> Result<(), SinkError> {
+        if self.cancelled() {
+            return Err(SinkError("the client cancelled the reply".into()));
+        }
+        let reference = self
+            .keys
+            .get(base.turn)
+            .and_then(|t| t.get(base.content))
+            .copied()
+            .flatten()
+            .filter(|key| {
+                self.options.transformer_images
+                    && has_model(self.session, "unimic-entropy/masked")
+                    && region.len() == grid.len()
+                    && region.iter().any(|&r| r)
+                    && self.session.context_keys().contains(key)
+            });
+        let Some(reference) = reference else {
+            return self
+                .image((grid.height(), grid.width()), grid.ids(), true)
+                .await;
+        };
+        let part = OutgoingPart::edit(grid.clone(), reference, region.to_vec());
+        self.write_image(part, grid.clone()).await
     }
 
     /// Ends the reply (an empty one if the agent said nothing): its statistics, what it said,
@@ -464,8 +538,8 @@ impl<'s> WireSink<'s> {
     ) -> Result<
         (
             unimic_transport::MessageStats,
-            Vec<Content>,
-            Vec<(unimic_transport::ContextKey, Kind)>,
+            Vec<(Content, Option<ContextKey>)>,
+            Vec<(ContextKey, Kind)>,
         ),
         SendError,
     > {
@@ -498,5 +572,14 @@ impl ReplySink for WireSink<'_> {
         last: bool,
     ) -> SinkFuture<'a> {
         Box::pin(self.image(shape, ids, last))
+    }
+
+    fn image_edit<'a>(
+        &'a mut self,
+        base: ImageRef,
+        grid: &'a TokenGrid,
+        region: &'a [bool],
+    ) -> SinkFuture<'a> {
+        Box::pin(self.edit(base, grid, region))
     }
 }

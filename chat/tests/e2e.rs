@@ -344,3 +344,109 @@ async fn wrong_pin_and_absent_server_fail_clearly() {
     let e = within(Chat::connect(nobody, config)).await.unwrap_err();
     assert!(matches!(e, ChatError::Connect(_)), "{e}");
 }
+
+/// Replies to every turn with the last image, its first row changed, sent as an edit.
+struct FirstRowEditor;
+
+impl Agent for FirstRowEditor {
+    fn respond<'a>(&'a self, c: &'a Conversation, sink: &'a mut dyn ReplySink) -> AgentFuture<'a> {
+        Box::pin(async move {
+            let (at, base) = c
+                .last_image()
+                .ok_or_else(|| AgentError::Unsupported("no image".into()))?;
+            let w = base.width() as usize;
+            let mut ids = base.ids().to_vec();
+            for id in &mut ids[..w] {
+                *id = (*id + 1) % 1024;
+            }
+            let edited = TokenGrid::new(base.height(), base.width(), 1024, ids).unwrap();
+            let region: Vec<bool> = (0..edited.len()).map(|i| i < w).collect();
+            sink.text_delta("edited").await?;
+            sink.image_edit(at, &edited, &region).await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_replies_send_only_the_region_when_both_ends_have_the_masked_model() {
+    use unimic_codec::entropy::masked::{Masked, MaskedConfig};
+    use unimic_codec::part::CodecConfig;
+    use unimic_transport::{Server, ServerConfig, SessionConfig};
+
+    let masked = Arc::new(Masked::synthetic(&MaskedConfig::tiny(1024), 5).unwrap());
+    let codec = CodecConfig::default().with_masked(masked);
+    let tls = unimic_transport::tls::ServerTls::self_signed().unwrap();
+    let pin = tls.identity.cert_hash();
+    let session = SessionConfig::default()
+        .with_tokenizer(vq())
+        .with_codec(codec.clone());
+    let server = Server::bind(
+        ServerConfig::new(tls)
+            .with_bind("127.0.0.1:0".parse().unwrap())
+            .with_session(session),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(serve_with(
+        server,
+        Arc::new(FirstRowEditor),
+        ServeOptions::default(),
+    ));
+    let image = grid(8, 10, 1);
+    let mut expected = image.ids().to_vec();
+    for id in &mut expected[..10] {
+        *id = (*id + 1) % 1024;
+    }
+    let expected = TokenGrid::new(8, 10, 1024, expected).unwrap();
+
+    // Both ends hold the masked model: the reply's image part codes the 10 cells of the region.
+    let with = within(Chat::connect(
+        addr,
+        ChatConfig::pinned(pin)
+            .with_image_tokenizer(vq())
+            .with_codec(codec),
+    ))
+    .await
+    .unwrap();
+    let ev = events(
+        within(with.send(Prompt::text("edit this").with_grid(image.clone())))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(ev.contains(&ReplyEvent::Image(expected.clone())), "{ev:?}");
+    let Some(ReplyEvent::End(stats)) = ev.last() else {
+        panic!("no end")
+    };
+    let image_part = stats.received.parts.last().unwrap();
+    assert_eq!(image_part.tokens, 10, "only the region travelled");
+    // The edited image is in both contexts: a second edit builds on it.
+    let ev = events(within(with.send(Prompt::text("again"))).await.unwrap()).await;
+    let mut twice = expected.ids().to_vec();
+    for id in &mut twice[..10] {
+        *id = (*id + 1) % 1024;
+    }
+    assert!(ev.contains(&ReplyEvent::Image(
+        TokenGrid::new(8, 10, 1024, twice).unwrap()
+    )));
+
+    // A client without the masked model gets the whole grid instead.
+    let without = within(Chat::connect(
+        addr,
+        ChatConfig::pinned(pin).with_image_tokenizer(vq()),
+    ))
+    .await
+    .unwrap();
+    let ev = events(
+        within(without.send(Prompt::text("edit this").with_grid(image)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(ev.contains(&ReplyEvent::Image(expected)));
+    let Some(ReplyEvent::End(stats)) = ev.last() else {
+        panic!("no end")
+    };
+    assert_eq!(stats.received.parts.last().unwrap().tokens, 80);
+}

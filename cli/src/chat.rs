@@ -1,5 +1,7 @@
 //! `unimic chat`: a terminal chat with a unimic server. Text lines are turns; `/image PATH`
-//! attaches an image to the next turn; replies stream as they arrive. After each turn it shows
+//! attaches an image to the next turn; `/edit`, `/outpaint`, `/vary` and `/gen` send requests
+//! to a token-native agent; `/save DIR` writes the conversation's images; replies stream as
+//! they arrive. After each turn it shows
 //! the bytes on the wire against what the same turn costs as an OpenAI-style JSON request with
 //! the image as a base64 JPEG (quality 85) of the same pixels.
 
@@ -9,10 +11,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use base64::Engine as _;
 use image::RgbImage;
 use serde_json::json;
+use unimic_agents::request::{Border, CellRect, Request, Task};
 use unimic_chat::{Chat, ChatConfig, ChatError, Prompt, ReplyEvent};
+
+use crate::demo::{json_request_bytes, json_user_message};
 #[allow(unused_imports)] // the trait's methods, whatever type the shipped tokenizer has
 use unimic_codec::tokenizer::ImageTokenizer;
 use unimic_transport::tls::CertHash;
@@ -49,27 +53,101 @@ fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{addr} resolves to no address"))
 }
 
-/// An OpenAI-style Chat Completions user message: the text and each image as a base64 JPEG-85
-/// data URL.
-fn json_message(text: &str, images: &[RgbImage]) -> anyhow::Result<serde_json::Value> {
-    let mut content = vec![json!({"type": "text", "text": text})];
-    for img in images {
-        let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 85)
-            .encode_image(img)
-            .context("JPEG encoding")?;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(&jpeg);
-        content.push(json!({
-            "type": "image_url",
-            "image_url": {"url": format!("data:image/jpeg;base64,{b64}")}
-        }));
-    }
-    Ok(json!({"role": "user", "content": content}))
+/// One line typed at the prompt.
+#[derive(Debug, Clone, PartialEq)]
+enum Line {
+    Quit,
+    Help,
+    Image(String),
+    Request(Request, String),
+    Seed(u64),
+    Save(String),
+    Text(String),
+    Bad(String),
 }
 
-fn request_bytes(messages: &[serde_json::Value]) -> anyhow::Result<usize> {
-    let body = json!({"model": "gpt-4o", "stream": true, "messages": messages});
-    Ok(serde_json::to_vec(&body)?.len())
+const HELP: &str = "text lines are turns; /image PATH attaches an image to the next turn; \
+/edit X0 Y0 X1 Y1 [PROMPT] redraws cells x X0..X1, y Y0..Y1 of the last image; \
+/outpaint N extends it by N cells on every side; /vary STRENGTH redraws that fraction of its cells; \
+/gen PROMPT draws a new 16x16-token image; /seed N sets the sampling seed; \
+/save DIR writes the conversation's images as PNG; /quit ends";
+
+/// Parses a line typed at the prompt (`seed` is the sampling seed of requests).
+fn parse_line(line: &str, seed: u64) -> Line {
+    let line = line.trim();
+    let Some(command) = line.strip_prefix('/') else {
+        return Line::Text(line.to_string());
+    };
+    let (name, rest) = command
+        .split_once(char::is_whitespace)
+        .unwrap_or((command, ""));
+    let rest = rest.trim();
+    let req = |task| Request::new(task).with_seed(seed);
+    match name {
+        "quit" | "exit" => Line::Quit,
+        "help" => Line::Help,
+        "image" if !rest.is_empty() => Line::Image(rest.to_string()),
+        "image" => Line::Bad("usage: /image PATH".into()),
+        "edit" => {
+            let mut words = rest.split_whitespace();
+            let nums: Vec<Option<u32>> = (0..4)
+                .map(|_| words.next().and_then(|w| w.parse().ok()))
+                .collect();
+            let [Some(x0), Some(y0), Some(x1), Some(y1)] = nums[..] else {
+                return Line::Bad(
+                    "usage: /edit X0 Y0 X1 Y1 [PROMPT] (cells, end exclusive)".into(),
+                );
+            };
+            let prompt: Vec<&str> = words.collect();
+            let prompt = if prompt.is_empty() {
+                format!("Redraw cells x {x0}..{x1}, y {y0}..{y1} of the last image.")
+            } else {
+                prompt.join(" ")
+            };
+            Line::Request(
+                req(Task::Inpaint {
+                    region: CellRect { x0, y0, x1, y1 },
+                }),
+                prompt,
+            )
+        }
+        "outpaint" => match rest.parse::<u32>() {
+            Ok(n) if n > 0 => Line::Request(
+                req(Task::Outpaint {
+                    border: Border {
+                        top: n,
+                        right: n,
+                        bottom: n,
+                        left: n,
+                    },
+                }),
+                format!("Extend the last image by {n} cells on every side."),
+            ),
+            _ => Line::Bad("usage: /outpaint N (cells, at least 1)".into()),
+        },
+        "vary" => match rest.parse::<f32>() {
+            Ok(s) if (0.0..=1.0).contains(&s) => Line::Request(
+                req(Task::Variation { strength: s }),
+                format!("A variation of the last image ({s})."),
+            ),
+            _ => Line::Bad("usage: /vary STRENGTH (0 to 1)".into()),
+        },
+        "gen" if !rest.is_empty() => Line::Request(
+            req(Task::Generate {
+                height: 16,
+                width: 16,
+            }),
+            rest.to_string(),
+        ),
+        "gen" => Line::Bad("usage: /gen PROMPT".into()),
+        "seed" => match rest.parse() {
+            Ok(n) => Line::Seed(n),
+            Err(_) => Line::Bad("usage: /seed N".into()),
+        },
+        "save" if !rest.is_empty() => Line::Save(rest.to_string()),
+        "save" => Line::Bad("usage: /save DIR".into()),
+        other => Line::Bad(format!("unknown command /{other}; /help lists them")),
+    }
 }
 
 /// Runs the chat until end of input or `/quit`.
@@ -102,10 +180,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
             other => other.into(),
         })?;
-    println!("connected to {addr}. Type a message; /image PATH attaches an image; /quit ends.");
+    println!("connected to {addr}. Type a message; /help lists the commands.");
 
     let mut attached: Vec<Attached> = Vec::new();
     let mut history: Vec<serde_json::Value> = Vec::new();
+    // Every image of the conversation (sent and received), for /save.
+    let mut images: Vec<(String, unimic_transport::TokenGrid)> = Vec::new();
+    let mut seed = 1u64;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -113,49 +194,73 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         let Some(line) = lines.next() else { break };
         let line = line?;
-        let line = line.trim();
-        if line.is_empty() {
+        if line.trim().is_empty() {
             continue;
         }
-        if line == "/quit" {
-            break;
-        }
-        if let Some(path) = line.strip_prefix("/image") {
-            let path = path.trim();
-            match attach(|img| tok.encode(img), Path::new(path), args.max_side) {
-                Ok(a) => {
-                    println!(
-                        "[attached {path}: {}x{} px, {}x{} tokens; sent with the next message]",
-                        a.pixels.width(),
-                        a.pixels.height(),
-                        a.grid.width(),
-                        a.grid.height()
-                    );
-                    attached.push(a);
-                }
-                Err(e) => println!("[{e:#}]"),
+        let (text, request) = match parse_line(&line, seed) {
+            Line::Quit => break,
+            Line::Help => {
+                println!("[{HELP}]");
+                continue;
             }
-            continue;
-        }
-        if line.starts_with('/') {
-            println!("[unknown command; /image PATH attaches an image, /quit ends]");
-            continue;
-        }
-        let images: Vec<Attached> = std::mem::take(&mut attached);
-        let mut prompt = Prompt::text(line);
-        for a in &images {
+            Line::Bad(e) => {
+                println!("[{e}]");
+                continue;
+            }
+            Line::Seed(n) => {
+                seed = n;
+                println!("[sampling seed {n}]");
+                continue;
+            }
+            Line::Save(dir) => {
+                match save(&tok, &images, Path::new(&dir)) {
+                    Ok(n) => println!("[wrote {n} images to {dir}]"),
+                    Err(e) => println!("[{e:#}]"),
+                }
+                continue;
+            }
+            Line::Image(path) => {
+                match attach(|img| tok.encode(img), Path::new(&path), args.max_side) {
+                    Ok(a) => {
+                        println!(
+                            "[attached {path}: {}x{} px, {}x{} tokens; sent with the next message]",
+                            a.pixels.width(),
+                            a.pixels.height(),
+                            a.grid.width(),
+                            a.grid.height()
+                        );
+                        attached.push(a);
+                    }
+                    Err(e) => println!("[{e:#}]"),
+                }
+                continue;
+            }
+            Line::Text(text) => (text, None),
+            Line::Request(r, text) => {
+                seed = seed.wrapping_add(1);
+                (text, Some(r))
+            }
+        };
+        let sent_images: Vec<Attached> = std::mem::take(&mut attached);
+        let mut prompt = Prompt::text(text.clone());
+        for a in &sent_images {
             prompt = prompt.with_grid(a.grid.clone());
+            images.push((format!("sent-{}", images.len() + 1), a.grid.clone()));
         }
-        let pixels: Vec<RgbImage> = images.into_iter().map(|a| a.pixels).collect();
-        let message = json_message(line, &pixels)?;
-        let alone = request_bytes(std::slice::from_ref(&message))?;
+        if let Some(r) = request {
+            prompt = prompt.with_request(r);
+        }
+        let pixels: Vec<RgbImage> = sent_images.into_iter().map(|a| a.pixels).collect();
+        let message = json_user_message(&text, &pixels.iter().collect::<Vec<_>>())?;
+        let alone = json_request_bytes(std::slice::from_ref(&message))?;
         history.push(message);
-        let with_history = request_bytes(&history)?;
+        let with_history = json_request_bytes(&history)?;
 
         let result = rt.block_on(async {
             let mut reply = chat.send(prompt).await?;
             let mut text = String::new();
             let mut stats = None;
+            let mut grids = Vec::new();
             while let Some(ev) = reply.next().await {
                 match ev? {
                     ReplyEvent::Text(t) => {
@@ -164,16 +269,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         text.push_str(&t);
                     }
                     ReplyEvent::Image(g) => {
-                        println!("\n[an image, {}x{} tokens]", g.width(), g.height())
+                        println!(
+                            "\n[an image, {}x{} tokens; /save DIR writes it]",
+                            g.width(),
+                            g.height()
+                        );
+                        grids.push(g);
                     }
                     ReplyEvent::End(s) => stats = Some(s),
                     _ => {}
                 }
             }
-            Ok::<_, ChatError>((text, stats))
+            Ok::<_, ChatError>((text, grids, stats))
         });
         match result {
-            Ok((text, Some(s))) => {
+            Ok((text, grids, Some(s))) => {
                 println!();
                 let wire = s.sent.wire_bytes;
                 println!(
@@ -190,8 +300,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     with_history as f64 / wire.max(1) as f64
                 );
                 history.push(json!({"role": "assistant", "content": text}));
+                for g in grids {
+                    images.push((format!("reply-{}", images.len() + 1), g));
+                }
             }
-            Ok((_, None)) => println!("\n[the reply ended without its end]"),
+            Ok((_, _, None)) => println!("\n[the reply ended without its end]"),
             Err(ChatError::Closed(reason)) => bail!("the server is gone: {reason}"),
             Err(e @ ChatError::Timeout(_)) => bail!("no reply: {e}"),
             Err(e) => println!("\n[error: {e}]"),
@@ -199,6 +312,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     rt.block_on(chat.close(Duration::from_secs(1)));
     Ok(())
+}
+
+/// Writes every image of the conversation to `dir` as `NAME.png`; returns how many.
+fn save(
+    tok: &unimic_codec::tokenizer::DynTokenizer,
+    images: &[(String, unimic_transport::TokenGrid)],
+    dir: &Path,
+) -> anyhow::Result<usize> {
+    if images.is_empty() {
+        bail!("no image in the conversation yet");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, grid) in images {
+        let path = dir.join(format!("{name}.png"));
+        tok.decode(grid)
+            .with_context(|| format!("detokenizing {name}"))?
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(images.len())
 }
 
 /// Reads, scales and tokenizes an image with `encode`.
@@ -218,4 +351,58 @@ fn attach(
     let pixels = crate::models::fit(img, max_side);
     let grid = encode(&pixels).with_context(|| format!("tokenizing {}", path.display()))?;
     Ok(Attached { pixels, grid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_into_requests_and_bad_ones_say_how() {
+        assert_eq!(
+            parse_line("hello there", 1),
+            Line::Text("hello there".into())
+        );
+        assert_eq!(parse_line("/quit", 1), Line::Quit);
+        assert_eq!(
+            parse_line("/image a b.png", 1),
+            Line::Image("a b.png".into())
+        );
+        let Line::Request(r, text) = parse_line("/edit 1 2 5 6 a blue sky", 9) else {
+            panic!()
+        };
+        assert_eq!(text, "a blue sky");
+        assert_eq!(r.seed, 9);
+        assert_eq!(
+            r.task,
+            Task::Inpaint {
+                region: CellRect {
+                    x0: 1,
+                    y0: 2,
+                    x1: 5,
+                    y1: 6
+                }
+            }
+        );
+        assert!(matches!(parse_line("/outpaint 2", 1), Line::Request(r, _)
+            if r.task == Task::Outpaint { border: Border { top: 2, right: 2, bottom: 2, left: 2 } }));
+        assert!(matches!(parse_line("/vary 0.3", 1), Line::Request(r, _)
+            if r.task == Task::Variation { strength: 0.3 }));
+        assert!(matches!(parse_line("/gen a cat", 1), Line::Request(_, t) if t == "a cat"));
+        assert_eq!(parse_line("/seed 42", 1), Line::Seed(42));
+        assert_eq!(parse_line("/save out", 1), Line::Save("out".into()));
+        for bad in [
+            "/edit 1 2 x 4",
+            "/edit",
+            "/outpaint 0",
+            "/vary 2",
+            "/gen",
+            "/seed x",
+            "/save",
+            "/image",
+            "/frobnicate",
+        ] {
+            assert!(matches!(parse_line(bad, 1), Line::Bad(_)), "{bad}");
+        }
+    }
 }

@@ -3,12 +3,15 @@
 use clap::{Parser, Subcommand};
 
 mod bench_codec;
+mod bench_e2e;
 mod bench_tokenizer;
 mod bench_transport;
 mod chat;
 mod decode;
+mod demo;
 mod encode;
 mod models;
+mod openai;
 mod serve;
 mod tokenize;
 mod train_entropy;
@@ -41,6 +44,9 @@ enum Command {
     Serve(serve::Args),
     /// A terminal chat with a `unimic serve` server.
     Chat(chat::Args),
+    /// A scripted chat-with-images session over loopback QUIC, with a per-turn table of bytes
+    /// (unimic vs OpenAI-style JSON + base64) and an HTML report.
+    Demo(demo::Args),
     /// Train the project's models on ../shared/data.
     Train {
         #[command(subcommand)]
@@ -57,6 +63,9 @@ enum BenchCommand {
     Tokenizer(bench_tokenizer::Args),
     /// unimic over QUIC against a plain quinn echo and HTTP+JSON.
     Transport(bench_transport::Args),
+    /// The demo's turns end to end (bytes against JSON + base64, time), and a streamed reply's
+    /// per-delta latency against SSE over HTTP.
+    E2e(bench_e2e::Args),
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -79,12 +88,14 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Codec(a) => bench_codec::run(a),
             BenchCommand::Tokenizer(a) => bench_tokenizer::run(a),
             BenchCommand::Transport(a) => bench_transport::run(a),
+            BenchCommand::E2e(a) => bench_e2e::run(a),
         },
         Command::Encode(a) => encode::run(a),
         Command::Decode(a) => decode::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Chat(a) => chat::run(a),
+        Command::Demo(a) => demo::run(a),
         Command::Train { what } => match what {
             TrainCommand::Tokenizer(a) => train_tokenizer::run(a),
             TrainCommand::Entropy(a) => train_entropy::run(a),

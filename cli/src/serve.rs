@@ -20,20 +20,32 @@ pub struct Args {
     /// Address to listen on (UDP).
     #[arg(long, default_value = "127.0.0.1:4433")]
     pub listen: SocketAddr,
-    /// The agent that answers: `echo` (returns each turn's text and images).
-    #[arg(long, default_value = "echo", value_parser = ["echo"])]
+    /// The agent that answers: `local` (the token-native agent: inpainting, outpainting,
+    /// variations and text-to-image with the shipped models; no network), `openai` (an
+    /// OpenAI-compatible server from `UNIMIC_OPENAI_BASE_URL`, `UNIMIC_OPENAI_MODEL` and
+    /// `UNIMIC_OPENAI_API_KEY`; requests still go to the local agent) or `echo` (returns each
+    /// turn's text and images).
+    #[arg(long, default_value = "local", value_parser = ["local", "openai", "echo"])]
     pub agent: String,
     /// Accept only clients that send this bearer token.
     #[arg(long)]
     pub token: Option<String>,
 }
 
-/// The codec both `serve` and `chat` use: with the shipped generic transformer when present, so
-/// that both ends negotiate it for images.
+/// The codec `serve`, `chat` and `demo` use: with the shipped generic transformer (images) and
+/// masked transformer (edits: only the region travels) when present, so that both ends
+/// negotiate them.
 pub fn codec_config() -> anyhow::Result<CodecConfig> {
     let mut codec = CodecConfig::default();
     if let Some((generic, _)) = crate::models::generic_model(None, crate::models::GENERIC_ID)? {
         codec = codec.with_generic(Arc::new(generic));
+    }
+    let masked =
+        crate::models::entropy_dir(None).join(format!("{}.json", crate::models::MASKED_ID));
+    if masked.exists() {
+        let (model, _) = unimic_codec::entropy::masked::Masked::load(&masked)
+            .with_context(|| format!("loading {}", masked.display()))?;
+        codec = codec.with_masked(Arc::new(model));
     }
     Ok(codec)
 }
@@ -54,7 +66,19 @@ pub fn shipped_tokenizer_info() -> anyhow::Result<TokenizerInfo> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let agent: Arc<dyn Agent> = match args.agent.as_str() {
         "echo" => Arc::new(Echo),
-        other => anyhow::bail!("unknown agent {other:?} (available: echo)"),
+        "local" => Arc::new(crate::demo::local_agent()?),
+        "openai" => {
+            let Some((_, lmm)) = crate::openai::from_env()? else {
+                anyhow::bail!(
+                    "--agent openai needs UNIMIC_OPENAI_BASE_URL (and UNIMIC_OPENAI_MODEL) set"
+                )
+            };
+            Arc::new(crate::demo::Router::new(
+                crate::demo::local_agent()?,
+                Some(lmm),
+            ))
+        }
+        other => anyhow::bail!("unknown agent {other:?} (available: local, openai, echo)"),
     };
     let (info, codec) = (shipped_tokenizer_info()?, codec_config()?);
     let rt = tokio::runtime::Runtime::new()?;

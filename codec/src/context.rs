@@ -193,7 +193,35 @@ pub struct SessionContext {
     next_seq: u64,
     used: u64,
     budget: u64,
+    memo: DigestMemo,
 }
+
+/// Entries a [`DigestMemo`] keeps.
+const MEMO_ENTRIES: usize = 8;
+
+/// The most recent digests, each with the references it covers and the insertion number of each
+/// referenced sequence (unique per insertion, so equal numbers mean the same stored content): a
+/// streamed part that codes many chunks against the same references hashes them once, not per
+/// chunk. Not part of the context's value (clones start empty; equality ignores it).
+#[derive(Debug, Default)]
+struct DigestMemo(std::sync::Mutex<VecDeque<Remembered>>);
+
+/// A remembered digest: the references with the insertion number of each, and the digest.
+type Remembered = (Vec<(ContextKey, u64)>, [u8; 32]);
+
+impl Clone for DigestMemo {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for DigestMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for DigestMemo {}
 
 impl Default for SessionContext {
     /// An empty context with [`DEFAULT_BUDGET_BYTES`].
@@ -211,6 +239,7 @@ impl SessionContext {
             next_seq: 0,
             used: 0,
             budget: budget_bytes,
+            memo: DigestMemo::default(),
         }
     }
 
@@ -309,6 +338,27 @@ impl SessionContext {
     /// The context digest over `refs` (see the [module docs](self)).
     pub fn digest(&self, refs: &[ContextKey]) -> Result<[u8; 32], ContextError> {
         let seqs = self.resolve(refs)?;
+        let stamped: Vec<(ContextKey, u64)> = refs
+            .iter()
+            .map(|k| (*k, self.entries.get(k).map_or(u64::MAX, |e| e.0)))
+            .collect();
+        if let Ok(memo) = self.memo.0.lock() {
+            if let Some((_, d)) = memo.iter().find(|(r, _)| *r == stamped) {
+                return Ok(*d);
+            }
+        }
+        let digest = Self::hash(refs, &seqs);
+        if let Ok(mut memo) = self.memo.0.lock() {
+            if memo.len() >= MEMO_ENTRIES {
+                memo.pop_front();
+            }
+            memo.push_back((stamped, digest));
+        }
+        Ok(digest)
+    }
+
+    /// The digest's hash over resolved sequences (PROTOCOL.md §8).
+    fn hash(refs: &[ContextKey], seqs: &[&Sequence]) -> [u8; 32] {
         let mut h = Sha256::new();
         let mut buf = Vec::with_capacity(64);
         buf.extend_from_slice(DIGEST_DOMAIN);
@@ -332,7 +382,7 @@ impl SessionContext {
             h.update(&ids);
         }
         h.update(&buf);
-        Ok(h.finalize().into())
+        h.finalize().into()
     }
 
     /// Checks that our digest over `refs` equals `expected`; refuse to decode otherwise.
@@ -368,6 +418,32 @@ mod tests {
             write_varint(&mut out, v);
             assert_eq!(out, bytes);
         }
+    }
+
+    #[test]
+    fn remembered_digests_follow_the_stored_content() {
+        let (a, b) = (ContextKey::new(0, 0), ContextKey::new(1, 0));
+        let mut ctx = SessionContext::default();
+        ctx.insert(a, Sequence::text(vec![1, 2, 3])).unwrap();
+        ctx.insert(b, Sequence::text(vec![4])).unwrap();
+        let fresh = |ctx: &SessionContext, refs: &[ContextKey]| {
+            SessionContext::hash(refs, &ctx.resolve(refs).unwrap())
+        };
+        for _ in 0..3 {
+            assert_eq!(ctx.digest(&[a, b]).unwrap(), fresh(&ctx, &[a, b]));
+            assert_eq!(ctx.digest(&[b]).unwrap(), fresh(&ctx, &[b]));
+        }
+        // The same key stored again with other content: the remembered digest is not reused.
+        let before = ctx.digest(&[a, b]).unwrap();
+        assert!(ctx.evict(a));
+        assert!(ctx.digest(&[a, b]).is_err());
+        ctx.insert(a, Sequence::text(vec![9, 9])).unwrap();
+        let after = ctx.digest(&[a, b]).unwrap();
+        assert_ne!(after, before);
+        assert_eq!(after, fresh(&ctx, &[a, b]));
+        // Clones and equality ignore what is remembered.
+        assert_eq!(ctx.clone(), ctx);
+        assert_eq!(ctx.clone().digest(&[b]).unwrap(), fresh(&ctx, &[b]));
     }
 
     #[test]

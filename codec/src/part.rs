@@ -876,6 +876,10 @@ impl PartCodec {
         let mut learned = 0;
         if let Some(c) = self.cache.iter().find(|c| c.key == key) {
             if refs.starts_with(&c.refs) && ctx.digest(&c.refs).ok() == Some(c.digest) {
+                if c.refs.len() == refs.len() {
+                    // Everything is learned already (the next chunk of a streamed part).
+                    return Ok(c.state.clone());
+                }
                 state = c.state.clone();
                 learned = c.refs.len();
             }
