@@ -10,7 +10,8 @@
 //! Implementations here: [`echo::Echo`] (returns what it was sent; for tests and demos) and
 //! [`local::LocalAgent`] (token-native: inpainting, outpainting, variations and text-to-image
 //! sampled with the project's entropy models, no network). What a user asks a token-native agent
-//! to make travels as a [`request::Request`].
+//! to make travels as a [`request::Request`]. [`conformance::run`] checks that an agent keeps
+//! the contract of [`Agent::respond`] (every agent here passes it).
 //! With the `openai` feature, `openai::OpenAiAgent` streams replies from OpenAI-compatible servers.
 //!
 //! ```
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 mod agent;
+pub mod conformance;
 pub mod echo;
 pub mod local;
 #[cfg(feature = "openai")]
