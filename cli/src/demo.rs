@@ -407,11 +407,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let photo = args.image.clone().unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../samples/kodim23.png")
     });
-    if !photo.is_file() {
-        bail!("no image at {} (pass --image PATH)", photo.display());
-    }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating the output directory {}", args.out.display()))?;
+    crate::models::check_input_file(&photo).context("the photo (pass --image PATH)")?;
+    crate::models::create_output_dir(&args.out)?;
     let questions = crate::openai::from_env()?;
     let via = match &questions {
         Some((name, _)) => format!("questions answered by {name} (OpenAI-compatible), requests by the local agent"),
@@ -556,7 +553,7 @@ fn plot(path: &Path, reports: &[TurnReport]) -> anyhow::Result<()> {
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(64)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, (10f64..max * 2.0).log_scale())
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, (10f64..max * 12.0).log_scale())
         .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     let names: Vec<String> = reports.iter().map(|r| format!("turn {}", r.turn)).collect();
     chart
@@ -572,6 +569,7 @@ fn plot(path: &Path, reports: &[TurnReport]) -> anyhow::Result<()> {
                 String::new()
             }
         })
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .y_desc("bytes")
         .draw()
         .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
