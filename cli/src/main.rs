@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_codec;
 mod bench_e2e;
+mod bench_soak;
 mod bench_tokenizer;
 mod bench_transport;
 mod chat;
@@ -66,6 +67,9 @@ enum BenchCommand {
     /// The demo's turns end to end (bytes against JSON + base64, time), and a streamed reply's
     /// per-delta latency against SSE over HTTP.
     E2e(bench_e2e::Args),
+    /// Many concurrent chat sessions against one server: messages lost, turn times, server RSS
+    /// and CPU.
+    Soak(bench_soak::Args),
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -89,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Tokenizer(a) => bench_tokenizer::run(a),
             BenchCommand::Transport(a) => bench_transport::run(a),
             BenchCommand::E2e(a) => bench_e2e::run(a),
+            BenchCommand::Soak(a) => bench_soak::run(a),
         },
         Command::Encode(a) => encode::run(a),
         Command::Decode(a) => decode::run(a),
