@@ -92,10 +92,13 @@ pub struct SessionConfig {
     pub ack_delay: Duration,
     /// Tokens per chunk when the caller does not choose (4096).
     pub default_chunk_tokens: u32,
-    /// Most tokens the transformer entropy models (generic, masked, text-conditioned) may decode
-    /// for one received message, summed over its parts (65,536: sixteen 64×64 grids). A part
-    /// that would go past it is refused with `LIMIT_EXCEEDED` before any decoding, so a few bytes
-    /// of payload cannot buy unbounded model work.
+    /// Most positions the transformer entropy models (generic, masked, text-conditioned) may run
+    /// for one received message, summed over its parts (65,536: sixteen 64×64 grids). A part is
+    /// charged by the positions its model runs, not the cells it codes: a generic part its grid,
+    /// a masked part the cells up to its last coded cell plus the known cells after its first
+    /// (so a 1-cell edit of a 64×64 grid costs 4,096), a text-conditioned part its grid plus 64
+    /// for the prompt. A part that would go past it is refused with `LIMIT_EXCEEDED` before any
+    /// decoding, so a few bytes of payload cannot buy unbounded model work.
     pub max_message_model_tokens: u64,
 }
 

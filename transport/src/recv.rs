@@ -30,6 +30,10 @@ use crate::models::{entropy_at, TokenizerKind};
 use crate::session::Shared;
 use crate::wire;
 
+/// Positions charged for a text-conditioned part's prompt on top of its grid: the prompt the
+/// model reads is at most this long (`TextCondConfig::max_text` of the shipped models).
+const TEXT_PROMPT_POSITIONS: u64 = 64;
+
 /// Event batches buffered per message before the reader waits for the caller.
 const BATCH_DEPTH: usize = 4;
 /// Most events in one batch (so at most `BATCH_DEPTH * BATCH_EVENTS` wait for the caller).
@@ -644,21 +648,6 @@ impl Task {
                 ),
             ));
         }
-        // A few payload bytes may ask a transformer for a full pass per token: bound the model
-        // work one message may cost (checked before any decoding).
-        if entry.choice.is_transformer() {
-            let budget = shared.config.max_message_model_tokens;
-            self.model_tokens = self.model_tokens.saturating_add(c.token_count.into_inner());
-            if self.model_tokens > budget {
-                return Err(Fail::new(
-                    ErrorCode::LIMIT_EXCEEDED,
-                    format!(
-                        "{} transformer-coded tokens in one message, above the limit of {budget}",
-                        self.model_tokens
-                    ),
-                ));
-            }
-        }
         let rows = c.shape.rows.into_inner();
         let cols = c.shape.cols.into_inner();
         let mut region = None;
@@ -719,6 +708,33 @@ impl Task {
                         ErrorCode::PROTOCOL_VIOLATION,
                         "grid token count is not rows x cols (masked: the cells of the region)",
                     ));
+                }
+                // A few payload bytes may ask a transformer for a full pass per position: bound
+                // the model work one message may cost, charged by the positions the model runs
+                // (not the cells coded: a 1-cell edit of a large grid runs most of the grid),
+                // before any decoding.
+                if entry.choice.is_transformer() {
+                    let positions = match (&region, entry.choice) {
+                        (Some(mask), _) => {
+                            let (prefix, len) = unimic_codec::entropy::masked::layout(mask);
+                            (prefix.len() + len) as u64
+                        }
+                        (None, ModelChoice::TextCond) => rows
+                            .saturating_mul(cols)
+                            .saturating_add(TEXT_PROMPT_POSITIONS),
+                        (None, _) => rows.saturating_mul(cols),
+                    };
+                    let budget = shared.config.max_message_model_tokens;
+                    self.model_tokens = self.model_tokens.saturating_add(positions);
+                    if self.model_tokens > budget {
+                        return Err(Fail::new(
+                            ErrorCode::LIMIT_EXCEEDED,
+                            format!(
+                                "{} transformer positions in one message, above the limit of {budget}",
+                                self.model_tokens
+                            ),
+                        ));
+                    }
                 }
                 let px = u64::from(patch) * u64::from(patch);
                 (

@@ -680,29 +680,31 @@ async fn transformer_work_per_message_is_bounded() {
             let _ = m.collect().await;
         }
     });
-    let header = |tokens: u64, region: Region| Header {
+    let header = |side: u64, tokens: u64, region: Region| Header {
         tokenizer: tok,
         model: masked,
-        rows: 4,
-        cols: 4,
+        rows: side,
+        cols: side,
         tokens,
         mode: CodingMode::Masked(region),
         context: vec![ContextKey::new(40, 0)],
         held: SessionContext::new(0),
     };
-    // A 3 × 3 region is 9 tokens of model work: refused before anything else is looked at.
-    let h = header(9, Region::Rects(vec![rect(0, 0, 3, 3)]));
+    // Work is charged by the positions the model runs, not the cells coded: one cell of a 4 × 4
+    // grid runs all 16 positions (the cells before it, and every known cell after it as the
+    // prefix), above the budget of 8, so it is refused before anything else is looked at.
+    let h = header(4, 1, Region::Rects(vec![rect(1, 1, 1, 1)]));
     let reason = expect_refused(
         &mut peer,
         0,
-        message(0, &h, &[(9, &[9, 9])]),
+        message(0, &h, &[(1, &[9, 9])]),
         ErrorCode::LIMIT_EXCEEDED,
     )
     .await;
-    assert!(reason.contains("transformer"), "{reason}");
-    // The budget is per message: a 1-cell edit in the next message gets as far as its missing
-    // reference.
-    let h = header(1, Region::Rects(vec![rect(1, 1, 1, 1)]));
+    assert!(reason.contains("16 transformer positions"), "{reason}");
+    // The budget is per message: a 1-cell edit of a 2 × 2 grid (4 positions) in the next message
+    // gets as far as its missing reference.
+    let h = header(2, 1, Region::Rects(vec![rect(1, 1, 1, 1)]));
     expect_refused(
         &mut peer,
         2,
@@ -711,7 +713,8 @@ async fn transformer_work_per_message_is_bounded() {
     )
     .await;
     // Other sessions are unaffected: an edit within the budget round-trips.
-    let image = noise(4, 4, 3);
+    // (A 2 × 2 image with one cell edited: 4 positions.)
+    let image = noise(2, 2, 3);
     within(
         good_client
             .send(OutgoingMessage::new(Role::User).with_part(OutgoingPart::image(image.clone()))),
@@ -719,8 +722,8 @@ async fn transformer_work_per_message_is_bounded() {
     .await
     .unwrap();
     collect(&good_server).await;
-    let region = block(4, 4, 1..3, 1..3);
-    let edited = edit(&image, &region, &noise(4, 4, 4));
+    let region = block(2, 2, 1..2, 0..1);
+    let edited = edit(&image, &region, &noise(2, 2, 4));
     send_edit(&good_client, edited.clone(), ContextKey::new(0, 0), region)
         .await
         .unwrap();
