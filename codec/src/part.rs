@@ -973,10 +973,19 @@ impl PartCodec {
         let mut chunks = Vec::with_capacity(n.div_ceil(c).max(1));
         let mut cross_entropy_bits = 0.0;
         let mut start = 0;
+        // Every chunk starts from the state after the references (chunks are independent); the
+        // last one takes it, the others a copy.
+        let mut state = Some(state);
         loop {
             let end = (start + c).min(n);
             let mut enc = Encoder::new();
-            match state.clone() {
+            let this = if end >= n {
+                state.take()
+            } else {
+                state.clone()
+            };
+            let Some(this) = this else { break };
+            match this {
                 State::Uniform => match shape {
                     PartShape::Grid { codebook_size, .. } => {
                         let u = Uniform::new(codebook_size);
