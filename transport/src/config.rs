@@ -100,6 +100,12 @@ pub struct SessionConfig {
     /// for the prompt. A part that would go past it is refused with `LIMIT_EXCEEDED` before any
     /// decoding, so a few bytes of payload cannot buy unbounded model work.
     pub max_message_model_tokens: u64,
+    /// Longest a received message may go without new bytes before its end (60 s; `None`: no
+    /// bound). A message that stalls longer is refused with `TIMEOUT` (PROTOCOL.md §11), so a
+    /// peer cannot hold streams and their buffers open by trickling or stopping (slow-loris).
+    /// Set it above the longest pause a legitimate sender makes mid-message (for example between
+    /// two deltas of a streamed reply).
+    pub message_stall_timeout: Option<Duration>,
 }
 
 impl Default for SessionConfig {
@@ -114,6 +120,7 @@ impl Default for SessionConfig {
             ack_delay: Duration::from_millis(5),
             default_chunk_tokens: 4096,
             max_message_model_tokens: 65_536,
+            message_stall_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -161,7 +168,13 @@ impl SessionConfig {
         self
     }
 
-    /// Sets the most transformer-decoded tokens one received message may ask for.
+    /// Sets how long a received message may stall before its end (`None`: no bound).
+    pub fn with_message_stall_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.message_stall_timeout = timeout;
+        self
+    }
+
+    /// Sets the most transformer positions one received message may ask for.
     pub fn with_max_message_model_tokens(mut self, tokens: u64) -> Self {
         self.max_message_model_tokens = tokens;
         self

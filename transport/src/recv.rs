@@ -233,7 +233,7 @@ struct Task {
     /// Made when the message is handed over before it has been read whole (with `events`).
     cancel: Option<CancellationToken>,
     /// Counts this task as running (see `Inbox::live`) until it ends.
-    _live: LiveTask,
+    live: LiveTask,
     /// The handle for this message, until it is queued in the session's inbox (at the first
     /// flush).
     undelivered: Option<IncomingMessage>,
@@ -298,6 +298,27 @@ fn part_fail(e: &PartError) -> Fail {
     Fail::new(code, e.to_string())
 }
 
+/// Waits for `wait` (the next bytes of a message stream) at most `limit`: a message whose bytes
+/// stop arriving before its end is refused with `TIMEOUT` (PROTOCOL.md §11), so a peer cannot
+/// hold a stream and its buffers open forever by trickling or stalling (slow-loris).
+async fn stalled<T>(
+    limit: Option<std::time::Duration>,
+    wait: impl std::future::Future<Output = T>,
+) -> Result<T, Fail> {
+    match limit {
+        None => Ok(wait.await),
+        Some(limit) => tokio::time::timeout(limit, wait).await.map_err(|_| {
+            Fail::new(
+                ErrorCode::TIMEOUT,
+                format!(
+                    "no bytes of the message for {:.1} s before its end",
+                    limit.as_secs_f64()
+                ),
+            )
+        }),
+    }
+}
+
 /// Runs one incoming message stream to its end (`live` counts it as running until then).
 pub(crate) async fn run(shared: Arc<Shared>, recv: quinn::RecvStream, live: LiveTask) {
     let limits = shared.negotiated.limits;
@@ -306,7 +327,7 @@ pub(crate) async fn run(shared: Arc<Shared>, recv: quinn::RecvStream, live: Live
         recv,
         reader: Reader::new(limits),
         cancel: None,
-        _live: live,
+        live,
         undelivered: None,
         events: None,
         batch: Vec::with_capacity(BATCH_EVENTS),
@@ -374,13 +395,21 @@ impl Task {
                 None => {
                     eager = 0;
                     self.flush_events().await;
-                    match &self.cancel {
-                        Some(cancel) => tokio::select! {
-                            r = self.recv.read_chunk(READ_CHUNK, true) => r,
-                            _ = cancel.cancelled() => return Outcome::Cancelled,
-                        },
-                        // Not handed over yet (no header): nobody can cancel it.
-                        None => self.recv.read_chunk(READ_CHUNK, true).await,
+                    let (recv, cancel) = (&mut self.recv, self.cancel.as_ref());
+                    let wait = async move {
+                        match cancel {
+                            Some(cancel) => tokio::select! {
+                                r = recv.read_chunk(READ_CHUNK, true) => Some(r),
+                                _ = cancel.cancelled() => None,
+                            },
+                            // Not handed over yet (no header): nobody can cancel it.
+                            None => Some(recv.read_chunk(READ_CHUNK, true).await),
+                        }
+                    };
+                    match stalled(self.shared.config.message_stall_timeout, wait).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Outcome::Cancelled,
+                        Err(f) => return Outcome::Failed(f),
                     }
                 }
             };
@@ -411,7 +440,11 @@ impl Task {
             Some(r) => r,
             None => {
                 self.flush_events().await;
-                self.recv.read_chunk(READ_CHUNK, true).await
+                let wait = self.recv.read_chunk(READ_CHUNK, true);
+                match stalled(self.shared.config.message_stall_timeout, wait).await {
+                    Ok(r) => r,
+                    Err(f) => return Outcome::Failed(f),
+                }
             }
         };
         match read {
@@ -461,7 +494,7 @@ impl Task {
                 self.cancel = Some(cancel);
             }
             // The session may be gone; the message is still decoded to keep the context.
-            self.shared.inbox.push(msg).await;
+            self.shared.inbox.push(self.live.index(), msg).await;
         }
         if self.batch.is_empty() {
             return;

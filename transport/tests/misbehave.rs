@@ -250,3 +250,46 @@ async fn misbehaving_peers_get_documented_errors_and_others_are_served() {
 
     still_serving(&good_client, &good_server, 3).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_stalls_before_its_end_is_refused_with_timeout() {
+    let (mut server_ep, pin) = server_with(|c| {
+        let s = c
+            .session
+            .clone()
+            .with_message_stall_timeout(Some(Duration::from_millis(300)));
+        c.with_session(s)
+    });
+    let addr = server_ep.local_addr().unwrap();
+    let client_ep = client_with(pin, |c| c);
+    let (c, s) =
+        within(async { tokio::join!(client_ep.connect(addr, "localhost"), server_ep.accept()) })
+            .await;
+    let (good_client, good_server) = (c.unwrap(), s.unwrap());
+    let models = good_client.negotiated().entropy_models.clone();
+    let (mut peer, peer_session) = {
+        let connecting = RawPeer::connect(addr, pin, models);
+        let (peer, s) = within(async { tokio::join!(connecting, server_ep.accept()) }).await;
+        (peer, s.unwrap())
+    };
+    // The server's application takes every message (and waits on it) as a chat server does.
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = peer_session.recv().await {
+            let _ = m.collect().await;
+        }
+    });
+    // A header, then nothing: the stream is stopped with TIMEOUT and an ERROR frame names it.
+    expect_refused(&mut peer, 0, &header(0), ErrorCode::TIMEOUT).await;
+    // Half a header, then nothing: the stream is stopped with TIMEOUT too; the ERROR frame
+    // names no message (its id never arrived).
+    let h = header(2);
+    let stopped = peer.send_raw_message(&h[..h.len() - 1]).await;
+    assert_eq!(stopped, Some(ErrorCode::TIMEOUT.into_inner()));
+    let f = peer
+        .control_frame(|f| matches!(f, Frame::Error(e) if e.message_id.is_none()))
+        .await;
+    let Frame::Error(e) = f else { unreachable!() };
+    assert_eq!(e.code, ErrorCode::TIMEOUT, "{}", e.reason);
+    // The well-behaved session was served all along.
+    still_serving(&good_client, &good_server, 7).await;
+}
