@@ -233,4 +233,10 @@ impl Client {
         self.endpoint
             .close(wire::quic_code(ErrorCode::NO_ERROR), b"client closing");
     }
+
+    /// Waits until every connection of this endpoint is closed and drained (after
+    /// [`close`](Self::close)); the UDP socket is released once the last handle is dropped.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
 }

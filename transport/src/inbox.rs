@@ -21,8 +21,17 @@
 //! the rest as a task of its own, with no `.await` in between: a stream once accepted is always
 //! run to its end, and its message reaches this inbox, even if the accepting `recv` future is
 //! dropped right after.
+//!
+//! # Order
+//! Messages are queued in the order the peer opened their streams (the stream index), whatever
+//! order their first bytes arrive in: a message whose header has been read is queued only once
+//! every stream opened before it has queued its message or ended without one. Until then its
+//! task goes on reading and decoding (it is acknowledged and enters the context as usual) and
+//! keeps its events; at its end it waits for its turn. (Under packet reordering the header of a
+//! later message can otherwise be read first, and a server answering turns in `recv` order
+//! would answer them out of order.)
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -50,6 +59,19 @@ pub(crate) struct Inbox {
     room: Semaphore,
     /// Message tasks started and not ended.
     live: AtomicUsize,
+    /// Whose turn it is to queue a message (see the module docs, "Order").
+    turns: Mutex<Turns>,
+    /// Signalled whenever the turn moves on, or the inbox closes.
+    turn_moved: Notify,
+}
+
+/// The stream indices whose message has been queued, or that ended without one.
+#[derive(Default)]
+struct Turns {
+    /// Every stream index below it is done.
+    next: u64,
+    /// Indices at or above `next` that are done already (out of order).
+    done: BTreeSet<u64>,
 }
 
 impl Inbox {
@@ -59,6 +81,57 @@ impl Inbox {
             ready: Notify::new(),
             room: Semaphore::new(capacity.max(1)),
             live: AtomicUsize::new(0),
+            turns: Mutex::new(Turns::default()),
+            turn_moved: Notify::new(),
+        }
+    }
+
+    fn turns(&self) -> MutexGuard<'_, Turns> {
+        // Only small, consistent updates happen under it.
+        self.turns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The message stream `index` is done: its message was queued, or it ended without one.
+    /// Idempotent.
+    pub(crate) fn done(&self, index: u64) {
+        let moved = {
+            let mut t = self.turns();
+            if index < t.next {
+                return;
+            }
+            t.done.insert(index);
+            let before = t.next;
+            while t.done.first() == Some(&t.next) {
+                t.done.pop_first();
+                t.next += 1;
+            }
+            t.next != before
+        };
+        if moved {
+            self.turn_moved.notify_waiters();
+        }
+    }
+
+    /// Whether every message stream opened before `index` is done (its message may be queued
+    /// without waiting for its turn).
+    pub(crate) fn is_turn(&self, index: u64) -> bool {
+        self.turns().next >= index
+    }
+
+    /// Waits until every message stream opened before `index` is done; `false` once the inbox
+    /// is closed.
+    async fn turn(&self, index: u64) -> bool {
+        loop {
+            let moved = self.turn_moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if self.room.is_closed() {
+                return false;
+            }
+            if self.turns().next >= index {
+                return true;
+            }
+            moved.await;
         }
     }
 
@@ -67,9 +140,14 @@ impl Inbox {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a message, waiting while the inbox is full. Once the session is dropped the
-    /// message is dropped instead (its task still decodes it, so the context stays in step).
-    pub(crate) async fn push(&self, message: IncomingMessage) {
+    /// Queues the message of stream `index`, in stream order: waits for its turn (see the
+    /// module docs), then while the inbox is full. Once the session is dropped the message is
+    /// dropped instead (its task still decodes it, so the context stays in step).
+    pub(crate) async fn push(&self, index: u64, message: IncomingMessage) {
+        // Without a future to poll when it is the message's turn, as it usually is.
+        if !self.is_turn(index) && !self.turn(index).await {
+            return;
+        }
         // Without waiting first (no future to poll when there is room, as there usually is).
         let permit = match self.room.try_acquire() {
             Ok(permit) => permit,
@@ -82,6 +160,7 @@ impl Inbox {
         permit.forget();
         self.queue().push_back(message);
         self.ready.notify_one();
+        self.done(index);
     }
 
     /// The oldest queued message.
@@ -96,6 +175,7 @@ impl Inbox {
     /// The session is gone: queued messages are dropped and no more are queued.
     pub(crate) fn close(&self) {
         self.room.close();
+        self.turn_moved.notify_waiters();
         let dropped = std::mem::take(&mut *self.queue());
         drop(dropped);
     }
@@ -111,19 +191,30 @@ impl Inbox {
         self.live.load(SeqCst)
     }
 
-    /// Counts a message task until the returned guard is dropped.
-    pub(crate) fn task_started(shared: &Arc<Shared>) -> LiveTask {
+    /// Counts the message task of stream `index` until the returned guard is dropped (which
+    /// also marks the stream done, if its message was not queued).
+    pub(crate) fn task_started(shared: &Arc<Shared>, index: u64) -> LiveTask {
         shared.inbox.live.fetch_add(1, SeqCst);
-        LiveTask(shared.clone())
+        LiveTask(shared.clone(), index)
     }
 }
 
-/// A running message task (see [`Inbox::task_started`]).
-pub(crate) struct LiveTask(Arc<Shared>);
+/// A running message task (see [`Inbox::task_started`]) and its stream index.
+pub(crate) struct LiveTask(Arc<Shared>, u64);
+
+impl LiveTask {
+    /// The index of the task's stream among the peer's message streams.
+    pub(crate) fn index(&self) -> u64 {
+        self.1
+    }
+}
 
 impl Drop for LiveTask {
     fn drop(&mut self) {
         let inbox = &self.0.inbox;
+        // A message that never got its handle queued (it failed before its header) must not
+        // hold back the messages after it.
+        inbox.done(self.1);
         if inbox.live.fetch_sub(1, SeqCst) == 1 {
             // A caller waiting for the end of a closed connection looks again.
             inbox.ready.notify_one();
@@ -270,12 +361,14 @@ impl DriverMode {
 /// It never suspends (its one poll completes at once), so a caller's future that accepted the
 /// stream cannot be dropped between the accept and the spawn.
 pub(crate) async fn admit(shared: &Arc<Shared>, mut stream: quinn::RecvStream) {
+    let index = stream.id().index();
     if shared.sent_go_away.load(SeqCst) {
         let _ = stream.stop(wire::quic_code(ErrorCode::GOING_AWAY));
+        shared.inbox.done(index);
         return;
     }
     shared.state().pending_headers += 1;
-    let live = Inbox::task_started(shared);
+    let live = Inbox::task_started(shared, index);
     let mut task =
         Box::pin(recv::run(shared.clone(), stream, live).instrument(shared.span.clone()));
     if futures_util::poll!(task.as_mut()).is_pending() {

@@ -152,8 +152,9 @@ impl IncomingMessage {
     }
 
     /// Stops the message: the stream is stopped with `CANCELLED` and the sender told with a
-    /// Cancel frame. Parts already complete stay in the context. Does nothing once the whole
-    /// message has been read from its stream.
+    /// Cancel frame. Like every message that does not complete, it leaves nothing in the context
+    /// (its parts already complete are taken out again, here and at the sender: PROTOCOL.md
+    /// §5.4). Does nothing once the whole message has been read from its stream.
     pub fn cancel(&self) {
         if let Some(cancel) = &self.cancel {
             cancel.cancel();
@@ -249,6 +250,9 @@ struct Task {
     registered: bool,
     /// The last chunk decoded: (part index, chunk sequence number).
     last_chunk: (u64, u64),
+    /// Parts of this message entered in the context so far: taken out again if the message
+    /// does not complete (PROTOCOL.md §5.4).
+    kept: Vec<ContextKey>,
     current: Option<Current>,
     stats: MessageStats,
     /// Bytes read from the stream.
@@ -335,6 +339,7 @@ pub(crate) async fn run(shared: Arc<Shared>, recv: quinn::RecvStream, live: Live
         header_role: None,
         registered: false,
         last_chunk: (0, 0),
+        kept: Vec::new(),
         current: None,
         stats: MessageStats::default(),
         read_bytes: 0,
@@ -482,6 +487,12 @@ impl Task {
     /// only at its end (it was read whole without waiting) takes its events along, with no
     /// channel and no cancellation token; otherwise both are made at the first hand-over.
     async fn hand_over(&mut self, last: bool) {
+        if !last && self.undelivered.is_some() && !self.shared.inbox.is_turn(self.live.index()) {
+            // A stream the peer opened before this one has not queued its message yet
+            // (`inbox`, "Order"): keep reading and decoding (so that the message is
+            // acknowledged and enters the context as it arrives), the events waiting here.
+            return;
+        }
         if let Some(mut msg) = self.undelivered.take() {
             if last {
                 msg.buffered = std::mem::take(&mut self.batch).into();
@@ -845,7 +856,11 @@ impl Task {
                 match missing {
                     None => return Ok(()),
                     Some(k) => {
-                        let may_arrive = if shared.is_peer_id(k.message_id) {
+                        // An earlier part of this very message is complete: if it is not held
+                        // (a raw part, or one too large to keep) it never will be.
+                        let may_arrive = if Some(k.message_id) == self.message_id {
+                            false
+                        } else if shared.is_peer_id(k.message_id) {
                             st.peer_inflight.contains(&k.message_id) || st.pending_headers > 0
                         } else {
                             st.own_inflight.contains(&k.message_id)
@@ -1080,10 +1095,14 @@ impl Task {
             },
         };
         if let Some(seq) = seq {
+            let key = ContextKey::new(message_id, index);
             let evicted = {
                 let mut st = self.shared.state();
-                st.context.insert(ContextKey::new(message_id, index), seq)
+                st.context.insert(key, seq)
             };
+            if evicted.is_ok() {
+                self.kept.push(key);
+            }
             self.shared.notify_changed();
             match evicted {
                 // Boxed: evictions are rare, and the write would enlarge every chunk's future.
@@ -1103,6 +1122,15 @@ impl Task {
         // A message that ends (or fails) right after its header still reaches the caller.
         self.materialize(None);
         let id = self.message_id;
+        if !matches!(outcome, Outcome::Done) && !self.kept.is_empty() {
+            // PROTOCOL.md §5.4: a message that does not complete leaves no part in the context
+            // (its sender takes them out too: it reset the stream, or it learns of the refusal
+            // from the Error or Cancel frame below).
+            let mut st = self.shared.state();
+            for key in self.kept.drain(..) {
+                st.context.evict(key);
+            }
+        }
         if id.is_none() {
             let mut st = self.shared.state();
             st.pending_headers = st.pending_headers.saturating_sub(1);

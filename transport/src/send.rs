@@ -55,8 +55,10 @@ struct OpenText {
 /// `write_part`, `begin_text` or `finish`.
 ///
 /// Dropping a writer before `finish` (or calling [`cancel`](Self::cancel)) resets the stream with
-/// `CANCELLED`: the peer drops the message. Parts written before that stay in both contexts
-/// (once the peer has decoded them); parts coded but not written yet are taken out of ours.
+/// `CANCELLED`: the peer drops the message. A message that does not complete leaves no part in
+/// either context (PROTOCOL.md §5.4): the parts already coded are taken out of ours again, and
+/// the peer takes out those it had decoded. So does a message the peer refuses or cancels (an
+/// Error or Cancel frame naming it), even if it was finished here.
 pub struct MessageWriter {
     shared: Arc<Shared>,
     stream: Option<quinn::SendStream>,
@@ -64,9 +66,9 @@ pub struct MessageWriter {
     pending: BytesMut,
     /// Whole-message mode: keep frames until `finish` (or [`DEFER_FLUSH_BYTES`]).
     defer: bool,
-    /// Parts already in our context whose frames are still pending: if the message is abandoned
-    /// before they are written, they are taken out again (the peer never sees them).
-    unsent: Vec<ContextKey>,
+    /// Parts of this message in our context: taken out again if the message is abandoned
+    /// (PROTOCOL.md §5.4).
+    kept: Vec<ContextKey>,
     message_id: u64,
     next_part: u64,
     text: Option<OpenText>,
@@ -159,7 +161,7 @@ impl MessageWriter {
             // Room for the frames of a small message, which is written in one go.
             pending: BytesMut::with_capacity(PENDING_CAPACITY),
             defer,
-            unsent: Vec::new(),
+            kept: Vec::new(),
             message_id,
             next_part: 0,
             text: None,
@@ -244,7 +246,6 @@ impl MessageWriter {
             .instrument(self.span.clone())
             .await;
         r.map_err(SendError::from)?;
-        self.unsent.clear();
         Ok(())
     }
 
@@ -557,11 +558,17 @@ impl MessageWriter {
         let key = self.key(index);
         let evicted = {
             let mut st = self.shared.state();
-            st.context.insert(key, seq)
+            let evicted = st.context.insert(key, seq);
+            if evicted.is_ok() {
+                if st.dropped.contains(&self.message_id) {
+                    // The peer already refused or cancelled this message (§5.4).
+                    st.context.evict(key);
+                } else {
+                    self.kept.push(key);
+                }
+            }
+            evicted
         };
-        if evicted.is_ok() && !self.pending.is_empty() {
-            self.unsent.push(key);
-        }
         self.shared.notify_changed();
         match evicted {
             // Boxed: evictions are rare, and the write would enlarge every part's future.
@@ -703,8 +710,11 @@ impl MessageWriter {
         self.staged(|w, out| w.put(out, &end))?;
         self.flush().await?;
         if let Some(mut stream) = self.stream.take() {
-            // Fails only if the stream was already reset.
-            stream.finish().map_err(|_| SendError::Cancelled)?;
+            // Fails only if the stream was already reset: the message did not complete.
+            if stream.finish().is_err() {
+                self.abandon();
+                return Err(SendError::Cancelled);
+            }
         }
         self.shared.own_done(self.message_id, true);
         let mut stats = std::mem::take(&mut self.stats);
@@ -735,15 +745,20 @@ impl MessageWriter {
     fn reset(&mut self, code: ErrorCode) {
         if let Some(mut stream) = self.stream.take() {
             let _ = stream.reset(wire::quic_code(code));
-            if !self.unsent.is_empty() {
-                // Coded and kept, but never written: the peer will not have them either.
-                let mut st = self.shared.state();
-                for key in self.unsent.drain(..) {
-                    st.context.evict(key);
-                }
-            }
-            self.shared.own_done(self.message_id, false);
+            self.abandon();
         }
+    }
+
+    /// The message will not complete: its parts leave our context (PROTOCOL.md §5.4; the peer
+    /// drops those it decoded when the stream is reset) and it is no longer in flight.
+    fn abandon(&mut self) {
+        if !self.kept.is_empty() {
+            let mut st = self.shared.state();
+            for key in self.kept.drain(..) {
+                st.context.evict(key);
+            }
+        }
+        self.shared.own_done(self.message_id, false);
     }
 }
 

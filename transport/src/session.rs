@@ -14,7 +14,11 @@
 //!
 //! # Context
 //! Both ends keep a [`SessionContext`] bounded by the negotiated `max_context_bytes`. A sender
-//! inserts a part when it has written the part's last chunk; a receiver when it has decoded it.
+//! inserts a part when it has coded the part (so later parts of the message may refer to it); a
+//! receiver when it has decoded it. A message that does not complete (reset by its sender,
+//! refused or cancelled by its receiver, ended before its end) takes its parts out again on both
+//! ends: the receiver when it drops it, the sender when it resets it or when an Error or Cancel
+//! frame names it (PROTOCOL.md §5.4).
 //! Evictions (oldest first, deterministic) are announced to the peer in a ContextEvicted frame and
 //! applied there too, so both ends converge even when the two directions interleave. A part that
 //! refers to a part still arriving on another stream waits for it (at most
@@ -80,11 +84,30 @@ pub(crate) struct State {
     pub peer_errors: Vec<ErrorFrame>,
     /// Peer messages the peer asked us to stop (Cancel frames).
     pub cancelled: HashSet<u64>,
+    /// Our messages the peer discarded (an Error or Cancel frame naming them): none of their
+    /// parts is kept in the context (PROTOCOL.md §5.4; bounded).
+    pub dropped: HashSet<u64>,
     /// Acknowledgements queued for the peer, not written yet (see [`Shared::queue_ack`]).
     pub pending_acks: Vec<Ack>,
 }
 
 const MAX_REMEMBERED: usize = 1024;
+
+impl State {
+    /// The peer discarded our message `id` (PROTOCOL.md §5.4): its parts leave our context, and
+    /// parts of it committed later are not kept either.
+    fn peer_dropped(&mut self, id: u64) {
+        if self.dropped.len() >= MAX_REMEMBERED {
+            self.dropped.clear();
+        }
+        self.dropped.insert(id);
+        for key in self.context.keys() {
+            if key.message_id == id {
+                self.context.evict(key);
+            }
+        }
+    }
+}
 
 pub(crate) struct Shared {
     pub conn: quinn::Connection,
@@ -340,6 +363,7 @@ impl Session {
             acks: HashMap::new(),
             peer_errors: Vec::new(),
             cancelled: HashSet::new(),
+            dropped: HashSet::new(),
             pending_acks: Vec::new(),
         };
         let concurrent = negotiated.limits.max_concurrent_messages.into_inner();
@@ -622,6 +646,17 @@ impl Session {
         self.shared.state().context.keys()
     }
 
+    /// The context digest (PROTOCOL.md §8) over every entry this end holds, in key order
+    /// (message id, then part index): keys and tokens. Two ends hold the same context when
+    /// their digests are equal (whatever order the entries arrived in).
+    pub fn context_digest(&self) -> [u8; 32] {
+        let st = self.shared.state();
+        let mut keys = st.context.keys();
+        keys.sort();
+        // Every key listed is held, so resolving cannot fail (all zeros would say it did).
+        st.context.digest(&keys).unwrap_or([0; 32])
+    }
+
     /// Announces go-away: this end starts no new messages; the peer finishes what is in flight
     /// and then closes the connection.
     pub async fn go_away(&self, reason: &str) {
@@ -760,17 +795,29 @@ async fn on_control(shared: &Arc<Shared>, frame: Frame) -> Result<(), (ErrorCode
         }
         Frame::Cancel(c) => {
             tracing::debug!(message = c.message_id.into_inner(), code = %c.code, "peer cancelled a message");
+            let id = c.message_id.into_inner();
             let mut st = shared.state();
             if st.cancelled.len() >= MAX_REMEMBERED {
                 st.cancelled.clear();
             }
-            st.cancelled.insert(c.message_id.into_inner());
+            st.cancelled.insert(id);
+            if !shared.is_peer_id(id) {
+                // The peer stopped receiving our message: it keeps none of it (§5.4).
+                st.peer_dropped(id);
+            }
             drop(st);
             shared.notify_changed();
         }
         Frame::Error(e) => {
             tracing::warn!(code = %e.code, message = ?e.message_id, reason = %e.reason, "peer reported an error");
             let mut st = shared.state();
+            if let Some(id) = e.message_id.map(|m| m.into_inner()) {
+                // An Error naming our message refuses it (§5.4), except AGENT_FAILED, which
+                // names a turn the peer received whole and could not answer (§5.3).
+                if !shared.is_peer_id(id) && e.code != ErrorCode::AGENT_FAILED {
+                    st.peer_dropped(id);
+                }
+            }
             if st.peer_errors.len() >= MAX_REMEMBERED {
                 st.peer_errors.remove(0);
             }

@@ -2,6 +2,8 @@
 //! format by hand (to misbehave).
 #![allow(dead_code)]
 
+pub mod relay;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
