@@ -289,7 +289,7 @@ impl Drop for AbortOnDrop {
 pub struct Chat {
     inner: Arc<Inner>,
     _router: AbortOnDrop,
-    _client: Client,
+    client: Client,
 }
 
 impl std::fmt::Debug for Chat {
@@ -336,7 +336,7 @@ impl Chat {
         Chat {
             inner,
             _router: AbortOnDrop(router),
-            _client: client,
+            client,
         }
     }
 
@@ -449,6 +449,19 @@ impl Chat {
     pub async fn close(self, grace: Duration) {
         self.inner.session.go_away("bye").await;
         let _ = tokio::time::timeout(grace, self.inner.session.closed()).await;
+    }
+
+    /// Like [`close`](Self::close), through a shared reference (for a `Chat` kept in an `Arc`),
+    /// and then closes the client endpoint and waits, within the same `grace`, until its
+    /// connection has drained: once the last handle to this `Chat` is dropped, its UDP socket
+    /// and tasks are gone. Replies still waiting end with [`ChatError::Closed`]; later
+    /// [`send`](Self::send)s fail with it.
+    pub async fn shutdown(&self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        self.inner.session.go_away("bye").await;
+        let _ = tokio::time::timeout_at(deadline, self.inner.session.closed()).await;
+        self.client.close();
+        let _ = tokio::time::timeout_at(deadline, self.client.wait_idle()).await;
     }
 }
 

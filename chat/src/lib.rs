@@ -76,7 +76,7 @@ use std::net::SocketAddr;
 pub use client::{Chat, ChatConfig, Prompt, Reply, ReplyEvent, ReplyStats};
 pub use error::ChatError;
 pub use serve::{
-    serve, serve_session, serve_with, ServeOptions, TurnCallback, TurnLog, TurnOutcome,
+    serve, serve_session, serve_until, serve_with, ServeOptions, TurnCallback, TurnLog, TurnOutcome,
 };
 
 use unimic_transport::tls::ServerTls;

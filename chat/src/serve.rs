@@ -126,10 +126,49 @@ pub async fn serve(server: Server, agent: impl Agent + 'static) {
 }
 
 /// [`serve`] with a shared agent and options.
-pub async fn serve_with(mut server: Server, agent: Arc<dyn Agent>, options: ServeOptions) {
+pub async fn serve_with(server: Server, agent: Arc<dyn Agent>, options: ServeOptions) {
+    serve_until(server, agent, options, std::future::pending()).await
+}
+
+/// [`serve_with`] until `stop` completes (or the server is closed): then the server stops
+/// accepting and closes every session with `GOING_AWAY`, the sessions' tasks end, and it returns
+/// once every connection is closed and the UDP socket is released.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use unimic_agents::echo::Echo;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let server = unimic_chat::bind_dev("127.0.0.1:0".parse()?, [])?;
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let task = tokio::spawn(unimic_chat::serve_until(
+///     server,
+///     Arc::new(Echo),
+///     unimic_chat::ServeOptions::default(),
+///     async move { let _ = stopped.await; },
+/// ));
+/// // ... later:
+/// let _ = stop.send(());
+/// task.await?;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn serve_until(
+    mut server: Server,
+    agent: Arc<dyn Agent>,
+    options: ServeOptions,
+    stop: impl std::future::Future<Output = ()>,
+) {
     let mut sessions = JoinSet::new();
+    let mut stop = std::pin::pin!(stop);
+    let mut stopped = false;
     loop {
         tokio::select! {
+            () = &mut stop, if !stopped => {
+                stopped = true;
+                server.close();
+                break;
+            }
             accepted = server.accept() => match accepted {
                 Some(session) => {
                     sessions.spawn(serve_session(session, agent.clone(), options.clone()));
@@ -145,6 +184,9 @@ pub async fn serve_with(mut server: Server, agent: Arc<dyn Agent>, options: Serv
         }
     }
     sessions.shutdown().await;
+    if stopped {
+        server.wait_idle().await;
+    }
 }
 
 fn agent_role(role: Role) -> AgentRole {

@@ -694,6 +694,10 @@ fn table_line(name: &str, r: &Row) -> String {
 
 /// Runs the benchmark.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    crate::models::check_input_dir(&args.images)?;
+    if let Some(o) = &args.out {
+        crate::models::create_output_dir(o)?;
+    }
     let dir = args
         .tokenizer
         .clone()
@@ -708,9 +712,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if paths.is_empty() {
         bail!("no images in {}", args.images.display());
-    }
-    if let Some(o) = &args.out {
-        std::fs::create_dir_all(o)?;
     }
     let models = args.recognizers.clone().unwrap_or_else(default_recognizers);
     if args.recognize.is_some() {

@@ -3,12 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use unimic_codec::context::SessionContext;
-use unimic_codec::entropy::ladder::LadderModel;
-use unimic_codec::grid::TokenGrid;
-use unimic_codec::part::{DecodedPart, PartCodec, PartShape, PartSpec};
-use unimic_codec::tokenizer::{ImageTokenizer, MAX_TOKENS};
-use unimic_codec::umic::{hash8, UmicFile};
+use unimic_codec::tokenizer::ImageTokenizer;
+use unimic_codec::umic::{self, UmicFile};
 
 use crate::models;
 
@@ -36,49 +32,41 @@ pub struct Args {
 
 /// Runs `unimic decode`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    models::check_input_file(&args.input)?;
+    models::check_output_file(&args.output)?;
+    check_image_output(&args.output)?;
     let bytes =
         std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    // The reader bounds the grid by the tokenizers' limit (umic::MAX_GRID_TOKENS).
     let file = UmicFile::from_bytes(&bytes)
         .with_context(|| format!("parsing {}", args.input.display()))?;
+    // Names are compared before anything is loaded for them (never made into paths).
+    umic::check_names(&file)?;
     let tokenizer = models::tokenizer_for(
         args.tokenizer.as_deref(),
         &file.tokenizer.name,
         file.tokenizer.hash,
     )?;
-    let tokens = file.grid_height * file.grid_width;
-    if tokens > MAX_TOKENS as u64 {
-        bail!(
-            "the file declares a {}×{} grid ({tokens} tokens); tokenizers here decode at most {MAX_TOKENS}",
-            file.grid_height,
-            file.grid_width
-        );
-    }
-    let shape = PartShape::Grid {
-        height: u32::try_from(file.grid_height)?,
-        width: u32::try_from(file.grid_width)?,
-        codebook_size: u32::try_from(file.codebook_size)?,
-    };
-    if file.codebook_size != u64::from(tokenizer.codebook_size()) {
-        bail!(
-            "the file's codebook size {} differs from the tokenizer's {}",
-            file.codebook_size,
-            tokenizer.codebook_size()
-        );
-    }
-    let grid = if file.model.name.starts_with("unimic-entropy-") {
-        decode_transformer(&args, &file, shape)?
+    umic::check_against(&file, tokenizer.as_ref())?;
+    let generic = if umic::is_model_id(&file.model.name) {
+        let m = models::generic_model(args.entropy_dir.as_deref(), &file.model.name)?;
+        Some(m.with_context(|| {
+            format!(
+                "the file needs entropy model {:?}, which is not in {}",
+                file.model.name,
+                models::entropy_dir(args.entropy_dir.as_deref()).display()
+            )
+        })?)
     } else {
-        decode_builtin(&file, shape)?
+        None
     };
-    let keep = if args.levels == 0 {
-        file.levels.len()
-    } else {
-        args.levels.saturating_sub(1).min(file.levels.len())
-    };
-    let mut grids = vec![grid];
-    for (i, level) in file.levels.iter().take(keep).enumerate() {
-        grids.push(decode_level(&args, i + 2, level, shape)?);
-    }
+    let grids = umic::decode_grids(
+        tokenizer.as_ref(),
+        &file,
+        generic.as_ref().map(|(g, m)| (m.id.as_str(), g)),
+        &models::entropy_dir(args.entropy_dir.as_deref()),
+        args.levels,
+    )?;
     let grid = &grids[0];
     let image = tokenizer.decode_levels_to(
         &grids,
@@ -118,128 +106,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decodes refinement level `level` of a ladder file with the shipped ladder model it names.
-fn decode_level(
-    args: &Args,
-    level: usize,
-    l: &unimic_codec::umic::Level,
-    shape: PartShape,
-) -> anyhow::Result<TokenGrid> {
-    let PartShape::Grid { height, width, .. } = shape else {
-        bail!("not a grid");
-    };
-    let dir = models::entropy_dir(args.entropy_dir.as_deref());
-    let m = LadderModel::load(&dir, level, l.model.version).with_context(|| {
-        format!(
-            "level {level} needs entropy model {:?} (version {}), which is not in {}",
-            l.model.name,
-            l.model.version,
-            dir.display()
-        )
-    })?;
-    if m.id() != l.model.name || hash8(&m.content_hash()) != l.model.hash {
-        bail!(
-            "level {level}'s entropy model {:?} has hash {}, ours ({}) has {}",
-            l.model.name,
-            hex8(&l.model.hash),
-            m.id(),
-            hex8(&hash8(&m.content_hash()))
-        );
+/// The output's image format, from its extension, must be one this build writes: checked
+/// before the work (`image` would only refuse it when saving the decoded image).
+fn check_image_output(path: &std::path::Path) -> anyhow::Result<()> {
+    match image::ImageFormat::from_path(path) {
+        Ok(f) if f.writing_enabled() => Ok(()),
+        _ => bail!(
+            "cannot write {}: give it an image extension (.png, .jpg or .webp)",
+            path.display()
+        ),
     }
-    let [(tokens, payload)] = l.chunks.as_slice() else {
-        bail!(
-            "a ladder level has exactly one chunk, level {level} has {}",
-            l.chunks.len()
-        );
-    };
-    if *tokens != u64::from(height) * u64::from(width) {
-        bail!("level {level}'s chunk declares {tokens} tokens for a {height}×{width} grid");
-    }
-    Ok(m.decode(height, width, payload)?)
-}
-
-/// Decodes a file coded by a shipped transformer model (one chunk, model named by its id and
-/// identified by its weights' hash).
-fn decode_transformer(args: &Args, file: &UmicFile, shape: PartShape) -> anyhow::Result<TokenGrid> {
-    let PartShape::Grid { height, width, .. } = shape else {
-        bail!("not a grid");
-    };
-    let (model, manifest) = models::generic_model(args.entropy_dir.as_deref(), &file.model.name)?
-        .with_context(|| {
-        format!(
-            "the file needs entropy model {:?}, which is not in {}",
-            file.model.name,
-            models::entropy_dir(args.entropy_dir.as_deref()).display()
-        )
-    })?;
-    if models::hex_hash8(&manifest.sha256)? != file.model.hash || file.model.version != 1 {
-        bail!(
-            "the file's entropy model {:?} has hash {} (version {}), ours has {} (version 1)",
-            file.model.name,
-            hex8(&file.model.hash),
-            file.model.version,
-            &manifest.sha256[..16]
-        );
-    }
-    let [(tokens, payload)] = file.chunks.as_slice() else {
-        bail!(
-            "a {} file has exactly one chunk, this one has {}",
-            file.model.name,
-            file.chunks.len()
-        );
-    };
-    if *tokens != u64::from(height) * u64::from(width) {
-        bail!("the chunk declares {tokens} tokens for a {height}×{width} grid");
-    }
-    Ok(model.decode(height, width, payload)?)
-}
-
-/// Decodes a file coded by a built-in (weightless) model through the part codec.
-fn decode_builtin(file: &UmicFile, shape: PartShape) -> anyhow::Result<TokenGrid> {
-    let choice = models::entropy_choice(&file.model.name)
-        .with_context(|| format!("unknown entropy model {:?}", file.model.name))?;
-    let mut codec = PartCodec::default();
-    let ctx = SessionContext::default();
-    let chunk_tokens = match file.chunks.as_slice() {
-        [] => bail!("the file has no chunks"),
-        [_] => 0,
-        [(first, _), ..] => u32::try_from(*first)?,
-    };
-    let spec = PartSpec::new(choice).with_chunk_tokens(chunk_tokens);
-    let identity = codec.identity(choice, unimic_codec::context::SequenceKind::Grid)?;
-    if hash8(&identity.hash) != file.model.hash || u64::from(identity.version) != file.model.version
-    {
-        bail!(
-            "the file's entropy model {:?} differs from ours (hash or version)",
-            file.model.name
-        );
-    }
-    let digest = ctx.digest(&[])?;
-    let decoder = codec.decoder(&ctx, shape, &spec, &digest, &identity)?;
-    if decoder.chunks() != file.chunks.len() as u64 {
-        bail!(
-            "the file has {} chunks where its shape implies {}",
-            file.chunks.len(),
-            decoder.chunks()
-        );
-    }
-    for (i, (tokens, _)) in file.chunks.iter().enumerate() {
-        let (start, end) = decoder.chunk_range(i as u64)?;
-        if end - start != *tokens {
-            bail!(
-                "chunk {i} declares {tokens} tokens where the chunking implies {}",
-                end - start
-            );
-        }
-    }
-    match decoder.decode_all(file.chunks.iter().map(|(_, p)| p.as_slice()))? {
-        DecodedPart::Grid(g) => Ok(g),
-        other => bail!("decoded a {other:?} where a grid was expected"),
-    }
-}
-
-fn hex8(h: &[u8; 8]) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -247,6 +123,7 @@ mod tests {
     use super::*;
     use crate::encode;
     use crate::models::Scratch;
+    use unimic_codec::entropy::ladder::LadderModel;
 
     fn encode_args(out: &std::path::Path, quality: usize, bytes: Option<usize>) -> encode::Args {
         encode::Args {
@@ -324,5 +201,130 @@ mod tests {
             msg.contains("someone-elses-tokenizer") && msg.contains("abababab"),
             "{msg}"
         );
+    }
+
+    /// Paths are checked before the work: a missing output directory, an output that is a
+    /// directory or has no image extension, an input that is a directory. Each case also names
+    /// a tokenizer folder that does not exist, so an error about the path shows that it was
+    /// found before anything was loaded.
+    #[test]
+    fn paths_are_checked_before_the_work() {
+        let dir = Scratch::new("cli-paths");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let missing = dir.path().join("no-such-dir");
+        let no_tokenizer = Some(dir.path().join("no-tokenizer"));
+        let msg = |r: anyhow::Result<()>| format!("{:#}", r.unwrap_err());
+
+        let mut a = encode_args(&missing.join("x.umic"), 1, None);
+        a.tokenizer = no_tokenizer.clone();
+        let e = msg(encode::run(a));
+        assert!(
+            e.contains("no-such-dir") && e.contains("does not exist"),
+            "{e}"
+        );
+        let mut a = encode_args(dir.path(), 1, None);
+        a.tokenizer = no_tokenizer.clone();
+        assert!(msg(encode::run(a)).contains("is a directory"));
+        let mut a = encode_args(&dir.path().join("x.umic"), 1, None);
+        a.image = dir.path().to_path_buf();
+        a.tokenizer = no_tokenizer.clone();
+        let e = msg(encode::run(a));
+        assert!(e.contains("is a directory"), "{e}");
+
+        let input = dir.path().join("in.umic");
+        std::fs::write(&input, b"not a umic file").unwrap();
+        let mut a = decode_args(&input, &missing.join("x.png"), 0);
+        a.tokenizer = no_tokenizer.clone();
+        let e = msg(run(a));
+        assert!(
+            e.contains("no-such-dir") && e.contains("does not exist"),
+            "{e}"
+        );
+        let e = msg(run(decode_args(&input, &dir.path().join("x.umic"), 0)));
+        assert!(e.contains("image extension"), "{e}");
+        let e = msg(run(decode_args(dir.path(), &dir.path().join("x.png"), 0)));
+        assert!(e.contains("is a directory"), "{e}");
+        assert!(!dir.path().join("x.png").exists());
+    }
+
+    /// Crafted files are refused before any decoding work (the grid and levels against the
+    /// tokenizer's limits), and names in a file are compared, never made into paths.
+    #[test]
+    fn crafted_files_are_refused_before_decoding() {
+        let dir = Scratch::new("crafted");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let f = dir.path().join("q2.umic");
+        encode::run(encode_args(&f, 2, None)).unwrap();
+        let good = UmicFile::from_bytes(&std::fs::read(&f).unwrap()).unwrap();
+        assert_eq!(good.levels.len(), 1);
+        let crafted = dir.path().join("crafted.umic");
+        let out = dir.path().join("out.png");
+        let refuse = |file: &UmicFile, entropy_dir: Option<&std::path::Path>| -> String {
+            std::fs::write(&crafted, file.to_bytes()).unwrap();
+            let mut a = decode_args(&crafted, &out, 0);
+            a.entropy_dir = entropy_dir.map(|d| d.to_path_buf());
+            let e = format!("{:#}", run(a).unwrap_err());
+            assert!(!out.exists(), "{e}");
+            e
+        };
+        // The crafted file is otherwise decodable.
+        std::fs::write(&crafted, good.to_bytes()).unwrap();
+        run(decode_args(&crafted, &dir.path().join("good.png"), 0)).unwrap();
+
+        // A 4096×4096 grid in a hundred-odd bytes, naming no tokenizer held here: the reader
+        // refuses it before a tokenizer is looked for.
+        let mut huge = good.clone();
+        (huge.grid_height, huge.grid_width) = (4096, 4096);
+        huge.chunks = vec![(4096 * 4096, vec![0; 8])];
+        huge.levels.clear();
+        huge.tokenizer.hash = [0xab; 8];
+        assert!(huge.to_bytes().len() < 150);
+        let e = refuse(&huge, None);
+        assert!(e.contains("more than 4096 tokens"), "{e}");
+
+        // More levels than the tokenizer has (each named as its level's model would be).
+        let mut deep = good.clone();
+        for level in 3..=6 {
+            let mut l = good.levels[0].clone();
+            l.model.name = LadderModel::id_of(level, 1);
+            deep.levels.push(l);
+        }
+        let e = refuse(&deep, None);
+        assert!(e.contains("carries 6 levels") && e.contains("has 4"), "{e}");
+
+        // An image larger than its grid decodes to.
+        let mut wide = good.clone();
+        wide.image_width = good.grid_width * 16 + 1;
+        let e = refuse(&wide, None);
+        assert!(e.contains("decodes to"), "{e}");
+
+        let mut codebook = good.clone();
+        codebook.codebook_size = 4096;
+        let e = refuse(&codebook, None);
+        assert!(e.contains("codebook size 4096"), "{e}");
+
+        // Names that would reach out of the entropy folder if made into a path: a decoy
+        // manifest sits where `<entropy>/unimic-entropy-x/../../decoy.json` leads.
+        let entropy = dir.path().join("entropy");
+        std::fs::create_dir_all(entropy.join("unimic-entropy-x")).unwrap();
+        std::fs::write(dir.path().join("decoy.json"), b"{}").unwrap();
+        let mut evil = good.clone();
+        evil.model.name = "unimic-entropy-x/../../decoy".into();
+        let e = refuse(&evil, Some(&entropy));
+        assert!(e.contains("unknown entropy model"), "{e}");
+        let mut evil = good.clone();
+        evil.levels[0].model.name = "../../decoy".into();
+        let e = refuse(&evil, Some(&entropy));
+        assert!(e.contains("level 2 names the entropy model"), "{e}");
+        // A well-formed generic id the folder does not hold.
+        let mut absent = good.clone();
+        absent.model.name = "unimic-entropy-generic-v999".into();
+        let e = refuse(&absent, None);
+        assert!(e.contains("which is not in"), "{e}");
+        // Another kind of transformer is not a level-1 model of a file.
+        let mut masked = good.clone();
+        masked.model.name = "unimic-entropy-masked-v7".into();
+        let e = refuse(&masked, None);
+        assert!(e.contains("unknown entropy model"), "{e}");
     }
 }

@@ -2,12 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use unimic_codec::context::SessionContext;
-use unimic_codec::entropy::ladder::LadderModel;
-use unimic_codec::part::{ModelChoice, PartCodec, PartSpec, PartTokens};
+use anyhow::Context;
 use unimic_codec::tokenizer::ImageTokenizer;
-use unimic_codec::umic::{hash8, Level, ModelTag, UmicFile};
+use unimic_codec::umic::{self, EncodeOptions, Level1Model};
 
 use crate::models;
 
@@ -68,146 +65,68 @@ pub enum Entropy {
 
 /// Runs `unimic encode`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    models::check_input_file(&args.image)?;
+    models::check_output_file(&args.output)?;
     let tokenizer = models::tokenizer(args.tokenizer.as_deref())?;
     let image = image::open(&args.image)
         .with_context(|| format!("reading {}", args.image.display()))?
         .to_rgb8();
     let image = models::fit(models::prepare(image, args.size), args.max_side);
-    let levels_wanted = match args.bytes {
-        Some(_) => tokenizer.levels(),
-        None => args.quality,
-    };
-    if levels_wanted == 0 || levels_wanted > tokenizer.levels() {
-        bail!(
-            "--quality {levels_wanted}: the tokenizer {:?} has levels 1..={}",
-            tokenizer.id().name,
-            tokenizer.levels()
-        );
-    }
-    let mut grids = tokenizer
-        .encode_levels(&image, levels_wanted)
-        .with_context(|| {
-            format!(
-                "tokenizing the {}×{} px image (a smaller --max-side scales it down)",
-                image.width(),
-                image.height()
-            )
-        })?;
-    let refinements = grids.split_off(1);
-    let grid = grids.remove(0);
     let generic = match args.entropy {
         Entropy::Adaptive => None,
-        Entropy::Generic => {
-            if args.chunk_tokens != 0 {
-                bail!("--entropy generic codes one chunk; drop --chunk-tokens");
-            }
-            let m = models::generic_model(args.entropy_dir.as_deref(), models::GENERIC_ID)?
-                .with_context(|| {
+        Entropy::Generic => Some(
+            models::generic_model(args.entropy_dir.as_deref(), models::GENERIC_ID)?.with_context(
+                || {
                     format!(
                         "no {} model in {}",
                         models::GENERIC_ID,
                         models::entropy_dir(args.entropy_dir.as_deref()).display()
                     )
-                })?;
-            Some(m)
-        }
+                },
+            )?,
+        ),
         Entropy::Auto if args.chunk_tokens != 0 => None,
-        Entropy::Auto => models::generic_model(args.entropy_dir.as_deref(), models::GENERIC_ID)?
-            .filter(|(g, _)| {
-                let side = g.config().max_side as u32;
-                let fits = grid.height() <= side && grid.width() <= side;
-                if !fits && !args.json {
-                    eprintln!(
-                        "note: the {}x{} token grid exceeds the {} model's {side}x{side} \
-                         positions, so the adaptive model codes it; --max-side {} keeps an \
-                         image within them",
-                        grid.height(),
-                        grid.width(),
-                        models::GENERIC_ID,
-                        side * tokenizer.factor()
-                    );
-                }
-                fits && grid.codebook_size() as usize == g.config().codebook_size
-            }),
+        Entropy::Auto => models::generic_model(args.entropy_dir.as_deref(), models::GENERIC_ID)?,
     };
-    let (model, chunks, bits) = match &generic {
-        Some((g, manifest)) => {
-            let payload = g.encode(&grid)?;
-            let bits = 8 * payload.len() as u64;
-            (
-                ModelTag {
-                    name: manifest.id.clone(),
-                    version: 1,
-                    hash: models::hex_hash8(&manifest.sha256)?,
-                },
-                vec![(grid.len() as u64, payload)],
-                bits,
-            )
-        }
-        None => {
-            let mut codec = PartCodec::default();
-            let ctx = SessionContext::default();
-            let spec = PartSpec::new(ModelChoice::Adaptive).with_chunk_tokens(args.chunk_tokens);
-            let part = codec.encode(&ctx, PartTokens::Grid(&grid), &spec)?;
-            (
-                ModelTag {
-                    name: models::entropy_name(part.model.id).to_string(),
-                    version: u64::from(part.model.version),
-                    hash: hash8(&part.model.hash),
-                },
-                part.chunks
-                    .iter()
-                    .map(|c| (u64::from(c.tokens), c.payload.clone()))
-                    .collect(),
-                part.bits,
-            )
-        }
-    };
-    let ladder_dir = models::entropy_dir(args.entropy_dir.as_deref());
-    let mut levels = Vec::with_capacity(refinements.len());
-    for (i, g) in refinements.iter().enumerate() {
-        let level = i + 2;
-        let m = LadderModel::load(&ladder_dir, level, 1)
-            .with_context(|| format!("loading the entropy model of ladder level {level}"))?;
-        let payload = m.encode(g)?;
-        levels.push(Level {
-            model: ModelTag {
-                name: m.id(),
-                version: m.version(),
-                hash: hash8(&m.content_hash()),
-            },
-            chunks: vec![(g.len() as u64, payload)],
+    let options = EncodeOptions::default()
+        .with_levels(args.quality)
+        .with_max_bytes(args.bytes)
+        .with_chunk_tokens(args.chunk_tokens)
+        .with_model(match args.entropy {
+            Entropy::Auto => Level1Model::Auto,
+            Entropy::Adaptive => Level1Model::Adaptive,
+            Entropy::Generic => Level1Model::Generic,
         });
+    let encoded = umic::encode_image(
+        &tokenizer,
+        &image,
+        generic.as_ref().map(|(g, m)| (m.id.as_str(), g)),
+        &models::entropy_dir(args.entropy_dir.as_deref()),
+        &options,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (encoding the {}×{} px image; see --quality, --bytes, --size, --max-side)",
+            image.width(),
+            image.height()
+        )
+    })?;
+    if let (Some(side), false) = (encoded.exceeds_generic, args.json) {
+        eprintln!(
+            "note: the {}x{} token grid exceeds the {} model's {side}x{side} positions, so the \
+             adaptive model codes it; --max-side {} keeps an image within them",
+            encoded.grid.height(),
+            encoded.grid.width(),
+            models::GENERIC_ID,
+            side * tokenizer.factor()
+        );
     }
-    let mut file = UmicFile {
-        tokenizer: ModelTag {
-            name: tokenizer.id().name.clone(),
-            version: 1,
-            hash: models::tokenizer_hash8(&tokenizer)?,
-        },
-        model,
-        image_width: u64::from(image.width()),
-        image_height: u64::from(image.height()),
-        grid_height: u64::from(grid.height()),
-        grid_width: u64::from(grid.width()),
-        codebook_size: u64::from(grid.codebook_size()),
-        chunks,
-        levels,
-    };
-    let mut bytes = file.to_bytes();
-    if let Some(limit) = args.bytes {
-        while bytes.len() > limit && !file.levels.is_empty() {
-            file.levels.pop();
-            bytes = file.to_bytes();
-        }
-        if bytes.len() > limit {
-            bail!(
-                "--bytes {limit}: even level 1 alone takes {} bytes (a smaller --size or \
-                 --max-side makes fewer tokens)",
-                bytes.len()
-            );
-        }
-    }
+    let (file, bytes, bits, grid) = (
+        encoded.file,
+        encoded.bytes,
+        encoded.level1_bits,
+        encoded.grid,
+    );
     let level_bytes: Vec<usize> = std::iter::once(file.level1_payload_bytes())
         .chain(
             file.levels

@@ -6,7 +6,6 @@ use anyhow::{bail, Context};
 use image::{imageops, RgbImage};
 use unimic_codec::entropy::generic::Generic;
 use unimic_codec::nn::model::Manifest;
-use unimic_codec::part::{model_id, ModelChoice};
 use unimic_codec::tokenizer::{self, DynTokenizer, ImageTokenizer};
 
 /// Loads the tokenizer from `dir`, or the shipped default (`models/tokenizer-taef2`, or
@@ -72,15 +71,9 @@ pub fn tokenizer_for(
 }
 
 /// The folder of the transformer entropy models: `dir`, else `$UNIMIC_ENTROPY`, else the
-/// shipped `models/entropy`.
+/// shipped `models/entropy` ([`unimic_codec::shipped::entropy_dir`]).
 pub fn entropy_dir(dir: Option<&Path>) -> std::path::PathBuf {
-    match (dir, std::env::var_os("UNIMIC_ENTROPY")) {
-        (Some(d), _) => d.to_path_buf(),
-        (None, Some(p)) => std::path::PathBuf::from(p),
-        (None, None) => {
-            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/entropy"))
-        }
-    }
+    unimic_codec::shipped::entropy_dir(dir)
 }
 
 /// The first 8 bytes of the tokenizer's weights hash.
@@ -113,35 +106,261 @@ pub fn list_images(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     Ok(v)
 }
 
-/// Reads a captions file (`captions.csv`: an optional `image,caption` header, then one
-/// `image,caption` line per caption, several per image allowed) into `(image, caption)` pairs in
-/// file order. The caption is everything after the first comma, trimmed; one wrapped in double
-/// quotes (CSV quoting, as when it contains a comma) loses them and `""` becomes `"`. Blank lines
-/// are skipped; a line without a comma is an error. Training and the benchmarks read captions
-/// only through this function, so both see the same text.
+/// Reads a captions file (`captions.csv`) into `(image, caption)` pairs in file order: CSV as
+/// RFC 4180 defines it, parsed by the `csv` crate (LF or CRLF line ends; a field in double quotes
+/// may hold commas, line breaks and quotes written `""`). Every record has two fields, `image` and
+/// `caption` (several records per image allowed), each trimmed of surrounding whitespace; a first
+/// record `image,caption` is a header and skipped, blank lines are skipped. A record with another
+/// number of fields, an empty image name, text that is not UTF-8 or a quoted field still open at
+/// the end of the file is an error naming the file and the line the record starts on. Training
+/// and the benchmarks read captions only through this function, so both see the same text.
 pub fn read_captions(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    check_input_file(path)?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_captions(&bytes, &path.display().to_string())
+}
+
+/// [`read_captions`] on the bytes of a file; `name` prefixes the errors (`name:line: ...`).
+pub fn parse_captions(bytes: &[u8], name: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(bytes);
+    let mut record = csv::StringRecord::new();
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if n == 0 && line.starts_with("image,") {
+    let mut first = true;
+    let mut last = None;
+    // Line numbers are counted here from the records' byte offsets: csv-core 0.1 does not count
+    // the line breaks inside a quoted field, so its own line numbers fall behind after one.
+    let mut lines = LineCounter::default();
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                let line = e
+                    .position()
+                    .map_or(0, |p| lines.line_at(bytes, record_start(bytes, p.byte())));
+                match e.kind() {
+                    csv::ErrorKind::Utf8 { err, .. } => {
+                        bail!("{name}:{line}: field {} is not UTF-8", err.field() + 1)
+                    }
+                    _ => bail!("{name}:{line}: {e}"),
+                }
+            }
+        }
+        let pos = record
+            .position()
+            .context("the CSV reader gave a record without a position")?;
+        let start = record_start(bytes, pos.byte());
+        let line = lines.line_at(bytes, start);
+        last = Some((start, line));
+        let is_header =
+            first && record.len() == 2 && &record[0] == "image" && &record[1] == "caption";
+        first = false;
+        if is_header || (record.len() == 1 && record[0].is_empty()) {
             continue;
         }
-        if line.trim().is_empty() {
-            continue;
+        if record.len() != 2 {
+            bail!(
+                "{name}:{line}: {} field(s) where a record has 2 (image,caption; quote a caption \
+                 that holds a comma)",
+                record.len()
+            );
         }
-        let (image, caption) = line
-            .split_once(',')
-            .with_context(|| format!("{}:{}: no comma", path.display(), n + 1))?;
-        let caption = caption.trim();
-        let caption = caption
-            .strip_prefix('"')
-            .and_then(|c| c.strip_suffix('"'))
-            .map(|c| c.replace("\"\"", "\""))
-            .unwrap_or_else(|| caption.to_string());
-        out.push((image.trim().to_string(), caption));
+        if record[0].is_empty() {
+            bail!("{name}:{line}: empty image name");
+        }
+        out.push((record[0].to_string(), record[1].to_string()));
+    }
+    // The csv crate ends a quoted field left open at the end of the input as if it were closed,
+    // which would take the rest of the file for one caption: refuse that.
+    if let Some((start, line)) = last {
+        if quote_left_open(&bytes[start..]) {
+            bail!("{name}:{line}: a quoted field is not closed before the end of the file");
+        }
     }
     Ok(out)
+}
+
+/// Where the record the csv crate places at byte `at` starts: past the line breaks there (after
+/// a CRLF the crate's position points at the LF, and blank lines before a record are skipped).
+fn record_start(bytes: &[u8], at: u64) -> usize {
+    let mut at = usize::try_from(at).unwrap_or(usize::MAX).min(bytes.len());
+    while at < bytes.len() && matches!(bytes[at], b'\r' | b'\n') {
+        at += 1;
+    }
+    at
+}
+
+/// 1-based line numbers of byte offsets met in increasing order.
+#[derive(Default)]
+struct LineCounter {
+    offset: usize,
+    breaks: u64,
+}
+
+impl LineCounter {
+    /// The line that byte `at` of `bytes` is on (offsets at or after the previous one).
+    fn line_at(&mut self, bytes: &[u8], at: usize) -> u64 {
+        let at = at.min(bytes.len());
+        if at > self.offset {
+            self.breaks += bytes[self.offset..at]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count() as u64;
+            self.offset = at;
+        }
+        self.breaks + 1
+    }
+}
+
+/// Whether the CSV record that `raw` starts with (and runs to the end of `raw`) leaves a quoted
+/// field open: a field whose first byte is `"` must end with a `"` not doubled.
+fn quote_left_open(raw: &[u8]) -> bool {
+    let mut at_field_start = true;
+    let mut quoted = false;
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        if quoted {
+            if b == b'"' {
+                if raw.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
+            }
+        } else if at_field_start && b == b'"' {
+            quoted = true;
+            at_field_start = false;
+        } else if b == b',' {
+            at_field_start = true;
+        } else if b == b'\n' || b == b'\r' {
+            return false;
+        } else {
+            at_field_start = false;
+        }
+        i += 1;
+    }
+    quoted
+}
+
+/// Checks, before any work, that `path` names a file that can be read: says plainly when it is
+/// missing or a directory.
+pub fn check_input_file(path: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!(
+            "{} is a directory; give the path of a file in it",
+            path.display()
+        ),
+        Ok(_) => std::fs::File::open(path)
+            .map(drop)
+            .with_context(|| format!("cannot read {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{} does not exist", path.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Checks, before any work, that `path` names a directory (of images, say): says plainly when
+/// it is missing or a file.
+pub fn check_input_dir(path: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!("{} is a file; give a directory", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("the directory {} does not exist", path.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// The directory a file `path` would be written into (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Checks, before any work, that a file can be written at `path`: it is not a directory, its
+/// directory exists, and the file can be opened for writing there (an existing file is left as
+/// it is; a new one is created and removed again).
+pub fn check_output_file(path: &Path) -> anyhow::Result<()> {
+    if path.as_os_str().is_empty() {
+        bail!("the output path is empty");
+    }
+    if path.is_dir() {
+        bail!(
+            "the output {} is a directory; give a file name (e.g. {})",
+            path.display(),
+            path.join("out").display()
+        );
+    }
+    let dir = parent_dir(path);
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {}: the directory {} does not exist{}",
+            path.display(),
+            dir.display(),
+            if dir.exists() { " (it is a file)" } else { "" }
+        );
+    }
+    if path.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .with_context(|| format!("cannot write {}", path.display()))
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
+    }
+}
+
+/// Checks, before any work, that files named `PREFIX-…` can be written for the output prefix
+/// `prefix`: it is not a directory (nor ends with a separator) and its directory exists.
+pub fn check_output_prefix(prefix: &Path) -> anyhow::Result<()> {
+    let s = prefix.as_os_str().to_string_lossy();
+    if s.is_empty() || s.ends_with(std::path::MAIN_SEPARATOR) || s.ends_with('/') || prefix.is_dir()
+    {
+        bail!(
+            "the output {} is a directory; give a prefix for the file names (e.g. {})",
+            prefix.display(),
+            Path::new(s.trim_end_matches(['/', std::path::MAIN_SEPARATOR]))
+                .join("grids")
+                .display()
+        );
+    }
+    let dir = parent_dir(prefix);
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {}-…: the directory {} does not exist",
+            prefix.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Creates the output directory `dir` (and its parents) before any work, with a plain error
+/// when a file is in the way or it cannot be created.
+pub fn create_output_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "the output directory {} exists and is a file",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the output directory {}", dir.display()))
 }
 
 /// A path under the system's temporary folder that is unique to this process and call, removed
@@ -175,14 +394,8 @@ impl Drop for Scratch {
     }
 }
 
-/// Id of the shipped generic (raster, causal) transformer entropy model.
-pub const GENERIC_ID: &str = "unimic-entropy-generic-v7";
-
-/// Id of the shipped masked (known-prefix) transformer entropy model.
-pub const MASKED_ID: &str = "unimic-entropy-masked-v7";
-
-/// Id of the shipped text-conditioned transformer entropy model.
-pub const TEXT_ID: &str = "unimic-entropy-text-v6";
+/// Ids of the shipped transformer entropy models (generic, masked, text-conditioned).
+pub use unimic_codec::shipped::{GENERIC_ID, MASKED_ID, TEXT_ID};
 
 /// The shipped model id of a transformer kind (`generic`, `masked` or `text`).
 pub fn shipped_id(kind: &str) -> Option<&'static str> {
@@ -194,51 +407,56 @@ pub fn shipped_id(kind: &str) -> Option<&'static str> {
     }
 }
 
+/// The transformer kind (`generic`, `masked`, `text`, …) a model id names, if it is one
+/// ([`unimic_codec::umic::model_kind`]).
+pub fn model_kind(id: &str) -> Option<&str> {
+    unimic_codec::umic::model_kind(id)
+}
+
+/// The file named `name` directly in `dir`, found among the folder's entries (so that no path
+/// is ever made of a name read from a file); `None` when `dir` or the file is absent.
+fn find_in_dir(dir: &Path, name: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        if entry.file_name() == std::ffi::OsStr::new(name) && entry.path().is_file() {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
 /// Loads the transformer entropy model `id` (kind generic) from the entropy folder, or `None`
-/// when its manifest is absent.
+/// when its manifest is absent. `id` may come from a file: it must be a model id
+/// ([`unimic_codec::umic::is_model_id`]), its manifest `<id>.json` is looked up among the folder's entries, and the
+/// manifest must carry that id.
 pub fn generic_model(dir: Option<&Path>, id: &str) -> anyhow::Result<Option<(Generic, Manifest)>> {
-    let path = entropy_dir(dir).join(format!("{id}.json"));
-    if !path.exists() {
+    if model_kind(id) != Some("generic") {
+        bail!("{id:?} is not the id of a generic entropy model (unimic-entropy-generic-v<n>)");
+    }
+    let Some(path) = find_in_dir(&entropy_dir(dir), &format!("{id}.json"))? else {
         return Ok(None);
+    };
+    let (model, manifest) =
+        Generic::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    if manifest.id != id {
+        bail!(
+            "{} holds the model {:?}, not {id:?}",
+            path.display(),
+            manifest.id
+        );
     }
-    Generic::load(&path)
-        .map(Some)
-        .with_context(|| format!("loading {}", path.display()))
+    Ok(Some((model, manifest)))
 }
 
-/// The name written to files for a built-in entropy model's wire id.
-pub fn entropy_name(id: u32) -> &'static str {
-    match id {
-        model_id::UNIFORM => "unimic-entropy/uniform",
-        model_id::STATIC_GRID => "unimic-entropy/static-grid",
-        model_id::ADAPTIVE_GRID => "unimic-entropy/adaptive-grid",
-        model_id::ADAPTIVE_TEXT => "unimic-entropy/adaptive-text",
-        model_id::STATIC_TEXT => "unimic-entropy/static-text",
-        _ => "unimic-entropy/unknown",
-    }
-}
-
-/// The model choice for a grid model name written by [`entropy_name`].
-pub fn entropy_choice(name: &str) -> Option<ModelChoice> {
-    match name {
-        "unimic-entropy/uniform" => Some(ModelChoice::Uniform),
-        "unimic-entropy/adaptive-grid" => Some(ModelChoice::Adaptive),
-        _ => None,
-    }
-}
-
-/// Scales `img` down (Catmull-Rom, aspect ratio kept, sides rounded, at least one pixel) so that
-/// neither side exceeds `max_side` pixels; `max_side == 0` or an image that already fits is
-/// returned as it is.
+/// Scales `img` down so that neither side exceeds `max_side` pixels (0: never): the size policy
+/// of `encode --max-side` and the Python package, [`unimic_codec::tokenizer::fit`].
 pub fn fit(img: RgbImage, max_side: u32) -> RgbImage {
-    let (w, h) = img.dimensions();
-    if max_side == 0 || (w <= max_side && h <= max_side) {
-        return img;
-    }
-    let s = f64::from(max_side) / f64::from(w.max(h));
-    let nw = ((f64::from(w) * s).round() as u32).clamp(1, max_side);
-    let nh = ((f64::from(h) * s).round() as u32).clamp(1, max_side);
-    imageops::resize(&img, nw, nh, imageops::FilterType::CatmullRom)
+    tokenizer::fit(img, max_side)
 }
 
 /// Resizes the shorter side to `size` (Catmull-Rom) and center-crops to `size × size` (the
@@ -261,6 +479,7 @@ mod tests {
     use super::*;
     use unimic_codec::grid::TokenGrid;
     use unimic_codec::nn::weights::splitmix64;
+    use unimic_codec::umic::is_model_id;
 
     #[test]
     fn fit_scales_down_to_the_longer_side_only_when_needed() {
@@ -279,6 +498,12 @@ mod tests {
         TokenGrid::new(height, width, 1024, ids).unwrap()
     }
 
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
     #[test]
     fn captions_are_read_with_csv_quoting() {
         let scratch = Scratch::new("captions-csv");
@@ -289,23 +514,161 @@ mod tests {
             "image,caption\na.jpg,A dog runs .\n\nb.jpg ,\"Two cats , asleep .\"\nb.jpg,\"A \"\"big\"\" cat\"\n",
         )
         .unwrap();
-        let caps = read_captions(&path);
-        std::fs::write(&path, "image,caption\nno comma here\n").unwrap();
-        let bad = read_captions(&path);
-        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect()
-        };
         assert_eq!(
-            caps.unwrap(),
+            read_captions(&path).unwrap(),
             pairs(&[
                 ("a.jpg", "A dog runs ."),
                 ("b.jpg", "Two cats , asleep ."),
                 ("b.jpg", "A \"big\" cat"),
             ])
         );
-        assert!(bad.unwrap_err().to_string().contains(":2: no comma"));
+        // A directory where the file should be is named as such.
+        let err = read_captions(scratch.path()).unwrap_err().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+    }
+
+    /// What a real captioned set's export looks like: CRLF line ends, a quoted caption spanning
+    /// two lines, embedded quotes and commas; the hand-written reader failed on it with "no
+    /// comma" at the caption's second line.
+    #[test]
+    fn captions_csv_with_crlf_and_a_caption_spanning_two_lines() {
+        let text = "image,caption\r\n\
+                    1.jpg,A child climbs stairs .\r\n\
+                    1.jpg,\"A girl, in pink,\r\ngoes up \"\"slowly\"\" .\"\r\n\
+                    2.jpg,\"Dogs , \"\"two\"\" of them\"\r\n\
+                    \r\n\
+                    2.jpg,  Padded caption  \r\n\
+                    3.jpg,\"\"\r\n\
+                    4.jpg,Last line without a line end";
+        assert_eq!(
+            parse_captions(text.as_bytes(), "captions.csv").unwrap(),
+            pairs(&[
+                ("1.jpg", "A child climbs stairs ."),
+                ("1.jpg", "A girl, in pink,\r\ngoes up \"slowly\" ."),
+                ("2.jpg", "Dogs , \"two\" of them"),
+                ("2.jpg", "Padded caption"),
+                ("3.jpg", ""),
+                ("4.jpg", "Last line without a line end"),
+            ])
+        );
+        // Without a header the first record is a caption; a header is only skipped first.
+        let caps = parse_captions(b"x.jpg,A\nimage,caption\n", "c").unwrap();
+        assert_eq!(caps, pairs(&[("x.jpg", "A"), ("image", "caption")]));
+        // LF only, the same multi-line caption.
+        let caps = parse_captions(b"a.jpg,\"one\ntwo\"\nb.jpg,three\n", "c").unwrap();
+        assert_eq!(caps, pairs(&[("a.jpg", "one\ntwo"), ("b.jpg", "three")]));
+        assert!(parse_captions(b"", "c").unwrap().is_empty());
+        assert!(parse_captions(b"image,caption\r\n", "c")
+            .unwrap()
+            .is_empty());
+    }
+
+    /// Malformed files fail with the file name and the line the bad record starts on.
+    #[test]
+    fn malformed_captions_name_the_line() {
+        let err = |text: &[u8]| parse_captions(text, "caps.csv").unwrap_err().to_string();
+        let e = err(b"image,caption\na.jpg,ok\nno comma here\n");
+        assert!(e.starts_with("caps.csv:3: 1 field(s)"), "{e}");
+        // An unquoted comma in a caption makes three fields.
+        let e = err(b"image,caption\r\na.jpg,\"two\r\nlines\"\r\nb.jpg,a dog, a cat\r\n");
+        assert!(e.starts_with("caps.csv:4: 3 field(s)"), "{e}");
+        let e = err(b"a.jpg,fine\n,no image\n");
+        assert!(e.starts_with("caps.csv:2: empty image name"), "{e}");
+        let e = err(b"a.jpg,fine\nb.jpg,\"never closed\nc.jpg,swallowed\n");
+        assert!(
+            e.starts_with("caps.csv:2: a quoted field is not closed"),
+            "{e}"
+        );
+        let e = err(b"image,caption\r\na.jpg,\"x\r\ny\"\r\n\r\nb.jpg,\"open\r\nc.jpg,z\r\n");
+        assert!(
+            e.starts_with("caps.csv:5: a quoted field is not closed"),
+            "{e}"
+        );
+        let e = err(b"image,caption\na.jpg,ok\nb.jpg,caf\xe9\n");
+        assert!(e.starts_with("caps.csv:3: field 2 is not UTF-8"), "{e}");
+        // A quote inside an unquoted field is literal (the csv crate's reading), and a closed
+        // quoted field at the end of the file is not mistaken for an open one.
+        assert_eq!(
+            parse_captions(b"a.jpg,5\" tall\nb.jpg,\"x\"\"\"", "c").unwrap(),
+            pairs(&[("a.jpg", "5\" tall"), ("b.jpg", "x\"")])
+        );
+    }
+
+    #[test]
+    fn input_and_output_paths_are_checked_before_the_work() {
+        let scratch = Scratch::new("paths");
+        let dir = scratch.path();
+        std::fs::create_dir_all(dir).unwrap();
+        let file = dir.join("in.png");
+        std::fs::write(&file, b"x").unwrap();
+        let msg = |r: anyhow::Result<()>| r.unwrap_err().to_string();
+
+        check_input_file(&file).unwrap();
+        assert!(msg(check_input_file(dir)).contains("is a directory"));
+        assert!(msg(check_input_file(&dir.join("nope.png"))).contains("does not exist"));
+        check_input_dir(dir).unwrap();
+        assert!(msg(check_input_dir(&file)).contains("is a file"));
+        assert!(msg(check_input_dir(&dir.join("nope"))).contains("does not exist"));
+
+        // A new file in an existing directory: fine, and nothing is left behind.
+        let out = dir.join("out.umic");
+        check_output_file(&out).unwrap();
+        assert!(!out.exists());
+        // An existing file is fine and kept as it is.
+        check_output_file(&file).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+        let e = msg(check_output_file(&dir.join("missing").join("out.umic")));
+        assert!(e.contains("does not exist") && e.contains("missing"), "{e}");
+        let e = msg(check_output_file(&file.join("out.umic")));
+        assert!(e.contains("it is a file"), "{e}");
+        assert!(msg(check_output_file(dir)).contains("is a directory"));
+
+        check_output_prefix(&dir.join("grids")).unwrap();
+        assert!(msg(check_output_prefix(dir)).contains("is a directory"));
+        assert!(msg(check_output_prefix(&dir.join("missing").join("g"))).contains("does not exist"));
+
+        let sub = dir.join("a").join("b");
+        create_output_dir(&sub).unwrap();
+        assert!(sub.is_dir());
+        create_output_dir(&sub).unwrap();
+        assert!(msg(create_output_dir(&file)).contains("is a file"));
+    }
+
+    #[test]
+    fn model_ids_name_no_folder_and_are_looked_up_by_listing() {
+        for ok in ["unimic-entropy-generic-v7", "unimic-entropy-masked-v12"] {
+            assert!(is_model_id(ok), "{ok}");
+        }
+        for bad in [
+            "unimic-entropy-generic-v7/../../x",
+            "unimic-entropy-../v1",
+            "unimic-entropy-generic-v",
+            "unimic-entropy--v1",
+            "unimic-entropy-generic-v1.json",
+            "unimic-entropy/adaptive-grid",
+            "../unimic-entropy-generic-v7",
+        ] {
+            assert!(!is_model_id(bad), "{bad}");
+        }
+        assert_eq!(model_kind("unimic-entropy-text-v6"), Some("text"));
+        let e = generic_model(None, "unimic-entropy-generic-v7/../../x").unwrap_err();
+        assert!(e.to_string().contains("is not the id"), "{e}");
+        assert!(generic_model(None, "unimic-entropy-generic-v999")
+            .unwrap()
+            .is_none());
+        // A manifest under another file name than its id is not taken for it.
+        let scratch = Scratch::new("entropy-ids");
+        std::fs::create_dir_all(scratch.path()).unwrap();
+        let shipped = entropy_dir(None);
+        std::fs::copy(
+            shipped.join(format!("{GENERIC_ID}.json")),
+            scratch.path().join("unimic-entropy-generic-v99.json"),
+        )
+        .unwrap();
+        let weights = format!("{GENERIC_ID}.safetensors");
+        std::fs::copy(shipped.join(&weights), scratch.path().join(&weights)).unwrap();
+        let e = generic_model(Some(scratch.path()), "unimic-entropy-generic-v99").unwrap_err();
+        assert!(e.to_string().contains("holds the model"), "{e}");
     }
 
     /// `.umic` files name their generic model by id: every generic model a released `encode`

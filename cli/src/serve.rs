@@ -36,18 +36,9 @@ pub struct Args {
 /// masked transformer (edits: only the region travels) when present, so that both ends
 /// negotiate them.
 pub fn codec_config() -> anyhow::Result<CodecConfig> {
-    let mut codec = CodecConfig::default();
-    if let Some((generic, _)) = crate::models::generic_model(None, crate::models::GENERIC_ID)? {
-        codec = codec.with_generic(Arc::new(generic));
-    }
-    let masked =
-        crate::models::entropy_dir(None).join(format!("{}.json", crate::models::MASKED_ID));
-    if masked.exists() {
-        let (model, _) = unimic_codec::entropy::masked::Masked::load(&masked)
-            .with_context(|| format!("loading {}", masked.display()))?;
-        codec = codec.with_masked(Arc::new(model));
-    }
-    Ok(codec)
+    let dir = crate::models::entropy_dir(None);
+    unimic_codec::shipped::codec_config(&dir)
+        .with_context(|| format!("loading the entropy models from {}", dir.display()))
 }
 
 /// The shipped image tokenizer's handshake identity (`serve` needs no weights to relay grids).

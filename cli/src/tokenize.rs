@@ -84,6 +84,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--scale must be in (0, 16], got {}",
         args.scale
     );
+    for d in &args.dirs {
+        models::check_input_dir(d)?;
+    }
+    models::check_output_prefix(&args.output)?;
     let tok = models::tokenizer(args.tokenizer.as_deref())?;
     let mut paths = Vec::new();
     for d in &args.dirs {

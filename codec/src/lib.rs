@@ -11,6 +11,7 @@ pub mod entropy;
 pub mod grid;
 pub mod nn;
 pub mod part;
+pub mod shipped;
 pub mod text;
 #[cfg(feature = "vq")]
 pub mod tokenizer;

@@ -7,7 +7,7 @@
 //! ```text
 //! magic "UMIC" | version u8 (=1) | tokenizer name (len, UTF-8) | tokenizer hash (8 bytes)
 //! | entropy model id (len, UTF-8) | model version | model hash (8 bytes)
-//! | image width | image height | grid height | grid width | codebook size
+//! | image width | image height | grid height | grid width (height × width ≤ 4096) | codebook size
 //! | chunk count | per chunk: tokens, payload length, payload bytes
 //! [version 2 only: refinement level count (1..=15)
 //!   | per level: entropy model id | model version | model hash | chunk count | chunks]
@@ -38,6 +38,15 @@
 //! assert_eq!(UmicFile::from_bytes(&bytes).unwrap(), file);
 //! ```
 
+#[cfg(feature = "vq")]
+mod image;
+
+#[cfg(feature = "vq")]
+pub use image::{
+    builtin_choice, builtin_model_name, check_against, check_file, check_names, decode_grids,
+    decode_image, encode_image, is_model_id, model_kind, EncodeOptions, Encoded, ImageError,
+    Level1Model,
+};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
@@ -55,6 +64,10 @@ pub const MAX_NAME: usize = 128;
 pub const MAX_CHUNKS: u64 = 1 << 16;
 /// Largest grid side accepted (tokens).
 pub const MAX_GRID_SIDE: u64 = 4096;
+/// Most tokens a grid may hold (height × width): the image tokenizers' limit
+/// (`tokenizer::MAX_TOKENS`), so that a few header bytes cannot ask for more decoding work
+/// than any tokenizer could have produced.
+pub const MAX_GRID_TOKENS: u64 = 4096;
 
 /// A model named in a file: name, version and an 8-byte prefix of its content hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,6 +329,9 @@ impl UmicFile {
             return Err(UmicError::Malformed("empty image"));
         }
         let total = grid_height * grid_width;
+        if total > MAX_GRID_TOKENS {
+            return Err(UmicError::Malformed("grid of more than 4096 tokens"));
+        }
         let chunks = r.chunks(total, body.len())?;
         let mut levels = Vec::new();
         if version == VERSION_LADDER {
@@ -452,6 +468,38 @@ mod tests {
                 "chunk token counts do not add up to the grid"
             ))
         );
+    }
+
+    /// A file of a hundred bytes could declare a 4096×4096 grid (16 M tokens to decode, one
+    /// chunk of an empty payload): the reader refuses every grid above the tokenizers' limit.
+    #[test]
+    fn grids_above_the_tokenizers_limit_are_refused() {
+        let mut f = sample();
+        f.chunks = vec![(4096 * 4096, vec![0; 16])];
+        (f.grid_height, f.grid_width) = (4096, 4096);
+        let bytes = f.to_bytes();
+        assert!(bytes.len() < 100, "{} bytes", bytes.len());
+        assert_eq!(
+            UmicFile::from_bytes(&bytes),
+            Err(UmicError::Malformed("grid of more than 4096 tokens"))
+        );
+        for (h, w, ok) in [
+            (64, 64, true),
+            (1, 4096, true),
+            (64, 65, false),
+            (2, 4096, false),
+        ] {
+            let mut f = sample();
+            (f.grid_height, f.grid_width) = (h, w);
+            f.chunks = vec![(h * w, vec![1])];
+            assert_eq!(UmicFile::from_bytes(&f.to_bytes()).is_ok(), ok, "{h}x{w}");
+        }
+    }
+
+    #[cfg(feature = "vq")]
+    #[test]
+    fn the_grid_limit_is_the_tokenizers() {
+        assert_eq!(MAX_GRID_TOKENS, crate::tokenizer::MAX_TOKENS as u64);
     }
 
     #[test]

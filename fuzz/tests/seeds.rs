@@ -100,3 +100,132 @@ fn transformer_seeds_reach_their_outcome() {
         "{ok} ok and {refused} refused seeds"
     );
 }
+
+/// The `codec_decode` seeds: those named `ok-*` are real encodes, of several chunks each, of
+/// shipped data (the default tokenizer's tokens in `models/entropy/data/*.val.umtg`, o200k ids
+/// of the captions next to them) with the models the target decodes with (uniform, adaptive,
+/// the shipped static ladder model); `garbage-*` are mutations of them. They are generated here
+/// and must equal the committed files; `UNIMIC_WRITE_SEEDS=1` (re)writes them.
+#[test]
+fn codec_decode_seeds() {
+    use unimic_codec::grid::{read_grid_file, TokenGrid};
+    use unimic_codec::part::{ModelChoice, PartTokens};
+    use unimic_codec::text::{O200k, TextTokenizer};
+    use unimic_fuzz::codec_decode::{honest_input, outcome, Outcome};
+
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/entropy/data");
+    let find = |suffix: &str| {
+        let mut v: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(suffix))
+            .collect();
+        v.sort();
+        v.into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no *{suffix} in {}", data.display()))
+    };
+    let grids = read_grid_file(&std::fs::read(find(".val.umtg")).unwrap(), 1 << 20).unwrap();
+    let captions = std::fs::read_to_string(find(".val.captions.txt")).unwrap();
+    let captions: Vec<&str> = captions.lines().collect();
+    let text = |lines: std::ops::Range<usize>| O200k::new().encode(&captions[lines].join("\n"));
+    let (g0, g1) = (&grids[0], &grids[1]);
+    assert_eq!(
+        (g0.height(), g0.width(), g0.codebook_size()),
+        (16, 16, 1024)
+    );
+    let half = TokenGrid::new(8, 16, 1024, grids[2].ids()[..128].to_vec()).unwrap();
+    let (t3, t1) = (text(0..3), text(3..4));
+    let ok = [
+        (
+            "ok-adaptive-grid-16x16-3chunks",
+            honest_input(ModelChoice::Adaptive, PartTokens::Grid(g0), 100),
+        ),
+        (
+            "ok-static-grid-16x16-2chunks",
+            honest_input(ModelChoice::Static, PartTokens::Grid(g1), 128),
+        ),
+        (
+            "ok-uniform-grid-8x16-2chunks",
+            honest_input(ModelChoice::Uniform, PartTokens::Grid(&half), 64),
+        ),
+        (
+            "ok-adaptive-text-3chunks",
+            honest_input(ModelChoice::Adaptive, PartTokens::Text(&t3), 16),
+        ),
+        (
+            "ok-uniform-text-2chunks",
+            honest_input(
+                ModelChoice::Uniform,
+                PartTokens::Text(&t1),
+                t1.len().div_ceil(2) as u16,
+            ),
+        ),
+    ];
+    let mut seeds: Vec<(&str, Vec<u8>)> = Vec::new();
+    for (name, bytes) in &ok {
+        match outcome(bytes) {
+            Outcome::RoundTrip {
+                chunks,
+                honest: true,
+            } if chunks >= 2 => {}
+            other => panic!("{name}: {other:?}"),
+        }
+        seeds.push((name, bytes.clone()));
+    }
+    // Mutations: the adaptive grid's second chunk with bits flipped; the text part cut short
+    // (its last chunk loses bytes, the part keeps its shape); a 64×64 grid of 16,384 codes whose
+    // chunks get the 16×16 grid's payloads.
+    let mut flipped = ok[0].1.clone();
+    let n = flipped.len();
+    for b in &mut flipped[n / 2..n / 2 + 4] {
+        *b ^= 0x5a;
+    }
+    let cut = ok[3].1[..ok[3].1.len() - 3].to_vec();
+    let mut wide = ok[0].1.clone();
+    wide[..5].copy_from_slice(&[1 | 4 | (2 << 3), 63, 63, 0x03, 0xe8]);
+    seeds.extend([
+        ("garbage-adaptive-grid-flipped", flipped),
+        ("garbage-adaptive-text-cut", cut),
+        ("garbage-adaptive-grid-64x64-16k", wide),
+    ]);
+    // The flipped chunk no longer decodes to what was coded (it may still decode: a range-coder
+    // payload has no redundancy to detect damage with); the wide grid has five chunks, the last
+    // two without payload bytes.
+    assert_ne!(outcome(&seeds[ok.len()].1), outcome(&ok[0].1));
+    assert_eq!(
+        outcome(&seeds[ok.len() + 2].1),
+        Outcome::RoundTrip {
+            chunks: 5,
+            honest: false
+        }
+    );
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/codec_decode");
+    if std::env::var_os("UNIMIC_WRITE_SEEDS").is_some() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        for (name, bytes) in &seeds {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+    let mut committed: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    committed.sort();
+    let mut names: Vec<String> = seeds.iter().map(|(n, _)| n.to_string()).collect();
+    names.sort();
+    assert_eq!(
+        committed, names,
+        "run with UNIMIC_WRITE_SEEDS=1 to rewrite the seeds"
+    );
+    for (name, bytes) in &seeds {
+        assert_eq!(
+            &std::fs::read(dir.join(name)).unwrap(),
+            bytes,
+            "seeds/codec_decode/{name} differs from a fresh encode: run with UNIMIC_WRITE_SEEDS=1"
+        );
+    }
+}

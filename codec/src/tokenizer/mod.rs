@@ -212,6 +212,31 @@ pub trait ImageTokenizer {
     }
 }
 
+/// Longest image side, in pixels, that [`fit`] scales photos to by default (`unimic encode
+/// --max-side`, the Python package): at 16 pixels per token it keeps a grid within the
+/// [`MAX_TOKENS`] limit and the transformer entropy models' 64×64 positions.
+pub const DEFAULT_MAX_SIDE: u32 = 1024;
+
+/// Scales `img` down (Catmull-Rom, aspect ratio kept, sides rounded, at least one pixel) so that
+/// neither side exceeds `max_side` pixels; `max_side == 0` or an image that already fits is
+/// returned as it is. A phone photo (4032×3024) becomes 1024×768 at [`DEFAULT_MAX_SIDE`].
+///
+/// ```
+/// use unimic_codec::tokenizer::fit;
+/// let img = image::RgbImage::new(4032, 3024);
+/// assert_eq!(fit(img, 1024).dimensions(), (1024, 768));
+/// ```
+pub fn fit(img: RgbImage, max_side: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if max_side == 0 || (w <= max_side && h <= max_side) {
+        return img;
+    }
+    let s = f64::from(max_side) / f64::from(w.max(h));
+    let nw = ((f64::from(w) * s).round() as u32).clamp(1, max_side);
+    let nh = ((f64::from(h) * s).round() as u32).clamp(1, max_side);
+    image::imageops::resize(&img, nw, nh, image::imageops::FilterType::CatmullRom)
+}
+
 /// `image` padded on the right and at the bottom by edge replication to multiples of `factor`
 /// (the size policy of the module docs), as `(height, width, RGB bytes)`. Fails on an empty image
 /// or one of more than [`MAX_TOKENS`] tokens.

@@ -1,0 +1,97 @@
+//! The models shipped in the repository's `models/` folder: their ids, where they are found, and
+//! the codec configuration that offers them in a session's handshake.
+//!
+//! The folder of a source checkout is compiled in (`models/` next to this crate); every function
+//! also takes an explicit folder, so a build that keeps the models elsewhere (the Python wheel
+//! carries them as package data) passes its own. The layout under a models root is the
+//! repository's: `tokenizer-taef2/` (the default image tokenizer, whose manifest names
+//! `../taef2/taef2_encoder.safetensors`), `taef2/` and `entropy/`.
+//!
+//! ```
+//! use unimic_codec::shipped;
+//! let dir = shipped::entropy_dir(None);
+//! let codec = shipped::codec_config(&dir)?;
+//! // The shipped generic and masked transformers are offered when their files are present.
+//! assert_eq!(codec.generic.is_some(), dir.join(format!("{}.json", shipped::GENERIC_ID)).exists());
+//! # Ok::<(), unimic_codec::nn::model::ModelError>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::entropy::generic::Generic;
+use crate::entropy::masked::Masked;
+use crate::nn::model::ModelError;
+use crate::part::CodecConfig;
+
+/// Id of the shipped generic (raster, causal) transformer entropy model.
+pub const GENERIC_ID: &str = "unimic-entropy-generic-v7";
+
+/// Id of the shipped masked (known-prefix) transformer entropy model.
+pub const MASKED_ID: &str = "unimic-entropy-masked-v7";
+
+/// Id of the shipped text-conditioned transformer entropy model.
+pub const TEXT_ID: &str = "unimic-entropy-text-v6";
+
+/// The `models/` folder of the source tree this crate was built from.
+pub fn source_models_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models"))
+}
+
+/// The folder of the transformer entropy models: `dir`, else `$UNIMIC_ENTROPY`, else
+/// `entropy/` of [`source_models_dir`].
+pub fn entropy_dir(dir: Option<&Path>) -> PathBuf {
+    match (dir, std::env::var_os("UNIMIC_ENTROPY")) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(p)) => PathBuf::from(p),
+        (None, None) => source_models_dir().join("entropy"),
+    }
+}
+
+/// The manifest of the shipped model `id` in `entropy_dir` (`<entropy_dir>/<id>.json`).
+pub fn manifest_path(entropy_dir: &Path, id: &str) -> PathBuf {
+    entropy_dir.join(format!("{id}.json"))
+}
+
+/// The codec that `unimic serve`, `chat`, `demo` and the Python package use: with the shipped
+/// generic transformer (images) and masked transformer (edits: only the region travels) from
+/// `entropy_dir` when their manifests are there, so that both ends of a session negotiate them.
+/// A model whose manifest is present but does not load is an error.
+pub fn codec_config(entropy_dir: &Path) -> Result<CodecConfig, ModelError> {
+    let mut codec = CodecConfig::default();
+    let generic = manifest_path(entropy_dir, GENERIC_ID);
+    if generic.exists() {
+        let (model, _) = Generic::load(&generic)?;
+        codec = codec.with_generic(Arc::new(model));
+    }
+    let masked = manifest_path(entropy_dir, MASKED_ID);
+    if masked.exists() {
+        let (model, _) = Masked::load(&masked)?;
+        codec = codec.with_masked(Arc::new(model));
+    }
+    Ok(codec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_folder_gives_the_weightless_codec_and_a_broken_manifest_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("unimic-shipped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let codec = codec_config(&dir).unwrap();
+        assert!(codec.generic.is_none() && codec.masked.is_none());
+        std::fs::write(manifest_path(&dir, GENERIC_ID), b"{ not json").unwrap();
+        assert!(codec_config(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_source_tree_holds_the_shipped_models() {
+        let dir = entropy_dir(Some(&source_models_dir().join("entropy")));
+        let codec = codec_config(&dir).unwrap();
+        assert!(codec.generic.is_some() && codec.masked.is_some());
+        assert!(manifest_path(&dir, TEXT_ID).exists());
+    }
+}

@@ -1,0 +1,194 @@
+"""Sessions over loopback QUIC: the Python client against the Rust server (`unimic serve`), the
+Rust client (the `turns` example) against a Python agent, and Python on both ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from typing import List
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import unimic
+from conftest import SAMPLE, gradient, run
+
+
+def test_python_client_and_the_rust_server(rust_server, photo):
+    addr, pin = rust_server
+
+    async def main():
+        async with await unimic.Client.connect(addr, pin=pin) as client:
+            reply = await client.send("What is in this photo?", images=[photo])
+            events = await reply.collect()
+            assert events[0] == "What is in this photo?"
+            (img,) = [e for e in events if isinstance(e, Image.Image)]
+            grid = unimic.tokenize(photo)
+            assert img.size == (grid.shape[1] * 16, grid.shape[0] * 16)
+            stats = reply.stats
+            assert stats["sent_wire_bytes"] > 0 and stats["received_wire_bytes"] > 0
+            assert stats["sent_wire_bytes"] < 400, stats  # a photo and a question
+            # The echo returns the grid token for token.
+            reply = await client.send("again", grids=[grid], decode_images=False)
+            events = await reply.collect()
+            assert events[0] == "again"
+            assert np.array_equal(events[1], grid) and events[1].dtype == np.uint32
+            # Context reuse: the same text again costs fewer bytes.
+            r1 = await client.send("the same words once more")
+            await r1.text()
+            r2 = await client.send("the same words once more")
+            assert await r2.text() == "the same words once more"
+            assert r2.stats["sent_wire_bytes"] <= r1.stats["sent_wire_bytes"]
+
+    run(main())
+
+
+def test_rust_client_and_a_python_agent(rust_bins, photo, tmp_path):
+    image = tmp_path / "photo.png"
+    photo.save(image)
+    seen: List[unimic.Conversation] = []
+
+    async def agent(conversation: unimic.Conversation, sink: unimic.Sink) -> None:
+        seen.append(conversation)
+        turn = conversation.last
+        await sink.text(f"python heard {turn.text!r}")
+        for g in turn.images:
+            await sink.text(f" and saw a {g.shape[0]}x{g.shape[1]} image")
+            await sink.image(g)
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", agent)
+        proc = await asyncio.create_subprocess_exec(
+            str(rust_bins["turns"]), server.address, server.pin, "--text", "hi from rust",
+            "--grid", str(image), "--turns", "2", "--warmup", "0",
+            stdout=subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        lines = [json.loads(l) for l in out.decode().splitlines()]
+        turns = [l for l in lines if "turn" in l]
+        assert len(turns) == 2
+        for t in turns:
+            assert t["text"].startswith("python heard 'hi from rust' and saw a ")
+            assert len(t["images"]) == 1
+        assert [t["outcome"] for t in server.turns()] == ["answered", "answered"]
+        # The agent saw the whole conversation: its own first reply, image included.
+        second = seen[1]
+        assert [t.role for t in second.turns] == ["user", "assistant", "user"]
+        assert isinstance(second.turns[1].content[-1], np.ndarray)
+        await server.close()
+        assert server.closed
+
+    run(main(), timeout=600)
+
+
+def test_python_on_both_ends_with_an_object_agent_and_pil_replies(models):
+    class Painter:
+        async def respond(self, conversation, sink):
+            await sink.text("here: ")
+            await sink.image(gradient(32, 32))
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", Painter())
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        events = await (await client.send("paint")).collect()
+        assert events[0] == "here: "
+        assert isinstance(events[1], Image.Image) and events[1].size == (32, 32)
+        assert await client.ask("and again") == "here: "
+        await client.close()
+        await server.close()
+
+    run(main())
+
+
+def test_agent_exceptions_reach_the_client_and_the_session_goes_on():
+    async def moody(conversation, sink):
+        if "fail" in conversation.last.text:
+            raise RuntimeError("the model is on fire")
+        await sink.text("fine")
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", moody)
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        with pytest.raises(unimic.AgentError, match="the model is on fire") as e:
+            await (await client.send("please fail")).text()
+        assert e.value.code == "AGENT_FAILED"
+        assert await client.ask("now work") == "fine"
+        outcomes = [t["outcome"] for t in server.turns()]
+        assert outcomes[0] == "agent failed: backend error: RuntimeError: the model is on fire"
+        assert outcomes[1] == "answered"
+        await client.close()
+        await server.close()
+
+    run(main())
+
+
+def test_a_sync_agent_is_refused_with_a_clear_error():
+    def not_async(conversation, sink):
+        return None
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", not_async)
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        with pytest.raises(unimic.AgentError, match="async"):
+            await client.ask("hello")
+        await client.close()
+        await server.close()
+
+    run(main())
+
+
+def test_the_local_agent_generates_an_image_on_request():
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", unimic.LocalAgent())
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        reply = await client.send(
+            "a red bird", request={"task": {"generate": {"height": 2, "width": 3}}, "seed": 1},
+            decode_images=False,
+        )
+        grids = [e for e in await reply.collect() if isinstance(e, np.ndarray)]
+        assert len(grids) == 1 and grids[0].shape == (2, 3)
+        with pytest.raises(unimic.ContentError):
+            await client.send("x", request={"task": {"no such task": {}}})
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=300)
+
+
+def test_the_event_loop_is_not_blocked_while_images_are_coded():
+    """A ticker on the loop keeps ticking while the client tokenizes a photo, the agent
+    tokenizes its reply image and the client detokenizes it (each several hundred ms)."""
+
+    async def agent(conversation, sink):
+        await sink.image(SAMPLE, max_side=256)
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", agent)
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        gaps = []
+        stop = asyncio.Event()
+
+        async def ticker():
+            loop = asyncio.get_running_loop()
+            last = loop.time()
+            while not stop.is_set():
+                await asyncio.sleep(0.005)
+                now = loop.time()
+                gaps.append(now - last)
+                last = now
+
+        t = asyncio.create_task(ticker())
+        reply = await client.send("look", images=[SAMPLE], max_side=256)
+        events = await reply.collect()
+        stop.set()
+        await t
+        assert any(isinstance(e, Image.Image) for e in events)
+        assert len(gaps) > 20
+        assert max(gaps) < 0.1, f"the loop stalled for {max(gaps) * 1000:.0f} ms"
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=300)
