@@ -106,6 +106,14 @@ pub struct SessionConfig {
     /// Set it above the longest pause a legitimate sender makes mid-message (for example between
     /// two deltas of a streamed reply).
     pub message_stall_timeout: Option<Duration>,
+    /// Each session's own budget of transformer positions per second
+    /// ([`WorkBudget`](crate::WorkBudget); 16,384 per second, bursts of 131,072 = two messages at
+    /// the per-message bound; `None`: unbounded). A part that would overdraw it is refused with
+    /// `BUSY` before any decoding.
+    pub session_model_rate: Option<crate::budget::Rate>,
+    /// A budget every session made from this configuration shares (a server's sessions are made
+    /// from clones of one configuration, so this bounds the whole server; `None` by default).
+    pub shared_model_budget: Option<std::sync::Arc<crate::WorkBudget>>,
 }
 
 impl Default for SessionConfig {
@@ -121,6 +129,11 @@ impl Default for SessionConfig {
             default_chunk_tokens: 4096,
             max_message_model_tokens: 65_536,
             message_stall_timeout: Some(Duration::from_secs(60)),
+            session_model_rate: Some(crate::budget::Rate {
+                per_second: 16_384,
+                burst: 131_072,
+            }),
+            shared_model_budget: None,
         }
     }
 }
@@ -165,6 +178,22 @@ impl SessionConfig {
     /// Sets how long acknowledgements are batched before they are written.
     pub fn with_ack_delay(mut self, delay: Duration) -> Self {
         self.ack_delay = delay;
+        self
+    }
+
+    /// Sets each session's budget of transformer positions per second (`None`: unbounded).
+    pub fn with_session_model_rate(mut self, rate: Option<crate::budget::Rate>) -> Self {
+        self.session_model_rate = rate;
+        self
+    }
+
+    /// Sets a budget of transformer positions per second that every session made from this
+    /// configuration shares (for a server: all its sessions).
+    pub fn with_shared_model_budget(
+        mut self,
+        budget: Option<std::sync::Arc<crate::WorkBudget>>,
+    ) -> Self {
+        self.shared_model_budget = budget;
         self
     }
 

@@ -62,6 +62,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod budget;
 mod config;
 mod endpoint;
 mod error;
@@ -79,6 +80,7 @@ mod wire;
 #[cfg(feature = "bench")]
 pub mod bench;
 
+pub use budget::{Rate, WorkBudget};
 pub use config::{ClientConfig, QuicConfig, ServerConfig, SessionConfig};
 pub use endpoint::{Client, Server};
 pub use error::{ConnectError, EndpointError, RecvError, SendError, SessionError};

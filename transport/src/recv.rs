@@ -779,6 +779,16 @@ impl Task {
                             ),
                         ));
                     }
+                    // And by the model work per second this session and the server allow.
+                    if let Err(whose) = shared.take_model_work(positions) {
+                        return Err(Fail::new(
+                            ErrorCode::BUSY,
+                            format!(
+                                "{whose} budget of transformer work per second is spent \
+                                 ({positions} positions asked); retry later"
+                            ),
+                        ));
+                    }
                 }
                 let px = u64::from(patch) * u64::from(patch);
                 (

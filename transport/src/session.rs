@@ -139,6 +139,27 @@ pub(crate) struct Shared {
     /// Who accepts the peer's message streams (a waiting `recv`, or the driver).
     pub accept: AcceptTurn,
     pub span: tracing::Span,
+    /// This session's budget of model positions per second (`SessionConfig::session_model_rate`).
+    pub model_budget: Option<crate::WorkBudget>,
+}
+
+impl Shared {
+    /// Takes `n` model positions from the session's budget and the shared one, or from none of
+    /// them; `Err` says which was short.
+    pub fn take_model_work(&self, n: u64) -> Result<(), &'static str> {
+        if let Some(b) = &self.model_budget {
+            b.try_take(n).map_err(|_| "this session's")?;
+        }
+        if let Some(b) = &self.config.shared_model_budget {
+            if b.try_take(n).is_err() {
+                if let Some(own) = &self.model_budget {
+                    own.give_back(n);
+                }
+                return Err("the server's");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Shared {
@@ -370,9 +391,13 @@ impl Session {
         conn.set_max_concurrent_uni_streams(
             quinn::VarInt::from_u64(concurrent).unwrap_or(quinn::VarInt::from_u32(1)),
         );
+        let model_budget = config
+            .session_model_rate
+            .map(|r| crate::WorkBudget::new(r.per_second, r.burst));
         let shared = Arc::new(Shared {
             conn,
             side,
+            model_budget,
             tokenizers: config.tokenizers.clone(),
             negotiated,
             entropy,

@@ -20,7 +20,7 @@ use unimic_protocol::{
 };
 use unimic_transport::{
     ChunkData, ContextKey, MessageEvent, ModelChoice, OutgoingMessage, OutgoingPart, PartKind,
-    ReceivedPart, Role, SendError, Session, SessionConfig, TokenGrid,
+    ReceivedPart, RecvError, Role, SendError, Session, SessionConfig, TokenGrid,
 };
 
 const K: u32 = 1024;
@@ -733,4 +733,73 @@ async fn transformer_work_per_message_is_bounded() {
     );
     drop(peer);
     let _ = drain.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_work_per_second_is_budgeted_per_session_and_per_server() {
+    use unimic_transport::{Rate, WorkBudget};
+    // Each session may run 40 positions at once and refills one per second; all sessions of the
+    // server together 48.
+    let shared = Arc::new(WorkBudget::new(1, 48));
+    let with_generic = || {
+        let g = unimic_codec::entropy::generic::Generic::synthetic(
+            &unimic_codec::entropy::generic::GenericConfig::tiny(K as usize),
+            30,
+        )
+        .unwrap();
+        codec(12).with_generic(Arc::new(g))
+    };
+    let mut p = model_pair_with(
+        session_config()
+            .with_codec(with_generic())
+            .with_session_model_rate(Some(Rate {
+                per_second: 1,
+                burst: 40,
+            }))
+            .with_shared_model_budget(Some(shared.clone())),
+        with_generic(),
+    );
+    let (client, server) = connect(&mut p).await;
+    let generic_4x4 = |seed| {
+        // A 4 × 4 grid coded with the generic transformer: 16 positions.
+        OutgoingMessage::new(Role::User)
+            .with_part(OutgoingPart::image(noise(4, 4, seed)).with_model(ModelChoice::Generic))
+    };
+    async fn outcome(server: &Session) -> Result<(), RecvError> {
+        let m = within(server.recv()).await.unwrap().unwrap();
+        within(m.collect()).await.map(|_| ())
+    }
+    // 16 + 16 fit the session's 40; the third would overdraw it: BUSY, before any decoding.
+    for seed in 0..3 {
+        within(client.send(generic_4x4(seed))).await.unwrap();
+    }
+    assert!(outcome(&server).await.is_ok());
+    assert!(outcome(&server).await.is_ok());
+    match outcome(&server).await {
+        Err(RecvError::Protocol { code, reason }) => {
+            assert_eq!(code, ErrorCode::BUSY);
+            assert!(reason.contains("this session's"), "{reason}");
+        }
+        other => panic!("expected BUSY, got {other:?}"),
+    }
+    // A second session has its own 40, but the server's shared 48 holds only 16 more.
+    let (client2, server2) = connect(&mut p).await;
+    within(client2.send(generic_4x4(7))).await.unwrap();
+    within(client2.send(generic_4x4(8))).await.unwrap();
+    assert!(outcome(&server2).await.is_ok());
+    match outcome(&server2).await {
+        Err(RecvError::Protocol { code, reason }) => {
+            assert_eq!(code, ErrorCode::BUSY);
+            assert!(reason.contains("the server's"), "{reason}");
+        }
+        other => panic!("expected BUSY, got {other:?}"),
+    }
+    // Work that needs no transformer is not budgeted.
+    within(
+        client2
+            .send(OutgoingMessage::new(Role::User).with_part(OutgoingPart::image(noise(4, 4, 9)))),
+    )
+    .await
+    .unwrap();
+    assert!(outcome(&server2).await.is_ok());
 }
