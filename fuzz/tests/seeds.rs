@@ -113,20 +113,29 @@ fn codec_decode_seeds() {
     use unimic_codec::text::{O200k, TextTokenizer};
     use unimic_fuzz::codec_decode::{honest_input, outcome, Outcome};
 
+    // The data is a local cache (git-ignored: `unimic train entropy --export-data` writes it), so
+    // a fresh clone only replays the committed seeds (`seeds_replay`, `good_seeds_are_valid`).
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/entropy/data");
     let find = |suffix: &str| {
         let mut v: Vec<_> = std::fs::read_dir(&data)
-            .unwrap()
-            .map(|e| e.unwrap().path())
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.to_string_lossy().ends_with(suffix))
             .collect();
         v.sort();
-        v.into_iter()
-            .next()
-            .unwrap_or_else(|| panic!("no *{suffix} in {}", data.display()))
+        v.into_iter().next()
     };
-    let grids = read_grid_file(&std::fs::read(find(".val.umtg")).unwrap(), 1 << 20).unwrap();
-    let captions = std::fs::read_to_string(find(".val.captions.txt")).unwrap();
+    let (Some(val_grids), Some(val_captions)) = (find(".val.umtg"), find(".val.captions.txt"))
+    else {
+        println!(
+            "skipping: codec_decode seed regeneration needs the exported tokens in {} \
+             (absent; the committed seeds still run in the replay test)",
+            data.display()
+        );
+        return;
+    };
+    let grids = read_grid_file(&std::fs::read(val_grids).unwrap(), 1 << 20).unwrap();
+    let captions = std::fs::read_to_string(val_captions).unwrap();
     let captions: Vec<&str> = captions.lines().collect();
     let text = |lines: std::ops::Range<usize>| O200k::new().encode(&captions[lines].join("\n"));
     let (g0, g1) = (&grids[0], &grids[1]);
