@@ -7,14 +7,11 @@
 //! adaptive models for images (the transformers would make this a benchmark of the generic
 //! model's CPU time, which `bench codec` measures), default limits and context budget.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
 use serde::Serialize;
 use unimic_agents::echo::Echo;
 use unimic_chat::{serve_with, Chat, ChatConfig, Prompt, ReplyEvent, ServeOptions};
@@ -279,23 +276,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    let exe = std::env::current_exe().context("locating the unimic binary")?;
-    let mut child = Command::new(exe)
-        .args(["bench", "soak", "--server"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting the soak server")?;
+    let (mut child, addr, pin) =
+        crate::bench_transport::start_child_server(&["bench", "soak", "--server"], "soak server")?;
     let result = rt.block_on(async {
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let mut it = line.split_whitespace();
-        let addr: SocketAddr = it.next().ok_or_else(|| anyhow!("no address"))?.parse()?;
-        let pin: CertHash = it
-            .next()
-            .ok_or_else(|| anyhow!("no certificate hash"))?
-            .parse()?;
         let mut reports = Vec::new();
         for round in 1..=args.rounds.max(1) {
             let mut r = soak(

@@ -120,16 +120,20 @@ fn print_rows(rows: &[BenchRow], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the idle-session server as a child process and opens `n` sessions against it.
-async fn idle(n: usize) -> anyhow::Result<IdleReport> {
+/// Starts this binary with `args` as a server in a child process that prints `ADDR PIN` as its
+/// first line; returns the child and what it printed.
+pub fn start_child_server(
+    args: &[&str],
+    what: &str,
+) -> anyhow::Result<(std::process::Child, SocketAddr, CertHash)> {
     let exe = std::env::current_exe().context("locating the unimic binary")?;
     let mut child = Command::new(exe)
-        .args(["bench", "transport", "--idle-server"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .context("starting the idle-session server")?;
-    let result = async {
+        .with_context(|| format!("starting the {what}"))?;
+    let read = (|| {
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
@@ -139,9 +143,27 @@ async fn idle(n: usize) -> anyhow::Result<IdleReport> {
             .next()
             .ok_or_else(|| anyhow!("no certificate hash"))?
             .parse()?;
-        Ok::<_, anyhow::Error>(bench::idle_sessions(addr, pin, n, Some(child.id())).await?)
+        Ok::<_, anyhow::Error>((addr, pin))
+    })();
+    match read {
+        Ok((addr, pin)) => Ok((child, addr, pin)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e.context(format!("reading the {what}'s address")))
+        }
     }
-    .await;
+}
+
+/// Starts the idle-session server as a child process and opens `n` sessions against it.
+async fn idle(n: usize) -> anyhow::Result<IdleReport> {
+    let (mut child, addr, pin) = start_child_server(
+        &["bench", "transport", "--idle-server"],
+        "idle-session server",
+    )?;
+    let result = bench::idle_sessions(addr, pin, n, Some(child.id()))
+        .await
+        .map_err(Into::into);
     let _ = child.kill();
     let _ = child.wait();
     result
