@@ -212,12 +212,17 @@ pub fn json_request_bytes(messages: &[serde_json::Value]) -> anyhow::Result<u64>
     Ok(serde_json::to_vec(&body)?.len() as u64)
 }
 
-/// Bytes of a JSON completion that answers with `text` and `images`.
-fn json_reply_bytes(text: &str, images: &[RgbImage]) -> anyhow::Result<u64> {
+/// The content of an OpenAI-style assistant message with `text` and `images` (base64 JPEG-85).
+fn json_assistant_content(text: &str, images: &[RgbImage]) -> anyhow::Result<serde_json::Value> {
     let mut content = vec![json!({"type": "text", "text": text})];
     for img in images {
         content.push(json!({"type": "image_url", "image_url": {"url": jpeg_data_url(img)?}}));
     }
+    Ok(serde_json::Value::Array(content))
+}
+
+/// Bytes of a JSON completion whose message has `content`.
+fn json_reply_bytes(content: &serde_json::Value) -> anyhow::Result<u64> {
     let body = json!({
         "id": "chatcmpl-0000000000000000000000000000",
         "object": "chat.completion",
@@ -362,11 +367,9 @@ pub fn run_session(
         if let Some(last) = reply_pixels.last() {
             last_image = Some(last.clone());
         }
-        let json_down = json_reply_bytes(&text, &reply_pixels)?;
-        let mut assistant = vec![json!({"type": "text", "text": text})];
-        for img in &reply_pixels {
-            assistant.push(json!({"type": "image_url", "image_url": {"url": jpeg_data_url(img)?}}));
-        }
+        // One JPEG encoding per reply image serves both the reply's size and the history.
+        let assistant = json_assistant_content(&text, &reply_pixels)?;
+        let json_down = json_reply_bytes(&assistant)?;
         history.push(json!({"role": "assistant", "content": assistant}));
         let wire_up = stats.sent.wire_bytes;
         let wire_down = stats.received.wire_bytes;
