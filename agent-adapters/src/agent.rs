@@ -32,6 +32,12 @@ pub enum Content {
     /// An image as a grid of VQ codebook indices. Pixel-based agents detokenize it with the
     /// session's image tokenizer; token-native agents consume the ids.
     Image(TokenGrid),
+    /// An image sent as a quality ladder (docs/PROTOCOL.md §6.3, mode 5): level 1 (the base
+    /// grid, what token-native agents consume) first, then the refinement levels that have
+    /// arrived, in order (residual codes of the same shape). Pixel-based agents decode all of
+    /// them with `ImageTokenizer::decode_levels` for a sharper picture. A refinement that arrives
+    /// in a later turn is added here, to the image it refines.
+    ImageLevels(Vec<TokenGrid>),
     /// An opaque attachment the caller chose to send raw.
     Raw {
         /// IANA media type, e.g. `image/png`.
@@ -46,6 +52,33 @@ pub enum Content {
 }
 
 impl Content {
+    /// The base grid of an image ([`Content::Image`], or level 1 of [`Content::ImageLevels`]).
+    pub fn base_image(&self) -> Option<&TokenGrid> {
+        match self {
+            Content::Image(g) => Some(g),
+            Content::ImageLevels(levels) => levels.first(),
+            _ => None,
+        }
+    }
+
+    /// Every level of an image, base first (one for a [`Content::Image`]).
+    ///
+    /// ```
+    /// use unimic_agents::Content;
+    /// use unimic_codec::grid::TokenGrid;
+    /// let g = TokenGrid::new(1, 1, 4, vec![3]).unwrap();
+    /// let levels = Content::ImageLevels(vec![g.clone(), g.clone()]);
+    /// assert_eq!(levels.image_levels().map(<[_]>::len), Some(2));
+    /// assert_eq!(Content::Image(g.clone()).base_image(), Some(&g));
+    /// ```
+    pub fn image_levels(&self) -> Option<&[TokenGrid]> {
+        match self {
+            Content::Image(g) => Some(std::slice::from_ref(g)),
+            Content::ImageLevels(levels) => Some(levels),
+            _ => None,
+        }
+    }
+
     /// The content of a raw part: a [`Content::Request`] when it is a readable request part,
     /// otherwise [`Content::Raw`] (an unreadable request stays raw, and an agent that takes
     /// requests reports why with [`Request::from_json`](crate::request::Request::from_json)).
@@ -148,22 +181,24 @@ pub struct ImageRef {
 }
 
 impl Conversation {
-    /// The most recent image of the conversation (of either side), with where it sits.
+    /// The most recent image of the conversation (of either side), with where it sits: its base
+    /// grid (level 1 of an image sent as a quality ladder).
     pub fn last_image(&self) -> Option<(ImageRef, &TokenGrid)> {
         self.turns.iter().enumerate().rev().find_map(|(t, turn)| {
             turn.content
                 .iter()
                 .enumerate()
                 .rev()
-                .find_map(|(c, content)| match content {
-                    Content::Image(g) => Some((
-                        ImageRef {
-                            turn: t,
-                            content: c,
-                        },
-                        g,
-                    )),
-                    _ => None,
+                .find_map(|(c, content)| {
+                    content.base_image().map(|g| {
+                        (
+                            ImageRef {
+                                turn: t,
+                                content: c,
+                            },
+                            g,
+                        )
+                    })
                 })
         })
     }

@@ -33,6 +33,13 @@ impl Agent for Echo {
                         sink.image_tokens((grid.height(), grid.width()), grid.ids(), true)
                             .await?
                     }
+                    // The base grid: a reply image has one level.
+                    Content::ImageLevels(levels) => {
+                        if let Some(grid) = levels.first() {
+                            sink.image_tokens((grid.height(), grid.width()), grid.ids(), true)
+                                .await?
+                        }
+                    }
                     Content::Raw { media_type, .. } => {
                         return Err(AgentError::Unsupported(format!(
                             "echo does not return raw attachments ({media_type})"

@@ -365,6 +365,16 @@ impl LocalAgent {
                     g.width(),
                     g.height()
                 )),
+                Content::ImageLevels(levels) => {
+                    if let Some(g) = levels.first() {
+                        received.push(format!(
+                            "a {}×{} grid of image tokens in {} quality levels",
+                            g.width(),
+                            g.height(),
+                            levels.len()
+                        ))
+                    }
+                }
                 Content::Raw { media_type, bytes } => received.push(format!(
                     "a {} attachment of {} bytes",
                     media_type,

@@ -132,6 +132,45 @@ const DRAIN_AFTER_DONE: Duration = Duration::from_millis(100);
 pub trait GridRenderer: Send + Sync {
     /// Renders `grid` as an RGB image.
     fn render(&self, grid: &TokenGrid) -> Result<RgbImage, String>;
+
+    /// Renders an image sent as a quality ladder ([`Content::ImageLevels`]: the base grid, then
+    /// refinement levels). The default draws the base grid alone; [`LevelsRenderer`] draws
+    /// every level.
+    fn render_levels(&self, levels: &[TokenGrid]) -> Result<RgbImage, String> {
+        let base = levels
+            .first()
+            .ok_or_else(|| "an image without levels".to_string())?;
+        self.render(base)
+    }
+}
+
+/// A [`GridRenderer`] from a closure over every level of an image (for example the tokenizer's
+/// `decode_levels`): a plain grid is drawn as a ladder of one level.
+///
+/// ```
+/// use image::RgbImage;
+/// use unimic_agents::openai::{GridRenderer, LevelsRenderer};
+/// use unimic_codec::grid::TokenGrid;
+/// let r = LevelsRenderer(|levels: &[TokenGrid]| -> Result<RgbImage, String> {
+///     Ok(RgbImage::new(levels.len() as u32, 1))
+/// });
+/// let g = TokenGrid::new(1, 1, 4, vec![0]).unwrap();
+/// assert_eq!(r.render_levels(&[g.clone(), g.clone()]).unwrap().width(), 2);
+/// assert_eq!(r.render(&g).unwrap().width(), 1);
+/// ```
+pub struct LevelsRenderer<F>(pub F);
+
+impl<F> GridRenderer for LevelsRenderer<F>
+where
+    F: Fn(&[TokenGrid]) -> Result<RgbImage, String> + Send + Sync,
+{
+    fn render(&self, grid: &TokenGrid) -> Result<RgbImage, String> {
+        (self.0)(std::slice::from_ref(grid))
+    }
+
+    fn render_levels(&self, levels: &[TokenGrid]) -> Result<RgbImage, String> {
+        (self.0)(levels)
+    }
 }
 
 impl<F> GridRenderer for F
@@ -422,7 +461,7 @@ pub struct OpenAiAgent {
     endpoint_shown: String,
     renderer: Option<Box<dyn GridRenderer>>,
     /// Recently rendered grids and their data URLs, most recently used last.
-    images: Mutex<VecDeque<(TokenGrid, String)>>,
+    images: Mutex<VecDeque<(Vec<TokenGrid>, String)>>,
 }
 
 impl fmt::Debug for OpenAiAgent {
@@ -559,7 +598,12 @@ impl OpenAiAgent {
                 Content::Text { text, .. } => parts.push(Part::Text { text }),
                 Content::Image(grid) => parts.push(Part::ImageUrl {
                     image_url: ImageUrl {
-                        url: self.image_data_url(grid)?,
+                        url: self.image_data_url(std::slice::from_ref(grid))?,
+                    },
+                }),
+                Content::ImageLevels(levels) => parts.push(Part::ImageUrl {
+                    image_url: ImageUrl {
+                        url: self.image_data_url(levels)?,
                     },
                 }),
                 Content::Raw { media_type, bytes } => {
@@ -587,7 +631,7 @@ impl OpenAiAgent {
     }
 
     /// Renders `grid` (or finds it in the cache) and returns its JPEG data URL.
-    fn image_data_url(&self, grid: &TokenGrid) -> Result<String, OpenAiError> {
+    fn image_data_url(&self, levels: &[TokenGrid]) -> Result<String, OpenAiError> {
         let renderer = self.renderer.as_ref().ok_or_else(|| {
             OpenAiError::Unsupported(
                 "this OpenAI agent has no image renderer (built with OpenAiAgent::text_only), \
@@ -597,14 +641,18 @@ impl OpenAiAgent {
         })?;
         {
             let mut cache = self.images.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = cache.iter().position(|(g, _)| g == grid) {
+            if let Some(i) = cache.iter().position(|(g, _)| g == levels) {
                 let entry = cache.remove(i).expect("index from position");
                 let url = entry.1.clone();
                 cache.push_back(entry);
                 return Ok(url);
             }
         }
-        let image = renderer.render(grid).map_err(OpenAiError::Render)?;
+        let image = match levels {
+            [grid] => renderer.render(grid),
+            _ => renderer.render_levels(levels),
+        }
+        .map_err(OpenAiError::Render)?;
         let (width, height) = image.dimensions();
         if width == 0 || height == 0 {
             return Err(OpenAiError::Render(
@@ -625,7 +673,7 @@ impl OpenAiAgent {
             base64::engine::general_purpose::STANDARD.encode(&jpeg)
         );
         let mut cache = self.images.lock().unwrap_or_else(|e| e.into_inner());
-        cache.push_back((grid.clone(), url.clone()));
+        cache.push_back((levels.to_vec(), url.clone()));
         while cache.len() > IMAGE_CACHE_ENTRIES {
             cache.pop_front();
         }
@@ -887,7 +935,7 @@ fn system_text(turn: &Turn) -> Result<String, OpenAiError> {
     for content in &turn.content {
         match content {
             Content::Text { text: t, .. } => text.push_str(t),
-            Content::Image(_) | Content::Raw { .. } => {
+            Content::Image(_) | Content::ImageLevels(_) | Content::Raw { .. } => {
                 return Err(OpenAiError::Unsupported(
                     "the OpenAI adapter sends only text in system turns".into(),
                 ))
@@ -909,6 +957,16 @@ fn assistant_text(turn: &Turn) -> Result<String, OpenAiError> {
                 grid.width(),
                 grid.height()
             )),
+            Content::ImageLevels(levels) => {
+                if let Some(grid) = levels.first() {
+                    text.push_str(&format!(
+                        "[image {}x{} tokens, {} levels]",
+                        grid.width(),
+                        grid.height(),
+                        levels.len()
+                    ))
+                }
+            }
             Content::Raw { media_type, bytes } => {
                 text.push_str(&format!("[attachment {media_type}, {} bytes]", bytes.len()))
             }

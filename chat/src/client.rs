@@ -139,9 +139,11 @@ impl ChatConfig {
 enum PromptPart {
     Text(String),
     Grid(TokenGrid),
+    /// An image as a quality ladder: the base grid, then refinement levels.
+    Levels(Vec<TokenGrid>),
     Request(unimic_agents::request::Request),
     #[cfg(feature = "pixels")]
-    Pixels(image::RgbImage),
+    Pixels(image::RgbImage, usize),
 }
 
 /// A user turn to send: text and images, in order.
@@ -176,6 +178,27 @@ impl Prompt {
         self
     }
 
+    /// Appends an image already tokenized as a quality ladder: `levels[0]` is the base grid,
+    /// the others refinement levels 2, 3, … of the same shape (from
+    /// `ImageTokenizer::encode_levels`). The base goes as an image part, each further level as
+    /// a part that refines the one before ([`OutgoingPart::refinement_of_part`]); the server's
+    /// agent sees them as one [`Content::ImageLevels`](unimic_agents::Content::ImageLevels). A
+    /// session that did not negotiate the ladder's models refuses the turn
+    /// ([`ChatError::Send`]).
+    ///
+    /// ```
+    /// use unimic_chat::Prompt;
+    /// use unimic_transport::TokenGrid;
+    /// let base = TokenGrid::new(2, 2, 1024, vec![1, 2, 3, 4]).unwrap();
+    /// let level2 = TokenGrid::new(2, 2, 1024, vec![9, 9, 0, 1]).unwrap();
+    /// let prompt = Prompt::text("What is this?").with_grid_levels(vec![base, level2]);
+    /// assert_eq!(prompt.len(), 2);
+    /// ```
+    pub fn with_grid_levels(mut self, levels: Vec<TokenGrid>) -> Self {
+        self.parts.push(PromptPart::Levels(levels));
+        self
+    }
+
     /// Appends a request for a token-native agent (inpaint, outpaint, generate, vary), sent as a
     /// raw part of media type
     /// [`REQUEST_MEDIA_TYPE`](unimic_agents::request::REQUEST_MEDIA_TYPE); edits and variations
@@ -197,7 +220,17 @@ impl Prompt {
     /// ([`ChatConfig::with_pixels`]).
     #[cfg(feature = "pixels")]
     pub fn with_image(mut self, image: image::RgbImage) -> Self {
-        self.parts.push(PromptPart::Pixels(image));
+        self.parts.push(PromptPart::Pixels(image, 1));
+        self
+    }
+
+    /// Appends an image as pixels sent with `levels` levels of the tokenizer's quality ladder
+    /// (1: the base grid alone, as [`with_image`](Self::with_image); more: sharper, more bytes;
+    /// see [`with_grid_levels`](Self::with_grid_levels)). More levels than the tokenizer has is
+    /// an error when the turn is sent.
+    #[cfg(feature = "pixels")]
+    pub fn with_image_levels(mut self, image: image::RgbImage, levels: usize) -> Self {
+        self.parts.push(PromptPart::Pixels(image, levels));
         self
     }
 
@@ -381,20 +414,26 @@ impl Chat {
                     kinds.push(None);
                     continue;
                 }
-                PromptPart::Grid(grid) => grid,
+                PromptPart::Grid(grid) => vec![grid],
+                PromptPart::Levels(levels) => levels,
                 #[cfg(feature = "pixels")]
-                PromptPart::Pixels(image) => {
+                PromptPart::Pixels(image, levels) => {
                     let tok = inner.config.pixels.clone().ok_or_else(|| {
                         ChatError::Content(
                             "an image given as pixels needs ChatConfig::with_pixels".into(),
                         )
                     })?;
-                    tokio::task::spawn_blocking(move || tok.encode(&image))
+                    tokio::task::spawn_blocking(move || tok.encode_levels(&image, levels))
                         .await
                         .map_err(|e| ChatError::Content(e.to_string()))?
                         .map_err(|e| ChatError::Content(format!("tokenizing the image: {e}")))?
                 }
             };
+            let mut levels = grid.into_iter();
+            let grid = levels.next().ok_or_else(|| {
+                ChatError::Content("an image given as levels needs at least the base grid".into())
+            })?;
+            let base = kinds.len() as u64;
             let part = if inner.generic {
                 OutgoingPart::image(grid).with_model(ModelChoice::Generic)
             } else {
@@ -402,6 +441,14 @@ impl Chat {
             };
             message = message.with_part(part);
             kinds.push(Some(Kind::Image));
+            for (i, level) in levels.enumerate() {
+                // Level 2 refines the base, each later level the one before.
+                let below = base + i as u64;
+                message =
+                    message.with_part(OutgoingPart::refinement_of_part(level, below, i as u32 + 2));
+                // Residual codes: not an image later turns are coded against.
+                kinds.push(None);
+            }
         }
         let started = Instant::now();
         let sent = inner.session.send(message).await?;
@@ -538,6 +585,14 @@ pub enum ReplyEvent {
     Text(String),
     /// An image of the reply, whole, as a token grid (decode it with the image tokenizer).
     Image(TokenGrid),
+    /// Refinement level `level` (2, 3, …) of the reply's last [`Image`](Self::Image): residual
+    /// codes to decode together with the levels before it (`ImageTokenizer::decode_levels`).
+    Refinement {
+        /// The ladder level.
+        level: u32,
+        /// Its residual codes, the image's shape.
+        grid: TokenGrid,
+    },
     /// The reply is complete.
     End(ReplyStats),
 }
@@ -714,6 +769,9 @@ impl Reply {
                     ReceivedPart::Image(grid) => {
                         self.inner.tracker().record(key, Kind::Image);
                         Some(ReplyEvent::Image(grid))
+                    }
+                    ReceivedPart::Refinement { level, grid, .. } => {
+                        Some(ReplyEvent::Refinement { level, grid })
                     }
                     _ => None,
                 }

@@ -11,6 +11,7 @@
 //! it); the session goes on. A session that fails, or a peer that misbehaves, ends only that
 //! session: each one runs in a task of its own.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -233,6 +234,8 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
     // content index, like `conversation`): what an edit reply references.
     let mut keys: Vec<Vec<Option<ContextKey>>> = Vec::new();
     let mut tracker = Tracker::default();
+    // Where the image that each received refinement level sharpens sits in `conversation`.
+    let mut refined: HashMap<ContextKey, (usize, usize)> = HashMap::new();
     loop {
         let incoming = match session.recv().await {
             Ok(Some(m)) => m,
@@ -282,6 +285,7 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
                 .map(|i| i.map(|i| received_key(&received, i)))
                 .collect(),
         );
+        fold_refinements(&received, &mut conversation, &keys, &mut refined);
         let mut sink = WireSink::new(&session, turn, &tracker, &options, &keys);
         let result = tokio::select! {
             r = agent.respond(&conversation, &mut sink) => r,
@@ -350,6 +354,52 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
                 outcome,
             },
         );
+    }
+}
+
+/// Adds every refinement level of `received` to the image it sharpens (PROTOCOL.md §6.3 mode
+/// 5), found by the key of its base (an image, or a refinement already added): the image
+/// becomes [`Content::ImageLevels`]. The transport has checked that each level follows its base;
+/// a second refinement of the same level replaces the first and the levels above it.
+fn fold_refinements(
+    received: &ReceivedMessage,
+    conversation: &mut Conversation,
+    keys: &[Vec<Option<ContextKey>>],
+    refined: &mut HashMap<ContextKey, (usize, usize)>,
+) {
+    for (i, part) in received.parts.iter().enumerate() {
+        let ReceivedPart::Refinement { level, base, grid } = part else {
+            continue;
+        };
+        let at = refined.get(base).copied().or_else(|| {
+            keys.iter()
+                .enumerate()
+                .find_map(|(t, turn)| turn.iter().position(|k| *k == Some(*base)).map(|c| (t, c)))
+        });
+        let Some((t, c)) = at else {
+            tracing::debug!(
+                ?base,
+                "a refinement of an image the conversation does not hold"
+            );
+            continue;
+        };
+        let Some(content) = conversation
+            .turns
+            .get_mut(t)
+            .and_then(|turn| turn.content.get_mut(c))
+        else {
+            continue;
+        };
+        let below = (*level as usize).saturating_sub(1);
+        match content {
+            Content::Image(g) => *content = Content::ImageLevels(vec![g.clone(), grid.clone()]),
+            Content::ImageLevels(levels) if levels.len() >= below => {
+                levels.truncate(below);
+                levels.push(grid.clone());
+            }
+            _ => continue,
+        }
+        refined.insert(received_key(received, i), (t, c));
     }
 }
 

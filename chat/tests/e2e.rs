@@ -450,3 +450,107 @@ async fn edit_replies_send_only_the_region_when_both_ends_have_the_masked_model(
     };
     assert_eq!(stats.received.parts.last().unwrap().tokens, 80);
 }
+
+/// Describes the images of the last turn as text: `levels=N` per image.
+struct LevelCounter;
+
+impl Agent for LevelCounter {
+    fn respond<'a>(
+        &'a self,
+        conversation: &'a Conversation,
+        sink: &'a mut dyn ReplySink,
+    ) -> AgentFuture<'a> {
+        Box::pin(async move {
+            let turn = conversation
+                .turns
+                .last()
+                .ok_or(AgentError::EmptyConversation)?;
+            let mut said = Vec::new();
+            for c in &turn.content {
+                if let Some(levels) = c.image_levels() {
+                    said.push(format!("levels={}", levels.len()));
+                }
+            }
+            sink.text_delta(&said.join(" ")).await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ladder_images_reach_the_agent_as_one_image_with_its_levels() {
+    use unimic_codec::entropy::ladder::{Ladder, LadderModel};
+    use unimic_codec::entropy::Static;
+    use unimic_codec::part::CodecConfig;
+    use unimic_transport::{Server, ServerConfig, SessionConfig};
+
+    let ladder = Arc::new(
+        Ladder::new(
+            (2..=4)
+                .map(|l| LadderModel::new(l, 1, Static::from_counts(vec![1; 1024]).unwrap()))
+                .collect(),
+        )
+        .unwrap(),
+    );
+    let codec = CodecConfig::default().with_ladder(ladder);
+    let tls = unimic_transport::tls::ServerTls::self_signed().unwrap();
+    let pin = tls.identity.cert_hash();
+    let server = Server::bind(
+        ServerConfig::new(tls)
+            .with_bind("127.0.0.1:0".parse().unwrap())
+            .with_session(
+                SessionConfig::default()
+                    .with_tokenizer(vq())
+                    .with_codec(codec.clone()),
+            ),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(serve_with(
+        server,
+        Arc::new(LevelCounter),
+        ServeOptions::default(),
+    ));
+    let chat = within(Chat::connect(
+        addr,
+        ChatConfig::pinned(pin)
+            .with_image_tokenizer(vq())
+            .with_codec(codec),
+    ))
+    .await
+    .unwrap();
+    let levels = vec![grid(4, 6, 1), grid(4, 6, 2), grid(4, 6, 3)];
+    let reply = within(
+        chat.send(
+            Prompt::text("two images:")
+                .with_grid_levels(levels.clone())
+                .with_grid(grid(4, 6, 9)),
+        ),
+    )
+    .await
+    .unwrap();
+    let sent = reply.sent().clone();
+    assert_eq!(within(reply.text()).await.unwrap(), "levels=3 levels=1");
+    // Text, the base image, two refinement parts, the second image.
+    assert_eq!(sent.parts.len(), 5);
+    // A session without the ladder's models refuses a turn with refinement levels, and the
+    // chat goes on.
+    let plain = chat_without_ladder(addr, pin).await;
+    let err = within(plain.send(Prompt::default().with_grid_levels(levels)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ChatError::Send(_)), "{err}");
+    let ok = within(plain.send(Prompt::text("still here")))
+        .await
+        .unwrap();
+    assert_eq!(within(ok.text()).await.unwrap(), "");
+}
+
+async fn chat_without_ladder(addr: SocketAddr, pin: CertHash) -> Chat {
+    within(Chat::connect(
+        addr,
+        ChatConfig::pinned(pin).with_image_tokenizer(vq()),
+    ))
+    .await
+    .unwrap()
+}

@@ -38,12 +38,18 @@ pub struct Args {
     /// Seconds to wait for each part of a reply (and for the connection).
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// Levels of the quality ladder each attached image is sent with (1: the base grid; up to
+    /// the tokenizer's levels, 4 for the default one; each level adds about as many bytes as
+    /// the base and sharpens what the server sees).
+    #[arg(long, default_value_t = 1)]
+    pub levels: usize,
 }
 
-/// An image attached to the next turn: its pixels as tokenized.
+/// An image attached to the next turn: its pixels as tokenized, and its grids (the base grid,
+/// then the refinement levels sent with it).
 struct Attached {
     pixels: RgbImage,
-    grid: unimic_transport::TokenGrid,
+    levels: Vec<unimic_transport::TokenGrid>,
 }
 
 fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
@@ -185,7 +191,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut attached: Vec<Attached> = Vec::new();
     let mut history: Vec<serde_json::Value> = Vec::new();
     // Every image of the conversation (sent and received), for /save.
-    let mut images: Vec<(String, unimic_transport::TokenGrid)> = Vec::new();
+    let mut images: Vec<(String, Vec<unimic_transport::TokenGrid>)> = Vec::new();
     let mut seed = 1u64;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -220,14 +226,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
             Line::Image(path) => {
-                match attach(|img| tok.encode(img), Path::new(&path), args.max_side) {
+                let levels = args.levels;
+                match attach(
+                    |img| tok.encode_levels(img, levels),
+                    Path::new(&path),
+                    args.max_side,
+                ) {
                     Ok(a) => {
                         println!(
-                            "[attached {path}: {}x{} px, {}x{} tokens; sent with the next message]",
+                            "[attached {path}: {}x{} px, {}x{} tokens{}; sent with the next message]",
                             a.pixels.width(),
                             a.pixels.height(),
-                            a.grid.width(),
-                            a.grid.height()
+                            a.levels[0].width(),
+                            a.levels[0].height(),
+                            match a.levels.len() {
+                                1 => String::new(),
+                                n => format!(", {n} quality levels"),
+                            }
                         );
                         attached.push(a);
                     }
@@ -244,8 +259,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let sent_images: Vec<Attached> = std::mem::take(&mut attached);
         let mut prompt = Prompt::text(text.clone());
         for a in &sent_images {
-            prompt = prompt.with_grid(a.grid.clone());
-            images.push((format!("sent-{}", images.len() + 1), a.grid.clone()));
+            prompt = prompt.with_grid_levels(a.levels.clone());
+            images.push((format!("sent-{}", images.len() + 1), a.levels.clone()));
         }
         if let Some(r) = request {
             prompt = prompt.with_request(r);
@@ -301,7 +316,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 );
                 history.push(json!({"role": "assistant", "content": text}));
                 for g in grids {
-                    images.push((format!("reply-{}", images.len() + 1), g));
+                    images.push((format!("reply-{}", images.len() + 1), vec![g]));
                 }
             }
             Ok((_, _, None)) => println!("\n[the reply ended without its end]"),
@@ -317,16 +332,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// Writes every image of the conversation to `dir` as `NAME.png`; returns how many.
 fn save(
     tok: &unimic_codec::tokenizer::DynTokenizer,
-    images: &[(String, unimic_transport::TokenGrid)],
+    images: &[(String, Vec<unimic_transport::TokenGrid>)],
     dir: &Path,
 ) -> anyhow::Result<usize> {
     if images.is_empty() {
         bail!("no image in the conversation yet");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (name, grid) in images {
+    for (name, levels) in images {
         let path = dir.join(format!("{name}.png"));
-        tok.decode(grid)
+        tok.decode_levels(levels)
             .with_context(|| format!("detokenizing {name}"))?
             .save(&path)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -334,11 +349,12 @@ fn save(
     Ok(images.len())
 }
 
-/// Reads, scales and tokenizes an image with `encode`.
+/// Reads, scales and tokenizes an image with `encode` (its grids, base first).
 fn attach(
     encode: impl Fn(
         &RgbImage,
-    ) -> Result<unimic_transport::TokenGrid, unimic_codec::tokenizer::TokenizerError>,
+    )
+        -> Result<Vec<unimic_transport::TokenGrid>, unimic_codec::tokenizer::TokenizerError>,
     path: &Path,
     max_side: u32,
 ) -> anyhow::Result<Attached> {
@@ -349,8 +365,8 @@ fn attach(
         .with_context(|| format!("cannot read image {}", path.display()))?
         .to_rgb8();
     let pixels = crate::models::fit(img, max_side);
-    let grid = encode(&pixels).with_context(|| format!("tokenizing {}", path.display()))?;
-    Ok(Attached { pixels, grid })
+    let levels = encode(&pixels).with_context(|| format!("tokenizing {}", path.display()))?;
+    Ok(Attached { pixels, levels })
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use image::RgbImage;
-use unimic_agents::openai::{OpenAiAgent, OpenAiConfig, ENV_BASE_URL};
+use unimic_agents::openai::{LevelsRenderer, OpenAiAgent, OpenAiConfig, ENV_BASE_URL};
 use unimic_agents::Agent;
 #[allow(unused_imports)] // the trait's methods, whatever type the shipped tokenizer has
 use unimic_codec::tokenizer::ImageTokenizer;
@@ -20,9 +20,10 @@ pub fn from_env() -> anyhow::Result<Option<(String, Arc<dyn Agent>)>> {
     }
     let config = OpenAiConfig::from_env()?;
     let tok = Arc::new(crate::models::tokenizer(None)?);
-    let renderer = move |g: &TokenGrid| -> Result<RgbImage, String> {
-        tok.decode(g).map_err(|e| e.to_string())
-    };
+    // Images sent with several quality levels are drawn from all of them.
+    let renderer = LevelsRenderer(move |levels: &[TokenGrid]| -> Result<RgbImage, String> {
+        tok.decode_levels(levels).map_err(|e| e.to_string())
+    });
     let agent = OpenAiAgent::new(config, renderer)?;
     let name = format!("{} at {}", agent.config().model, agent.endpoint());
     Ok(Some((name, Arc::new(agent))))

@@ -109,6 +109,10 @@ pub struct Sequence {
     rows: u32,
     cols: u32,
     ids: Arc<[u32]>,
+    /// Quality-ladder level: 1 for text and base images, `l` for a refinement part of level `l`
+    /// (PROTOCOL.md §6.3, mode 5). Not covered by the digest: both ends learn it from the part
+    /// header.
+    level: u8,
 }
 
 impl Sequence {
@@ -119,6 +123,7 @@ impl Sequence {
             rows: 1,
             cols: ids.len() as u32,
             ids: ids.into(),
+            level: 1,
         }
     }
 
@@ -129,7 +134,23 @@ impl Sequence {
             rows: grid.height(),
             cols: grid.width(),
             ids: grid.ids().into(),
+            level: 1,
         }
+    }
+
+    /// Refinement level `level` (2 ..= 16) of a quality ladder: a grid of residual codes that
+    /// refines the image part it references (PROTOCOL.md §6.3, mode 5). Levels outside that range
+    /// are clamped into it.
+    pub fn refinement(grid: &TokenGrid, level: u32) -> Self {
+        Self {
+            level: level.clamp(2, 16) as u8,
+            ..Self::grid(grid)
+        }
+    }
+
+    /// The quality-ladder level: 1 for text and base images.
+    pub fn level(&self) -> u32 {
+        u32::from(self.level)
     }
 
     /// Kind.

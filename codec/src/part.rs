@@ -86,8 +86,9 @@
 //! ```
 
 use crate::coder::{CodeError, Decoder, Encoder};
-use crate::context::{ContextError, ContextKey, SequenceKind, SessionContext};
+use crate::context::{ContextError, ContextKey, Sequence, SequenceKind, SessionContext};
 use crate::entropy::generic::Generic;
+use crate::entropy::ladder::Ladder;
 use crate::entropy::masked::Masked;
 use crate::entropy::text_cond::TextCond;
 use crate::entropy::{AdaptiveGrid, AdaptiveText, Dense, Static, TextPrior, Uniform};
@@ -120,6 +121,11 @@ pub enum ModelChoice {
     /// only: conditions on the text parts among the references, concatenated in order. One chunk
     /// per part.
     TextCond,
+    /// The configured quality-ladder models ([`Ladder`], docs/PROTOCOL.md §6.3 mode 5), for grids
+    /// only: codes refinement level [`PartSpec::level`] of the first image part among the
+    /// references (the level below: same shape, level one less), each token with the order-0
+    /// model of that level.
+    Ladder,
 }
 
 impl ModelChoice {
@@ -155,6 +161,9 @@ pub mod model_id {
     /// [`ModelChoice::TextCond`](super::ModelChoice::TextCond): the configured text-conditioned
     /// transformer, whose identity hash is the SHA-256 of its weights file.
     pub const TEXT_COND_GRID: u32 = 7;
+    /// [`ModelChoice::Ladder`](super::ModelChoice::Ladder): the quality ladder's per-level models,
+    /// whose identity hash is [`Ladder::content_hash`](crate::entropy::ladder::Ladder::content_hash).
+    pub const LADDER_GRID: u32 = 8;
 }
 
 /// Names a model exactly: wire id, version, and a SHA-256 content hash (of the model file, or of a
@@ -226,6 +235,9 @@ pub struct PartSpec {
     /// The cells a [`ModelChoice::Masked`] part codes: one entry per grid cell, row-major, `true`
     /// inside the region. Required by the masked model and refused with any other.
     pub region: Option<Vec<bool>>,
+    /// The quality-ladder level a [`ModelChoice::Ladder`] part carries (2 ..= 16). Required by
+    /// the ladder model and refused with any other.
+    pub level: Option<u32>,
 }
 
 impl PartSpec {
@@ -236,6 +248,7 @@ impl PartSpec {
             refs: Vec::new(),
             chunk_tokens: None,
             region: None,
+            level: None,
         }
     }
     /// Sets the references.
@@ -251,6 +264,11 @@ impl PartSpec {
     /// Sets the region a [`ModelChoice::Masked`] part codes (row-major, `true` = coded).
     pub fn with_region(mut self, region: Vec<bool>) -> Self {
         self.region = Some(region);
+        self
+    }
+    /// Sets the ladder level a [`ModelChoice::Ladder`] part carries (2 ..= 16).
+    pub fn with_level(mut self, level: u32) -> Self {
+        self.level = Some(level);
         self
     }
 }
@@ -373,8 +391,8 @@ pub enum PartError {
         /// The kind of part it needs.
         kind: SequenceKind,
     },
-    /// The reference image of a masked part does not fit the part (other shape, or ids beyond
-    /// the codebook).
+    /// The reference image of a masked part does not fit the part (other shape, ids beyond the
+    /// codebook, or a refinement level rather than an image).
     #[error("reference {key:?} ({rows}x{cols}) does not fit a {height}x{width} grid of codebook {codebook_size}")]
     ReferenceShape {
         /// The reference.
@@ -396,6 +414,39 @@ pub enum PartError {
     OutsideRegion {
         /// The first differing cell (row-major).
         cell: u64,
+    },
+    /// The spec has a ladder level, and the model is not the ladder model.
+    #[error("model {model:?} does not code ladder levels")]
+    LevelNotAllowed {
+        /// The model.
+        model: ModelChoice,
+    },
+    /// A ladder part without a level, or with one the ladder has no model for.
+    #[error("ladder level {level:?}: the ladder codes levels 2 ..= {top}")]
+    Level {
+        /// The level asked for.
+        level: Option<u32>,
+        /// The highest level the ladder codes.
+        top: u32,
+    },
+    /// The image a ladder part refines is not the level below it: another shape, or another
+    /// level than `level - 1`.
+    #[error("reference {key:?} (level {base_level}, {rows}x{cols}) is not the level below a level-{level} {height}x{width} refinement")]
+    LadderBase {
+        /// The reference.
+        key: ContextKey,
+        /// Its level.
+        base_level: u32,
+        /// Its rows.
+        rows: u32,
+        /// Its columns.
+        cols: u32,
+        /// The part's level.
+        level: u32,
+        /// The part's height.
+        height: u32,
+        /// The part's width.
+        width: u32,
     },
     /// Decoded tokens handed to [`PartDecoder::assemble`] are not as many as the part codes.
     #[error("{got} decoded tokens for a part that codes {expected}")]
@@ -428,6 +479,8 @@ pub struct CodecConfig {
     pub masked: Option<Arc<Masked>>,
     /// The text-conditioned transformer model for [`ModelChoice::TextCond`], if any.
     pub text_cond: Option<Arc<TextCond>>,
+    /// The quality ladder's models for [`ModelChoice::Ladder`], if any.
+    pub ladder: Option<Arc<Ladder>>,
 }
 
 impl Default for CodecConfig {
@@ -441,6 +494,7 @@ impl Default for CodecConfig {
             generic: None,
             masked: None,
             text_cond: None,
+            ladder: None,
         }
     }
 }
@@ -459,6 +513,11 @@ impl CodecConfig {
     /// Sets the text-conditioned transformer model ([`ModelChoice::TextCond`]).
     pub fn with_text_cond(mut self, model: Arc<TextCond>) -> Self {
         self.text_cond = Some(model);
+        self
+    }
+    /// Sets the quality ladder's models ([`ModelChoice::Ladder`]).
+    pub fn with_ladder(mut self, ladder: Arc<Ladder>) -> Self {
+        self.ladder = Some(ladder);
         self
     }
     /// Sets the static grid model.
@@ -603,6 +662,22 @@ fn encode_transformer(
 }
 
 /// Refuses chunking for models that code a part as one chunk.
+/// The first image part among a part's references (with its key): the reference image of a
+/// masked part, the level below of a ladder part.
+fn first_image<'a>(
+    refs: &'a [ContextKey],
+    seqs: Vec<&'a Sequence>,
+    model: ModelChoice,
+) -> Result<(&'a ContextKey, &'a Sequence), PartError> {
+    refs.iter()
+        .zip(seqs)
+        .find(|(_, s)| s.kind() == SequenceKind::Grid)
+        .ok_or(PartError::MissingReference {
+            model,
+            kind: SequenceKind::Grid,
+        })
+}
+
 fn one_chunk(model: ModelChoice, tokens: u64, chunk_tokens: Option<u32>) -> Result<(), PartError> {
     match chunk_tokens {
         Some(c) if u64::from(c) < tokens => Err(PartError::Unchunkable {
@@ -672,9 +747,17 @@ impl PartCodec {
                     .and_then(|m| hex32(m.content_hash()));
                 (model_id::TEXT_COND_GRID, hash.ok_or(unavailable)?)
             }
-            (ModelChoice::Generic | ModelChoice::Masked | ModelChoice::TextCond, _) => {
-                return Err(unavailable)
+            (ModelChoice::Ladder, SequenceKind::Grid) => {
+                let l = self.config.ladder.as_ref().ok_or(unavailable)?;
+                (model_id::LADDER_GRID, l.content_hash())
             }
+            (
+                ModelChoice::Generic
+                | ModelChoice::Masked
+                | ModelChoice::TextCond
+                | ModelChoice::Ladder,
+                _,
+            ) => return Err(unavailable),
             (ModelChoice::Adaptive, SequenceKind::Grid) => (
                 model_id::ADAPTIVE_GRID,
                 hash_str("unimic-entropy/adaptive-grid/v1"),
@@ -723,10 +806,14 @@ impl PartCodec {
             (ModelChoice::Adaptive, PartShape::Grid { codebook_size, .. }) => {
                 State::Grid(AdaptiveGrid::new(*codebook_size))
             }
-            // Built with the references by `transformer_state`.
-            (ModelChoice::Generic | ModelChoice::Masked | ModelChoice::TextCond, _) => {
-                return Err(unavailable)
-            }
+            // Built with the references by `transformer_state` / `ladder_state`.
+            (
+                ModelChoice::Generic
+                | ModelChoice::Masked
+                | ModelChoice::TextCond
+                | ModelChoice::Ladder,
+                _,
+            ) => return Err(unavailable),
             (ModelChoice::Adaptive, PartShape::Text { .. }) => State::Text(
                 match (&self.config.text_prior, self.config.prime_adaptive_text) {
                     (Some(p), true) => AdaptiveText::with_prior(p),
@@ -800,17 +887,11 @@ impl PartCodec {
                         expected: cells,
                     });
                 }
-                let (key, seq) = spec
-                    .refs
-                    .iter()
-                    .zip(seqs)
-                    .find(|(_, s)| s.kind() == SequenceKind::Grid)
-                    .ok_or(PartError::MissingReference {
-                        model,
-                        kind: SequenceKind::Grid,
-                    })?;
+                let (key, seq) = first_image(&spec.refs, seqs, model)?;
+                // The reference is an image: not a refinement level's residual codes.
                 if seq.rows() != height
                     || seq.cols() != width
+                    || seq.level() != 1
                     || seq.ids().iter().any(|&id| id >= codebook_size)
                 {
                     return Err(PartError::ReferenceShape {
@@ -852,6 +933,65 @@ impl PartCodec {
         }))
     }
 
+    /// The state of the ladder model for a part (`None` for the other models): the model of
+    /// the part's level, once the first image reference is checked to be the level below.
+    fn ladder_state(
+        &self,
+        ctx: &SessionContext,
+        spec: &PartSpec,
+        shape: &PartShape,
+    ) -> Result<Option<State>, PartError> {
+        let model = spec.model;
+        if model != ModelChoice::Ladder {
+            return match spec.level {
+                Some(_) => Err(PartError::LevelNotAllowed { model }),
+                None => Ok(None),
+            };
+        }
+        let unavailable = || PartError::ModelUnavailable {
+            model,
+            kind: shape.kind(),
+        };
+        let ladder = self.config.ladder.as_ref().ok_or_else(unavailable)?;
+        let PartShape::Grid {
+            height,
+            width,
+            codebook_size,
+        } = *shape
+        else {
+            return Err(unavailable());
+        };
+        if codebook_size != ladder.alphabet_size() {
+            return Err(unavailable());
+        }
+        let top = ladder.top_level() as u32;
+        let level = spec
+            .level
+            .filter(|l| (2..=top).contains(l))
+            .ok_or(PartError::Level {
+                level: spec.level,
+                top,
+            })?;
+        let seqs = ctx.resolve(&spec.refs)?;
+        let (key, base) = first_image(&spec.refs, seqs, model)?;
+        if base.rows() != height || base.cols() != width || base.level() + 1 != level {
+            return Err(PartError::LadderBase {
+                key: *key,
+                base_level: base.level(),
+                rows: base.rows(),
+                cols: base.cols(),
+                level,
+                height,
+                width,
+            });
+        }
+        let m = ladder.level(level as usize).ok_or(PartError::Level {
+            level: Some(level),
+            top,
+        })?;
+        Ok(Some(State::Static(Arc::new(m.model().clone()))))
+    }
+
     /// The model state for a part: initial state, then learn the references (cached).
     fn state(
         &mut self,
@@ -859,6 +999,9 @@ impl PartCodec {
         spec: &PartSpec,
         shape: &PartShape,
     ) -> Result<State, PartError> {
+        if let Some(state) = self.ladder_state(ctx, spec, shape)? {
+            return Ok(state);
+        }
         if let Some(state) = self.transformer_state(ctx, spec, shape)? {
             return Ok(state);
         }
@@ -1373,6 +1516,143 @@ mod tests {
                 expected: 6
             })
         );
+    }
+
+    fn ladder() -> Arc<Ladder> {
+        use crate::entropy::ladder::LadderModel;
+        let l2 = LadderModel::new(2, 1, Static::from_counts((1..=K).collect()).unwrap());
+        let l3 = LadderModel::new(3, 1, Static::from_counts(vec![1; K as usize]).unwrap());
+        Arc::new(Ladder::new(vec![l2, l3]).unwrap())
+    }
+
+    #[test]
+    fn ladder_parts_refine_the_level_below_and_round_trip() {
+        let ladder = ladder();
+        let mut ctx = SessionContext::new(1 << 20);
+        let base = grid(4, 5, 3);
+        ctx.insert(ContextKey::new(0, 0), Sequence::grid(&base))
+            .unwrap();
+        let mut sender = PartCodec::new(CodecConfig::default().with_ladder(ladder.clone()));
+        let mut receiver = PartCodec::new(CodecConfig::default().with_ladder(ladder.clone()));
+        let mut below = ContextKey::new(0, 0);
+        for level in 2..=3u32 {
+            let g = grid(4, 5, 10 + u64::from(level));
+            let spec = PartSpec::new(ModelChoice::Ladder)
+                .with_refs(vec![below])
+                .with_level(level)
+                .with_chunk_tokens(7);
+            let part = sender.encode(&ctx, PartTokens::Grid(&g), &spec).unwrap();
+            assert_eq!(part.model.id, model_id::LADDER_GRID);
+            assert_eq!(part.model.hash, ladder.content_hash());
+            assert_eq!(part.chunks.len(), 3);
+            let dec = receiver
+                .decoder(&ctx, shape(&g), &spec, &part.digest, &part.model)
+                .unwrap();
+            let back = dec
+                .decode_all(part.chunks.iter().map(|c| c.payload.as_slice()))
+                .unwrap();
+            assert_eq!(back, DecodedPart::Grid(g.clone()));
+            let key = ContextKey::new(1, u64::from(level));
+            ctx.insert(key, Sequence::refinement(&g, level)).unwrap();
+            below = key;
+        }
+        // Each level is coded by its own model: level 2's skewed counts make the common ids
+        // cheaper than level 3's flat model does.
+        let common = TokenGrid::new(4, 5, K, vec![K - 1; 20]).unwrap();
+        let cost = |level: u32, base: ContextKey| {
+            let spec = PartSpec::new(ModelChoice::Ladder)
+                .with_refs(vec![base])
+                .with_level(level);
+            let mut c = PartCodec::new(CodecConfig::default().with_ladder(ladder.clone()));
+            c.encode(&ctx, PartTokens::Grid(&common), &spec)
+                .unwrap()
+                .cross_entropy_bits
+        };
+        assert!(cost(2, ContextKey::new(0, 0)) < cost(3, ContextKey::new(1, 2)));
+    }
+
+    #[test]
+    fn a_masked_edit_of_a_refinement_level_is_refused() {
+        let mut ctx = SessionContext::new(1 << 20);
+        let level2 = grid(6, 5, 7);
+        ctx.insert(ContextKey::new(0, 1), Sequence::refinement(&level2, 2))
+            .unwrap();
+        let mut codec = PartCodec::new(CodecConfig::default().with_masked(masked(12)));
+        let spec = PartSpec::new(ModelChoice::Masked)
+            .with_refs(vec![ContextKey::new(0, 1)])
+            .with_region(vec![true; 30]);
+        assert!(matches!(
+            codec.encode(&ctx, PartTokens::Grid(&grid(6, 5, 9)), &spec),
+            Err(PartError::ReferenceShape { .. })
+        ));
+    }
+
+    #[test]
+    fn ladder_refusals_are_typed() {
+        let mut ctx = SessionContext::new(1 << 20);
+        ctx.insert(ContextKey::new(0, 0), Sequence::grid(&grid(4, 5, 3)))
+            .unwrap();
+        ctx.insert(ContextKey::new(0, 1), Sequence::grid(&grid(5, 4, 3)))
+            .unwrap();
+        ctx.insert(ContextKey::new(0, 2), Sequence::text(vec![1, 2]))
+            .unwrap();
+        let g = grid(4, 5, 9);
+        let mut codec = PartCodec::new(CodecConfig::default().with_ladder(ladder()));
+        let mut enc = |spec: PartSpec| codec.encode(&ctx, PartTokens::Grid(&g), &spec).err();
+        let on = |refs: Vec<ContextKey>| PartSpec::new(ModelChoice::Ladder).with_refs(refs);
+        let base = vec![ContextKey::new(0, 0)];
+        assert!(matches!(
+            enc(on(base.clone())),
+            Some(PartError::Level {
+                level: None,
+                top: 3
+            })
+        ));
+        for l in [0, 1, 4] {
+            assert!(matches!(
+                enc(on(base.clone()).with_level(l)),
+                Some(PartError::Level { .. })
+            ));
+        }
+        // The level below must be level 1 for level 2, and of the same shape.
+        assert!(matches!(
+            enc(on(base.clone()).with_level(3)),
+            Some(PartError::LadderBase {
+                base_level: 1,
+                level: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            enc(on(vec![ContextKey::new(0, 1)]).with_level(2)),
+            Some(PartError::LadderBase {
+                rows: 5,
+                cols: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            enc(on(vec![ContextKey::new(0, 2)]).with_level(2)),
+            Some(PartError::MissingReference { .. })
+        ));
+        // A level on another model; the ladder on text; no ladder configured.
+        assert!(matches!(
+            enc(PartSpec::new(ModelChoice::Adaptive).with_level(2)),
+            Some(PartError::LevelNotAllowed { .. })
+        ));
+        assert!(matches!(
+            codec.encode(
+                &ctx,
+                PartTokens::Text(&[1]),
+                &on(base.clone()).with_level(2)
+            ),
+            Err(PartError::ModelUnavailable { .. })
+        ));
+        let mut none = PartCodec::new(CodecConfig::default());
+        assert!(matches!(
+            none.encode(&ctx, PartTokens::Grid(&g), &on(base).with_level(2)),
+            Err(PartError::ModelUnavailable { .. })
+        ));
     }
 
     #[test]

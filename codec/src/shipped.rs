@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::entropy::generic::Generic;
+use crate::entropy::ladder::{Ladder, LadderModel};
 use crate::entropy::masked::Masked;
 use crate::nn::model::ModelError;
 use crate::part::CodecConfig;
@@ -32,6 +33,13 @@ pub const MASKED_ID: &str = "unimic-entropy-masked-v7";
 
 /// Id of the shipped text-conditioned transformer entropy model.
 pub const TEXT_ID: &str = "unimic-entropy-text-v6";
+
+/// Highest quality-ladder level the shipped ladder models code (levels 2 ..= 4 of the default
+/// tokenizer, `unimic-entropy-ladder-l<level>-v1.umstatic`).
+pub const LADDER_TOP_LEVEL: usize = 4;
+
+/// Version of the shipped ladder models.
+pub const LADDER_VERSION: u64 = 1;
 
 /// The `models/` folder of the source tree this crate was built from.
 pub fn source_models_dir() -> PathBuf {
@@ -54,9 +62,10 @@ pub fn manifest_path(entropy_dir: &Path, id: &str) -> PathBuf {
 }
 
 /// The codec that `unimic serve`, `chat`, `demo` and the Python package use: with the shipped
-/// generic transformer (images) and masked transformer (edits: only the region travels) from
-/// `entropy_dir` when their manifests are there, so that both ends of a session negotiate them.
-/// A model whose manifest is present but does not load is an error.
+/// generic transformer (images), masked transformer (edits: only the region travels) and
+/// quality-ladder models (refinement levels 2 ..= [`LADDER_TOP_LEVEL`]) from `entropy_dir` when
+/// their files are there, so that both ends of a session negotiate them. A model whose file is
+/// present but does not load is an error.
 pub fn codec_config(entropy_dir: &Path) -> Result<CodecConfig, ModelError> {
     let mut codec = CodecConfig::default();
     let generic = manifest_path(entropy_dir, GENERIC_ID);
@@ -68,6 +77,17 @@ pub fn codec_config(entropy_dir: &Path) -> Result<CodecConfig, ModelError> {
     if masked.exists() {
         let (model, _) = Masked::load(&masked)?;
         codec = codec.with_masked(Arc::new(model));
+    }
+    let ladder_file = |l: usize| {
+        entropy_dir.join(format!(
+            "{}.umstatic",
+            LadderModel::id_of(l, LADDER_VERSION)
+        ))
+    };
+    if (2..=LADDER_TOP_LEVEL).all(|l| ladder_file(l).exists()) {
+        let ladder = Ladder::load(entropy_dir, LADDER_TOP_LEVEL, LADDER_VERSION)
+            .map_err(|e| ModelError::Manifest(format!("the quality ladder's models: {e}")))?;
+        codec = codec.with_ladder(Arc::new(ladder));
     }
     Ok(codec)
 }
@@ -81,8 +101,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("unimic-shipped-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let codec = codec_config(&dir).unwrap();
-        assert!(codec.generic.is_none() && codec.masked.is_none());
+        assert!(codec.generic.is_none() && codec.masked.is_none() && codec.ladder.is_none());
         std::fs::write(manifest_path(&dir, GENERIC_ID), b"{ not json").unwrap();
+        assert!(codec_config(&dir).is_err());
+        std::fs::remove_file(manifest_path(&dir, GENERIC_ID)).unwrap();
+        for l in 2..=LADDER_TOP_LEVEL {
+            let f = dir.join(format!(
+                "{}.umstatic",
+                LadderModel::id_of(l, LADDER_VERSION)
+            ));
+            std::fs::write(f, b"not a model").unwrap();
+        }
         assert!(codec_config(&dir).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -92,6 +121,10 @@ mod tests {
         let dir = entropy_dir(Some(&source_models_dir().join("entropy")));
         let codec = codec_config(&dir).unwrap();
         assert!(codec.generic.is_some() && codec.masked.is_some());
+        assert_eq!(
+            codec.ladder.as_ref().map(|l| l.top_level()),
+            Some(LADDER_TOP_LEVEL)
+        );
         assert!(manifest_path(&dir, TEXT_ID).exists());
     }
 }

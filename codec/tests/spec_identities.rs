@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use unimic_codec::context::SequenceKind;
 use unimic_codec::entropy::generic::Generic;
+use unimic_codec::entropy::ladder::Ladder;
 use unimic_codec::entropy::masked::Masked;
 use unimic_codec::entropy::text_cond::TextCond;
 use unimic_codec::entropy::{Static, TextPrior};
@@ -111,8 +112,12 @@ fn model_rows() -> Vec<String> {
             let model = Static::from_bytes(&bytes).unwrap();
             assert_eq!(hex(&model.content_hash()), sha_hex(&bytes));
             rows.push(format!(
-                "| `{}` | – | static grid (`unimic-entropy/static-grid`) | {} | `{}` |",
+                "| `{}` | – | {} | {} | `{}` |",
                 repo_path(&path),
+                match ladder_level(&path) {
+                    Some(l) => format!("ladder level {l} (a part of `unimic-entropy/ladder`)"),
+                    None => "static grid (`unimic-entropy/static-grid`)".into(),
+                },
                 model.alphabet_size(),
                 sha_hex(&bytes)
             ));
@@ -159,7 +164,28 @@ fn model_rows() -> Vec<String> {
             repo_path(&weights)
         ));
     }
+    // The ladder as the handshake names it: one hash over its level files (CODING.md §3.5).
+    let top = shipped::LADDER_TOP_LEVEL;
+    let mut digests = Vec::new();
+    for l in 2..=top {
+        let f = dir.join(format!("unimic-entropy-ladder-l{l}-v1.umstatic"));
+        digests.extend_from_slice(&Sha256::digest(std::fs::read(&f).unwrap()));
+    }
+    let rule = sha_hex(&digests);
+    let ladder = Ladder::load(&dir, top, shipped::LADDER_VERSION).unwrap();
+    assert_eq!(hex(&ladder.content_hash()), rule);
+    rows.push(format!(
+        "| `models/entropy/unimic-entropy-ladder-l{{2…{top}}}-v1.umstatic` together | – | ladder, levels 2 … {top} (`unimic-entropy/ladder`) | {} | `{rule}` |",
+        ladder.alphabet_size()
+    ));
     rows
+}
+
+/// The ladder level a static model file codes, from its name.
+fn ladder_level(path: &Path) -> Option<usize> {
+    let name = path.file_stem()?.to_str()?;
+    let rest = name.strip_prefix("unimic-entropy-ladder-l")?;
+    rest.split_once('-')?.0.parse().ok()
 }
 
 /// The generated block `name` of the document: its lines, and where it sits.

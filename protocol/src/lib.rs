@@ -104,6 +104,6 @@ pub use limits::Limits;
 pub use message::{InReplyTo, Message, MessageEnd, MessageHeader, Part, Role};
 pub use part::{
     CodedPart, CodingMode, ContextRef, PartBody, PartChunk, PartHeader, RawPart, Rect, Region,
-    Shape, CONTEXT_DIGEST_DOMAIN, EMPTY_CONTEXT_DIGEST,
+    Shape, CONTEXT_DIGEST_DOMAIN, EMPTY_CONTEXT_DIGEST, MAX_LADDER_LEVEL,
 };
 pub use varint::{VarInt, VarIntBoundsExceeded};

@@ -158,7 +158,18 @@ pub enum CodingMode {
     TextConditioned,
     /// (4) Conditioned on an earlier image in the context.
     ImageConditioned,
+    /// (5) Refinement level `level` (2 …= [`MAX_LADDER_LEVEL`]) of a quality ladder: the residual
+    /// codes that refine the first image part in the context (the level below, same shape and
+    /// tokenizer), coded with the ladder model. Image parts only (docs/PROTOCOL.md §6.3).
+    Refinement {
+        /// The ladder level this part carries: 2 for the first refinement of a base image.
+        level: VarInt,
+    },
 }
+
+/// The highest quality-ladder level a refinement part may carry (levels 2 …= 16; level 1 is the
+/// base image).
+pub const MAX_LADDER_LEVEL: u64 = 16;
 
 impl CodingMode {
     /// The wire value of the mode.
@@ -169,6 +180,7 @@ impl CodingMode {
             CodingMode::Masked(_) => 2,
             CodingMode::TextConditioned => 3,
             CodingMode::ImageConditioned => 4,
+            CodingMode::Refinement { .. } => 5,
         }
     }
 }
@@ -283,6 +295,9 @@ impl Encode for CodedPart {
                 }
             }
         }
+        if let CodingMode::Refinement { level } = &self.mode {
+            level.encode(buf);
+        }
         put_len(buf, self.context.len());
         for r in &self.context {
             r.encode(buf);
@@ -315,6 +330,7 @@ impl Encode for CodedPart {
                         .fold(n, |n, v| n.saturating_add(v.size()))
                 },
             ),
+            CodingMode::Refinement { level } => level.size(),
             _ => 0,
         };
         let context = self
@@ -405,6 +421,16 @@ impl CodedPart {
             }
             3 => CodingMode::TextConditioned,
             4 => CodingMode::ImageConditioned,
+            5 => {
+                if !image {
+                    return Err(malformed("coding mode", "refinement mode on a text part"));
+                }
+                let level = read_varint(buf)?;
+                if !(2..=MAX_LADDER_LEVEL).contains(&level.into_inner()) {
+                    return Err(malformed("refinement level", "outside 2 ..= 16"));
+                }
+                CodingMode::Refinement { level }
+            }
             other => {
                 return Err(DecodeError::Unsupported {
                     what: "coding mode",

@@ -61,6 +61,10 @@ fn frame_vectors() -> Vec<(&'static str, Vec<Frame>)> {
         ),
         ("raw_part", vec![Frame::PartHeader(raw_part_header())]),
         (
+            "refinement",
+            vec![Frame::PartHeader(refinement_part_header())],
+        ),
+        (
             "in_reply_to",
             vec![Frame::InReplyTo(InReplyTo { message_id: v(4) })],
         ),

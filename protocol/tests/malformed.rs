@@ -299,11 +299,29 @@ fn part_header_limits_and_rules() {
         }
     );
     assert_eq!(
-        payload_err(0x05, &image_header(2, 2, 4, &with_no_context(&[5]))),
+        payload_err(0x05, &image_header(2, 2, 4, &with_no_context(&[6]))),
         DecodeError::Unsupported {
             what: "coding mode",
-            value: 5
+            value: 6
         }
+    );
+    // Refinement (mode 5): levels 2 ..= 16 only; the token count is the whole grid.
+    for level in [2u8, 16] {
+        let ok = image_header(2, 2, 4, &with_no_context(&[5, level]));
+        assert!(Frame::decode_exact(&raw_frame(0x05, &ok), &limits()).is_ok());
+    }
+    for level in [0u8, 1, 17] {
+        assert_eq!(
+            payload_err(0x05, &image_header(2, 2, 4, &with_no_context(&[5, level]))),
+            malformed("refinement level", "outside 2 ..= 16")
+        );
+    }
+    assert_eq!(
+        payload_err(0x05, &image_header(2, 2, 3, &with_no_context(&[5, 2]))),
+        malformed(
+            "image token count",
+            "differs from height × width outside masked mode"
+        )
     );
     assert_eq!(
         payload_err(0x05, &image_header(2, 2, 4, &with_no_context(&[2, 2]))),
@@ -353,6 +371,13 @@ fn text_part_rules() {
     assert_eq!(
         payload_err(0x05, &p),
         malformed("coding mode", "masked mode on a text part")
+    );
+    // Refinement mode on text.
+    let mut p = varints(&[0, 0, 0, 0, 1, 3, 3]);
+    p.extend(with_no_context(&[5, 2]));
+    assert_eq!(
+        payload_err(0x05, &p),
+        malformed("coding mode", "refinement mode on a text part")
     );
 }
 

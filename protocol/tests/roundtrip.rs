@@ -254,6 +254,8 @@ fn part(index: u64) -> impl Strategy<Value = Part> {
                 prop_oneof![
                     plain_mode().prop_map(move |m| (m, rows * cols)),
                     region(rows, cols).prop_map(|(r, c)| (CodingMode::Masked(r), c)),
+                    (2u64..=16)
+                        .prop_map(move |l| (CodingMode::Refinement { level: v(l) }, rows * cols)),
                 ],
                 context(),
                 1usize..4,

@@ -108,8 +108,11 @@ pub struct Client {
 /// One part of a turn, as the Python package hands it over.
 enum Part {
     Text(String),
-    Pixels(u32, u32, Vec<u8>),
+    /// Width, height, RGB bytes, levels of the quality ladder to send.
+    Pixels(u32, u32, Vec<u8>, usize),
     Grid(TokenGrid),
+    /// An image as a quality ladder: base grid first.
+    Levels(Vec<TokenGrid>),
     Request(Request),
 }
 
@@ -118,11 +121,36 @@ fn parse_part(item: &Bound<'_, PyAny>, codebook: u32) -> PyResult<Result<Part, F
     let kind: String = t.get_item(0)?.extract()?;
     Ok(match kind.as_str() {
         "text" => Ok(Part::Text(t.get_item(1)?.extract()?)),
-        "pixels" => Ok(Part::Pixels(
-            t.get_item(1)?.extract()?,
-            t.get_item(2)?.extract()?,
-            t.get_item(3)?.extract()?,
-        )),
+        "pixels" => {
+            let levels: usize = match t.len() {
+                n if n > 4 => t.get_item(4)?.extract()?,
+                _ => 1,
+            };
+            Ok(Part::Pixels(
+                t.get_item(1)?.extract()?,
+                t.get_item(2)?.extract()?,
+                t.get_item(3)?.extract()?,
+                levels,
+            ))
+        }
+        "levels" => {
+            let n: usize = t.get_item(1)?.extract()?;
+            let (h, w): (u32, u32) = (t.get_item(2)?.extract()?, t.get_item(3)?.extract()?);
+            let ids: Vec<u8> = t.get_item(4)?.extract()?;
+            let per = (h as usize) * (w as usize) * 4;
+            if n == 0 || per == 0 || ids.len() != n.saturating_mul(per) {
+                Err(Failure::content(format!(
+                    "{n} levels of {h}x{w} grids need {} id bytes, got {}",
+                    n.saturating_mul(per),
+                    ids.len()
+                )))
+            } else {
+                ids.chunks(per)
+                    .map(|c| stack::grid_from_bytes(h, w, c, codebook))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Part::Levels)
+            }
+        }
         "grid" => {
             let ids: Vec<u8> = t.get_item(3)?.extract()?;
             stack::grid_from_bytes(
@@ -157,8 +185,9 @@ impl Client {
         lock(&self.chat).is_none()
     }
 
-    /// Sends a turn: `parts` is a list of `("text", str)`, `("pixels", width, height, rgb)`,
-    /// `("grid", height, width, ids)` and `("request", json)`; pixels are scaled down to
+    /// Sends a turn: `parts` is a list of `("text", str)`, `("pixels", width, height, rgb[,
+    /// levels])`, `("grid", height, width, ids)`, `("levels", n, height, width, ids)` (a quality
+    /// ladder, base first) and `("request", json)`; pixels are scaled down to
     /// `max_side` and tokenized off the event loop. An awaitable of its [`Reply`], whose images
     /// are decoded to pixels when `decode_images`.
     #[pyo3(signature = (bridge, parts, decode_images=true, max_side=1024))]
@@ -185,8 +214,9 @@ impl Client {
                 prompt = match item {
                     Part::Text(t) => prompt.with_text(t),
                     Part::Grid(g) => prompt.with_grid(g),
+                    Part::Levels(levels) => prompt.with_grid_levels(levels),
                     Part::Request(r) => prompt.with_request(r),
-                    Part::Pixels(w, h, rgb) => {
+                    Part::Pixels(w, h, rgb, levels) => {
                         // Resizing a large photo takes a while: off the loop.
                         let img = if w.max(h) > max_side && max_side != 0 {
                             blocking(move || {
@@ -196,7 +226,7 @@ impl Client {
                         } else {
                             stack::rgb_from_bytes(w, h, rgb)?
                         };
-                        prompt.with_image(img)
+                        prompt.with_image_levels(img, levels)
                     }
                 };
             }

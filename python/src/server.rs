@@ -175,6 +175,17 @@ fn conversation_items<'py>(py: Python<'py>, c: &Conversation) -> PyResult<Bound<
                     g.width(),
                     PyBytes::new(py, &stack::grid_bytes(g)),
                 ))?,
+                Content::ImageLevels(levels) => {
+                    let Some(base) = levels.first() else { continue };
+                    let ids: Vec<u8> = levels.iter().flat_map(stack::grid_bytes).collect();
+                    items.append((
+                        "levels",
+                        levels.len(),
+                        base.height(),
+                        base.width(),
+                        PyBytes::new(py, &ids),
+                    ))?
+                }
                 Content::Request(r) => items.append(("request", PyBytes::new(py, &r.to_json())))?,
                 Content::Raw { media_type, bytes } => {
                     items.append(("raw", media_type, PyBytes::new(py, bytes)))?

@@ -192,3 +192,31 @@ def test_the_event_loop_is_not_blocked_while_images_are_coded():
         await server.close()
 
     run(main(), timeout=300)
+
+
+def test_images_sent_with_quality_levels_reach_a_python_agent_as_one_ladder(photo):
+    seen: List[tuple] = []
+
+    async def shapes(conversation, sink):
+        for item in conversation.last.content:
+            if isinstance(item, np.ndarray):
+                seen.append(item.shape)
+                # The levels decode together (sharper than the base grid alone).
+                img = await asyncio.to_thread(unimic.detokenize, item)
+                await sink.text(f"{img.size[0]}x{img.size[1]} ")
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", shapes)
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        reply = await client.send("look", [photo], levels=3, max_side=128)
+        assert (await reply.text()).strip() == "128x96"
+        grids = await asyncio.to_thread(unimic.tokenize, photo, levels=2, max_side=64)
+        reply = await client.send(grids=[grids, grids[0]])
+        assert await reply.text() == "64x48 64x48 "
+        with pytest.raises(unimic.ContentError):
+            await client.send("x", [photo], levels=0)
+        await client.close()
+        await server.close()
+
+    run(main())
+    assert seen == [(3, 6, 8), (2, 3, 4), (3, 4)]

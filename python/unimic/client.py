@@ -153,6 +153,7 @@ class Client:
         request: Union[Mapping[str, Any], str, bytes, None] = None,
         decode_images: bool = True,
         max_side: int = 1024,
+        levels: int = 1,
     ) -> Reply:
         """Sends a turn: ``text``, then ``images`` (PIL images, paths, image file bytes or
         uint8 pixel arrays; scaled down to ``max_side`` and tokenized off the event loop), then
@@ -160,6 +161,10 @@ class Client:
         token-native agent, as a dict or JSON: ``{"task": {"generate": {"height": 16, "width":
         16}}, "seed": 1}``). Returns the :class:`Reply` once the turn is on the wire; its images
         come decoded unless ``decode_images=False``.
+
+        ``levels`` > 1 sends each of ``images`` with that many levels of the quality ladder
+        (sharper, more bytes); a grid of shape ``(levels, rows, cols)`` (from
+        ``unimic.tokenize(image, levels=n)``) is sent as a ladder too.
 
         Raises :class:`ClosedError` after :meth:`close`, :class:`ContentError` for input that
         cannot be sent."""
@@ -174,12 +179,22 @@ class Client:
             images, Sequence
         ):
             images = [images]  # type: ignore[list-item]
+        if not isinstance(levels, int) or levels < 1:
+            raise ContentError(f"levels is a positive int, not {levels!r}")
         for img in images:
             w, h, rgb = to_rgb(img)
-            parts.append(("pixels", w, h, rgb))
+            parts.append(("pixels", w, h, rgb, levels))
         for g in grids:
-            rows, cols, ids = grid_bytes(g)
-            parts.append(("grid", rows, cols, ids))
+            a = np.asarray(g)
+            if a.ndim == 3:
+                if a.shape[0] == 0:
+                    raise ContentError("a ladder grid needs at least one level")
+                lv = [grid_bytes(a[i]) for i in range(a.shape[0])]
+                rows, cols = lv[0][0], lv[0][1]
+                parts.append(("levels", a.shape[0], rows, cols, b"".join(x[2] for x in lv)))
+            else:
+                rows, cols, ids = grid_bytes(g)
+                parts.append(("grid", rows, cols, ids))
         if request is not None:
             if isinstance(request, Mapping):
                 request = json.dumps(request)

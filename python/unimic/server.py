@@ -71,7 +71,8 @@ class Attachment:
 
 Content = Union[str, "np.ndarray", Attachment]
 """One item of a turn: text (``str``), an image as its token grid (``numpy.ndarray`` of
-``uint32``, ``(rows, cols)``; decode it with ``unimic.detokenize``, off the loop:
+``uint32``, ``(rows, cols)``, or ``(levels, rows, cols)`` for an image sent with several levels
+of the quality ladder, base first; decode it with ``unimic.detokenize``, off the loop:
 ``await asyncio.to_thread(unimic.detokenize, grid)``), or an :class:`Attachment`."""
 
 
@@ -123,6 +124,8 @@ class Conversation:
                     content.append(it)
                 elif it[0] == "grid":
                     content.append(grid_array(it[1], it[2], it[3]))
+                elif it[0] == "levels":
+                    content.append(grid_array(it[2], it[3], it[4], it[1]))
                 elif it[0] == "request":
                     content.append(Attachment(REQUEST_MEDIA_TYPE, bytes(it[1])))
                 else:

@@ -6,6 +6,9 @@ OUT/manifest.json (format `unimic-taef2-tokenizer/1`, read by `codec/src/tokeniz
 
     python package.py --ckpt runs/taef2/q2/latest.pt --out models/tokenizer-taef2 \
         --name unimic-taef2-rvq4-k1024 --record runs/taef2/record.json
+
+`--decoder FILE` ships that decoder (f16 safetensors, e.g. one `train_decoder.py` wrote) instead
+of the checkpoint's.
 """
 import argparse, hashlib, json, os
 import torch
@@ -17,6 +20,7 @@ ap.add_argument("--out", required=True)
 ap.add_argument("--name", required=True)
 ap.add_argument("--taef2-rel", default="../taef2", help="TAEF2 folder relative to --out")
 ap.add_argument("--record", help="JSON file merged into the manifest's `training`")
+ap.add_argument("--decoder", help="decoder safetensors to ship instead of the checkpoint's")
 a = ap.parse_args()
 ck = torch.load(a.ckpt)
 ar = ck["args"]
@@ -25,7 +29,11 @@ sd = {k: v.detach().float().contiguous() for k, v in ck["q"].items()
       if k not in ("ema_count", "ema_sum", "last_used")}
 save_file(sd, os.path.join(a.out, "quantizer.safetensors"))
 files = {"quantizer": "quantizer.safetensors", "encoder": f"{a.taef2_rel}/taef2_encoder.safetensors"}
-if ck.get("dec"):
+if a.decoder:
+    with open(a.decoder, "rb") as src, open(os.path.join(a.out, "decoder.safetensors"), "wb") as dst:
+        dst.write(src.read())
+    files["decoder"] = "decoder.safetensors"
+elif ck.get("dec"):
     save_file({k: v.detach().half().contiguous() for k, v in ck["dec"].items()},
               os.path.join(a.out, "decoder.safetensors"))
     files["decoder"] = "decoder.safetensors"

@@ -787,11 +787,14 @@ async fn echo_agent(session: Session) {
         let mut reply =
             OutgoingMessage::new(Role::Assistant).with_part(OutgoingPart::raw(REPLY_TO, tag));
         for p in got.parts {
-            reply = reply.with_part(match p {
+            let part = match p {
                 ReceivedPart::Text(ids) => OutgoingPart::text(ids),
                 ReceivedPart::Image(g) => OutgoingPart::image(g).with_chunk_tokens(16_384),
                 ReceivedPart::Raw { media_type, bytes } => OutgoingPart::raw(media_type, bytes),
-            });
+                // The benchmark sends no quality ladders; a refinement is not echoed.
+                ReceivedPart::Refinement { .. } => continue,
+            };
+            reply = reply.with_part(part);
         }
         if let Err(e) = session.send(reply).await {
             tracing::warn!(error = %e, "echo reply failed");

@@ -85,6 +85,13 @@ pub struct OutgoingPart {
     /// The cells a [`ModelChoice::Masked`] image part codes (row-major, `true` inside the
     /// region); see [`OutgoingPart::edit`].
     pub region: Option<Vec<bool>>,
+    /// The quality-ladder level a [`ModelChoice::Ladder`] image part carries (2 ..= 16); see
+    /// [`OutgoingPart::refinement`].
+    pub level: Option<u32>,
+    /// The index of an earlier part of the same message this part refines: put first in
+    /// `context` (as that part's key) when the part is written; see
+    /// [`OutgoingPart::refinement_of_part`].
+    pub refines_part: Option<u64>,
 }
 
 impl OutgoingPart {
@@ -96,6 +103,8 @@ impl OutgoingPart {
             chunk_tokens: None,
             tokenizer: None,
             region: None,
+            level: None,
+            refines_part: None,
         }
     }
 
@@ -130,6 +139,50 @@ impl OutgoingPart {
         part.model = ModelChoice::Masked;
         part.context = vec![reference];
         part.region = Some(region);
+        part
+    }
+
+    /// Refinement level `level` (2 ..= 16) of a quality ladder: `grid` holds the residual codes
+    /// that refine the image part at `below` (level `level - 1`, the same shape; the base image
+    /// for level 2). Coded with the ladder's model of that level ([`ModelChoice::Ladder`],
+    /// PROTOCOL.md §6.3 mode 5), so the peer can show the image at once and sharpen it as the
+    /// levels arrive. Get the grids from
+    /// `ImageTokenizer::encode_levels`.
+    ///
+    /// ```
+    /// use unimic_codec::context::ContextKey;
+    /// use unimic_codec::grid::TokenGrid;
+    /// use unimic_transport::OutgoingPart;
+    /// let level2 = TokenGrid::new(2, 2, 16, vec![1, 2, 3, 9]).unwrap();
+    /// let part = OutgoingPart::refinement(level2, ContextKey::new(0, 0), 2);
+    /// assert_eq!((part.context.as_slice(), part.level), (&[ContextKey::new(0, 0)][..], Some(2)));
+    /// ```
+    pub fn refinement(grid: TokenGrid, below: ContextKey, level: u32) -> Self {
+        let mut part = Self::new(PartContent::Image(grid));
+        part.model = ModelChoice::Ladder;
+        part.context = vec![below];
+        part.level = Some(level);
+        part
+    }
+
+    /// Like [`refinement`](Self::refinement), for a level below sent earlier in the same
+    /// message, as its part `index` (the message id is known only once the message is opened).
+    ///
+    /// ```
+    /// use unimic_codec::grid::TokenGrid;
+    /// use unimic_transport::{OutgoingMessage, OutgoingPart, Role};
+    /// let base = TokenGrid::new(2, 2, 16, vec![1, 2, 3, 4]).unwrap();
+    /// let level2 = TokenGrid::new(2, 2, 16, vec![0, 5, 0, 9]).unwrap();
+    /// let message = OutgoingMessage::new(Role::User)
+    ///     .with_part(OutgoingPart::image(base))
+    ///     .with_part(OutgoingPart::refinement_of_part(level2, 0, 2));
+    /// assert_eq!(message.parts[1].refines_part, Some(0));
+    /// ```
+    pub fn refinement_of_part(grid: TokenGrid, index: u64, level: u32) -> Self {
+        let mut part = Self::new(PartContent::Image(grid));
+        part.model = ModelChoice::Ladder;
+        part.level = Some(level);
+        part.refines_part = Some(index);
         part
     }
 
@@ -249,6 +302,9 @@ pub struct PartInfo {
     /// `true` inside the region. Its chunk carries those cells' tokens (row-major); the whole
     /// grid arrives with [`MessageEvent::PartEnd`].
     pub region: Option<Vec<bool>>,
+    /// The quality-ladder level: 1, except for a refinement part (PROTOCOL.md §6.3, mode 5),
+    /// which arrives as [`ReceivedPart::Refinement`].
+    pub level: u32,
 }
 
 /// The content of one received chunk.
@@ -275,6 +331,17 @@ pub enum ReceivedPart {
     Text(Vec<u32>),
     /// An image token grid.
     Image(TokenGrid),
+    /// Refinement level `level` of a quality ladder (PROTOCOL.md §6.3, mode 5): residual codes
+    /// that sharpen the image at `base` (level `level - 1`; level 1 is an [`Image`](Self::Image)).
+    /// Decode an image from its levels in order with `ImageTokenizer::decode_levels`.
+    Refinement {
+        /// The level, 2 ..= 16.
+        level: u32,
+        /// The part it refines: the level below.
+        base: ContextKey,
+        /// The residual codes, the base's shape.
+        grid: TokenGrid,
+    },
     /// A raw attachment.
     Raw {
         /// Media type.

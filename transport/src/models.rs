@@ -9,7 +9,8 @@
 //! codec configuration holds one; so do the transformers, `unimic-entropy/generic`,
 //! `unimic-entropy/masked` and `unimic-entropy/text` (text-conditioned), whose hash is the SHA-256
 //! of their weights file (docs/CODING.md §7), so the handshake proves both ends hold the same
-//! weights. Tokenizers are whatever the caller registers
+//! weights, and the quality ladder's models, `unimic-entropy/ladder` (refinement levels, hashed
+//! over the per-level model files). Tokenizers are whatever the caller registers
 //! ([`TokenizerInfo`]); the default is OpenAI's `o200k_base`.
 
 use sha2::{Digest, Sha256};
@@ -103,6 +104,7 @@ fn wire_name(id: u32) -> &'static str {
         model_id::GENERIC_GRID => "unimic-entropy/generic",
         model_id::MASKED_GRID => "unimic-entropy/masked",
         model_id::TEXT_COND_GRID => "unimic-entropy/text",
+        model_id::LADDER_GRID => "unimic-entropy/ladder",
         _ => "unimic-entropy/unknown",
     }
 }
@@ -143,6 +145,11 @@ pub(crate) fn entropy_table(codec: &PartCodec) -> Vec<EntropyEntry> {
         ),
         (
             ModelChoice::TextCond,
+            SequenceKind::Grid,
+            Some(SequenceKind::Grid),
+        ),
+        (
+            ModelChoice::Ladder,
             SequenceKind::Grid,
             Some(SequenceKind::Grid),
         ),

@@ -290,8 +290,12 @@ fn part_fail(e: &PartError) -> Fail {
         PartError::TooLarge { .. } => ErrorCode::LIMIT_EXCEEDED,
         // The part breaks PROTOCOL.md §6.3-6.6 for its model: a transformer part in several
         // chunks, a region on another model, no image (masked) or text (text-conditioned)
-        // reference, a reference image of another shape.
+        // reference, a reference image of another shape, a refinement that is not the level
+        // above the image it references.
         PartError::Unchunkable { .. }
+        | PartError::LevelNotAllowed { .. }
+        | PartError::Level { .. }
+        | PartError::LadderBase { .. }
         | PartError::RegionNotAllowed { .. }
         | PartError::RegionRequired
         | PartError::RegionSize { .. }
@@ -622,6 +626,7 @@ impl Task {
                     context: Vec::new(),
                     tokenizer: String::new(),
                     region: None,
+                    level: 1,
                 };
                 let current = Current::Raw {
                     index,
@@ -678,9 +683,15 @@ impl Task {
                 ),
             ));
         }
-        // Mode 2 is the masked model's, and the text-conditioned model is mode 3 (§6.3).
+        // Mode 2 is the masked model's, mode 5 the ladder's, and the text-conditioned model is
+        // mode 3 (§6.3).
         let masked = matches!(c.mode, CodingMode::Masked(_));
+        let level = match &c.mode {
+            CodingMode::Refinement { level } => u32::try_from(level.into_inner()).ok(),
+            _ => None,
+        };
         if masked != (entry.choice == ModelChoice::Masked)
+            || level.is_some() != (entry.choice == ModelChoice::Ladder)
             || (entry.choice == ModelChoice::TextCond && c.mode != CodingMode::TextConditioned)
         {
             return Err(Fail::new(
@@ -827,12 +838,16 @@ impl Task {
         if let Some(r) = &region {
             spec = spec.with_region(r.clone());
         }
+        if let Some(l) = level {
+            spec = spec.with_level(l);
+        }
         let info = PartInfo {
             index,
             kind: part_kind,
             context: keys,
             tokenizer: tok_info.id.clone(),
             region,
+            level: level.unwrap_or(1),
         };
         let current = Current::Coded {
             index,
@@ -1079,6 +1094,7 @@ impl Task {
                 decoder,
                 ids,
                 stats,
+                spec,
                 ..
             } => match grid {
                 Some((h, w, k)) => {
@@ -1095,8 +1111,28 @@ impl Task {
                         None => TokenGrid::new(h, w, k, ids).map_err(|e| e.to_string()),
                     }
                     .map_err(|e| Fail::new(ErrorCode::DECODE_FAILED, e))?;
-                    let seq = Sequence::grid(&g);
-                    (index, ReceivedPart::Image(g), stats, Some(seq))
+                    match spec.level {
+                        // A refinement level: its base is the first image it references.
+                        Some(level) => {
+                            let base = spec.refs.first().copied().ok_or_else(|| {
+                                Fail::new(
+                                    ErrorCode::PROTOCOL_VIOLATION,
+                                    "a refinement without a base",
+                                )
+                            })?;
+                            let seq = Sequence::refinement(&g, level);
+                            let part = ReceivedPart::Refinement {
+                                level,
+                                base,
+                                grid: g,
+                            };
+                            (index, part, stats, Some(seq))
+                        }
+                        None => {
+                            let seq = Sequence::grid(&g);
+                            (index, ReceivedPart::Image(g), stats, Some(seq))
+                        }
+                    }
                 }
                 None => {
                     let seq = Sequence::text(ids.clone());

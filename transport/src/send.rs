@@ -104,7 +104,17 @@ fn refs(keys: &[ContextKey]) -> Vec<ContextRef> {
 /// The coding mode a part announces (PROTOCOL.md §6.3): the masked transformer codes a region
 /// (mode 2, built by the caller from the region), the text-conditioned one is mode 3, the
 /// generic one mode 1; the built-in models say what their references are.
-fn mode(model: ModelChoice, kind: SequenceKind, context: &[ContextKey]) -> CodingMode {
+fn mode(
+    model: ModelChoice,
+    kind: SequenceKind,
+    context: &[ContextKey],
+    level: Option<u32>,
+) -> CodingMode {
+    if let (ModelChoice::Ladder, Some(l)) = (model, level) {
+        return CodingMode::Refinement {
+            level: VarInt::from_u32(l),
+        };
+    }
     match (model, kind) {
         (ModelChoice::Uniform, _) => CodingMode::Uniform,
         (ModelChoice::TextCond, _) => CodingMode::TextConditioned,
@@ -131,8 +141,12 @@ fn part_spec(part: &OutgoingPart, chunk_tokens: u32) -> PartSpec {
     let spec = PartSpec::new(part.model)
         .with_refs(part.context.clone())
         .with_chunk_tokens(chunk_tokens);
-    match &part.region {
+    let spec = match &part.region {
         Some(region) => spec.with_region(region.clone()),
+        None => spec,
+    };
+    match part.level {
+        Some(level) => spec.with_level(level),
         None => spec,
     }
 }
@@ -391,6 +405,14 @@ impl MessageWriter {
         self.check_open()?;
         let index = self.next_part;
         let mut part = part;
+        if let Some(i) = part.refines_part.take() {
+            if i >= index {
+                return Err(SendError::Usage(
+                    "a refinement must follow the part of this message it refines",
+                ));
+            }
+            part.context.insert(0, self.key(i));
+        }
         let chunk_tokens = chunking(&part, self.shared.config.default_chunk_tokens);
         let pre = self.precode(&mut part, chunk_tokens).await?;
         let (stats, commit) = self.staged(|w, out| w.stage_part(out, index, part, pre))?;
@@ -467,7 +489,7 @@ impl MessageWriter {
                         cols: v(n),
                     },
                     token_count: v(n),
-                    mode: mode(part.model, SequenceKind::Text, &part.context),
+                    mode: mode(part.model, SequenceKind::Text, &part.context, None),
                     context: refs(&part.context),
                     context_digest: coded.digest,
                 };
@@ -499,7 +521,7 @@ impl MessageWriter {
                     Some(region) => {
                         CodingMode::Masked(crate::region::to_wire(region, grid.width()))
                     }
-                    None => mode(part.model, SequenceKind::Grid, &part.context),
+                    None => mode(part.model, SequenceKind::Grid, &part.context, part.level),
                 };
                 let header = CodedPart {
                     tokenizer: tok,
@@ -516,7 +538,11 @@ impl MessageWriter {
                 };
                 stats.pixels = patch.map(|p| coded.tokens * u64::from(p) * u64::from(p));
                 self.coded_frames(out, index, PartBody::Image(header), coded, &mut stats)?;
-                Some(Sequence::grid(&grid))
+                // The codec has checked the level against the part it refines.
+                Some(match part.level {
+                    Some(level) => Sequence::refinement(&grid, level),
+                    None => Sequence::grid(&grid),
+                })
             }
         };
         Ok((stats, commit))
@@ -602,7 +628,7 @@ impl MessageWriter {
                     cols: VarInt::ZERO,
                 },
                 token_count: VarInt::ZERO,
-                mode: mode(stream.model, SequenceKind::Text, &stream.context),
+                mode: mode(stream.model, SequenceKind::Text, &stream.context, None),
                 context: refs(&stream.context),
                 context_digest: digest,
             }),

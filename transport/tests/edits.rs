@@ -803,3 +803,198 @@ async fn model_work_per_second_is_budgeted_per_session_and_per_server() {
     .unwrap();
     assert!(outcome(&server2).await.is_ok());
 }
+
+/// A ladder of two refinement levels over the test tokenizer's codebook: level 2 favours low
+/// ids, level 3 is flat.
+fn ladder() -> Arc<unimic_codec::entropy::ladder::Ladder> {
+    use unimic_codec::entropy::ladder::{Ladder, LadderModel};
+    use unimic_codec::entropy::Static;
+    let skewed = (0..K).map(|i| 1 + (K - i)).collect();
+    Arc::new(
+        Ladder::new(vec![
+            LadderModel::new(2, 1, Static::from_counts(skewed).unwrap()),
+            LadderModel::new(3, 1, Static::from_counts(vec![1; K as usize]).unwrap()),
+        ])
+        .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ladder_levels_travel_as_parts_that_refine_the_level_below() {
+    let codec = || CodecConfig::default().with_ladder(ladder());
+    let mut p = model_pair(codec(), codec());
+    let (client, server) = connect(&mut p).await;
+    assert!(client
+        .negotiated()
+        .entropy_models
+        .iter()
+        .any(|m| m.id == "unimic-entropy/ladder"));
+    // Level 1 and level 2 in one message, level 3 in a later one (a receiver shows the image at
+    // once and sharpens it as levels arrive).
+    let (l1, l2, l3) = (noise(6, 5, 1), noise(6, 5, 2), noise(6, 5, 3));
+    let sent = within(
+        client.send(
+            OutgoingMessage::new(Role::User)
+                .with_part(OutgoingPart::image(l1.clone()))
+                .with_part(OutgoingPart::refinement_of_part(l2.clone(), 0, 2)),
+        ),
+    )
+    .await
+    .unwrap();
+    let got = collect(&server).await;
+    assert_eq!(
+        got.parts,
+        vec![
+            ReceivedPart::Image(l1.clone()),
+            ReceivedPart::Refinement {
+                level: 2,
+                base: ContextKey::new(0, 0),
+                grid: l2.clone()
+            }
+        ]
+    );
+    let m2 = within(client.send(OutgoingMessage::new(Role::User).with_part(
+        OutgoingPart::refinement(l3.clone(), ContextKey::new(sent.message_id, 1), 3),
+    )))
+    .await
+    .unwrap();
+    let got = collect(&server).await;
+    assert_eq!(
+        got.parts,
+        vec![ReceivedPart::Refinement {
+            level: 3,
+            base: ContextKey::new(0, 1),
+            grid: l3
+        }]
+    );
+    // Both contexts hold the levels alike (same keys, same digest over everything held).
+    assert_eq!(
+        client.context_keys(),
+        [
+            ContextKey::new(0, 0),
+            ContextKey::new(0, 1),
+            ContextKey::new(m2.message_id, 0)
+        ]
+    );
+    assert_eq!(server.context_keys(), client.context_keys());
+    assert_eq!(server.context_digest(), client.context_digest());
+    // The sender refuses a level that does not follow the part it names, before sending.
+    let err = within(client.send(
+        OutgoingMessage::new(Role::User).with_part(OutgoingPart::refinement(
+            l2,
+            ContextKey::new(0, 0),
+            3,
+        )),
+    ))
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("not the level below"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_breaking_the_ladder_rules_gets_documented_errors() {
+    let codec = || CodecConfig::default().with_ladder(ladder());
+    let mut p = model_pair(codec(), codec());
+    let (good_client, _good_server) = connect(&mut p).await;
+    let models = good_client.negotiated().entropy_models.clone();
+    let index = |name: &str| models.iter().position(|m| m.id == name).unwrap() as u64;
+    let (ladder_ix, adaptive, uniform) = (
+        index("unimic-entropy/ladder"),
+        index("unimic-entropy/adaptive-grid"),
+        index("unimic-entropy/uniform"),
+    );
+    let (mut peer, peer_session, tok) = raw_peer(&mut p, models.clone()).await;
+    let drain = tokio::spawn(async move {
+        let mut outcomes = Vec::new();
+        while let Ok(Some(m)) = peer_session.recv().await {
+            outcomes.push(m.collect().await.err().map(|e| e.code()));
+        }
+        outcomes
+    });
+    // A valid 4 × 4 base image as message 0.
+    let base = noise(4, 4, 6);
+    let uniform_part = PartCodec::default()
+        .encode(
+            &SessionContext::new(0),
+            PartTokens::Grid(&base),
+            &PartSpec::new(ModelChoice::Uniform),
+        )
+        .unwrap();
+    let mut held = SessionContext::new(1 << 20);
+    held.insert(ContextKey::new(0, 0), Sequence::grid(&base))
+        .unwrap();
+    let header = |model: u64, (rows, cols): (u64, u64), mode: CodingMode| Header {
+        tokenizer: tok,
+        model,
+        rows,
+        cols,
+        tokens: rows * cols,
+        mode,
+        context: vec![ContextKey::new(0, 0)],
+        held: held.clone(),
+    };
+    let refine = |l: u64| CodingMode::Refinement { level: v(l) };
+    let h = Header {
+        context: vec![],
+        ..header(uniform, (4, 4), CodingMode::Uniform)
+    };
+    let m = message(0, &h, &[(16, &uniform_part.chunks[0].payload)]);
+    let mut s = within(peer.conn.open_uni()).await.unwrap();
+    s.write_all(&m).await.unwrap();
+    s.finish().unwrap();
+    peer.control_frame(|f| matches!(f, Frame::Ack(a) if a.message_id == v(0)))
+        .await;
+    // Mode 5 with a model that is not the ladder, and the ladder outside mode 5.
+    let m = message(2, &header(adaptive, (4, 4), refine(2)), &[(16, &[9, 9])]);
+    expect_refused(&mut peer, 2, m, ErrorCode::UNSUPPORTED).await;
+    let m = message(
+        4,
+        &header(ladder_ix, (4, 4), CodingMode::ImageConditioned),
+        &[(16, &[9])],
+    );
+    expect_refused(&mut peer, 4, m, ErrorCode::UNSUPPORTED).await;
+    // Level 3 on a base image (level 1), a level the ladder has no model for, another shape.
+    let m = message(6, &header(ladder_ix, (4, 4), refine(3)), &[(16, &[9])]);
+    let why = expect_refused(&mut peer, 6, m, ErrorCode::PROTOCOL_VIOLATION).await;
+    assert!(why.contains("not the level below"), "{why}");
+    let m = message(8, &header(ladder_ix, (4, 4), refine(9)), &[(16, &[9])]);
+    let why = expect_refused(&mut peer, 8, m, ErrorCode::PROTOCOL_VIOLATION).await;
+    assert!(why.contains("levels 2 ..= 3"), "{why}");
+    let m = message(10, &header(ladder_ix, (2, 2), refine(2)), &[(4, &[9])]);
+    expect_refused(&mut peer, 10, m, ErrorCode::PROTOCOL_VIOLATION).await;
+    // A good refinement still decodes on the same session.
+    let l2 = noise(4, 4, 7);
+    let part = PartCodec::new(CodecConfig::default().with_ladder(ladder()))
+        .encode(
+            &held,
+            PartTokens::Grid(&l2),
+            &PartSpec::new(ModelChoice::Ladder)
+                .with_refs(vec![ContextKey::new(0, 0)])
+                .with_level(2),
+        )
+        .unwrap();
+    let m = message(
+        12,
+        &header(ladder_ix, (4, 4), refine(2)),
+        &[(16, &part.chunks[0].payload)],
+    );
+    let mut s = within(peer.conn.open_uni()).await.unwrap();
+    s.write_all(&m).await.unwrap();
+    s.finish().unwrap();
+    peer.control_frame(|f| matches!(f, Frame::Ack(a) if a.message_id == v(12)))
+        .await;
+    peer.conn.close(0u32.into(), b"done");
+    let outcomes = within(drain).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            None,
+            Some(ErrorCode::UNSUPPORTED),
+            Some(ErrorCode::UNSUPPORTED),
+            Some(ErrorCode::PROTOCOL_VIOLATION),
+            Some(ErrorCode::PROTOCOL_VIOLATION),
+            Some(ErrorCode::PROTOCOL_VIOLATION),
+            None
+        ]
+    );
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use unimic_codec::entropy::generic::Generic;
+use unimic_codec::entropy::ladder::Ladder;
 use unimic_codec::entropy::masked::Masked;
 use unimic_codec::entropy::text_cond::TextCond;
 use unimic_codec::entropy::{Static, TextPrior};
@@ -56,7 +57,10 @@ fn full_codec() -> (CodecConfig, Vec<(&'static str, Vec<u8>)>) {
         .with_masked(Arc::new(masked))
         .with_text_cond(Arc::new(text))
         .with_static_grid(Arc::new(Static::from_bytes(&ladder).unwrap()))
-        .with_text_prior(Arc::new(prior), false);
+        .with_text_prior(Arc::new(prior), false)
+        .with_ladder(Arc::new(
+            Ladder::load(&dir, shipped::LADDER_TOP_LEVEL, shipped::LADDER_VERSION).unwrap(),
+        ));
     (codec, files)
 }
 
@@ -126,6 +130,18 @@ async fn the_handshake_carries_the_documented_identities() {
     for (m, (_, row)) in neg.entropy_models.iter().zip(&rows) {
         assert_eq!(m.version.into_inner(), 1, "{}", m.id);
         assert!(row.starts_with(&format!("| `{}` | 1 |", m.id)), "{row}");
+        if m.id == "unimic-entropy/ladder" {
+            // SHA-256 over the level files' digests, in level order (CODING.md §3.5), as the
+            // generated table lists it.
+            let mut digests = Vec::new();
+            for l in 2..=shipped::LADDER_TOP_LEVEL {
+                let f = entropy_dir().join(format!("unimic-entropy-ladder-l{l}-v1.umstatic"));
+                digests.extend_from_slice(&Sha256::digest(std::fs::read(f).unwrap()));
+            }
+            assert_eq!(m.hash, <[u8; 32]>::from(Sha256::digest(&digests)));
+            assert!(SPEC.contains(&format!("`{}` |", hex(&m.hash))), "{}", m.id);
+            continue;
+        }
         match files.iter().find(|(id, _)| *id == m.id) {
             Some((_, file)) => {
                 // File-backed: the SHA-256 of the file.

@@ -20,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::{Static, StaticError};
@@ -55,6 +56,9 @@ pub enum LadderError {
     /// The decoded tokens do not form a grid.
     #[error("grid: {0}")]
     Grid(#[from] GridError),
+    /// The models given do not form a ladder (levels 2, 3, … in order).
+    #[error("ladder: {0}")]
+    Levels(String),
 }
 
 /// The entropy model of one refinement level.
@@ -110,6 +114,16 @@ impl LadderModel {
         self.model.content_hash()
     }
 
+    /// The order-0 model this level's tokens are coded with.
+    pub fn model(&self) -> &Static {
+        &self.model
+    }
+
+    /// The token alphabet.
+    pub fn alphabet_size(&self) -> u32 {
+        self.model.alphabet_size()
+    }
+
     /// Codes `grid` (row-major) as one range-coder payload.
     pub fn encode(&self, grid: &TokenGrid) -> Result<Vec<u8>, LadderError> {
         self.check(grid.codebook_size())?;
@@ -151,6 +165,90 @@ impl LadderModel {
             });
         }
         Ok(())
+    }
+}
+
+/// The entropy models of every refinement level of a ladder, as one session model: the
+/// `unimic-entropy/ladder` entry of the handshake (docs/PROTOCOL.md §4.4, §6.3 mode 5), which
+/// codes a refinement part of level `l` with the model of level `l`.
+///
+/// Its identity hash is SHA-256 over the level models' identity hashes (the SHA-256 of each
+/// `.umstatic` file), concatenated as raw 32-byte digests in level order 2, 3, ….
+///
+/// ```
+/// use unimic_codec::entropy::ladder::{Ladder, LadderModel};
+/// use unimic_codec::entropy::Static;
+/// let l2 = LadderModel::new(2, 1, Static::train(8, [&[0u32, 1][..]]).unwrap());
+/// let l3 = LadderModel::new(3, 1, Static::train(8, [&[7u32, 7][..]]).unwrap());
+/// let ladder = Ladder::new(vec![l2, l3]).unwrap();
+/// assert_eq!(ladder.top_level(), 3);
+/// assert!(ladder.level(3).is_some() && ladder.level(4).is_none());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Ladder {
+    levels: Vec<LadderModel>,
+    hash: [u8; 32],
+}
+
+impl Ladder {
+    /// The ladder of `levels`, which must be the models of levels 2, 3, … in order, all of one
+    /// alphabet, at most 15 of them ([`LadderError::Levels`] otherwise).
+    pub fn new(levels: Vec<LadderModel>) -> Result<Self, LadderError> {
+        if levels.is_empty() || levels.len() > 15 {
+            return Err(LadderError::Levels(format!(
+                "{} refinement levels (1 ..= 15)",
+                levels.len()
+            )));
+        }
+        for (i, m) in levels.iter().enumerate() {
+            if m.level() != i + 2 {
+                return Err(LadderError::Levels(format!(
+                    "model {i} codes level {}, expected {}",
+                    m.level(),
+                    i + 2
+                )));
+            }
+            if m.alphabet_size() != levels[0].alphabet_size() {
+                return Err(LadderError::Alphabet {
+                    grid: m.alphabet_size(),
+                    model: levels[0].alphabet_size(),
+                });
+            }
+        }
+        let mut all = Vec::with_capacity(32 * levels.len());
+        for m in &levels {
+            all.extend_from_slice(&m.content_hash());
+        }
+        let hash = Sha256::digest(&all).into();
+        Ok(Self { levels, hash })
+    }
+
+    /// Loads the models of levels `2 ..= top` (`version`) from `dir` ([`LadderModel::load`]).
+    pub fn load(dir: &Path, top: usize, version: u64) -> Result<Self, LadderError> {
+        let levels = (2..=top.max(2))
+            .map(|l| LadderModel::load(dir, l, version))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::new(levels)
+    }
+
+    /// The highest level it codes.
+    pub fn top_level(&self) -> usize {
+        self.levels.len() + 1
+    }
+
+    /// The model of refinement `level`, if this ladder has it.
+    pub fn level(&self, level: usize) -> Option<&LadderModel> {
+        level.checked_sub(2).and_then(|i| self.levels.get(i))
+    }
+
+    /// The token alphabet (the image tokenizer's codebook size).
+    pub fn alphabet_size(&self) -> u32 {
+        self.levels[0].alphabet_size()
+    }
+
+    /// The identity hash (see the type's docs).
+    pub fn content_hash(&self) -> [u8; 32] {
+        self.hash
     }
 }
 

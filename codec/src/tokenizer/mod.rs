@@ -319,11 +319,17 @@ pub fn default_dir() -> PathBuf {
 }
 
 /// The tokenizer directories shipped with the source tree, default first: the TAEF2 tokenizer
-/// (`models/tokenizer-taef2`) and the earlier LlamaGen-architecture VQ tokenizer
-/// (`models/tokenizer`, kept so that files made with it still decode).
+/// (`models/tokenizer-taef2`), its first version with the smoother decoder
+/// (`models/tokenizer-taef2-v1`, the same tokens) and the earlier LlamaGen-architecture VQ
+/// tokenizer (`models/tokenizer`); the older ones are kept so that files made with them still
+/// decode.
 pub fn shipped_dirs() -> Vec<PathBuf> {
     let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models"));
-    vec![root.join("tokenizer-taef2"), root.join("tokenizer")]
+    vec![
+        root.join("tokenizer-taef2"),
+        root.join("tokenizer-taef2-v1"),
+        root.join("tokenizer"),
+    ]
 }
 
 /// Loads the tokenizer in `dir`, whichever kind its `manifest.json` names (`format`

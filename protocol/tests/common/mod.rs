@@ -200,6 +200,29 @@ pub fn masked_part_header() -> PartHeader {
     }
 }
 
+/// Refinement level 2 of the 2 × 3 image at part 1 of message 4 (PROTOCOL.md §13.6a): entropy
+/// model 0 is the ladder here, the whole grid is coded.
+pub fn refinement_part_header() -> PartHeader {
+    PartHeader {
+        index: v(1),
+        body: PartBody::Image(CodedPart {
+            tokenizer: v(0),
+            entropy_model: v(0),
+            shape: Shape {
+                rows: v(2),
+                cols: v(3),
+            },
+            token_count: v(6),
+            mode: CodingMode::Refinement { level: v(2) },
+            context: vec![ContextRef {
+                message_id: v(4),
+                part_index: v(1),
+            }],
+            context_digest: image_context_digest(),
+        }),
+    }
+}
+
 /// The same region as [`masked_part_header`] given as a bitmap.
 pub fn bitmap_part_header() -> PartHeader {
     let mut h = masked_part_header();
