@@ -37,6 +37,24 @@ def blur(y, s):
     return F.conv2d(y, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
+def ssim(a, b):
+    """Mean SSIM on luma (0.299 R + 0.587 G + 0.114 B, 0..255), 11-tap Gaussian window of std
+    1.5, valid positions only: the definition of `codec/src/tokenizer/metrics.rs`."""
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    x, y = (t.mul(255).mul(w).sum(1, keepdim=True).double() for t in (a, b))
+    g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2)).double()
+    g = g / g.sum()
+
+    def f(t):
+        t = F.conv2d(t, g.view(1, 1, 1, -1))
+        return F.conv2d(t, g.view(1, 1, -1, 1))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
+    m = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return m.mean().item()
+
+
 @torch.no_grad()
 def quantized(q, z, n):
     _, _, qs, _ = q.quantize(q.down(z), n)
@@ -47,15 +65,16 @@ def quantized(q, z, n):
 def evaluate(q, dec, val, levels, recog):
     out = {}
     for n in levels:
-        ps, cs = [], []
+        ps, cs, ss = [], [], []
         for x, z in val:
             xf = x[None].float() / 255
             y = dec(quantized(q, z[None].float(), n)).clamp(0, 1)
             y8 = (y * 255).round() / 255
             ps.append(psnr(y8, xf))
+            ss.append(ssim(y8, xf))
             if recog:
                 cs.append(recog(xf, y8))
-        out[f"L{n}"] = {"psnr": sum(ps) / len(ps)}
+        out[f"L{n}"] = {"psnr": sum(ps) / len(ps), "ssim": sum(ss) / len(ss)}
         if cs:
             out[f"L{n}"]["cosine"] = sum(cs) / len(cs)
     return out

@@ -1,0 +1,176 @@
+//! Decoding the chunks of one part, independently and in any order, and assembling the part.
+
+use super::*;
+
+/// Decodes the chunks of one part, each independently and in any order.
+#[derive(Debug, Clone)]
+pub struct PartDecoder {
+    pub(super) shape: PartShape,
+    pub(super) state: State,
+    /// Tokens the part codes (the region's cells for a masked part).
+    pub(super) tokens: u64,
+    pub(super) chunk_tokens: u64,
+    pub(super) chunks: u64,
+    pub(super) text_space: u32,
+}
+
+impl PartDecoder {
+    /// Number of chunks the part has.
+    pub fn chunks(&self) -> u64 {
+        self.chunks
+    }
+
+    /// Number of tokens the part codes: every token of the part, except for a masked part,
+    /// which codes only the cells of its region.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// The token range `[start, end)` chunk `index` covers.
+    pub fn chunk_range(&self, index: u64) -> Result<(u64, u64), PartError> {
+        if index >= self.chunks {
+            return Err(PartError::NoSuchChunk {
+                index,
+                chunks: self.chunks,
+            });
+        }
+        let start = index * self.chunk_tokens;
+        Ok((start, (start + self.chunk_tokens).min(self.tokens)))
+    }
+
+    /// Decodes chunk `index` from its payload. A corrupt payload yields an error or wrong
+    /// tokens for this chunk only. A masked part's one chunk decodes to the tokens of its
+    /// region's cells in row-major order ([`assemble`](Self::assemble) adds the other cells).
+    pub fn decode_chunk(&self, index: u64, payload: &[u8]) -> Result<Vec<u32>, PartError> {
+        let (start, end) = self.chunk_range(index)?;
+        let (start, end) = (start as usize, end as usize);
+        let mut dec = Decoder::new(payload);
+        let mut out = Vec::with_capacity((end - start).min(1 << 16));
+        match (self.state.clone(), self.shape) {
+            (State::Uniform, PartShape::Grid { codebook_size, .. }) => {
+                let u = Uniform::new(codebook_size);
+                for _ in start..end {
+                    out.push(dec.decode(&u)?);
+                }
+            }
+            (State::Uniform, PartShape::Text { .. }) => {
+                for _ in start..end {
+                    out.push(Uniform::decode_wide(&mut dec, self.text_space)?);
+                }
+            }
+            (State::Static(m), _) => {
+                for _ in start..end {
+                    out.push(dec.decode(m.distribution())?);
+                }
+            }
+            (State::Grid(mut g), PartShape::Grid { width, .. }) => {
+                g.decode(&mut dec, &mut out, width, start..end)?
+            }
+            (State::Text(mut t), _) => out = t.decode(&mut dec, end - start)?,
+            (State::Generic(m), PartShape::Grid { height, width, .. }) => {
+                out = m
+                    .decode(height, width, payload)
+                    .map_err(|e| PartError::Transformer(e.to_string()))?
+                    .into_ids();
+            }
+            (
+                State::Masked {
+                    model: m,
+                    known,
+                    unknown,
+                },
+                PartShape::Grid { height, width, .. },
+            ) => {
+                let grid = m
+                    .decode(height, width, &known, &unknown, payload)
+                    .map_err(|e| PartError::Transformer(e.to_string()))?;
+                out = grid
+                    .ids()
+                    .iter()
+                    .zip(&unknown)
+                    .filter(|(_, &u)| u)
+                    .map(|(&id, _)| id)
+                    .collect();
+            }
+            (State::TextCond { model: m, prompt }, PartShape::Grid { height, width, .. }) => {
+                out = m
+                    .decode(&prompt, height, width, payload)
+                    .map_err(|e| PartError::Transformer(e.to_string()))?
+                    .into_ids();
+            }
+            (State::Generic(_) | State::Masked { .. } | State::TextCond { .. }, _) => {
+                return Err(PartError::ModelUnavailable {
+                    model: ModelChoice::Generic,
+                    kind: SequenceKind::Text,
+                })
+            }
+            (State::Grid(_), PartShape::Text { .. }) => {
+                return Err(PartError::ModelUnavailable {
+                    model: ModelChoice::Adaptive,
+                    kind: SequenceKind::Text,
+                })
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes every chunk (in order) and assembles the part.
+    pub fn decode_all<'a>(
+        &self,
+        payloads: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<DecodedPart, PartError> {
+        let mut ids = Vec::new();
+        let mut got = 0;
+        for (i, p) in payloads.into_iter().enumerate() {
+            ids.extend(self.decode_chunk(i as u64, p)?);
+            got += 1;
+        }
+        if got != self.chunks {
+            return Err(PartError::NoSuchChunk {
+                index: got,
+                chunks: self.chunks,
+            });
+        }
+        self.assemble(ids)
+    }
+
+    /// Builds the part from all its decoded tokens in order (the concatenation of its chunks'
+    /// tokens). For a masked part, `ids` are the region's cells (row-major) and every other cell
+    /// is taken from the reference image: the result is the full grid.
+    pub fn assemble(&self, ids: Vec<u32>) -> Result<DecodedPart, PartError> {
+        if ids.len() as u64 != self.tokens {
+            return Err(PartError::TokenCount {
+                got: ids.len() as u64,
+                expected: self.tokens,
+            });
+        }
+        let ids = match &self.state {
+            State::Masked { known, unknown, .. } => {
+                let mut coded = ids.into_iter();
+                known
+                    .iter()
+                    .zip(unknown)
+                    .map(|(&k, &u)| if u { coded.next().unwrap_or(k) } else { k })
+                    .collect()
+            }
+            _ => ids,
+        };
+        Ok(match self.shape {
+            PartShape::Text { .. } => DecodedPart::Text(ids),
+            PartShape::Grid {
+                height,
+                width,
+                codebook_size,
+            } => DecodedPart::Grid(TokenGrid::new(height, width, codebook_size, ids)?),
+        })
+    }
+}
+
+/// A decoded part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodedPart {
+    /// Text ids.
+    Text(Vec<u32>),
+    /// A grid.
+    Grid(TokenGrid),
+}

@@ -1,0 +1,817 @@
+//! The facade transport calls: code one part (text ids or a token grid) with a chosen entropy
+//! model, conditioned on referenced session context, as independently decodable chunks.
+//!
+//! # Contract (see docs/CODING.md)
+//! * **Model state is a function of the references.** For a part with references `refs`, both
+//!   ends start from the model's initial state (a fresh [`AdaptiveGrid`], or a fresh
+//!   [`AdaptiveText`] seeded by the configured [`TextPrior`] if any), let it learn every
+//!   referenced sequence in the order listed (text references teach the text model, grid
+//!   references whose ids fit the codebook teach the grid model; others are skipped), and code
+//!   the part from that state. Nothing else updates a model, so the order in which the two ends
+//!   commit other parts cannot desynchronize them, and the context digest covers everything the
+//!   model depends on.
+//! * **Chunks are independent.** With `chunk_tokens = c`, chunk `i` holds tokens
+//!   `[i*c, min((i+1)*c, n))` (row-major for grids) and is coded by its own range coder from the
+//!   state above; within a chunk the model keeps learning, and grid neighbours before the chunk's
+//!   first token are absent. A receiver decodes chunk `i` as soon as it arrives, in any order,
+//!   and a corrupt chunk loses only itself. Without `chunk_tokens` the part is one chunk.
+//! * **Transformer models** (docs/CODING.md §7) code a grid part as exactly one chunk, one
+//!   range-coder payload in the model's own order (smaller chunks are refused with
+//!   [`PartError::Unchunkable`]); they do not learn from the references:
+//!   - [`ModelChoice::Generic`] conditions only on the grid's own earlier tokens (the references
+//!     are digest-checked, nothing more).
+//!   - [`ModelChoice::Masked`] codes only the cells of the spec's region
+//!     ([`PartSpec::with_region`]), in the model's schedule order, given every other cell, which
+//!     it takes from the **first image part among the references** (same height and width). The
+//!     part's grid must equal that reference outside the region; the decoded part is the full
+//!     grid (reference outside the region, decoded cells inside).
+//!   - [`ModelChoice::TextCond`] conditions on the **text parts among the references**,
+//!     concatenated in the order listed (the model reads the first `max_text` ids); image
+//!     references are digest-checked only. At least one text reference is required.
+//! * **Quality ladder** ([`ModelChoice::Ladder`], docs/CODING.md §3.5): a refinement part of
+//!   level `l` ([`PartSpec::with_level`]) codes its residual codes with the order-0 model of that
+//!   level, chunked like the built-in models; its first image reference must be the level below
+//!   (the same shape, level `l - 1`, as [`Sequence::level`](crate::context::Sequence::level)
+//!   says), or it is refused with [`PartError::LadderBase`].
+//!
+//! The module's files: `spec.rs` (what a part is and how to code it), `config.rs` (the models a
+//! codec holds), `error.rs`, `decoder.rs` (decoding chunks and assembling a part), and this file
+//! (the codec: model identities, the model state a part starts from, encoding).
+//! * **Commit.** After a part is fully encoded (sender) or decoded (receiver), the caller inserts
+//!   it into its [`SessionContext`] under (message id, part index) if later parts may refer to it;
+//!   both ends must apply the same inserts and evictions.
+//! * **Digest first.** [`PartCodec::decoder`] verifies the sender's context digest and the model
+//!   identity before any decoding and refuses with a typed error on mismatch.
+//!
+//! ```
+//! use unimic_codec::context::{ContextKey, Sequence, SessionContext};
+//! use unimic_codec::part::{ModelChoice, PartCodec, PartShape, PartSpec, PartTokens};
+//!
+//! let mut ctx = SessionContext::new(1 << 20);
+//! let first = vec![32u32, 5679, 306, 290, 16300, 13];
+//! ctx.insert(ContextKey::new(1, 0), Sequence::text(first)).unwrap();
+//! let spec = PartSpec::new(ModelChoice::Adaptive).with_refs(vec![ContextKey::new(1, 0)]);
+//! let reply = [32u32, 5679, 306, 13];
+//!
+//! let mut sender = PartCodec::default();
+//! let part = sender.encode(&ctx, PartTokens::Text(&reply), &spec).unwrap();
+//!
+//! let mut receiver = PartCodec::default();
+//! let dec = receiver
+//!     .decoder(&ctx, PartShape::Text { count: 4 }, &spec, &part.digest, &part.model)
+//!     .unwrap();
+//! let ids = dec.decode_chunk(0, &part.chunks[0].payload).unwrap();
+//! assert_eq!(ids, reply);
+//! ```
+//!
+//! An edit with the masked transformer: only the region's cells are coded, and the decoder
+//! rebuilds the whole grid from the reference it holds.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use unimic_codec::context::{ContextKey, Sequence, SessionContext};
+//! use unimic_codec::entropy::masked::{Masked, MaskedConfig};
+//! use unimic_codec::grid::TokenGrid;
+//! use unimic_codec::part::{
+//!     CodecConfig, DecodedPart, ModelChoice, PartCodec, PartShape, PartSpec, PartTokens,
+//! };
+//!
+//! let model = Arc::new(Masked::synthetic(&MaskedConfig::tiny(16), 3).unwrap());
+//! let mut ctx = SessionContext::new(1 << 20);
+//! let original = TokenGrid::new(2, 3, 16, vec![1, 2, 3, 4, 5, 6]).unwrap();
+//! ctx.insert(ContextKey::new(0, 0), Sequence::grid(&original)).unwrap();
+//! let edited = TokenGrid::new(2, 3, 16, vec![1, 9, 3, 4, 5, 6]).unwrap();
+//! let spec = PartSpec::new(ModelChoice::Masked)
+//!     .with_refs(vec![ContextKey::new(0, 0)])
+//!     .with_region(vec![false, true, false, false, false, false]);
+//!
+//! let mut codec = PartCodec::new(CodecConfig::default().with_masked(model));
+//! let part = codec.encode(&ctx, PartTokens::Grid(&edited), &spec).unwrap();
+//! assert_eq!((part.chunks.len(), part.tokens), (1, 1));
+//! let shape = PartShape::Grid { height: 2, width: 3, codebook_size: 16 };
+//! let dec = codec.decoder(&ctx, shape, &spec, &part.digest, &part.model).unwrap();
+//! let back = dec.decode_all([part.chunks[0].payload.as_slice()]).unwrap();
+//! assert_eq!(back, DecodedPart::Grid(edited));
+//! ```
+
+mod config;
+mod decoder;
+mod error;
+mod spec;
+#[cfg(test)]
+mod tests;
+
+pub use config::CodecConfig;
+pub use decoder::{DecodedPart, PartDecoder};
+pub use error::PartError;
+pub use spec::{
+    model_id, Chunk, EncodedPart, ModelChoice, ModelIdentity, PartShape, PartSpec, PartTokens,
+};
+
+use crate::coder::{CodeError, Decoder, Encoder};
+use crate::context::{ContextError, ContextKey, Sequence, SequenceKind, SessionContext};
+use crate::entropy::generic::Generic;
+use crate::entropy::ladder::Ladder;
+use crate::entropy::masked::Masked;
+use crate::entropy::text_cond::TextCond;
+use crate::entropy::{AdaptiveGrid, AdaptiveText, Dense, Static, TextPrior, Uniform};
+use crate::grid::{GridError, TokenGrid};
+use crate::text::O200K_VOCAB;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// A model ready to code one chunk (cloned per chunk).
+#[derive(Debug, Clone)]
+enum State {
+    Uniform,
+    Static(Arc<Static>),
+    Grid(AdaptiveGrid),
+    Text(AdaptiveText),
+    Generic(Arc<Generic>),
+    /// The masked model with the known ids (from the reference) and the region.
+    Masked {
+        model: Arc<Masked>,
+        known: Vec<u32>,
+        unknown: Vec<bool>,
+    },
+    /// The text-conditioned model with the prompt (the text references, concatenated).
+    TextCond {
+        model: Arc<TextCond>,
+        prompt: Vec<u32>,
+    },
+}
+
+/// Cached learned state: valid while the references extend `refs` and their digest matches.
+#[derive(Debug, Clone)]
+struct Cached {
+    key: (u32, u32),
+    refs: Vec<ContextKey>,
+    digest: [u8; 32],
+    state: State,
+}
+
+/// One end's part coder for a session: configuration plus a cache of learned model states.
+/// Results depend only on the configuration, the context and the part; the cache only saves
+/// re-learning a growing reference list.
+#[derive(Debug, Clone, Default)]
+pub struct PartCodec {
+    config: CodecConfig,
+    cache: Vec<Cached>,
+}
+
+fn hash_str(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+/// 64 hex digits to 32 bytes (`None` if malformed).
+fn hex32(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        let s = std::str::from_utf8(pair).ok()?;
+        *o = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Codes a grid with a transformer state as one payload: returns the payload, the number of
+/// tokens coded and `Σ -log2 p` (the same bytes as the model's own `encode`).
+fn encode_transformer(
+    state: &State,
+    grid: &TokenGrid,
+    chunk_tokens: Option<u32>,
+    model: ModelChoice,
+) -> Result<(Vec<u8>, u64, f64), PartError> {
+    let transformer = |e: crate::nn::model::ModelError| PartError::Transformer(e.to_string());
+    let mut enc = Encoder::new();
+    let ids = grid.ids();
+    let tokens = match state {
+        State::Generic(m) => {
+            one_chunk(model, ids.len() as u64, chunk_tokens)?;
+            for (w, &s) in m
+                .weights_full(grid)
+                .map_err(transformer)?
+                .into_iter()
+                .zip(ids)
+            {
+                enc.encode(s, &Dense::from_weights(w))?;
+            }
+            ids.len() as u64
+        }
+        State::TextCond { model: m, prompt } => {
+            one_chunk(model, ids.len() as u64, chunk_tokens)?;
+            let weights = m.weights_full(prompt, grid).map_err(transformer)?;
+            for (w, &s) in weights.into_iter().zip(ids) {
+                enc.encode(s, &Dense::from_weights(w))?;
+            }
+            ids.len() as u64
+        }
+        State::Masked {
+            model: m,
+            known,
+            unknown,
+        } => {
+            let coded = unknown.iter().filter(|&&u| u).count();
+            one_chunk(model, coded as u64, chunk_tokens)?;
+            // The receiver takes every cell outside the region from the reference.
+            if let Some(cell) = ids
+                .iter()
+                .zip(known)
+                .zip(unknown)
+                .position(|((a, b), &u)| !u && a != b)
+            {
+                return Err(PartError::OutsideRegion { cell: cell as u64 });
+            }
+            let weights = m.weights_unknown(grid.width() as usize, ids, unknown);
+            let region = ids.iter().zip(unknown).filter(|(_, &u)| u);
+            for (w, (&s, _)) in weights.into_iter().zip(region) {
+                enc.encode(s, &Dense::from_weights(w))?;
+            }
+            coded as u64
+        }
+        _ => {
+            return Err(PartError::ModelUnavailable {
+                model,
+                kind: SequenceKind::Grid,
+            })
+        }
+    };
+    let cross_entropy_bits = enc.cross_entropy_bits();
+    Ok((enc.finish(), tokens, cross_entropy_bits))
+}
+
+/// Refuses chunking for models that code a part as one chunk.
+/// The first image part among a part's references (with its key): the reference image of a
+/// masked part, the level below of a ladder part.
+fn first_image<'a>(
+    refs: &'a [ContextKey],
+    seqs: Vec<&'a Sequence>,
+    model: ModelChoice,
+) -> Result<(&'a ContextKey, &'a Sequence), PartError> {
+    refs.iter()
+        .zip(seqs)
+        .find(|(_, s)| s.kind() == SequenceKind::Grid)
+        .ok_or(PartError::MissingReference {
+            model,
+            kind: SequenceKind::Grid,
+        })
+}
+
+fn one_chunk(model: ModelChoice, tokens: u64, chunk_tokens: Option<u32>) -> Result<(), PartError> {
+    match chunk_tokens {
+        Some(c) if u64::from(c) < tokens => Err(PartError::Unchunkable {
+            model,
+            tokens,
+            chunk_tokens: u64::from(c),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl PartCodec {
+    /// A codec with the given configuration.
+    pub fn new(config: CodecConfig) -> Self {
+        Self {
+            config,
+            cache: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CodecConfig {
+        &self.config
+    }
+
+    /// The identity of `model` for parts of `kind`. Algorithmic models hash a canonical
+    /// description: `"unimic-entropy/uniform/v1"`, `"unimic-entropy/adaptive-grid/v1"`,
+    /// `"unimic-entropy/adaptive-text/v1"` (with `";prior=" + hex(SHA-256(prior file))` appended
+    /// when primed); static models hash their file.
+    pub fn identity(
+        &self,
+        model: ModelChoice,
+        kind: SequenceKind,
+    ) -> Result<ModelIdentity, PartError> {
+        let unavailable = PartError::ModelUnavailable { model, kind };
+        let (id, hash) = match (model, kind) {
+            (ModelChoice::Uniform, _) => (model_id::UNIFORM, hash_str("unimic-entropy/uniform/v1")),
+            (ModelChoice::Static, SequenceKind::Grid) => {
+                let s = self.config.static_grid.as_ref().ok_or(unavailable)?;
+                (model_id::STATIC_GRID, s.content_hash())
+            }
+            (ModelChoice::Static, _) => {
+                let p = self.config.text_prior.as_ref().ok_or(unavailable)?;
+                (model_id::STATIC_TEXT, Sha256::digest(p.to_bytes()).into())
+            }
+            (ModelChoice::Generic, SequenceKind::Grid) => {
+                let hash = self
+                    .config
+                    .generic
+                    .as_ref()
+                    .and_then(|g| hex32(g.content_hash()));
+                (model_id::GENERIC_GRID, hash.ok_or(unavailable)?)
+            }
+            (ModelChoice::Masked, SequenceKind::Grid) => {
+                let hash = self
+                    .config
+                    .masked
+                    .as_ref()
+                    .and_then(|m| hex32(m.content_hash()));
+                (model_id::MASKED_GRID, hash.ok_or(unavailable)?)
+            }
+            (ModelChoice::TextCond, SequenceKind::Grid) => {
+                let hash = self
+                    .config
+                    .text_cond
+                    .as_ref()
+                    .and_then(|m| hex32(m.content_hash()));
+                (model_id::TEXT_COND_GRID, hash.ok_or(unavailable)?)
+            }
+            (ModelChoice::Ladder, SequenceKind::Grid) => {
+                let l = self.config.ladder.as_ref().ok_or(unavailable)?;
+                (model_id::LADDER_GRID, l.content_hash())
+            }
+            (
+                ModelChoice::Generic
+                | ModelChoice::Masked
+                | ModelChoice::TextCond
+                | ModelChoice::Ladder,
+                _,
+            ) => return Err(unavailable),
+            (ModelChoice::Adaptive, SequenceKind::Grid) => (
+                model_id::ADAPTIVE_GRID,
+                hash_str("unimic-entropy/adaptive-grid/v1"),
+            ),
+            (ModelChoice::Adaptive, _) => {
+                let mut desc = String::from("unimic-entropy/adaptive-text/v1");
+                if let (true, Some(p)) = (self.config.prime_adaptive_text, &self.config.text_prior)
+                {
+                    let h: [u8; 32] = Sha256::digest(p.to_bytes()).into();
+                    desc.push_str(";prior=");
+                    for b in h {
+                        desc.push_str(&format!("{b:02x}"));
+                    }
+                }
+                (model_id::ADAPTIVE_TEXT, hash_str(&desc))
+            }
+        };
+        Ok(ModelIdentity {
+            id,
+            version: 1,
+            hash,
+        })
+    }
+
+    fn initial(&self, model: ModelChoice, shape: &PartShape) -> Result<State, PartError> {
+        let unavailable = PartError::ModelUnavailable {
+            model,
+            kind: shape.kind(),
+        };
+        Ok(match (model, shape) {
+            (ModelChoice::Uniform, _) => State::Uniform,
+            (ModelChoice::Static, PartShape::Grid { codebook_size, .. }) => {
+                let s = self.config.static_grid.clone().ok_or(unavailable)?;
+                if s.alphabet_size() != *codebook_size {
+                    return Err(PartError::ModelUnavailable {
+                        model,
+                        kind: SequenceKind::Grid,
+                    });
+                }
+                State::Static(s)
+            }
+            (ModelChoice::Static, PartShape::Text { .. }) => {
+                let p = self.config.text_prior.as_ref().ok_or(unavailable)?;
+                State::Text(AdaptiveText::frozen(p))
+            }
+            (ModelChoice::Adaptive, PartShape::Grid { codebook_size, .. }) => {
+                State::Grid(AdaptiveGrid::new(*codebook_size))
+            }
+            // Built with the references by `transformer_state` / `ladder_state`.
+            (
+                ModelChoice::Generic
+                | ModelChoice::Masked
+                | ModelChoice::TextCond
+                | ModelChoice::Ladder,
+                _,
+            ) => return Err(unavailable),
+            (ModelChoice::Adaptive, PartShape::Text { .. }) => State::Text(
+                match (&self.config.text_prior, self.config.prime_adaptive_text) {
+                    (Some(p), true) => AdaptiveText::with_prior(p),
+                    _ => AdaptiveText::new(self.config.text_space),
+                },
+            ),
+        })
+    }
+
+    /// The state of a transformer model for a part (`None` for the other models): the model
+    /// checked against the shape, plus what it conditions on from the references.
+    fn transformer_state(
+        &self,
+        ctx: &SessionContext,
+        spec: &PartSpec,
+        shape: &PartShape,
+    ) -> Result<Option<State>, PartError> {
+        let model = spec.model;
+        if spec.region.is_some() && model != ModelChoice::Masked {
+            return Err(PartError::RegionNotAllowed { model });
+        }
+        if !model.is_transformer() {
+            return Ok(None);
+        }
+        let unavailable = || PartError::ModelUnavailable {
+            model,
+            kind: shape.kind(),
+        };
+        let PartShape::Grid {
+            height,
+            width,
+            codebook_size,
+        } = *shape
+        else {
+            return Err(unavailable());
+        };
+        let (k, side) = match model {
+            ModelChoice::Generic => {
+                let g = self.config.generic.as_ref().ok_or_else(unavailable)?;
+                (g.config().codebook_size, g.config().max_side)
+            }
+            ModelChoice::Masked => {
+                let m = self.config.masked.as_ref().ok_or_else(unavailable)?;
+                (m.config().codebook_size, m.config().max_side)
+            }
+            _ => {
+                let t = self.config.text_cond.as_ref().ok_or_else(unavailable)?;
+                (t.config().codebook_size, t.config().max_side)
+            }
+        };
+        if k != codebook_size as usize {
+            return Err(unavailable());
+        }
+        if height as usize > side || width as usize > side {
+            return Err(PartError::Transformer(format!(
+                "{height}x{width} exceeds the model's largest side {side}"
+            )));
+        }
+        let seqs = ctx.resolve(&spec.refs)?;
+        Ok(Some(match model {
+            ModelChoice::Generic => {
+                State::Generic(self.config.generic.clone().ok_or_else(unavailable)?)
+            }
+            ModelChoice::Masked => {
+                let m = self.config.masked.clone().ok_or_else(unavailable)?;
+                let region = spec.region.as_ref().ok_or(PartError::RegionRequired)?;
+                let cells = shape.tokens();
+                if region.len() as u64 != cells {
+                    return Err(PartError::RegionSize {
+                        cells: region.len() as u64,
+                        expected: cells,
+                    });
+                }
+                let (key, seq) = first_image(&spec.refs, seqs, model)?;
+                // The reference is an image: not a refinement level's residual codes.
+                if seq.rows() != height
+                    || seq.cols() != width
+                    || seq.level() != 1
+                    || seq.ids().iter().any(|&id| id >= codebook_size)
+                {
+                    return Err(PartError::ReferenceShape {
+                        key: *key,
+                        rows: seq.rows(),
+                        cols: seq.cols(),
+                        height,
+                        width,
+                        codebook_size,
+                    });
+                }
+                State::Masked {
+                    model: m,
+                    known: seq.ids().to_vec(),
+                    unknown: region.clone(),
+                }
+            }
+            _ => {
+                let t = self.config.text_cond.clone().ok_or_else(unavailable)?;
+                let max_text = t.config().max_text;
+                let texts: Vec<_> = seqs
+                    .into_iter()
+                    .filter(|s| s.kind() == SequenceKind::Text)
+                    .collect();
+                if texts.is_empty() {
+                    return Err(PartError::MissingReference {
+                        model,
+                        kind: SequenceKind::Text,
+                    });
+                }
+                // The model reads the first `max_text` ids of the concatenation.
+                let mut prompt = Vec::new();
+                for s in texts {
+                    let room = max_text.saturating_sub(prompt.len());
+                    prompt.extend(s.ids().iter().take(room));
+                }
+                State::TextCond { model: t, prompt }
+            }
+        }))
+    }
+
+    /// The state of the ladder model for a part (`None` for the other models): the model of
+    /// the part's level, once the first image reference is checked to be the level below.
+    fn ladder_state(
+        &self,
+        ctx: &SessionContext,
+        spec: &PartSpec,
+        shape: &PartShape,
+    ) -> Result<Option<State>, PartError> {
+        let model = spec.model;
+        if model != ModelChoice::Ladder {
+            return match spec.level {
+                Some(_) => Err(PartError::LevelNotAllowed { model }),
+                None => Ok(None),
+            };
+        }
+        let unavailable = || PartError::ModelUnavailable {
+            model,
+            kind: shape.kind(),
+        };
+        let ladder = self.config.ladder.as_ref().ok_or_else(unavailable)?;
+        let PartShape::Grid {
+            height,
+            width,
+            codebook_size,
+        } = *shape
+        else {
+            return Err(unavailable());
+        };
+        if codebook_size != ladder.alphabet_size() {
+            return Err(unavailable());
+        }
+        let top = ladder.top_level() as u32;
+        let level = spec
+            .level
+            .filter(|l| (2..=top).contains(l))
+            .ok_or(PartError::Level {
+                level: spec.level,
+                top,
+            })?;
+        let seqs = ctx.resolve(&spec.refs)?;
+        let (key, base) = first_image(&spec.refs, seqs, model)?;
+        if base.rows() != height || base.cols() != width || base.level() + 1 != level {
+            return Err(PartError::LadderBase {
+                key: *key,
+                base_level: base.level(),
+                rows: base.rows(),
+                cols: base.cols(),
+                level,
+                height,
+                width,
+            });
+        }
+        let m = ladder.level(level as usize).ok_or(PartError::Level {
+            level: Some(level),
+            top,
+        })?;
+        Ok(Some(State::Static(Arc::new(m.model().clone()))))
+    }
+
+    /// The model state for a part: initial state, then learn the references (cached).
+    fn state(
+        &mut self,
+        ctx: &SessionContext,
+        spec: &PartSpec,
+        shape: &PartShape,
+    ) -> Result<State, PartError> {
+        if let Some(state) = self.ladder_state(ctx, spec, shape)? {
+            return Ok(state);
+        }
+        if let Some(state) = self.transformer_state(ctx, spec, shape)? {
+            return Ok(state);
+        }
+        let (model, refs) = (spec.model, spec.refs.as_slice());
+        let mut state = self.initial(model, shape)?;
+        if !matches!(state, State::Grid(_))
+            && !matches!((&state, model), (State::Text(_), ModelChoice::Adaptive))
+        {
+            return Ok(state);
+        }
+        let key = match shape {
+            PartShape::Grid { codebook_size, .. } => (0, *codebook_size),
+            PartShape::Text { .. } => (1, 0),
+        };
+        let mut learned = 0;
+        if let Some(c) = self.cache.iter().find(|c| c.key == key) {
+            if refs.starts_with(&c.refs) && ctx.digest(&c.refs).ok() == Some(c.digest) {
+                if c.refs.len() == refs.len() {
+                    // Everything is learned already (the next chunk of a streamed part).
+                    return Ok(c.state.clone());
+                }
+                state = c.state.clone();
+                learned = c.refs.len();
+            }
+        }
+        for seq in ctx.resolve(&refs[learned..])? {
+            match (&mut state, seq.kind()) {
+                (State::Grid(g), SequenceKind::Grid) => g.learn(seq.ids(), seq.cols()),
+                (State::Text(t), SequenceKind::Text) => t.learn(seq.ids()),
+                _ => {}
+            }
+        }
+        let cached = Cached {
+            key,
+            refs: refs.to_vec(),
+            digest: ctx.digest(refs)?,
+            state: state.clone(),
+        };
+        self.cache.retain(|c| c.key != key);
+        self.cache.push(cached);
+        Ok(state)
+    }
+
+    fn check_size(&self, tokens: u64) -> Result<(), PartError> {
+        if tokens > self.config.max_part_tokens {
+            return Err(PartError::TooLarge {
+                tokens,
+                limit: self.config.max_part_tokens,
+            });
+        }
+        Ok(())
+    }
+
+    /// Encodes a part.
+    pub fn encode(
+        &mut self,
+        ctx: &SessionContext,
+        tokens: PartTokens<'_>,
+        spec: &PartSpec,
+    ) -> Result<EncodedPart, PartError> {
+        let grid = match tokens {
+            PartTokens::Grid(g) => Some(g),
+            PartTokens::Text(_) => None,
+        };
+        let (shape, ids, width) = match tokens {
+            PartTokens::Text(ids) => {
+                if let Some(&id) = ids.iter().find(|&&id| id >= self.config.text_space) {
+                    return Err(PartError::TextId {
+                        id,
+                        space: self.config.text_space,
+                    });
+                }
+                (
+                    PartShape::Text {
+                        count: ids.len() as u64,
+                    },
+                    ids,
+                    0,
+                )
+            }
+            PartTokens::Grid(g) => (
+                PartShape::Grid {
+                    height: g.height(),
+                    width: g.width(),
+                    codebook_size: g.codebook_size(),
+                },
+                g.ids(),
+                g.width(),
+            ),
+        };
+        self.check_size(shape.tokens())?;
+        let digest = ctx.digest(&spec.refs)?;
+        let model = self.identity(spec.model, shape.kind())?;
+        let state = self.state(ctx, spec, &shape)?;
+        if let (Some(grid), true) = (grid, spec.model.is_transformer()) {
+            let (payload, tokens, cross_entropy_bits) =
+                encode_transformer(&state, grid, spec.chunk_tokens, spec.model)?;
+            return Ok(EncodedPart {
+                bits: 8 * payload.len() as u64,
+                chunks: vec![Chunk {
+                    payload,
+                    tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
+                }],
+                digest,
+                model,
+                cross_entropy_bits,
+                tokens,
+            });
+        }
+        let n = ids.len();
+        let c = spec.chunk_tokens.map_or(n.max(1), |c| c as usize);
+        let mut chunks = Vec::with_capacity(n.div_ceil(c).max(1));
+        let mut cross_entropy_bits = 0.0;
+        let mut start = 0;
+        // Every chunk starts from the state after the references (chunks are independent); the
+        // last one takes it, the others a copy.
+        let mut state = Some(state);
+        loop {
+            let end = (start + c).min(n);
+            let mut enc = Encoder::new();
+            let this = if end >= n {
+                state.take()
+            } else {
+                state.clone()
+            };
+            let Some(this) = this else { break };
+            match this {
+                State::Uniform => match shape {
+                    PartShape::Grid { codebook_size, .. } => {
+                        let u = Uniform::new(codebook_size);
+                        for &s in &ids[start..end] {
+                            enc.encode(s, &u)?;
+                        }
+                    }
+                    PartShape::Text { .. } => {
+                        for &s in &ids[start..end] {
+                            Uniform::encode_wide(&mut enc, s, self.config.text_space)?;
+                        }
+                    }
+                },
+                State::Static(m) => {
+                    for &s in &ids[start..end] {
+                        enc.encode(s, m.distribution())?;
+                    }
+                }
+                State::Grid(mut g) => g.encode(&mut enc, ids, width, start..end)?,
+                State::Text(mut t) => t.encode(&mut enc, &ids[start..end])?,
+                State::Generic(_) | State::Masked { .. } | State::TextCond { .. } => {
+                    // Transformer parts are grids, coded above.
+                    return Err(PartError::ModelUnavailable {
+                        model: spec.model,
+                        kind: SequenceKind::Text,
+                    });
+                }
+            }
+            cross_entropy_bits += enc.cross_entropy_bits();
+            chunks.push(Chunk {
+                payload: enc.finish(),
+                tokens: (end - start) as u32,
+            });
+            start = end;
+            if start >= n {
+                break;
+            }
+        }
+        let bits = chunks.iter().map(|c| 8 * c.payload.len() as u64).sum();
+        Ok(EncodedPart {
+            chunks,
+            digest,
+            model,
+            bits,
+            cross_entropy_bits,
+            tokens: n as u64,
+        })
+    }
+
+    /// Prepares to decode a part: checks the model identity and the context digest (typed
+    /// errors, before any decoding), then learns the references.
+    pub fn decoder(
+        &mut self,
+        ctx: &SessionContext,
+        shape: PartShape,
+        spec: &PartSpec,
+        digest: &[u8; 32],
+        model: &ModelIdentity,
+    ) -> Result<PartDecoder, PartError> {
+        self.check_size(shape.tokens())?;
+        let ours = self.identity(spec.model, shape.kind())?;
+        if &ours != model {
+            return Err(PartError::ModelMismatch {
+                theirs: *model,
+                ours,
+            });
+        }
+        ctx.verify(&spec.refs, digest)?;
+        if let PartShape::Grid {
+            height,
+            width,
+            codebook_size,
+        } = shape
+        {
+            if height == 0 || width == 0 {
+                return Err(GridError::Empty { height, width }.into());
+            }
+            if codebook_size == 0 || codebook_size > crate::grid::MAX_CODEBOOK {
+                return Err(GridError::BadCodebook(codebook_size).into());
+            }
+        }
+        let state = self.state(ctx, spec, &shape)?;
+        let n = match &state {
+            State::Masked { unknown, .. } => unknown.iter().filter(|&&u| u).count() as u64,
+            _ => shape.tokens(),
+        };
+        if spec.model.is_transformer() {
+            one_chunk(spec.model, n, spec.chunk_tokens)?;
+        }
+        let c = match spec.chunk_tokens {
+            Some(c) if !spec.model.is_transformer() => u64::from(c),
+            _ => n.max(1),
+        };
+        Ok(PartDecoder {
+            shape,
+            state,
+            tokens: n,
+            chunk_tokens: c,
+            chunks: n.div_ceil(c).max(1),
+            text_space: self.config.text_space,
+        })
+    }
+}
