@@ -16,7 +16,7 @@ ap.add_argument("--per-row", type=int, default=4)
 ap.add_argument("--quality", type=int, default=85)
 a = ap.parse_args()
 root = os.path.join(a.bench, "decoded")
-names = sorted(os.listdir(root))
+names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
 pairs = []
 for n in names:
     o = Image.open(os.path.join(root, n, "original.png")).convert("RGB")
