@@ -14,6 +14,7 @@ pub mod codec_decode;
 pub mod frame_stream;
 pub mod handshake;
 pub mod message;
+pub mod part_header;
 pub mod transformer_decode;
 pub mod umic_file;
 
@@ -28,4 +29,5 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("codec_decode", codec_decode::run),
     ("transformer_decode", transformer_decode::run),
     ("umic_file", umic_file::run),
+    ("part_header", part_header::run),
 ];

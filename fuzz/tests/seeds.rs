@@ -238,3 +238,37 @@ fn codec_decode_seeds() {
         );
     }
 }
+
+/// The part-header seeds named `ok-*` are accepted by the receiver's checks, those named
+/// `refused-*` parse and are refused (with a documented code).
+#[test]
+fn part_header_seeds_reach_acceptance_and_refusal() {
+    use unimic_protocol::{Decode, PartBody, PartHeader};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/part_header");
+    let checker = unimic_fuzz::part_header::checker_for_tests();
+    let (mut ok, mut refused) = (0, 0);
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let data = std::fs::read(&path).unwrap();
+        let mut buf = &data[..];
+        let Ok(h) = PartHeader::decode(&mut buf, &unimic_fuzz::part_header::limits()) else {
+            assert!(name.starts_with("bad-"), "{name} does not parse");
+            continue;
+        };
+        let (image, c) = match &h.body {
+            PartBody::Text(c) => (false, c),
+            PartBody::Image(c) => (true, c),
+            _ => panic!("{name}: not a coded part"),
+        };
+        let outcome = checker.check(image, c);
+        if name.starts_with("ok-") {
+            outcome.unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            ok += 1;
+        } else if name.starts_with("refused-") {
+            assert!(outcome.is_err(), "{name} was accepted");
+            refused += 1;
+        }
+    }
+    assert!(ok >= 5 && refused >= 2, "{ok} accepted, {refused} refused");
+}

@@ -66,6 +66,8 @@ pub mod budget;
 mod config;
 mod endpoint;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod inbox;
 mod message;

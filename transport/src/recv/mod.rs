@@ -49,6 +49,7 @@ const BATCH_EVENTS: usize = 8;
 use crate::send::BLOCKING_TOKENS;
 
 mod part;
+pub(crate) use part::check_header;
 
 /// One message event, or the error that ended the message.
 type EventResult = Result<MessageEvent, RecvError>;
@@ -271,9 +272,9 @@ struct Task {
 }
 
 /// Failure inside the task: what to tell the peer and the caller.
-struct Fail {
-    code: ErrorCode,
-    reason: String,
+pub(crate) struct Fail {
+    pub(crate) code: ErrorCode,
+    pub(crate) reason: String,
 }
 
 impl Fail {

@@ -3,6 +3,8 @@
 //! as they arrive, and the whole part assembled and committed to the context.
 
 use super::*;
+use crate::models::{EntropyEntry, TokenizerInfo};
+use unimic_protocol::handshake::Negotiated;
 
 pub(super) fn part_fail(e: &PartError) -> Fail {
     let code = match e {
@@ -31,12 +33,202 @@ pub(super) fn part_fail(e: &PartError) -> Fail {
     Fail::new(code, e.to_string())
 }
 
+/// What a coded part's header says, checked against the session's tables and limits alone
+/// (PROTOCOL.md §6.2–6.4): no context, no budgets. A pure function of its inputs, so that it can
+/// be fuzzed on its own ([`crate::fuzzing`]).
+#[derive(Debug)]
+pub(crate) struct CheckedHeader<'a> {
+    pub entry: &'a EntropyEntry,
+    pub tokenizer: String,
+    pub part_kind: PartKind,
+    /// Rows, columns and codebook size of an image part.
+    pub grid: Option<(u32, u32, u32)>,
+    /// Pixels the part covers (image parts).
+    pub pixels: Option<u64>,
+    /// The cells of a masked part.
+    pub region: Option<Vec<bool>>,
+    /// The level of a refinement part (mode 5).
+    pub level: Option<u32>,
+    /// Positions a transformer model runs to decode the part (0 for the other models).
+    pub positions: u64,
+}
+
+/// Checks the header of a coded part of `kind` (see [`CheckedHeader`]).
+pub(crate) fn check_header<'a>(
+    negotiated: &Negotiated,
+    tokenizers: &[TokenizerInfo],
+    entropy: &'a [EntropyEntry],
+    kind: SequenceKind,
+    c: &CodedPart,
+) -> Result<CheckedHeader<'a>, Fail> {
+    let limits = negotiated.limits;
+    let mut positions = 0u64;
+    let tok_info = negotiated.tokenizer(c.tokenizer).ok_or_else(|| {
+        Fail::new(
+            ErrorCode::MODEL_MISSING,
+            "tokenizer index outside the negotiated table",
+        )
+    })?;
+    let local_tok = tokenizers
+        .iter()
+        .find(|t| t.info == *tok_info)
+        .ok_or_else(|| {
+            Fail::new(
+                ErrorCode::MODEL_MISSING,
+                format!("tokenizer {} is not held", tok_info.id),
+            )
+        })?;
+    let entry =
+        entropy_at(&negotiated.entropy_models, entropy, c.entropy_model).ok_or_else(|| {
+            Fail::new(
+                ErrorCode::MODEL_MISSING,
+                format!(
+                    "entropy model index {} is outside the negotiated table",
+                    c.entropy_model.into_inner()
+                ),
+            )
+        })?;
+    if entry.kind.is_some_and(|k| k != kind) {
+        return Err(Fail::new(
+            ErrorCode::MODEL_MISSING,
+            format!(
+                "entropy model {} does not code this kind of part",
+                entry.info.id
+            ),
+        ));
+    }
+    // Mode 2 is the masked model's, mode 5 the ladder's, and the text-conditioned model is
+    // mode 3 (§6.3).
+    let masked = matches!(c.mode, CodingMode::Masked(_));
+    let level = match &c.mode {
+        CodingMode::Refinement { level } => u32::try_from(level.into_inner()).ok(),
+        _ => None,
+    };
+    if masked != (entry.choice == ModelChoice::Masked)
+        || level.is_some() != (entry.choice == ModelChoice::Ladder)
+        || (entry.choice == ModelChoice::TextCond && c.mode != CodingMode::TextConditioned)
+    {
+        return Err(Fail::new(
+            ErrorCode::UNSUPPORTED,
+            format!(
+                "coding mode {} with entropy model {}",
+                c.mode.wire_value(),
+                entry.info.id
+            ),
+        ));
+    }
+    let rows = c.shape.rows.into_inner();
+    let cols = c.shape.cols.into_inner();
+    let mut region = None;
+    let (part_kind, grid, pixels) = match (kind, local_tok.kind) {
+        (SequenceKind::Text, TokenizerKind::Text { .. }) => {
+            if rows != 1 || c.token_count != c.shape.cols {
+                return Err(Fail::new(
+                    ErrorCode::PROTOCOL_VIOLATION,
+                    "text part shape is not 1 x token count",
+                ));
+            }
+            let max_text = limits.max_context_bytes.into_inner() / 4;
+            if cols > max_text {
+                return Err(Fail::new(
+                    ErrorCode::LIMIT_EXCEEDED,
+                    format!("text part of {cols} tokens is above the limit of {max_text}"),
+                ));
+            }
+            let tokens = (cols > 0).then_some(cols);
+            (PartKind::Text { tokens }, None, None)
+        }
+        (
+            SequenceKind::Grid,
+            TokenizerKind::Image {
+                codebook_size,
+                patch,
+            },
+        ) => {
+            for (what, value, limit) in [
+                ("grid height", rows, limits.max_grid_height.into_inner()),
+                ("grid width", cols, limits.max_grid_width.into_inner()),
+            ] {
+                if value > limit {
+                    return Err(Fail::new(
+                        ErrorCode::LIMIT_EXCEEDED,
+                        format!("{what} {value} is above the limit of {limit}"),
+                    ));
+                }
+            }
+            let (h, w) = match (u32::try_from(rows), u32::try_from(cols)) {
+                (Ok(h), Ok(w)) if h > 0 && w > 0 => (h, w),
+                _ => {
+                    return Err(Fail::new(ErrorCode::PROTOCOL_VIOLATION, "empty grid shape"));
+                }
+            };
+            let coded = match &c.mode {
+                CodingMode::Masked(r) => {
+                    let mask = crate::region::from_wire(r, h, w)
+                        .map_err(|e| Fail::new(ErrorCode::PROTOCOL_VIOLATION, e))?;
+                    let cells = mask.iter().filter(|&&m| m).count() as u64;
+                    region = Some(mask);
+                    cells
+                }
+                _ => rows.saturating_mul(cols),
+            };
+            if c.token_count.into_inner() != coded {
+                return Err(Fail::new(
+                    ErrorCode::PROTOCOL_VIOLATION,
+                    "grid token count is not rows x cols (masked: the cells of the region)",
+                ));
+            }
+            // A few payload bytes may ask a transformer for a full pass per position: bound
+            // the model work one message may cost, charged by the positions the model runs
+            // (not the cells coded: a 1-cell edit of a large grid runs most of the grid),
+            // before any decoding.
+            if entry.choice.is_transformer() {
+                positions = match (&region, entry.choice) {
+                    (Some(mask), _) => {
+                        let (prefix, len) = unimic_codec::entropy::masked::layout(mask);
+                        (prefix.len() + len) as u64
+                    }
+                    (None, ModelChoice::TextCond) => rows
+                        .saturating_mul(cols)
+                        .saturating_add(TEXT_PROMPT_POSITIONS),
+                    (None, _) => rows.saturating_mul(cols),
+                };
+            }
+            let px = u64::from(patch) * u64::from(patch);
+            (
+                PartKind::Image {
+                    height: h,
+                    width: w,
+                    codebook_size,
+                },
+                Some((h, w, codebook_size)),
+                Some(coded * px),
+            )
+        }
+        _ => {
+            return Err(Fail::new(
+                ErrorCode::PROTOCOL_VIOLATION,
+                "tokenizer kind does not match the part kind",
+            ))
+        }
+    };
+    Ok(CheckedHeader {
+        entry,
+        tokenizer: tok_info.id.clone(),
+        part_kind,
+        grid,
+        pixels,
+        region,
+        level,
+        positions,
+    })
+}
+
 impl Task {
     /// Checks a part header; returns the part's state and what the caller is told of it.
     pub(super) async fn start_part(&mut self, h: PartHeader) -> Result<(Current, PartInfo), Fail> {
         let shared = self.shared.clone();
         let index = h.index.into_inner();
-        let limits = shared.negotiated.limits;
         let coded = match h.body {
             PartBody::Raw(r) => {
                 let info = PartInfo {
@@ -65,181 +257,48 @@ impl Task {
             _ => return Err(Fail::new(ErrorCode::UNSUPPORTED, "unknown part kind")),
         };
         let (kind, c): (SequenceKind, CodedPart) = coded;
-        let tok_info = shared.negotiated.tokenizer(c.tokenizer).ok_or_else(|| {
-            Fail::new(
-                ErrorCode::MODEL_MISSING,
-                "tokenizer index outside the negotiated table",
-            )
-        })?;
-        let local_tok = shared
-            .tokenizers
-            .iter()
-            .find(|t| t.info == *tok_info)
-            .ok_or_else(|| {
-                Fail::new(
-                    ErrorCode::MODEL_MISSING,
-                    format!("tokenizer {} is not held", tok_info.id),
-                )
-            })?;
-        let entry = entropy_at(
-            &shared.negotiated.entropy_models,
+        let CheckedHeader {
+            entry,
+            tokenizer,
+            part_kind,
+            grid,
+            pixels,
+            region,
+            level,
+            positions,
+        } = check_header(
+            &shared.negotiated,
+            &shared.tokenizers,
             &shared.entropy,
-            c.entropy_model,
-        )
-        .ok_or_else(|| {
-            Fail::new(
-                ErrorCode::MODEL_MISSING,
-                format!(
-                    "entropy model index {} is outside the negotiated table",
-                    c.entropy_model.into_inner()
-                ),
-            )
-        })?;
-        if entry.kind.is_some_and(|k| k != kind) {
-            return Err(Fail::new(
-                ErrorCode::MODEL_MISSING,
-                format!(
-                    "entropy model {} does not code this kind of part",
-                    entry.info.id
-                ),
-            ));
-        }
-        // Mode 2 is the masked model's, mode 5 the ladder's, and the text-conditioned model is
-        // mode 3 (§6.3).
-        let masked = matches!(c.mode, CodingMode::Masked(_));
-        let level = match &c.mode {
-            CodingMode::Refinement { level } => u32::try_from(level.into_inner()).ok(),
-            _ => None,
-        };
-        if masked != (entry.choice == ModelChoice::Masked)
-            || level.is_some() != (entry.choice == ModelChoice::Ladder)
-            || (entry.choice == ModelChoice::TextCond && c.mode != CodingMode::TextConditioned)
-        {
-            return Err(Fail::new(
-                ErrorCode::UNSUPPORTED,
-                format!(
-                    "coding mode {} with entropy model {}",
-                    c.mode.wire_value(),
-                    entry.info.id
-                ),
-            ));
-        }
-        let rows = c.shape.rows.into_inner();
-        let cols = c.shape.cols.into_inner();
-        let mut region = None;
-        let (part_kind, grid, pixels) = match (kind, local_tok.kind) {
-            (SequenceKind::Text, TokenizerKind::Text { .. }) => {
-                if rows != 1 || c.token_count != c.shape.cols {
-                    return Err(Fail::new(
-                        ErrorCode::PROTOCOL_VIOLATION,
-                        "text part shape is not 1 x token count",
-                    ));
-                }
-                let max_text = limits.max_context_bytes.into_inner() / 4;
-                if cols > max_text {
-                    return Err(Fail::new(
-                        ErrorCode::LIMIT_EXCEEDED,
-                        format!("text part of {cols} tokens is above the limit of {max_text}"),
-                    ));
-                }
-                let tokens = (cols > 0).then_some(cols);
-                (PartKind::Text { tokens }, None, None)
-            }
-            (
-                SequenceKind::Grid,
-                TokenizerKind::Image {
-                    codebook_size,
-                    patch,
-                },
-            ) => {
-                for (what, value, limit) in [
-                    ("grid height", rows, limits.max_grid_height.into_inner()),
-                    ("grid width", cols, limits.max_grid_width.into_inner()),
-                ] {
-                    if value > limit {
-                        return Err(Fail::new(
-                            ErrorCode::LIMIT_EXCEEDED,
-                            format!("{what} {value} is above the limit of {limit}"),
-                        ));
-                    }
-                }
-                let (h, w) = match (u32::try_from(rows), u32::try_from(cols)) {
-                    (Ok(h), Ok(w)) if h > 0 && w > 0 => (h, w),
-                    _ => {
-                        return Err(Fail::new(ErrorCode::PROTOCOL_VIOLATION, "empty grid shape"));
-                    }
-                };
-                let coded = match &c.mode {
-                    CodingMode::Masked(r) => {
-                        let mask = crate::region::from_wire(r, h, w)
-                            .map_err(|e| Fail::new(ErrorCode::PROTOCOL_VIOLATION, e))?;
-                        let cells = mask.iter().filter(|&&m| m).count() as u64;
-                        region = Some(mask);
-                        cells
-                    }
-                    _ => rows.saturating_mul(cols),
-                };
-                if c.token_count.into_inner() != coded {
-                    return Err(Fail::new(
-                        ErrorCode::PROTOCOL_VIOLATION,
-                        "grid token count is not rows x cols (masked: the cells of the region)",
-                    ));
-                }
-                // A few payload bytes may ask a transformer for a full pass per position: bound
-                // the model work one message may cost, charged by the positions the model runs
-                // (not the cells coded: a 1-cell edit of a large grid runs most of the grid),
-                // before any decoding.
-                if entry.choice.is_transformer() {
-                    let positions = match (&region, entry.choice) {
-                        (Some(mask), _) => {
-                            let (prefix, len) = unimic_codec::entropy::masked::layout(mask);
-                            (prefix.len() + len) as u64
-                        }
-                        (None, ModelChoice::TextCond) => rows
-                            .saturating_mul(cols)
-                            .saturating_add(TEXT_PROMPT_POSITIONS),
-                        (None, _) => rows.saturating_mul(cols),
-                    };
-                    let budget = shared.config.max_message_model_tokens;
-                    self.model_tokens = self.model_tokens.saturating_add(positions);
-                    if self.model_tokens > budget {
-                        return Err(Fail::new(
-                            ErrorCode::LIMIT_EXCEEDED,
-                            format!(
-                                "{} transformer positions in one message, above the limit of {budget}",
-                                self.model_tokens
-                            ),
-                        ));
-                    }
-                    // And by the model work per second this session and the server allow.
-                    if let Err(whose) = shared.take_model_work(positions) {
-                        return Err(Fail::new(
-                            ErrorCode::BUSY,
-                            format!(
-                                "{whose} budget of transformer work per second is spent \
-                                 ({positions} positions asked); retry later"
-                            ),
-                        ));
-                    }
-                }
-                let px = u64::from(patch) * u64::from(patch);
-                (
-                    PartKind::Image {
-                        height: h,
-                        width: w,
-                        codebook_size,
-                    },
-                    Some((h, w, codebook_size)),
-                    Some(coded * px),
-                )
-            }
-            _ => {
+            kind,
+            &c,
+        )?;
+        // A few payload bytes may ask a transformer for a full pass per position: bound the
+        // model work one message may cost, charged by the positions the model runs (not the
+        // cells coded: a 1-cell edit of a large grid runs most of the grid), before any decoding.
+        if positions > 0 {
+            let budget = shared.config.max_message_model_tokens;
+            self.model_tokens = self.model_tokens.saturating_add(positions);
+            if self.model_tokens > budget {
                 return Err(Fail::new(
-                    ErrorCode::PROTOCOL_VIOLATION,
-                    "tokenizer kind does not match the part kind",
-                ))
+                    ErrorCode::LIMIT_EXCEEDED,
+                    format!(
+                        "{} transformer positions in one message, above the limit of {budget}",
+                        self.model_tokens
+                    ),
+                ));
             }
-        };
+            // And by the model work per second this session and the server allow.
+            if let Err(whose) = shared.take_model_work(positions) {
+                return Err(Fail::new(
+                    ErrorCode::BUSY,
+                    format!(
+                        "{whose} budget of transformer work per second is spent \
+                         ({positions} positions asked); retry later"
+                    ),
+                ));
+            }
+        }
         let keys: Vec<ContextKey> = c
             .context
             .iter()
@@ -266,7 +325,7 @@ impl Task {
             index,
             kind: part_kind,
             context: keys,
-            tokenizer: tok_info.id.clone(),
+            tokenizer,
             region,
             level: level.unwrap_or(1),
         };
