@@ -878,6 +878,35 @@ async fn ladder_levels_travel_as_parts_that_refine_the_level_below() {
     );
     assert_eq!(server.context_keys(), client.context_keys());
     assert_eq!(server.context_digest(), client.context_digest());
+    // The base is the first *image* the refinement references, whatever comes before it.
+    let mut w = within(client.open(Role::User)).await.unwrap();
+    let m3 = w.message_id();
+    let base = noise(6, 5, 4);
+    within(w.write_part(OutgoingPart::text(vec![1, 2, 3])))
+        .await
+        .unwrap();
+    within(w.write_part(OutgoingPart::image(base.clone())))
+        .await
+        .unwrap();
+    let level2 = noise(6, 5, 5);
+    within(
+        w.write_part(
+            OutgoingPart::refinement(level2.clone(), ContextKey::new(m3, 1), 2)
+                .with_context(vec![ContextKey::new(m3, 0), ContextKey::new(m3, 1)]),
+        ),
+    )
+    .await
+    .unwrap();
+    within(w.finish()).await.unwrap();
+    let got = collect(&server).await;
+    assert_eq!(
+        got.parts[2],
+        ReceivedPart::Refinement {
+            level: 2,
+            base: ContextKey::new(m3, 1),
+            grid: level2
+        }
+    );
     // The sender refuses a level that does not follow the part it names, before sending.
     let err = within(client.send(
         OutgoingMessage::new(Role::User).with_part(OutgoingPart::refinement(

@@ -594,10 +594,18 @@ impl Task {
                     match spec.level {
                         // A refinement level: its base is the first image it references.
                         Some(level) => {
-                            let base = spec.refs.first().copied().ok_or_else(|| {
+                            let base = {
+                                let st = self.shared.state();
+                                spec.refs.iter().copied().find(|k| {
+                                    st.context
+                                        .get(*k)
+                                        .is_some_and(|s| s.kind() == SequenceKind::Grid)
+                                })
+                            }
+                            .ok_or_else(|| {
                                 Fail::new(
                                     ErrorCode::PROTOCOL_VIOLATION,
-                                    "a refinement without a base",
+                                    "a refinement without a base image in the context",
                                 )
                             })?;
                             let seq = Sequence::refinement(&g, level);
