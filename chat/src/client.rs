@@ -397,7 +397,8 @@ impl Chat {
             (Vec::new(), Vec::new())
         };
         for part in prompt.parts {
-            let grid = match part {
+            // The image's grids: the base, then any refinement levels.
+            let grids = match part {
                 PromptPart::Text(text) => {
                     let ids = inner.config.text.encode(&text);
                     message =
@@ -429,7 +430,7 @@ impl Chat {
                         .map_err(|e| ChatError::Content(format!("tokenizing the image: {e}")))?
                 }
             };
-            let mut levels = grid.into_iter();
+            let mut levels = grids.into_iter();
             let grid = levels.next().ok_or_else(|| {
                 ChatError::Content("an image given as levels needs at least the base grid".into())
             })?;
