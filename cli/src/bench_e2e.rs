@@ -338,6 +338,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     first.wire_up, first.json_up
                 );
             }
+            // The same turn with the photo's quality ladder (levels 2-4 as refinement parts).
+            for levels in [2usize, 4] {
+                let wire = crate::demo::ladder_turn_bytes(&photo, size, levels)?;
+                let ratio = first.json_up as f64 / wire.max(1) as f64;
+                emit(json!({
+                    "bench": "e2e", "kind": "ladder_turn", "size": size, "levels": levels,
+                    "turn": format!("photo {size}x{size} at {levels} levels + question, upstream"),
+                    "wire_bytes": wire, "json_base64_jpeg_bytes": first.json_up, "ratio": ratio,
+                }));
+                if !args.json {
+                    println!("  with {levels} quality levels: {wire} B on the wire ({ratio:.1}x)");
+                }
+            }
         }
     }
 

@@ -233,6 +233,35 @@ fn json_reply_bytes(content: &serde_json::Value) -> anyhow::Result<u64> {
     Ok(serde_json::to_vec(&body)?.len() as u64)
 }
 
+/// What the edge sends for the photo at `size` with its first `levels` quality-ladder levels and
+/// the demo's first question, over loopback QUIC to a server with the echo agent: the turn's
+/// bytes on the wire (a fresh session, so no context reuse).
+pub fn ladder_turn_bytes(photo: &Path, size: u32, levels: usize) -> anyhow::Result<u64> {
+    let tok = crate::models::tokenizer(None)?;
+    let img = image::open(photo)
+        .with_context(|| format!("cannot read image {}", photo.display()))?
+        .to_rgb8();
+    let pixels = crate::models::prepare(img, size);
+    let grids = tok
+        .encode_levels(&pixels, levels)
+        .context("tokenizing the photo")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (addr, pin) = start_server(&rt, Arc::new(unimic_agents::echo::Echo))?;
+    let config = ChatConfig::pinned(pin)
+        .with_image_tokenizer(crate::serve::shipped_tokenizer_info()?)
+        .with_codec(crate::serve::codec_config()?);
+    rt.block_on(async {
+        let chat = Chat::connect(addr, config).await?;
+        let reply = chat
+            .send(Prompt::text("What is in this photo?").with_grid_levels(grids))
+            .await?;
+        let bytes = reply.sent().wire_bytes;
+        reply.text().await?;
+        chat.close(Duration::from_secs(1)).await;
+        Ok(bytes)
+    })
+}
+
 /// The server side: a dev-mode server on an ephemeral loopback port with `agent`.
 fn start_server(
     rt: &tokio::runtime::Runtime,
