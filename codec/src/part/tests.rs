@@ -246,6 +246,31 @@ fn ladder_refusals_are_typed() {
 }
 
 #[test]
+fn a_masked_edit_of_no_cell_decodes_to_the_reference() {
+    let (ctx, _, _) = edit_setup();
+    let reference = match ctx.get(ContextKey::new(0, 0)) {
+        Some(s) => TokenGrid::new(s.rows(), s.cols(), K, s.ids().to_vec()).unwrap(),
+        None => unreachable!(),
+    };
+    let spec = PartSpec::new(ModelChoice::Masked)
+        .with_refs(vec![ContextKey::new(0, 0)])
+        .with_region(vec![false; 30]);
+    let mut codec = PartCodec::new(CodecConfig::default().with_masked(masked(12)));
+    let part = codec
+        .encode(&ctx, PartTokens::Grid(&reference), &spec)
+        .unwrap();
+    assert_eq!(part.tokens, 0);
+    let dec = codec
+        .decoder(&ctx, shape(&reference), &spec, &part.digest, &part.model)
+        .unwrap();
+    assert_eq!(dec.tokens(), 0);
+    let back = dec
+        .decode_all(part.chunks.iter().map(|c| c.payload.as_slice()))
+        .unwrap();
+    assert_eq!(back, DecodedPart::Grid(reference));
+}
+
+#[test]
 fn masked_part_refusals_are_typed() {
     let (mut ctx, edited, region) = edit_setup();
     ctx.insert(ContextKey::new(0, 1), Sequence::text(vec![1, 2, 3]))
