@@ -19,6 +19,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -66,7 +67,7 @@ pub enum LadderError {
 pub struct LadderModel {
     level: usize,
     version: u64,
-    model: Static,
+    model: Arc<Static>,
 }
 
 impl LadderModel {
@@ -75,7 +76,7 @@ impl LadderModel {
         Self {
             level,
             version,
-            model,
+            model: Arc::new(model),
         }
     }
 
@@ -114,8 +115,9 @@ impl LadderModel {
         self.model.content_hash()
     }
 
-    /// The order-0 model this level's tokens are coded with.
-    pub fn model(&self) -> &Static {
+    /// The order-0 model this level's tokens are coded with (shared, so a part codec takes it
+    /// without copying its tables).
+    pub fn model(&self) -> &Arc<Static> {
         &self.model
     }
 

@@ -165,6 +165,12 @@ fn hash_str(s: &str) -> [u8; 32] {
 }
 
 /// 64 hex digits to 32 bytes (`None` if malformed).
+/// The raw SHA-256 of a configured transformer's weights from its hex form (`None` when the
+/// model is not configured or the hex is not 32 bytes).
+fn weights_hash(hex: Option<&str>) -> Option<[u8; 32]> {
+    hex.and_then(hex32)
+}
+
 fn hex32(hex: &str) -> Option<[u8; 32]> {
     let b = hex.as_bytes();
     if b.len() != 64 {
@@ -306,30 +312,22 @@ impl PartCodec {
                 let p = self.config.text_prior.as_ref().ok_or(unavailable)?;
                 (model_id::STATIC_TEXT, Sha256::digest(p.to_bytes()).into())
             }
-            (ModelChoice::Generic, SequenceKind::Grid) => {
-                let hash = self
-                    .config
-                    .generic
-                    .as_ref()
-                    .and_then(|g| hex32(g.content_hash()));
-                (model_id::GENERIC_GRID, hash.ok_or(unavailable)?)
-            }
-            (ModelChoice::Masked, SequenceKind::Grid) => {
-                let hash = self
-                    .config
-                    .masked
-                    .as_ref()
-                    .and_then(|m| hex32(m.content_hash()));
-                (model_id::MASKED_GRID, hash.ok_or(unavailable)?)
-            }
-            (ModelChoice::TextCond, SequenceKind::Grid) => {
-                let hash = self
-                    .config
-                    .text_cond
-                    .as_ref()
-                    .and_then(|m| hex32(m.content_hash()));
-                (model_id::TEXT_COND_GRID, hash.ok_or(unavailable)?)
-            }
+            // The transformers are named by the SHA-256 of their weights (hex in the model).
+            (ModelChoice::Generic, SequenceKind::Grid) => (
+                model_id::GENERIC_GRID,
+                weights_hash(self.config.generic.as_ref().map(|g| g.content_hash()))
+                    .ok_or(unavailable)?,
+            ),
+            (ModelChoice::Masked, SequenceKind::Grid) => (
+                model_id::MASKED_GRID,
+                weights_hash(self.config.masked.as_ref().map(|m| m.content_hash()))
+                    .ok_or(unavailable)?,
+            ),
+            (ModelChoice::TextCond, SequenceKind::Grid) => (
+                model_id::TEXT_COND_GRID,
+                weights_hash(self.config.text_cond.as_ref().map(|m| m.content_hash()))
+                    .ok_or(unavailable)?,
+            ),
             (ModelChoice::Ladder, SequenceKind::Grid) => {
                 let l = self.config.ladder.as_ref().ok_or(unavailable)?;
                 (model_id::LADDER_GRID, l.content_hash())
@@ -572,7 +570,7 @@ impl PartCodec {
             level: Some(level),
             top,
         })?;
-        Ok(Some(State::Static(Arc::new(m.model().clone()))))
+        Ok(Some(State::Static(m.model().clone())))
     }
 
     /// The model state for a part: initial state, then learn the references (cached).
