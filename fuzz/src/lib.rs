@@ -15,6 +15,7 @@ pub mod frame_stream;
 pub mod handshake;
 pub mod message;
 pub mod part_header;
+pub mod session;
 pub mod transformer_decode;
 pub mod umic_file;
 
@@ -30,4 +31,5 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("transformer_decode", transformer_decode::run),
     ("umic_file", umic_file::run),
     ("part_header", part_header::run),
+    ("session", session::run),
 ];

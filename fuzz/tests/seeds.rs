@@ -272,3 +272,227 @@ fn part_header_seeds_reach_acceptance_and_refusal() {
     }
     assert!(ok >= 5 && refused >= 2, "{ok} accepted, {refused} refused");
 }
+
+/// The `session` seeds, written from their operations (`UNIMIC_WRITE_SEEDS=1` rewrites them);
+/// each reaches what its name says: `ok-*` honest messages delivered intact, `refused-*` an
+/// ERROR from the server, and the good client's turn goes through beside every one of them.
+#[test]
+fn session_seeds_reach_delivery_and_refusal() {
+    use unimic_fuzz::session::{encode, run_reached, Op};
+    let text = |slot, ids: &[u16], model, chunk, refs: &[u8]| Op::Text {
+        slot,
+        ids: ids.to_vec(),
+        model,
+        chunk,
+        refs: refs.to_vec(),
+    };
+    let image = |slot, rows, cols, model, refs: &[u8]| Op::Image {
+        slot,
+        rows,
+        cols,
+        ids: (0..u16::from(rows) * u16::from(cols))
+            .map(|i| (i * 7 % 16) as u8)
+            .collect(),
+        model,
+        chunk: 0,
+        refs: refs.to_vec(),
+    };
+    let message = |slot, id, parts: Vec<Op>| {
+        let mut ops = vec![Op::Open { slot }, Op::Header { slot, id, role: 0 }];
+        ops.extend(parts);
+        ops.extend([Op::End { slot, count: 0xff }, Op::Finish { slot }]);
+        ops
+    };
+    let words: Vec<u16> = (0..20).map(|i| 100 + i * 37).collect();
+    let cases: Vec<(&str, Vec<Op>, usize, Option<&str>)> = vec![
+        (
+            "ok-one-text-part",
+            message(0, 2, vec![text(0, &words, 0, 0, &[])]),
+            1,
+            None,
+        ),
+        (
+            "ok-context-reuse",
+            [
+                message(0, 2, vec![text(0, &words, 1, 0, &[])]),
+                message(
+                    1,
+                    4,
+                    vec![image(1, 4, 5, 1, &[]), text(1, &words, 1, 6, &[0])],
+                ),
+                message(
+                    2,
+                    6,
+                    vec![image(2, 4, 5, 1, &[0, 1]), image(2, 3, 3, 3, &[])],
+                ),
+                message(
+                    3,
+                    8,
+                    vec![
+                        Op::Raw {
+                            slot: 3,
+                            bytes: b"attachment".to_vec(),
+                        },
+                        text(3, &words[..5], 2, 0, &[]),
+                    ],
+                ),
+            ]
+            .concat(),
+            4,
+            None,
+        ),
+        (
+            "ok-interleaved-streams",
+            vec![
+                Op::Open { slot: 0 },
+                Op::Open { slot: 1 },
+                Op::Header {
+                    slot: 0,
+                    id: 2,
+                    role: 0,
+                },
+                Op::Header {
+                    slot: 1,
+                    id: 4,
+                    role: 1,
+                },
+                text(1, &words, 0, 4, &[]),
+                image(0, 6, 6, 2, &[]),
+                text(0, &words[..3], 1, 0, &[]),
+                Op::End {
+                    slot: 1,
+                    count: 0xff,
+                },
+                Op::End {
+                    slot: 0,
+                    count: 0xff,
+                },
+                Op::Finish { slot: 0 },
+                Op::Finish { slot: 1 },
+            ],
+            2,
+            None,
+        ),
+        (
+            "ok-corrupt-payload",
+            message(
+                0,
+                2,
+                vec![Op::Corrupt { slot: 0 }, text(0, &words, 1, 0, &[])],
+            ),
+            0,
+            None,
+        ),
+        (
+            "refused-wrong-part-count",
+            vec![
+                Op::Open { slot: 0 },
+                Op::Header {
+                    slot: 0,
+                    id: 2,
+                    role: 0,
+                },
+                text(0, &words, 0, 0, &[]),
+                Op::End { slot: 0, count: 3 },
+                Op::Finish { slot: 0 },
+            ],
+            0,
+            Some("PROTOCOL_VIOLATION"),
+        ),
+        (
+            "refused-unknown-context",
+            message(0, 2, vec![text(0, &words, 1, 0, &[0xf0])]),
+            0,
+            Some("CONTEXT_UNKNOWN"),
+        ),
+        (
+            "refused-reused-id",
+            [
+                message(0, 2, vec![text(0, &words, 0, 0, &[])]),
+                message(1, 2, vec![text(1, &words[..4], 1, 0, &[])]),
+            ]
+            .concat(),
+            0,
+            Some("PROTOCOL_VIOLATION"),
+        ),
+        (
+            "refused-decreasing-id",
+            [
+                message(0, 4, vec![text(0, &words, 0, 0, &[])]),
+                message(1, 2, vec![text(1, &words[..4], 1, 0, &[])]),
+            ]
+            .concat(),
+            1,
+            Some("PROTOCOL_VIOLATION"),
+        ),
+        (
+            "refused-garbage-and-reset",
+            vec![
+                Op::Open { slot: 0 },
+                Op::Bytes {
+                    slot: 0,
+                    bytes: vec![0x04, 0x02, 0x00, 0x07, 0xff, 0x00],
+                },
+                Op::Finish { slot: 0 },
+                Op::Open { slot: 1 },
+                Op::Header {
+                    slot: 1,
+                    id: 6,
+                    role: 0,
+                },
+                text(1, &words, 0, 2, &[]),
+                Op::Reset { slot: 1, code: 9 },
+            ],
+            0,
+            None,
+        ),
+        (
+            "ok-control-garbage",
+            [
+                vec![Op::Control {
+                    seed: vec![3, 1, 2, 3, 4, 5, 6, 7],
+                }],
+                message(0, 2, vec![text(0, &words, 0, 0, &[])]),
+            ]
+            .concat(),
+            0,
+            None,
+        ),
+    ];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/session");
+    let write = std::env::var_os("UNIMIC_WRITE_SEEDS").is_some();
+    for (name, ops, delivered, error) in cases {
+        let bytes = encode(&ops);
+        assert_eq!(
+            unimic_fuzz::session::parse(&bytes),
+            ops,
+            "{name}: grammar round trip"
+        );
+        let path = dir.join(name);
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        } else {
+            let committed = std::fs::read(&path).unwrap_or_else(|e| {
+                panic!("{}: {e} (UNIMIC_WRITE_SEEDS=1 writes it)", path.display())
+            });
+            assert_eq!(
+                committed, bytes,
+                "{name}: committed seed differs from its operations"
+            );
+        }
+        let reached = run_reached(&bytes);
+        println!("{name}: {reached:?}");
+        assert!(
+            reached.delivered >= delivered,
+            "{name}: {} honest messages delivered, expected {delivered}: {reached:?}",
+            reached.delivered
+        );
+        if let Some(code) = error {
+            assert!(
+                reached.errors.contains(&code),
+                "{name}: no {code}: {reached:?}"
+            );
+        }
+    }
+}

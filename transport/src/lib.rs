@@ -72,6 +72,7 @@ mod handshake;
 mod inbox;
 mod message;
 mod models;
+mod peer_ids;
 mod recv;
 mod region;
 mod send;

@@ -94,21 +94,6 @@ pub(crate) struct EntropyEntry {
     pub identity: ModelIdentity,
 }
 
-fn wire_name(id: u32) -> &'static str {
-    match id {
-        model_id::UNIFORM => "unimic-entropy/uniform",
-        model_id::STATIC_GRID => "unimic-entropy/static-grid",
-        model_id::ADAPTIVE_GRID => "unimic-entropy/adaptive-grid",
-        model_id::ADAPTIVE_TEXT => "unimic-entropy/adaptive-text",
-        model_id::STATIC_TEXT => "unimic-entropy/static-text",
-        model_id::GENERIC_GRID => "unimic-entropy/generic",
-        model_id::MASKED_GRID => "unimic-entropy/masked",
-        model_id::TEXT_COND_GRID => "unimic-entropy/text",
-        model_id::LADDER_GRID => "unimic-entropy/ladder",
-        _ => "unimic-entropy/unknown",
-    }
-}
-
 /// The entropy models `codec` can use, in a fixed order.
 pub(crate) fn entropy_table(codec: &PartCodec) -> Vec<EntropyEntry> {
     let candidates = [
@@ -160,7 +145,7 @@ pub(crate) fn entropy_table(codec: &PartCodec) -> Vec<EntropyEntry> {
             let identity = codec.identity(choice, kind).ok()?;
             Some(EntropyEntry {
                 info: ModelInfo {
-                    id: wire_name(identity.id).into(),
+                    id: model_id::wire_name(identity.id).into(),
                     version: VarInt::from_u32(identity.version),
                     hash: identity.hash,
                 },

@@ -74,6 +74,8 @@ pub(crate) struct State {
     pub peer_inflight: HashSet<u64>,
     /// Peer streams accepted whose header has not been read yet.
     pub pending_headers: usize,
+    /// The peer's message ids by stream, to refuse reused or out-of-order ids (PROTOCOL.md §5).
+    pub peer_ids: crate::peer_ids::PeerIds,
     /// Our messages being written.
     pub own_inflight: HashSet<u64>,
     /// Our finished messages the peer has not acknowledged yet (bounded).
@@ -374,11 +376,13 @@ impl Session {
         let codec = PartCodec::new(config.codec.clone());
         let entropy = entropy_table(&codec);
         let budget = negotiated.limits.max_context_bytes.into_inner();
+        let concurrent = negotiated.limits.max_concurrent_messages.into_inner();
         let state = State {
             context: SessionContext::new(budget),
             codec,
             peer_inflight: HashSet::new(),
             pending_headers: 0,
+            peer_ids: crate::peer_ids::PeerIds::new(concurrent),
             own_inflight: HashSet::new(),
             unacked: HashSet::new(),
             acks: HashMap::new(),
@@ -387,7 +391,6 @@ impl Session {
             dropped: HashSet::new(),
             pending_acks: Vec::new(),
         };
-        let concurrent = negotiated.limits.max_concurrent_messages.into_inner();
         conn.set_max_concurrent_uni_streams(
             quinn::VarInt::from_u64(concurrent).unwrap_or(quinn::VarInt::from_u32(1)),
         );

@@ -251,13 +251,14 @@ async fn loss_of_one_percent() {
         10,
     )
     .await;
-    assert!(
-        relay
-            .stats()
-            .forwarded
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 50
-    );
+    // The turns went through the relay (a turn is at least a message and its acknowledgement
+    // each way; QUIC coalesces more into one datagram when the machine is busy, so the count
+    // is a floor, not an expectation: it was > 50 on an idle machine and 50 or fewer under load).
+    let forwarded = relay
+        .stats()
+        .forwarded
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(forwarded >= 20, "{forwarded} datagrams forwarded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

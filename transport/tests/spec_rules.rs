@@ -4,6 +4,8 @@
 //! * §5.4: a message that does not complete (ended before MESSAGE_END, refused, reset,
 //!   cancelled) leaves none of its parts in either context; a sender that learns of the refusal
 //!   from an ERROR or CANCEL frame takes its parts out even after it finished;
+//! * §5: message ids strictly increase with the streams that carry them: a reused or smaller id
+//!   is refused, and the context keeps what the first message with the id put there;
 //! * §5.4: a context reference to a raw part is refused at once (raw parts never enter the
 //!   context);
 //! * §11: truncation seen only at FIN is reported by the ERROR frame (no STOP_SENDING);
@@ -212,6 +214,56 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_and_decreasing_message_ids_are_refused_and_the_context_keeps_the_first() {
+    let mut setup = Setup::new(|c| c).await;
+    let uniform = (ModelChoice::Uniform, setup.model("unimic-entropy/uniform"));
+    let (mut peer, session) = setup.raw().await;
+    let empty = SessionContext::new(1 << 20);
+    let message = |id: u64, ids: &[u32]| {
+        let p = text_part(0, ids, uniform, CodingMode::Uniform, &empty, &[]);
+        cat(&[header(id), p[0].clone(), p[1].clone(), end(1)])
+    };
+    let delivered = |ids: Vec<u32>| {
+        let session = &session;
+        async move {
+            let m = within(session.recv()).await.unwrap().unwrap();
+            let got = within(m.collect()).await.unwrap();
+            assert_eq!(got.parts, vec![unimic_transport::ReceivedPart::Text(ids)]);
+            got.message_id
+        }
+    };
+    assert_eq!(send_finished(&peer, &message(4, &[1, 2, 3])).await, None);
+    assert_eq!(delivered(vec![1, 2, 3]).await, 4);
+    // The same id again, after the first message ended, and a smaller id on a later stream:
+    // each is refused before any decoding, and names its message.
+    for id in [4, 2] {
+        assert_eq!(
+            peer.send_raw_message(&message(id, &[9, 9])).await,
+            Some(ErrorCode::PROTOCOL_VIOLATION.into_inner()),
+            "message id {id}"
+        );
+        let e = next_error(&mut peer).await;
+        assert_eq!(
+            (e.code, e.message_id),
+            (ErrorCode::PROTOCOL_VIOLATION, Some(v(id)))
+        );
+    }
+    // The session goes on: a larger id is delivered, and the context holds the first message 4.
+    assert_eq!(send_finished(&peer, &message(6, &[5])).await, None);
+    assert_eq!(delivered(vec![5]).await, 6);
+    assert_eq!(session.context_keys(), vec![key(4, 0), key(6, 0)]);
+    let mut first = SessionContext::new(1 << 20);
+    first
+        .insert(key(4, 0), Sequence::text(vec![1, 2, 3]))
+        .unwrap();
+    first.insert(key(6, 0), Sequence::text(vec![5])).unwrap();
+    assert_eq!(
+        session.context_digest(),
+        first.digest(&first.keys()).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_does_not_complete_leaves_nothing_in_the_receivers_context() {
     let mut setup = Setup::new(|c| c).await;
     let uniform = (ModelChoice::Uniform, setup.model("unimic-entropy/uniform"));
@@ -333,7 +385,7 @@ async fn a_context_reference_to_a_raw_part_is_refused_at_once() {
     let mut ctx = SessionContext::new(1 << 20);
     // Digest as if the raw part were a text part [1]: the receiver never gets that far.
     ctx.insert(key(0, 0), Sequence::text(vec![1])).unwrap();
-    ctx.insert(key(2, 0), Sequence::text(vec![1])).unwrap();
+    ctx.insert(key(6, 0), Sequence::text(vec![1])).unwrap();
 
     // The raw part of an earlier, complete message.
     let r = raw_part(0);
@@ -366,10 +418,10 @@ async fn a_context_reference_to_a_raw_part_is_refused_at_once() {
         uniform,
         CodingMode::TextConditioned,
         &ctx,
-        &[key(2, 0)],
+        &[key(6, 0)],
     );
     let bytes = cat(&[
-        header(2),
+        header(6),
         r[0].clone(),
         r[1].clone(),
         p[0].clone(),

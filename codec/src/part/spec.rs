@@ -69,6 +69,28 @@ pub mod model_id {
     /// [`ModelChoice::Ladder`](super::ModelChoice::Ladder): the quality ladder's per-level models,
     /// whose identity hash is [`Ladder::content_hash`](crate::entropy::ladder::Ladder::content_hash).
     pub const LADDER_GRID: u32 = 8;
+
+    /// The id a handshake's model table gives the model with this wire id (PROTOCOL.md §4.4),
+    /// `"unimic-entropy/unknown"` for ids not listed above.
+    ///
+    /// ```
+    /// use unimic_codec::part::model_id;
+    /// assert_eq!(model_id::wire_name(model_id::GENERIC_GRID), "unimic-entropy/generic");
+    /// ```
+    pub fn wire_name(id: u32) -> &'static str {
+        match id {
+            UNIFORM => "unimic-entropy/uniform",
+            STATIC_GRID => "unimic-entropy/static-grid",
+            ADAPTIVE_GRID => "unimic-entropy/adaptive-grid",
+            ADAPTIVE_TEXT => "unimic-entropy/adaptive-text",
+            STATIC_TEXT => "unimic-entropy/static-text",
+            GENERIC_GRID => "unimic-entropy/generic",
+            MASKED_GRID => "unimic-entropy/masked",
+            TEXT_COND_GRID => "unimic-entropy/text",
+            LADDER_GRID => "unimic-entropy/ladder",
+            _ => "unimic-entropy/unknown",
+        }
+    }
 }
 
 /// Names a model exactly: wire id, version, and a SHA-256 content hash (of the model file, or of a

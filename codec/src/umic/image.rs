@@ -152,11 +152,11 @@ pub struct Encoded {
 /// The name a `.umic` file gives a built-in entropy model's wire id.
 pub fn builtin_model_name(id: u32) -> &'static str {
     match id {
-        model_id::UNIFORM => "unimic-entropy/uniform",
-        model_id::STATIC_GRID => "unimic-entropy/static-grid",
-        model_id::ADAPTIVE_GRID => "unimic-entropy/adaptive-grid",
-        model_id::ADAPTIVE_TEXT => "unimic-entropy/adaptive-text",
-        model_id::STATIC_TEXT => "unimic-entropy/static-text",
+        model_id::UNIFORM
+        | model_id::STATIC_GRID
+        | model_id::ADAPTIVE_GRID
+        | model_id::ADAPTIVE_TEXT
+        | model_id::STATIC_TEXT => model_id::wire_name(id),
         _ => "unimic-entropy/unknown",
     }
 }

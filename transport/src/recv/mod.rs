@@ -519,6 +519,9 @@ impl Task {
                             "message id has the wrong parity for its sender",
                         ));
                     }
+                    if let Err(why) = st.peer_ids.admit(self.recv.id().index(), id) {
+                        return Err(Fail::new(ErrorCode::PROTOCOL_VIOLATION, why));
+                    }
                     if !st.peer_inflight.insert(id) {
                         return Err(Fail::new(
                             ErrorCode::PROTOCOL_VIOLATION,
