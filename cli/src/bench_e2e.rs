@@ -40,6 +40,10 @@ pub struct Args {
     /// Streamed replies per transport (alternating).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Words of earlier conversation in each streaming prompt (the reply is coded against the
+    /// conversation so far, so this shows whether a delta's cost grows with it).
+    #[arg(long, default_value_t = 0)]
+    pub context_words: usize,
 }
 
 /// Emission times of the deltas of the reply in progress.
@@ -142,13 +146,13 @@ impl UnimicStream {
         Ok(Self { chat, stamps })
     }
 
-    async fn run(&self, n: usize) -> anyhow::Result<StreamRun> {
+    async fn run(&self, n: usize, prompt: &str) -> anyhow::Result<StreamRun> {
         self.stamps
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .clear();
         let started = Instant::now();
-        let mut reply = self.chat.send(Prompt::text("stream")).await?;
+        let mut reply = self.chat.send(Prompt::text(prompt)).await?;
         let mut arrivals = Vec::with_capacity(n);
         let mut bytes = 0;
         while let Some(ev) = reply.next().await {
@@ -235,7 +239,7 @@ impl SseStream {
         })
     }
 
-    async fn run(&self, n: usize) -> anyhow::Result<StreamRun> {
+    async fn run(&self, n: usize, prompt: &str) -> anyhow::Result<StreamRun> {
         self.stamps
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -244,7 +248,7 @@ impl SseStream {
         let conversation = Conversation {
             turns: vec![Turn {
                 role: Role::User,
-                content: vec![Content::text("stream")],
+                content: vec![Content::text(prompt)],
             }],
         };
         let mut arrivals = Arrivals::default();
@@ -360,21 +364,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     let n = args.deltas.max(2);
     let interval = Duration::from_millis(args.interval_ms);
+    let mut prompt = String::from("stream");
+    for i in 0..args.context_words {
+        // Varied words, as a real conversation's (numbered pseudo-words, a few tokens each).
+        prompt.push_str(&format!(" w{}", (i * 7919) % 10007));
+    }
+    let prompt = prompt.as_str();
     let (unimic, sse) = rt.block_on(async {
         let u = UnimicStream::start(n, interval).await?;
         let s = SseStream::start(n, interval).await?;
         // Warm-up: connections, pools, lazily loaded tables.
-        u.run(n).await?;
-        s.run(n).await?;
+        u.run(n, prompt).await?;
+        s.run(n, prompt).await?;
         let (mut ur, mut sr) = (Vec::new(), Vec::new());
         for round in 0..args.rounds.max(1) {
             // Alternate which goes first.
             if round % 2 == 0 {
-                ur.push(u.run(n).await?);
-                sr.push(s.run(n).await?);
+                ur.push(u.run(n, prompt).await?);
+                sr.push(s.run(n, prompt).await?);
             } else {
-                sr.push(s.run(n).await?);
-                ur.push(u.run(n).await?);
+                sr.push(s.run(n, prompt).await?);
+                ur.push(u.run(n, prompt).await?);
             }
         }
         u.chat.close(Duration::from_secs(1)).await;
@@ -387,12 +397,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         emit(u);
         emit(s);
-        emit(json!({"bench": "e2e", "kind": "stream_ratio", "delta_latency_p50_ratio": ratio}));
+        emit(
+            json!({"bench": "e2e", "kind": "stream_ratio", "delta_latency_p50_ratio": ratio,
+                    "context_words": args.context_words}),
+        );
     } else {
         println!(
-            "streamed reply, {n} deltas {} ms apart, {} replies each:",
+            "streamed reply, {n} deltas {} ms apart, {} replies each, {} words of context:",
             args.interval_ms,
-            args.rounds.max(1)
+            args.rounds.max(1),
+            args.context_words
         );
         for v in [&u, &s] {
             println!(

@@ -39,7 +39,7 @@ const ORDER0_HALVE_AT: u64 = 1 << 22;
 const MAX_PAIRS: usize = 1 << 20;
 const ONE: u64 = 1 << 32;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Counts {
     total: u32,
     entries: Vec<(u32, u32)>,
@@ -169,7 +169,7 @@ impl TextPrior {
 ///     assert_eq!(&dec_model.decode(&mut Decoder::new(bytes), t.len()).unwrap(), t);
 /// }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdaptiveText {
     space: u32,
     frozen: bool,
@@ -182,6 +182,98 @@ pub struct AdaptiveText {
     buckets: Fenwick,
     buckets_seen: u64,
     zipf: Arc<Vec<u64>>,
+    /// While a trial runs ([`encode_trial`](Self::encode_trial),
+    /// [`decode_trial`](Self::decode_trial)): what to undo, in order, and the scalars to restore.
+    journal: Option<Journal>,
+}
+
+/// The changes of a trial, undone in reverse order by [`AdaptiveText::rollback`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Journal {
+    undo: Vec<Undo>,
+    pairs: usize,
+    buckets_seen: u64,
+}
+
+/// How to take back one [`Counts::add`] in a context table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CountsUndo {
+    /// One was added to `sym`; `created`: the context's entry was made for it; `new`: `sym` was
+    /// new in it.
+    Add { sym: u32, created: bool, new: bool },
+    /// The entry before a change that halved it (`None`: absent).
+    Was(Option<Counts>),
+}
+
+impl CountsUndo {
+    /// Adds one to `sym` in the entry of `key`; returns whether the (context, symbol) pair is new,
+    /// and, if `journal`, how to take it back (cheap, but a copy of the entry when it halves).
+    fn add<K: std::hash::Hash + Eq + Copy>(
+        table: &mut HashMap<K, Counts>,
+        key: K,
+        sym: u32,
+        journal: bool,
+    ) -> (bool, Option<CountsUndo>) {
+        let before = table.get(&key);
+        let created = before.is_none();
+        let was = match before {
+            Some(c) if journal && c.total + 1 > SPARSE_HALVE_AT => Some(c.clone()),
+            _ => None,
+        };
+        let new = table.entry(key).or_default().add(sym);
+        let undo = journal.then_some(match was {
+            Some(c) => CountsUndo::Was(Some(c)),
+            None => CountsUndo::Add { sym, created, new },
+        });
+        (new, undo)
+    }
+
+    /// Takes the change back in `table`.
+    fn undo<K: std::hash::Hash + Eq + Copy>(self, table: &mut HashMap<K, Counts>, key: K) {
+        match self {
+            CountsUndo::Was(Some(c)) => {
+                table.insert(key, c);
+            }
+            CountsUndo::Was(None) => {
+                table.remove(&key);
+            }
+            CountsUndo::Add { sym, created, new } => {
+                if created {
+                    table.remove(&key);
+                    return;
+                }
+                if let Some(c) = table.get_mut(&key) {
+                    c.total -= 1;
+                    if let Ok(i) = c.entries.binary_search_by_key(&sym, |e| e.0) {
+                        if new {
+                            c.entries.remove(i);
+                        } else {
+                            c.entries[i].1 -= 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One change to take back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Undo {
+    /// One was added to bucket `hi`.
+    Bucket(usize),
+    /// `id` joined the vocabulary (last entry).
+    Vocab(u32),
+    /// One was added to order-0 index `i`.
+    Order0(usize),
+    /// Order-0 before it was regrown or halved.
+    Order0Was(Fenwick),
+    /// A change to the order-1 table entry of a context.
+    Order1(u32, CountsUndo),
+    /// A change to the order-2 table entry of a context.
+    Order2((u32, u32), CountsUndo),
+    /// The order-1 and order-2 tables before they were cleared.
+    Cleared(HashMap<u32, Counts>, HashMap<(u32, u32), Counts>),
 }
 
 struct TokenBlend<'a> {
@@ -283,6 +375,7 @@ impl AdaptiveText {
             buckets: Fenwick::new(n_buckets),
             buckets_seen: 0,
             zipf,
+            journal: None,
         }
     }
 
@@ -337,12 +430,80 @@ impl AdaptiveText {
         let i = self.vocab.len() as u32;
         self.vocab.push(id);
         self.index.insert(id, i);
+        self.journal(|_| Undo::Vocab(id));
         if self.vocab.len() > self.order0.len() {
             let cap = (self.order0.len() * 2).min(MAX_VOCAB as usize);
             let mut counts: Vec<u64> = (0..self.order0.len()).map(|j| self.order0.get(j)).collect();
             counts.resize(cap, 0);
-            self.order0 = Fenwick::from_counts(&counts);
+            let grown = Fenwick::from_counts(&counts);
+            let was = std::mem::replace(&mut self.order0, grown);
+            self.journal(|_| Undo::Order0Was(was));
         }
+    }
+
+    /// Records a change while a trial runs (`undo` is not called otherwise).
+    fn journal(&mut self, undo: impl FnOnce(&Self) -> Undo) {
+        if self.journal.is_some() {
+            let u = undo(self);
+            if let Some(j) = self.journal.as_mut() {
+                j.undo.push(u);
+            }
+        }
+    }
+
+    /// Starts recording changes, to be undone by [`rollback`](Self::rollback).
+    fn begin_trial(&mut self) {
+        self.journal = Some(Journal {
+            undo: Vec::new(),
+            pairs: self.pairs,
+            buckets_seen: self.buckets_seen,
+        });
+    }
+
+    /// Undoes every change since [`begin_trial`](Self::begin_trial): the model is again exactly
+    /// what it was.
+    fn rollback(&mut self) {
+        let Some(j) = self.journal.take() else {
+            return;
+        };
+        for u in j.undo.into_iter().rev() {
+            match u {
+                Undo::Bucket(hi) => self.buckets.sub(hi, 1),
+                Undo::Vocab(id) => {
+                    self.vocab.pop();
+                    self.index.remove(&id);
+                }
+                Undo::Order0(i) => self.order0.sub(i, 1),
+                Undo::Order0Was(f) => self.order0 = f,
+                Undo::Order1(k, c) => c.undo(&mut self.order1, k),
+                Undo::Order2(k, c) => c.undo(&mut self.order2, k),
+                Undo::Cleared(o1, o2) => {
+                    self.order1 = o1;
+                    self.order2 = o2;
+                }
+            }
+        }
+        self.pairs = j.pairs;
+        self.buckets_seen = j.buckets_seen;
+    }
+
+    /// [`encode`](Self::encode), leaving the model as it was: for coding one of several
+    /// independent chunks from the same state, at the cost of the tokens coded (a clone would
+    /// copy every table the session has learned).
+    pub fn encode_trial(&mut self, enc: &mut Encoder, ids: &[u32]) -> Result<(), CodeError> {
+        self.begin_trial();
+        let r = self.encode(enc, ids);
+        self.rollback();
+        r
+    }
+
+    /// [`decode`](Self::decode), leaving the model as it was (see
+    /// [`encode_trial`](Self::encode_trial)).
+    pub fn decode_trial(&mut self, dec: &mut Decoder, count: usize) -> Result<Vec<u32>, CodeError> {
+        self.begin_trial();
+        let r = self.decode(dec, count);
+        self.rollback();
+        r
     }
 
     fn token_blend(&self, prev: (u32, u32)) -> Quantized<TokenBlend<'_>> {
@@ -392,22 +553,35 @@ impl AdaptiveText {
                 self.buckets_seen += 1;
             }
             self.buckets.add(hi, 1);
+            self.journal(|_| Undo::Bucket(hi));
         }
         self.insert(id);
         let Some(&i) = self.index.get(&id) else {
             return (prev.1, NONE);
         };
-        let mut new_pairs = 0;
-        new_pairs += usize::from(self.order2.entry(prev).or_default().add(i));
-        new_pairs += usize::from(self.order1.entry(prev.1).or_default().add(i));
-        self.pairs += new_pairs;
+        let journal = self.journal.is_some();
+        let (new2, undo2) = CountsUndo::add(&mut self.order2, prev, i, journal);
+        if let Some(u) = undo2 {
+            self.journal(|_| Undo::Order2(prev, u));
+        }
+        let (new1, undo1) = CountsUndo::add(&mut self.order1, prev.1, i, journal);
+        if let Some(u) = undo1 {
+            self.journal(|_| Undo::Order1(prev.1, u));
+        }
+        self.pairs += usize::from(new2) + usize::from(new1);
+        if self.order0.total() + 1 > ORDER0_HALVE_AT {
+            self.journal(|m| Undo::Order0Was(m.order0.clone()));
+        } else {
+            self.journal(|_| Undo::Order0(i as usize));
+        }
         self.order0.add(i as usize, 1);
         if self.order0.total() > ORDER0_HALVE_AT {
             self.order0.halve();
         }
         if self.pairs > MAX_PAIRS {
-            self.order1.clear();
-            self.order2.clear();
+            let o1 = std::mem::take(&mut self.order1);
+            let o2 = std::mem::take(&mut self.order2);
+            self.journal(move |_| Undo::Cleared(o1, o2));
             self.pairs = 0;
         }
         (prev.1, i)
@@ -470,5 +644,72 @@ impl AdaptiveText {
             let escaped = !self.index.contains_key(&id);
             prev = self.update(prev, id, escaped);
         }
+    }
+}
+
+#[cfg(test)]
+mod trial_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Codes `ids` from `model` the plain way (on a copy) and as a trial; both give the same
+    /// bytes, decode back the same way, and the trial leaves the model exactly as it was.
+    fn check(model: &mut AdaptiveText, ids: &[u32]) {
+        let before = model.clone();
+        let mut plain = Encoder::new();
+        before.clone().encode(&mut plain, ids).unwrap();
+        let plain = plain.finish();
+        let mut trial = Encoder::new();
+        model.encode_trial(&mut trial, ids).unwrap();
+        assert_eq!(trial.finish(), plain, "trial payload");
+        assert!(*model == before, "the encode trial changed the model");
+        let decoded = model
+            .decode_trial(&mut Decoder::new(&plain), ids.len())
+            .unwrap();
+        assert_eq!(decoded, ids);
+        assert!(*model == before, "the decode trial changed the model");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn a_trial_codes_like_a_copy_and_leaves_the_model_unchanged(
+            context in proptest::collection::vec(prop_oneof![0u32..20, 0u32..3000], 0..2000),
+            chunk in proptest::collection::vec(
+                prop_oneof![0u32..20, 0u32..3000, 0u32..200_019],
+                0..64,
+            ),
+        ) {
+            let mut model = AdaptiveText::new(200_019);
+            model.learn(&context);
+            check(&mut model, &chunk);
+        }
+    }
+
+    #[test]
+    fn a_trial_that_grows_the_vocabulary_past_its_table_is_undone() {
+        let mut model = AdaptiveText::new(200_019);
+        model.learn(&(0..1020).collect::<Vec<_>>());
+        let before_len = model.order0.len();
+        // 40 new ids: order-0 regrows from 1,024 entries during the trial.
+        check(&mut model, &(5000..5040).collect::<Vec<_>>());
+        assert_eq!(model.order0.len(), before_len);
+    }
+
+    #[test]
+    fn a_trial_that_halves_order_0_or_a_context_is_undone() {
+        // Order-0 just below its halving threshold.
+        let prior = TextPrior {
+            space: 1000,
+            entries: vec![(7, (ORDER0_HALVE_AT - 2) as u32), (9, 1)],
+        };
+        let mut model = AdaptiveText::with_prior(&prior);
+        assert!(model.order0.total() > ORDER0_HALVE_AT - 4);
+        check(&mut model, &[7, 9, 7, 7, 9, 3]);
+        // An order-1 context just below its halving threshold.
+        let mut model = AdaptiveText::new(1000);
+        let pairs: Vec<u32> = (0..SPARSE_HALVE_AT - 1).flat_map(|i| [5, i % 50]).collect();
+        model.learn(&pairs);
+        check(&mut model, &[5, 1, 5, 2, 5, 3, 5, 60]);
     }
 }

@@ -40,6 +40,19 @@ impl Fenwick {
     }
 
     /// Sum of slots `0..i` (`i` is clamped to `len()`).
+    /// Takes back an earlier [`add`](Self::add) of `delta` at `i` (the caller guarantees it).
+    pub(crate) fn sub(&mut self, i: usize, delta: u64) {
+        if i >= self.len() {
+            return;
+        }
+        self.total -= delta;
+        let mut j = i + 1;
+        while j < self.tree.len() {
+            self.tree[j] -= delta;
+            j += j & j.wrapping_neg();
+        }
+    }
+
     pub(crate) fn prefix(&self, i: usize) -> u64 {
         let mut j = i.min(self.len());
         let mut s = 0;

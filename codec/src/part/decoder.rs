@@ -6,7 +6,13 @@ use super::*;
 #[derive(Debug, Clone)]
 pub struct PartDecoder {
     pub(super) shape: PartShape,
+    /// The model state after the references; for a text part with an adaptive or static text
+    /// model it is in `text` instead (and this is `State::Uniform`, unused).
     pub(super) state: State,
+    /// A text model, decoded from in place (each chunk a trial that leaves it as it was), so a
+    /// chunk costs its own tokens, not a copy of everything the session has learned. Clones of
+    /// the decoder share it; the lock serialises their chunks.
+    pub(super) text: Option<Arc<std::sync::Mutex<AdaptiveText>>>,
     /// Tokens the part codes (the region's cells for a masked part).
     pub(super) tokens: u64,
     pub(super) chunk_tokens: u64,
@@ -46,6 +52,10 @@ impl PartDecoder {
         let (start, end) = (start as usize, end as usize);
         let mut dec = Decoder::new(payload);
         let mut out = Vec::with_capacity((end - start).min(1 << 16));
+        if let Some(text) = &self.text {
+            let mut t = text.lock().unwrap_or_else(|p| p.into_inner());
+            return Ok(t.decode_trial(&mut dec, end - start)?);
+        }
         match (self.state.clone(), self.shape) {
             (State::Uniform, PartShape::Grid { codebook_size, .. }) => {
                 let u = Uniform::new(codebook_size);

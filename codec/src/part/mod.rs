@@ -626,6 +626,32 @@ impl PartCodec {
         Ok(state)
     }
 
+    /// The cached state of an adaptive text part's references, learned first if the cache does
+    /// not hold them (see [`state`](Self::state)), for coding in place.
+    fn cached_state_mut(
+        &mut self,
+        ctx: &SessionContext,
+        spec: &PartSpec,
+        shape: &PartShape,
+    ) -> Result<&mut State, PartError> {
+        const TEXT: (u32, u32) = (1, 0);
+        let fresh = self.cache.iter().any(|c| {
+            c.key == TEXT && c.refs == spec.refs && ctx.digest(&c.refs).ok() == Some(c.digest)
+        });
+        if !fresh {
+            // Learns the references and caches the state.
+            self.state(ctx, spec, shape)?;
+        }
+        self.cache
+            .iter_mut()
+            .find(|c| c.key == TEXT && c.refs == spec.refs)
+            .map(|c| &mut c.state)
+            .ok_or(PartError::ModelUnavailable {
+                model: ModelChoice::Adaptive,
+                kind: SequenceKind::Text,
+            })
+    }
+
     fn check_size(&self, tokens: u64) -> Result<(), PartError> {
         if tokens > self.config.max_part_tokens {
             return Err(PartError::TooLarge {
@@ -676,10 +702,22 @@ impl PartCodec {
         self.check_size(shape.tokens())?;
         let digest = ctx.digest(&spec.refs)?;
         let model = self.identity(spec.model, shape.kind())?;
-        let state = self.state(ctx, spec, &shape)?;
+        let text_space = self.config.text_space;
+        // Adaptive text codes from the cached state in place (each chunk a trial that is undone),
+        // so the next chunk of a streamed part costs its own tokens, not the context's size.
+        let mut owned;
+        let state: &mut State = if matches!(
+            (spec.model, &shape),
+            (ModelChoice::Adaptive, PartShape::Text { .. })
+        ) {
+            self.cached_state_mut(ctx, spec, &shape)?
+        } else {
+            owned = self.state(ctx, spec, &shape)?;
+            &mut owned
+        };
         if let (Some(grid), true) = (grid, spec.model.is_transformer()) {
             let (payload, tokens, cross_entropy_bits) =
-                encode_transformer(&state, grid, spec.chunk_tokens, spec.model)?;
+                encode_transformer(state, grid, spec.chunk_tokens, spec.model)?;
             return Ok(EncodedPart {
                 bits: 8 * payload.len() as u64,
                 chunks: vec![Chunk {
@@ -697,19 +735,12 @@ impl PartCodec {
         let mut chunks = Vec::with_capacity(n.div_ceil(c).max(1));
         let mut cross_entropy_bits = 0.0;
         let mut start = 0;
-        // Every chunk starts from the state after the references (chunks are independent); the
-        // last one takes it, the others a copy.
-        let mut state = Some(state);
+        // Every chunk starts from the state after the references (chunks are independent): an
+        // adaptive grid codes on a copy, text as a trial that leaves the state as it was.
         loop {
             let end = (start + c).min(n);
             let mut enc = Encoder::new();
-            let this = if end >= n {
-                state.take()
-            } else {
-                state.clone()
-            };
-            let Some(this) = this else { break };
-            match this {
+            match &mut *state {
                 State::Uniform => match shape {
                     PartShape::Grid { codebook_size, .. } => {
                         let u = Uniform::new(codebook_size);
@@ -719,7 +750,7 @@ impl PartCodec {
                     }
                     PartShape::Text { .. } => {
                         for &s in &ids[start..end] {
-                            Uniform::encode_wide(&mut enc, s, self.config.text_space)?;
+                            Uniform::encode_wide(&mut enc, s, text_space)?;
                         }
                     }
                 },
@@ -728,8 +759,8 @@ impl PartCodec {
                         enc.encode(s, m.distribution())?;
                     }
                 }
-                State::Grid(mut g) => g.encode(&mut enc, ids, width, start..end)?,
-                State::Text(mut t) => t.encode(&mut enc, &ids[start..end])?,
+                State::Grid(g) => g.clone().encode(&mut enc, ids, width, start..end)?,
+                State::Text(t) => t.encode_trial(&mut enc, &ids[start..end])?,
                 State::Generic(_) | State::Masked { .. } | State::TextCond { .. } => {
                     // Transformer parts are grids, coded above.
                     return Err(PartError::ModelUnavailable {
@@ -757,6 +788,60 @@ impl PartCodec {
             cross_entropy_bits,
             tokens: n as u64,
         })
+    }
+
+    /// Decodes one chunk of a text part (`count` tokens from `payload`), checked as
+    /// [`decoder`](Self::decoder) checks a part. Text chunks are independent (each codes from the
+    /// state after the references), and the adaptive model decodes from its cached state in
+    /// place, so the next chunk of a streamed reply costs its own tokens, not a copy of all the
+    /// session has learned: what a receiver calls per chunk.
+    ///
+    /// ```
+    /// use unimic_codec::context::SessionContext;
+    /// use unimic_codec::part::{ModelChoice, PartCodec, PartSpec, PartTokens};
+    ///
+    /// let ctx = SessionContext::default();
+    /// let spec = PartSpec::new(ModelChoice::Adaptive).with_chunk_tokens(2);
+    /// let mut sender = PartCodec::default();
+    /// let part = sender.encode(&ctx, PartTokens::Text(&[17, 17, 4, 9]), &spec).unwrap();
+    /// let mut receiver = PartCodec::default();
+    /// let second = receiver
+    ///     .decode_text_chunk(&ctx, &spec, &part.digest, &part.model, 2, &part.chunks[1].payload)
+    ///     .unwrap();
+    /// assert_eq!(second, [4, 9]);
+    /// ```
+    pub fn decode_text_chunk(
+        &mut self,
+        ctx: &SessionContext,
+        spec: &PartSpec,
+        digest: &[u8; 32],
+        model: &ModelIdentity,
+        count: u64,
+        payload: &[u8],
+    ) -> Result<Vec<u32>, PartError> {
+        let shape = PartShape::Text { count };
+        if spec.model != ModelChoice::Adaptive {
+            return self
+                .decoder(ctx, shape, spec, digest, model)?
+                .decode_chunk(0, payload);
+        }
+        self.check_size(count)?;
+        let ours = self.identity(spec.model, SequenceKind::Text)?;
+        if &ours != model {
+            return Err(PartError::ModelMismatch {
+                theirs: *model,
+                ours,
+            });
+        }
+        ctx.verify(&spec.refs, digest)?;
+        let State::Text(t) = self.cached_state_mut(ctx, spec, &shape)? else {
+            return Err(PartError::ModelUnavailable {
+                model: spec.model,
+                kind: SequenceKind::Text,
+            });
+        };
+        let count = usize::try_from(count).unwrap_or(usize::MAX);
+        Ok(t.decode_trial(&mut Decoder::new(payload), count)?)
     }
 
     /// Prepares to decode a part: checks the model identity and the context digest (typed
@@ -803,9 +888,14 @@ impl PartCodec {
             Some(c) if !spec.model.is_transformer() => u64::from(c),
             _ => n.max(1),
         };
+        let (state, text) = match state {
+            State::Text(t) => (State::Uniform, Some(Arc::new(std::sync::Mutex::new(t)))),
+            other => (other, None),
+        };
         Ok(PartDecoder {
             shape,
             state,
+            text,
             tokens: n,
             chunk_tokens: c,
             chunks: n.div_ceil(c).max(1),

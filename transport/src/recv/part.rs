@@ -498,18 +498,16 @@ impl Task {
                         let (spec, digest, identity) = (spec.clone(), *digest, *identity);
                         let (shared, payload) = (self.shared.clone(), c.payload.clone());
                         let decode = move || {
-                            let d = {
-                                let mut guard = shared.state();
-                                let st = &mut *guard;
-                                st.codec.decoder(
-                                    &st.context,
-                                    PartShape::Text { count: n },
-                                    &spec,
-                                    &digest,
-                                    &identity,
-                                )?
-                            };
-                            d.decode_chunk(0, &payload)
+                            let mut guard = shared.state();
+                            let st = &mut *guard;
+                            st.codec.decode_text_chunk(
+                                &st.context,
+                                &spec,
+                                &digest,
+                                &identity,
+                                n,
+                                &payload,
+                            )
                         };
                         if n > BLOCKING_TOKENS {
                             tokio::task::spawn_blocking(decode)
