@@ -28,6 +28,7 @@
 
 use super::{Fenwick, Quantized, Uniform, WeightPrefix};
 use crate::coder::{CodeError, Decoder, Encoder};
+use sha2::Digest;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -85,6 +86,9 @@ impl Counts {
 pub struct TextPrior {
     space: u32,
     entries: Vec<(u32, u32)>,
+    /// SHA-256 of [`to_bytes`](Self::to_bytes), computed once (a model identity names it, and
+    /// identities are asked for per part and per chunk).
+    hash: [u8; 32],
 }
 
 impl TextPrior {
@@ -102,7 +106,22 @@ impl TextPrior {
         entries.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         entries.truncate(MAX_VOCAB as usize);
         entries.sort_unstable();
-        Self { space, entries }
+        Self::new(space, entries)
+    }
+
+    fn new(space: u32, entries: Vec<(u32, u32)>) -> Self {
+        let mut prior = Self {
+            space,
+            entries,
+            hash: [0; 32],
+        };
+        prior.hash = sha2::Sha256::digest(prior.to_bytes()).into();
+        prior
+    }
+
+    /// SHA-256 of the prior's file ([`to_bytes`](Self::to_bytes)).
+    pub fn content_hash(&self) -> [u8; 32] {
+        self.hash
     }
 
     /// The id space.
@@ -146,7 +165,7 @@ impl TextPrior {
         if entries.windows(2).any(|w| w[0].0 >= w[1].0) || entries.iter().any(|e| e.0 >= space) {
             return None;
         }
-        Some(Self { space, entries })
+        Some(Self::new(space, entries))
     }
 }
 
@@ -699,10 +718,7 @@ mod trial_tests {
     #[test]
     fn a_trial_that_halves_order_0_or_a_context_is_undone() {
         // Order-0 just below its halving threshold.
-        let prior = TextPrior {
-            space: 1000,
-            entries: vec![(7, (ORDER0_HALVE_AT - 2) as u32), (9, 1)],
-        };
+        let prior = TextPrior::new(1000, vec![(7, (ORDER0_HALVE_AT - 2) as u32), (9, 1)]);
         let mut model = AdaptiveText::with_prior(&prior);
         assert!(model.order0.total() > ORDER0_HALVE_AT - 4);
         check(&mut model, &[7, 9, 7, 7, 9, 3]);

@@ -310,7 +310,7 @@ impl PartCodec {
             }
             (ModelChoice::Static, _) => {
                 let p = self.config.text_prior.as_ref().ok_or(unavailable)?;
-                (model_id::STATIC_TEXT, Sha256::digest(p.to_bytes()).into())
+                (model_id::STATIC_TEXT, p.content_hash())
             }
             // The transformers are named by the SHA-256 of their weights (hex in the model).
             (ModelChoice::Generic, SequenceKind::Grid) => (
@@ -347,7 +347,7 @@ impl PartCodec {
                 let mut desc = String::from("unimic-entropy/adaptive-text/v1");
                 if let (true, Some(p)) = (self.config.prime_adaptive_text, &self.config.text_prior)
                 {
-                    let h: [u8; 32] = Sha256::digest(p.to_bytes()).into();
+                    let h = p.content_hash();
                     desc.push_str(";prior=");
                     for b in h {
                         desc.push_str(&format!("{b:02x}"));
