@@ -736,7 +736,8 @@ impl PartCodec {
         let mut cross_entropy_bits = 0.0;
         let mut start = 0;
         // Every chunk starts from the state after the references (chunks are independent): an
-        // adaptive grid codes on a copy, text as a trial that leaves the state as it was.
+        // adaptive grid codes on a copy but for the last chunk, text as a trial that leaves the
+        // (cached) state as it was.
         loop {
             let end = (start + c).min(n);
             let mut enc = Encoder::new();
@@ -759,6 +760,8 @@ impl PartCodec {
                         enc.encode(s, m.distribution())?;
                     }
                 }
+                // The last chunk codes on the state itself (it is this call's own copy).
+                State::Grid(g) if end >= n => g.encode(&mut enc, ids, width, start..end)?,
                 State::Grid(g) => g.clone().encode(&mut enc, ids, width, start..end)?,
                 State::Text(t) => t.encode_trial(&mut enc, &ids[start..end])?,
                 State::Generic(_) | State::Masked { .. } | State::TextCond { .. } => {
