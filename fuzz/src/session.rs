@@ -690,7 +690,7 @@ struct Player {
     honest: HashMap<u64, Option<Vec<Sent>>>,
     text_tokenizer: u64,
     image_tokenizer: u64,
-    models: HashMap<&'static str, u64>,
+    models: HashMap<String, u64>,
     budget: u64,
 }
 
@@ -713,17 +713,13 @@ impl Player {
     ) -> Self {
         let position =
             |list: &[ModelInfo], id: &str| list.iter().position(|m| m.id == id).unwrap_or(0) as u64;
-        let models = [
-            "unimic-entropy/uniform",
-            "unimic-entropy/static-grid",
-            "unimic-entropy/adaptive-grid",
-            "unimic-entropy/adaptive-text",
-            "unimic-entropy/static-text",
-            "unimic-entropy/generic",
-        ]
-        .into_iter()
-        .map(|id| (id, position(&hello.entropy_models, id)))
-        .collect();
+        // The server's model table, by wire id (PROTOCOL.md §4.4).
+        let models = hello
+            .entropy_models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.clone(), i as u64))
+            .collect();
         let budget = hello.limits.max_frame_bytes.into_inner().saturating_sub(64);
         Player {
             conn,
@@ -960,7 +956,10 @@ impl Player {
         }
         let digest = if known { coded.digest } else { [0; 32] };
         let (body, sent, seq) = {
-            let model = self.models[model_id::wire_name(coded.model.id)];
+            // A model the session did not negotiate cannot be sent honestly.
+            let Some(&model) = self.models.get(model_id::wire_name(coded.model.id)) else {
+                return;
+            };
             let context = refs
                 .iter()
                 .map(|k| ContextRef {

@@ -627,17 +627,20 @@ impl PartCodec {
     }
 
     /// The cached state of an adaptive text part's references, learned first if the cache does
-    /// not hold them (see [`state`](Self::state)), for coding in place.
+    /// not hold them (see [`state`](Self::state)), for coding in place. `digest`: the context
+    /// digest of `spec.refs` in `ctx`, which the caller has already computed or verified.
     fn cached_state_mut(
         &mut self,
         ctx: &SessionContext,
         spec: &PartSpec,
         shape: &PartShape,
+        digest: &[u8; 32],
     ) -> Result<&mut State, PartError> {
         const TEXT: (u32, u32) = (1, 0);
-        let fresh = self.cache.iter().any(|c| {
-            c.key == TEXT && c.refs == spec.refs && ctx.digest(&c.refs).ok() == Some(c.digest)
-        });
+        let fresh = self
+            .cache
+            .iter()
+            .any(|c| c.key == TEXT && c.refs == spec.refs && &c.digest == digest);
         if !fresh {
             // Learns the references and caches the state.
             self.state(ctx, spec, shape)?;
@@ -710,7 +713,7 @@ impl PartCodec {
             (spec.model, &shape),
             (ModelChoice::Adaptive, PartShape::Text { .. })
         ) {
-            self.cached_state_mut(ctx, spec, &shape)?
+            self.cached_state_mut(ctx, spec, &shape, &digest)?
         } else {
             owned = self.state(ctx, spec, &shape)?;
             &mut owned
@@ -837,7 +840,7 @@ impl PartCodec {
             });
         }
         ctx.verify(&spec.refs, digest)?;
-        let State::Text(t) = self.cached_state_mut(ctx, spec, &shape)? else {
+        let State::Text(t) = self.cached_state_mut(ctx, spec, &shape, digest)? else {
             return Err(PartError::ModelUnavailable {
                 model: spec.model,
                 kind: SequenceKind::Text,
