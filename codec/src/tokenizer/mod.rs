@@ -30,6 +30,8 @@ pub mod config;
 pub mod metrics;
 pub mod train;
 
+mod act;
+mod conv;
 pub mod taef2;
 pub mod vq;
 

@@ -1,7 +1,10 @@
 //! The TAEF2 residual-VQ image tokenizer ([`Taef2Tokenizer`]): a pretrained tiny autoencoder with a
 //! trained quantizer between its halves.
 //!
-//! Three networks run in a row, all in candle on the CPU in f32:
+//! Three networks run in a row on the CPU in f32 (weights read with candle's safetensors loader;
+//! the forward passes run on plain buffers: 3×3 convolutions by Winograd F(4×4, 3×3) and strided
+//! ones as per-tap GEMMs in the `conv` module, the other layers in `act`, whose per-call buffer
+//! pool spares large images a fresh, page-faulting allocation at every layer):
 //! 1. [`Taef2Encoder`]: the encoder of TAEF2 (Ollin Boer Bohan's tiny autoencoder distilled from the
 //!    FLUX.2 VAE, MIT licence, `models/taef2/`), RGB in `[0, 1]` to 32-channel latents at 1/8 of
 //!    the image size.
@@ -70,12 +73,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::act::{Act, Conv1, PoolScope};
+use super::conv::{Conv3, ConvS2};
 use super::MAX_TOKENS;
 use super::{read, sha256_hex, ImageTokenizer, TokenizerError, TokenizerId, MANIFEST_FILE};
 use crate::grid::{TokenGrid, MAX_CODEBOOK};
@@ -103,24 +108,20 @@ const GN_EPS: f64 = 1e-5;
 // ---------------------------------------------------------------------------------------------
 // Building blocks
 
-/// A 2-D convolution with square kernel, optional bias, symmetric zero padding.
-///
-/// Stride-1 convolutions with `padding = k/2` (all but the stride-2 ones) run as [`conv_banded`]:
-/// candle 0.11's CPU `conv2d` spends about two thirds of its time gathering patches (a strided
-/// NCHW→NHWC copy, then a scattered im2col per tile) and one third in the matrix product.
+/// A 2-D convolution of one of the four shapes TAEF2 and its quantizer use, on [`Act`]s.
 #[derive(Debug, Clone)]
-struct Conv {
-    /// `[cout, cin, k, k]`, for candle's `conv2d`.
-    weight: Tensor,
-    /// `[cout, k·k·cin]` in `(ky, kx, ci)` order, for [`conv_banded`] (stride 1 only).
-    wmat: Option<Tensor>,
-    bias: Option<Tensor>,
-    k: usize,
-    stride: usize,
-    padding: usize,
+enum Conv {
+    /// 3×3, stride 1, `padding = 1`: Winograd F(4×4, 3×3).
+    W3(Conv3),
+    /// 3×3 stride 2 `padding = 1`, or 2×2 stride 2 `padding = 0`: per-tap GEMMs on phases.
+    S2(ConvS2),
+    /// 1×1: one GEMM.
+    P1(Conv1),
 }
 
 impl Conv {
+    /// `nn.Conv2d(cin, cout, k, stride, padding, bias)` from `weight` (`[cout, cin, k, k]`) and
+    /// `bias` under `vb`; any other shape than the four above is an error.
     fn new(
         vb: VarBuilder,
         cin: usize,
@@ -130,29 +131,21 @@ impl Conv {
         padding: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = vb.get((cout, cin, k, k), "weight")?;
-        let wmat = if stride == 1 && k % 2 == 1 && padding == k / 2 {
-            Some(
-                weight
-                    .permute((0, 2, 3, 1))?
-                    .reshape((cout, k * k * cin))?
-                    .contiguous()?,
-            )
-        } else {
-            None
-        };
+        let weight = vb
+            .get((cout, cin, k, k), "weight")?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let bias = if bias {
-            Some(vb.get(cout, "bias")?.reshape((1, cout, 1, 1))?)
+            Some(vb.get(cout, "bias")?.to_vec1::<f32>()?)
         } else {
             None
         };
-        Ok(Self {
-            weight,
-            wmat,
-            bias,
-            k,
-            stride,
-            padding,
+        let b = bias.as_deref();
+        Ok(match (k, stride, padding) {
+            (3, 1, 1) => Conv::W3(Conv3::new(cin, cout, &weight, b)),
+            (3, 2, 1) | (2, 2, 0) => Conv::S2(ConvS2::new(cin, cout, k, padding, &weight, b)),
+            (1, 1, 0) => Conv::P1(Conv1::new(cin, cout, &weight, b)),
+            _ => candle_core::bail!("conv: kernel {k}, stride {stride}, padding {padding}"),
         })
     }
 
@@ -161,67 +154,70 @@ impl Conv {
         Self::new(vb, cin, cout, 3, stride, 1, bias)
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.wmat {
-            Some(w) => conv_banded(x, w, self.k)?,
-            None => x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?,
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+    fn cin(&self) -> usize {
+        match self {
+            Conv::W3(c) => c.cin(),
+            Conv::S2(c) => c.cin(),
+            Conv::P1(c) => c.cin(),
         }
+    }
+
+    fn forward(&self, x: &Act) -> Result<Act> {
+        self.forward_res(x, None, false)
+    }
+
+    /// The convolution, plus `residual` (the output's shape) when given, then ReLU when `relu`
+    /// is set (fused into the 3×3 stride-1 path).
+    fn forward_res(&self, x: &Act, residual: Option<&Act>, relu: bool) -> Result<Act> {
+        if x.c != self.cin() {
+            candle_core::bail!("conv: {} input channels, weights take {}", x.c, self.cin());
+        }
+        let y = match self {
+            Conv::W3(c) => {
+                if let Some(r) = residual {
+                    if (r.c, r.h, r.w) != (c.cout(), x.h, x.w) {
+                        candle_core::bail!("conv: residual {}x{}x{}", r.c, r.h, r.w);
+                    }
+                }
+                let data = c.forward_res(&x.data, x.h, x.w, residual.map(|r| &r.data[..]), relu);
+                return Ok(Act::new(c.cout(), x.h, x.w, data));
+            }
+            Conv::S2(c) => {
+                let Some((ho, wo)) = c.out_size(x.h, x.w) else {
+                    candle_core::bail!("conv: {}x{} input is smaller than the kernel", x.h, x.w);
+                };
+                Act::new(c.cout(), ho, wo, c.forward(&x.data, x.h, x.w))
+            }
+            Conv::P1(c) => c.forward(x),
+        };
+        let y = match residual {
+            Some(r) if (r.c, r.h, r.w) == (y.c, y.h, y.w) => y.add(r),
+            Some(r) => candle_core::bail!("conv: residual {}x{}x{}", r.c, r.h, r.w),
+            None => y,
+        };
+        Ok(if relu { y.relu() } else { y })
     }
 }
 
-/// Floats of patch matrix per band: 2 MiB, so that a band's patches stay in cache.
-const BAND_FLOATS: usize = 1 << 19;
+/// PyTorch's `GroupNorm(groups, channels)` with its affine parameters.
+#[derive(Debug, Clone)]
+struct GroupNorm {
+    groups: usize,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
 
-/// Stride-1 convolution with `padding = k/2` (odd `k`) of `x` `[B, C, H, W]` by `wmat`
-/// `[cout, k·k·C]` (`(ky, kx, ci)` order), without bias.
-///
-/// The input is zero-padded once and viewed as `C` rows of `(H + k) · (W + k − 1)` values (one
-/// spare row at the bottom). In that flat layout the patch element `(ky, kx)` of every output
-/// position `y·(W + k − 1) + x` lies at a fixed offset `ky·(W + k − 1) + kx`, so the patch matrix
-/// of a band of output rows is `k·k` contiguous slices stacked (plain copies), multiplied by
-/// `wmat` in one matrix product; the `k − 1` columns per row computed over the padding are
-/// dropped. Bands of rows keep the patch matrix near [`BAND_FLOATS`]. Same patch order and same
-/// GEMM as candle's `conv2d`: the results differ from it by rounding at most (the GEMM's blocking
-/// depends on the band width).
-fn conv_banded(x: &Tensor, wmat: &Tensor, k: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let cout = wmat.dim(0)?;
-    if wmat.dim(1)? != k * k * c {
-        candle_core::bail!("conv: weights {:?} for {c} input channels", wmat.dims());
+impl GroupNorm {
+    fn new(vb: VarBuilder, groups: usize, channels: usize) -> Result<Self> {
+        Ok(Self {
+            groups,
+            weight: vb.get(channels, "weight")?.to_vec1::<f32>()?,
+            bias: vb.get(channels, "bias")?.to_vec1::<f32>()?,
+        })
     }
-    let p = k / 2;
-    let wp = w + 2 * p;
-    let xp = x
-        .pad_with_zeros(2, p, p + 1)?
-        .pad_with_zeros(3, p, p)?
-        .reshape((b, c, (h + 2 * p + 1) * wp))?;
-    let rows_per_band = (BAND_FLOATS / (k * k * c * wp)).clamp(1, h);
-    let mut items = Vec::with_capacity(b);
-    for bi in 0..b {
-        let flat = xp.get(bi)?;
-        let mut bands = Vec::with_capacity(h.div_ceil(rows_per_band));
-        let mut views = Vec::with_capacity(k * k);
-        for y0 in (0..h).step_by(rows_per_band) {
-            let rows = rows_per_band.min(h - y0);
-            views.clear();
-            for ky in 0..k {
-                for kx in 0..k {
-                    views.push(flat.narrow(1, (y0 + ky) * wp + kx, rows * wp)?);
-                }
-            }
-            let cols = Tensor::cat(&views, 0)?;
-            bands.push(wmat.matmul(&cols)?.reshape((cout, rows, wp))?);
-        }
-        items.push(Tensor::cat(&bands, 1)?.narrow(2, 0, w)?);
-    }
-    if items.len() == 1 {
-        items[0].unsqueeze(0)?.contiguous()
-    } else {
-        Tensor::stack(&items, 0)
+
+    fn forward(&self, x: Act) -> Act {
+        x.group_norm(self.groups, GN_EPS, &self.weight, &self.bias)
     }
 }
 
@@ -244,7 +240,7 @@ impl Block {
             let p = vb.pp("pool");
             Some((
                 Conv::new(p.pp("0"), HIDDEN, 4 * HIDDEN, 1, 1, 0, false)?,
-                candle_nn::group_norm(4, 4 * HIDDEN, GN_EPS, p.pp("1"))?,
+                GroupNorm::new(p.pp("1"), 4, 4 * HIDDEN)?,
                 Conv::new(p.pp("3"), 4 * HIDDEN, HIDDEN, 1, 1, 0, false)?,
             ))
         } else {
@@ -253,18 +249,25 @@ impl Block {
         Ok(Self { conv, pool })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: Act) -> Result<Act> {
         let x = match &self.pool {
             Some((c0, norm, c3)) => {
-                let p = c3.forward(&norm.forward(&c0.forward(x)?)?.relu()?)?;
-                (x + p)?
+                let p = norm.forward(c0.forward(&x)?).relu();
+                let q = c3.forward(&p)?;
+                p.recycle();
+                let x = x.add(&q);
+                q.recycle();
+                x
             }
-            None => x.clone(),
+            None => x,
         };
-        let h = self.conv[0].forward(&x)?.relu()?;
-        let h = self.conv[1].forward(&h)?.relu()?;
-        let h = self.conv[2].forward(&h)?;
-        (h + x)?.relu()
+        let h = self.conv[0].forward_res(&x, None, true)?;
+        let h2 = self.conv[1].forward_res(&h, None, true)?;
+        h.recycle();
+        let out = self.conv[2].forward_res(&h2, Some(&x), true)?;
+        h2.recycle();
+        x.recycle();
+        Ok(out)
     }
 }
 
@@ -281,22 +284,37 @@ enum Layer {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Layer::Conv(c) => c.forward(x),
-            Layer::Block(b) => b.forward(x),
-            Layer::Relu => x.relu(),
-            Layer::Clamp => (x / 3.0)?.tanh()? * 3.0,
-            Layer::Up => {
-                let (_, _, h, w) = x.dims4()?;
-                x.upsample_nearest2d(2 * h, 2 * w)
+    fn forward(&self, x: Act) -> Result<Act> {
+        Ok(match self {
+            Layer::Conv(c) => {
+                let y = c.forward(&x)?;
+                x.recycle();
+                y
             }
-        }
+            Layer::Block(b) => b.forward(x)?,
+            Layer::Relu => x.relu(),
+            Layer::Clamp => x.clamp3(),
+            Layer::Up => {
+                let y = x.up2();
+                x.recycle();
+                y
+            }
+        })
     }
 }
 
-fn run(layers: &[Layer], x: &Tensor) -> Result<Tensor> {
-    layers.iter().try_fold(x.clone(), |h, l| l.forward(&h))
+fn run(layers: &[Layer], x: Act) -> Result<Act> {
+    layers.iter().try_fold(x, |h, l| l.forward(h))
+}
+
+/// Runs `f` on each image of the `[B, C, H, W]` tensor `x` and stacks the results.
+fn per_image(x: &Tensor, f: impl Fn(Act) -> Result<Act>) -> Result<Tensor> {
+    let _scope = PoolScope::new();
+    let out = Act::from_tensor(x)?
+        .into_iter()
+        .map(f)
+        .collect::<Result<Vec<_>>>()?;
+    Act::to_tensor(out, x.device())
 }
 
 fn weights_from_bytes(bytes: Vec<u8>) -> Result<VarBuilder<'static>> {
@@ -381,6 +399,14 @@ impl Taef2Encoder {
     /// Latents `[B, 32, ceil(H/8), ceil(W/8)]` of images `[B, 3, H, W]` with values in `[0, 1]`
     /// (see [`from_rgb8`]).
     pub fn latent(&self, x: &Tensor) -> Result<Tensor> {
+        per_image(x, |a| self.latent_act(a))
+    }
+
+    /// [`Self::latent`] of one image.
+    fn latent_act(&self, x: Act) -> Result<Act> {
+        if x.c != 3 {
+            candle_core::bail!("encoder: {} input channels, expected 3", x.c);
+        }
         run(&self.layers, x)
     }
 }
@@ -449,6 +475,11 @@ impl Taef2Decoder {
 
     /// RGB `[B, 3, 8h, 8w]` (unclamped) of latents `[B, 32, h, w]`.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        per_image(z, |a| self.forward_act(a))
+    }
+
+    /// [`Self::forward`] of one image's latents.
+    fn forward_act(&self, z: Act) -> Result<Act> {
         run(&self.layers, z)
     }
 }
@@ -471,11 +502,20 @@ pub fn to_rgb8(decoded: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
         .permute((1, 2, 0))?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let px = v
-        .into_iter()
-        .map(|x| (x * 255.0).round().clamp(0.0, 255.0) as u8)
-        .collect();
-    Ok((h, w, px))
+    Ok((h, w, v.into_iter().map(to_u8).collect()))
+}
+
+/// `clamp(round(255 v), 0, 255)` (round half away from zero).
+fn to_u8(v: f32) -> u8 {
+    (v * 255.0).round().clamp(0.0, 255.0) as u8
+}
+
+/// Interleaved RGB bytes of `n` pixels as three planes of `u8 / 255`.
+fn planes_of_rgb8(rgb: &[u8], n: usize) -> Vec<f32> {
+    (0..3)
+        .flat_map(|c| rgb.iter().skip(c).step_by(3).take(n))
+        .map(|&u| f32::from(u) / 255.0)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,11 +581,14 @@ impl Res {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self
-            .conv2
-            .forward(&self.conv1.forward(&x.silu()?)?.silu()?)?;
-        x + h
+    fn forward(&self, x: Act) -> Result<Act> {
+        let s = x.silu_of();
+        let h = self.conv1.forward(&s)?.silu();
+        s.recycle();
+        let out = self.conv2.forward_res(&h, Some(&x), false)?;
+        h.recycle();
+        x.recycle();
+        Ok(out)
     }
 }
 
@@ -553,8 +596,15 @@ fn res_stack(vb: VarBuilder, ch: usize, n: usize) -> Result<Vec<Res>> {
     (0..n).map(|i| Res::new(vb.pp(i), ch)).collect()
 }
 
-fn run_res(stack: &[Res], x: Tensor) -> Result<Tensor> {
-    stack.iter().try_fold(x, |h, r| r.forward(&h))
+fn run_res(stack: &[Res], x: Act) -> Result<Act> {
+    stack.iter().try_fold(x, |h, r| r.forward(h))
+}
+
+/// `conv.forward(x)`, recycling `x`.
+fn step(conv: &Conv, x: Act) -> Result<Act> {
+    let y = conv.forward(&x)?;
+    x.recycle();
+    Ok(y)
 }
 
 /// The quantizer between TAEF2's encoder and decoder (`Quantizer` of `tools/taef2/taef2.py`).
@@ -630,18 +680,28 @@ impl Taef2Quantizer {
 
     /// `down`: latents `[B, 32, h, w]` (`h`, `w` even) to vectors `[B, dim, h/2, w/2]`.
     pub fn down(&self, z: &Tensor) -> Result<Tensor> {
-        let h = run_res(&self.down_a, self.down_in.forward(z)?)?;
-        let h = run_res(&self.down_b, self.down_s.forward(&h)?)?;
-        self.down_out.forward(&h.silu()?)
+        per_image(z, |a| self.down_act(a))
+    }
+
+    /// [`Self::down`] of one image's latents.
+    fn down_act(&self, z: Act) -> Result<Act> {
+        let h = run_res(&self.down_a, step(&self.down_in, z)?)?;
+        let h = run_res(&self.down_b, step(&self.down_s, h)?)?;
+        step(&self.down_out, h.silu())
     }
 
     /// `up`: summed codewords `[B, dim, h, w]` to latents `[B, 32, 2h, 2w]`.
     pub fn up(&self, q: &Tensor) -> Result<Tensor> {
-        let h = run_res(&self.up_a, self.up_in.forward(q)?)?;
-        let (_, _, hh, ww) = h.dims4()?;
-        let h = h.upsample_nearest2d(2 * hh, 2 * ww)?;
-        let h = run_res(&self.up_b, self.up_s.forward(&h)?)?;
-        self.up_out.forward(&h.silu()?)
+        per_image(q, |a| self.up_act(a))
+    }
+
+    /// [`Self::up`] of one image's summed codewords.
+    fn up_act(&self, q: Act) -> Result<Act> {
+        let h = run_res(&self.up_a, step(&self.up_in, q)?)?;
+        let u = h.up2();
+        h.recycle();
+        let h = run_res(&self.up_b, step(&self.up_s, u)?)?;
+        step(&self.up_out, h.silu())
     }
 
     /// Residual quantization of `down` output `e` `[B, dim, h, w]` to the first `levels` levels:
@@ -656,7 +716,22 @@ impl Taef2Quantizer {
             candle_core::bail!("quantize: {levels} levels, model has {}", self.cfg.levels);
         }
         let flat = e.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
-        let cells = b * h * w;
+        Ok(self.quantize_cells(&flat, b * h * w, levels))
+    }
+
+    /// [`Self::quantize`] of one image's `down` output (`[dim, h, w]`), levels already checked.
+    fn quantize_act(&self, e: &Act, levels: usize) -> Vec<Vec<u32>> {
+        let (d, n) = (e.c, e.h * e.w);
+        let mut cells = Vec::with_capacity(d * n);
+        for i in 0..n {
+            cells.extend((0..d).map(|j| e.data[j * n + i]));
+        }
+        self.quantize_cells(&cells, n, levels)
+    }
+
+    /// Residual search of `cells` vectors of `dim` values each (`flat`, cell-major).
+    fn quantize_cells(&self, flat: &[f32], cells: usize, levels: usize) -> Vec<Vec<u32>> {
+        let d = self.cfg.dim;
         let mut out = vec![Vec::with_capacity(cells); levels];
         let mut r = vec![0f32; d];
         for cell in flat.chunks_exact(d) {
@@ -670,14 +745,34 @@ impl Taef2Quantizer {
                 }
             }
         }
-        Ok(out)
+        out
     }
 
     /// The sum of the codewords `ids[0][i] + ids[1][i] + …` (level order) as `[b, dim, h, w]`;
     /// `ids[l]` holds the `b·h·w` codes of level `l` in `(b, y, x)` order.
     pub fn dequantize(&self, ids: &[&[u32]], (b, h, w): (usize, usize, usize)) -> Result<Tensor> {
+        let q = self.dequantize_cells(ids, b * h * w)?;
+        Tensor::from_vec(q, (b, h, w, self.cfg.dim), &Device::Cpu)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    }
+
+    /// [`Self::dequantize`] of one image's `h × w` grids, as `[dim, h, w]`.
+    fn dequantize_act(&self, ids: &[&[u32]], (h, w): (usize, usize)) -> Result<Act> {
+        let (d, n) = (self.cfg.dim, h * w);
+        let q = self.dequantize_cells(ids, n)?;
+        let mut planes = vec![0f32; d * n];
+        for (i, cell) in q.chunks_exact(d).enumerate() {
+            for (j, &v) in cell.iter().enumerate() {
+                planes[j * n + i] = v;
+            }
+        }
+        Ok(Act::new(d, h, w, planes))
+    }
+
+    /// The summed codewords of `cells` cells, cell-major (`cells × dim`).
+    fn dequantize_cells(&self, ids: &[&[u32]], cells: usize) -> Result<Vec<f32>> {
         let d = self.cfg.dim;
-        let cells = b * h * w;
         if ids.is_empty() || ids.len() > self.cfg.levels {
             candle_core::bail!(
                 "dequantize: {} levels, model has {}",
@@ -704,9 +799,7 @@ impl Taef2Quantizer {
                 }
             }
         }
-        Tensor::from_vec(q, (b, h, w, d), &Device::Cpu)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()
+        Ok(q)
     }
 }
 
@@ -914,10 +1007,12 @@ impl Taef2Tokenizer {
                 available: self.levels(),
             });
         }
-        let x = self.input(image)?;
-        let e = self.quantizer.down(&self.encoder.latent(&x)?)?;
-        let (_, _, h, w) = e.dims4()?;
-        let ids = self.quantizer.quantize(&e, n)?;
+        let (ph, pw, rgb) = super::padded_rgb8(image, TAEF2_FACTOR)?;
+        let _scope = PoolScope::new();
+        let x = Act::new(3, ph, pw, planes_of_rgb8(&rgb, ph * pw));
+        let e = self.quantizer.down_act(self.encoder.latent_act(x)?)?;
+        let (h, w) = (e.h, e.w);
+        let ids = self.quantizer.quantize_act(&e, n);
         ids.into_iter()
             .map(|v| Ok(TokenGrid::new(h as u32, w as u32, self.codebook_size(), v)?))
             .collect()
@@ -960,10 +1055,17 @@ impl Taef2Tokenizer {
         }
         let (h, w) = (first.height() as usize, first.width() as usize);
         let ids: Vec<&[u32]> = grids.iter().map(|g| g.ids()).collect();
-        let q = self.quantizer.dequantize(&ids, (1, h, w))?;
-        let out = self.decoder.forward(&self.quantizer.up(&q)?)?;
-        let (oh, ow, rgb) = to_rgb8(&out)?;
-        RgbImage::from_raw(ow as u32, oh as u32, rgb).ok_or(TokenizerError::EmptyImage)
+        let _scope = PoolScope::new();
+        let q = self.quantizer.dequantize_act(&ids, (h, w))?;
+        let out = self.decoder.forward_act(self.quantizer.up_act(q)?)?;
+        if out.c != 3 {
+            return Err(candle_core::Error::Msg(format!("decoder gave {} channels", out.c)).into());
+        }
+        let n = out.h * out.w;
+        let rgb = (0..n)
+            .flat_map(|i| [0, 1, 2].map(|c| to_u8(out.data[c * n + i])))
+            .collect();
+        RgbImage::from_raw(out.w as u32, out.h as u32, rgb).ok_or(TokenizerError::EmptyImage)
     }
 }
 
