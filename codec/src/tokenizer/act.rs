@@ -13,6 +13,8 @@ use std::cell::RefCell;
 
 use candle_core::{Device, Result, Tensor};
 
+use rayon::prelude::*;
+
 use super::conv::matmul;
 
 /// Buffers the pool keeps at most; the smallest goes when a buffer beyond this comes back.
@@ -205,14 +207,18 @@ impl Act {
         if h * w == 0 {
             return Self::new(self.c, 2 * h, 2 * w, Vec::new());
         }
-        let mut d = take(self.c * 4 * h * w);
-        for plane in self.data.chunks_exact((h * w).max(1)).take(self.c) {
-            for row in plane.chunks_exact(w) {
-                let start = d.len();
-                d.extend(row.iter().flat_map(|&v| [v, v]));
-                d.extend_from_within(start..start + 2 * w);
-            }
-        }
+        let mut d = zeros(self.c * 4 * h * w);
+        d.par_chunks_exact_mut(4 * h * w)
+            .zip(self.data.par_chunks_exact(h * w))
+            .for_each(|(dst, src)| {
+                for (row, pair) in src.chunks_exact(w).zip(dst.chunks_exact_mut(4 * w)) {
+                    let (top, bottom) = pair.split_at_mut(2 * w);
+                    for (o, &v) in top.chunks_exact_mut(2).zip(row) {
+                        o.fill(v);
+                    }
+                    bottom.copy_from_slice(top);
+                }
+            });
         Self::new(self.c, 2 * h, 2 * w, d)
     }
 

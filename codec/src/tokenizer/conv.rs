@@ -23,7 +23,7 @@
 
 use rayon::prelude::*;
 
-use super::act::{give, take, zeros};
+use super::act::{give, zeros};
 
 /// Output tile side.
 const M: usize = 4;
@@ -147,11 +147,13 @@ impl Conv3 {
         let (hp, wp) = (M * ty + 2, M * tx + 2);
         let plane = hp * wp;
         let mut xp = zeros(cin * plane);
-        for (src, dst) in x.chunks_exact(h * w).zip(xp.chunks_exact_mut(plane)) {
-            for (row, d) in src.chunks_exact(w).zip(dst[wp..].chunks_exact_mut(wp)) {
-                d[1..=w].copy_from_slice(row);
-            }
-        }
+        xp.par_chunks_exact_mut(plane)
+            .zip(x.par_chunks_exact(h * w))
+            .for_each(|(dst, src)| {
+                for (row, d) in src.chunks_exact(w).zip(dst[wp..].chunks_exact_mut(wp)) {
+                    d[1..=w].copy_from_slice(row);
+                }
+            });
         let rows = BAND_TILES.div_ceil(tx).clamp(1, ty);
         let bands: Vec<(usize, Vec<f32>)> = (0..ty)
             .step_by(rows)
@@ -169,27 +171,31 @@ impl Conv3 {
         // Band outputs are `[cout][4r][4·tx]`; the image is `[cout][h][w]`: per channel, the
         // bands' rows in order, cropped to the image.
         let bw = M * tx;
-        let mut out = take(cout * h * w);
-        for co in 0..cout {
-            for (t0, y) in &bands {
-                let per = y.len() / cout;
-                let r = (per / bw).min(h - t0 * M);
-                for row in y[co * per..].chunks_exact(bw).take(r) {
-                    match residual {
-                        None => out.extend_from_slice(&row[..w]),
-                        Some(res) => {
-                            let at = out.len();
-                            let add = row[..w].iter().zip(&res[at..at + w]).map(|(a, b)| a + b);
-                            if relu {
-                                out.extend(add.map(|v| v.max(0.0)));
-                            } else {
-                                out.extend(add);
+        let mut out = zeros(cout * h * w);
+        out.par_chunks_exact_mut(h * w)
+            .enumerate()
+            .for_each(|(co, plane)| {
+                let res = residual.map(|r| &r[co * h * w..(co + 1) * h * w]);
+                let mut rows_out = plane.chunks_exact_mut(w).enumerate();
+                for (t0, y) in &bands {
+                    let per = y.len() / cout;
+                    let r = (per / bw).min(h - t0 * M);
+                    for (row, (yy, dst)) in
+                        y[co * per..].chunks_exact(bw).take(r).zip(&mut rows_out)
+                    {
+                        let row = &row[..w];
+                        match res {
+                            None => dst.copy_from_slice(row),
+                            Some(res) => {
+                                let add = row.iter().zip(&res[yy * w..(yy + 1) * w]);
+                                for (d, (a, b)) in dst.iter_mut().zip(add) {
+                                    *d = if relu { (a + b).max(0.0) } else { a + b };
+                                }
                             }
                         }
                     }
                 }
-            }
-        }
+            });
         out
     }
 
@@ -444,22 +450,25 @@ impl ConvS2 {
         let plane = hq * wq;
         // Phases [py·2 + px][ci][i][j] = padded(2i + py, 2j + px).
         let mut ph = zeros(4 * cin * plane);
-        for (p, dst) in ph.chunks_exact_mut(cin * plane).enumerate() {
-            let (py, px) = (p / 2, p % 2);
-            for (src, d) in x.chunks_exact(h * w).zip(dst.chunks_exact_mut(plane)) {
-                for (i, drow) in d.chunks_exact_mut(wq).enumerate() {
-                    let Some(sy) = (2 * i + py).checked_sub(pad).filter(|&y| y < h) else {
-                        continue;
-                    };
-                    let srow = &src[sy * w..(sy + 1) * w];
-                    for (j, v) in drow.iter_mut().enumerate() {
-                        if let Some(sx) = (2 * j + px).checked_sub(pad).filter(|&x| x < w) {
-                            *v = srow[sx];
+        ph.par_chunks_exact_mut(plane)
+            .enumerate()
+            .for_each(|(pc, d)| {
+                let (py, px, ci) = (pc / cin / 2, pc / cin % 2, pc % cin);
+                let src = &x[ci * h * w..(ci + 1) * h * w];
+                {
+                    for (i, drow) in d.chunks_exact_mut(wq).enumerate() {
+                        let Some(sy) = (2 * i + py).checked_sub(pad).filter(|&y| y < h) else {
+                            continue;
+                        };
+                        let srow = &src[sy * w..(sy + 1) * w];
+                        for (j, v) in drow.iter_mut().enumerate() {
+                            if let Some(sx) = (2 * j + px).checked_sub(pad).filter(|&x| x < w) {
+                                *v = srow[sx];
+                            }
                         }
                     }
                 }
-            }
-        }
+            });
         let rows = (BAND_FLOATS / (cout * wq)).clamp(1, ho);
         let bands: Vec<(usize, Vec<f32>)> = (0..ho)
             .step_by(rows)
@@ -468,16 +477,21 @@ impl ConvS2 {
             .map(|y0| (y0, self.band(&ph, plane, wq, y0, rows.min(ho - y0))))
             .collect();
         give(ph);
-        let mut out = take(cout * ho * wo);
-        for co in 0..cout {
-            let b = self.bias.get(co).copied().unwrap_or(0.0);
-            for (_, acc) in &bands {
-                let per = acc.len() / cout;
-                for row in acc[co * per..(co + 1) * per].chunks_exact(wq) {
-                    out.extend(row[..wo].iter().map(|v| v + b));
+        let mut out = zeros(cout * ho * wo);
+        out.par_chunks_exact_mut(ho * wo)
+            .enumerate()
+            .for_each(|(co, plane)| {
+                let b = self.bias.get(co).copied().unwrap_or(0.0);
+                let rows = bands.iter().flat_map(|(_, acc)| {
+                    let per = acc.len() / cout;
+                    acc[co * per..(co + 1) * per].chunks_exact(wq)
+                });
+                for (row, dst) in rows.zip(plane.chunks_exact_mut(wo)) {
+                    for (d, v) in dst.iter_mut().zip(&row[..wo]) {
+                        *d = v + b;
+                    }
                 }
-            }
-        }
+            });
         out
     }
 
