@@ -155,70 +155,48 @@ impl Conv3 {
                 }
             });
         let rows = BAND_TILES.div_ceil(tx).clamp(1, ty);
-        let bands: Vec<(usize, Vec<f32>)> = (0..ty)
-            .step_by(rows)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|t0| {
-                let r = rows.min(ty - t0);
-                (
-                    t0,
-                    self.band(&xp, plane, wp, tx, t0, r, relu && residual.is_none()),
-                )
-            })
-            .collect();
-        give(xp);
-        // Band outputs are `[cout][4r][4·tx]`; the image is `[cout][h][w]`: per channel, the
-        // bands' rows in order, cropped to the image.
-        let bw = M * tx;
+        // Each band writes its own rows of every output plane.
         let mut out = zeros(cout * h * w);
-        out.par_chunks_exact_mut(h * w)
+        let mut per_band: Vec<Vec<&mut [f32]>> = (0..ty.div_ceil(rows))
+            .map(|_| Vec::with_capacity(cout))
+            .collect();
+        for plane in out.chunks_exact_mut(h * w) {
+            for (b, piece) in plane.chunks_mut(rows * M * w).enumerate() {
+                per_band[b].push(piece);
+            }
+        }
+        let io = BandIo {
+            xp: &xp,
+            plane,
+            wp,
+            tx,
+            h,
+            w,
+            residual,
+            relu,
+        };
+        per_band
+            .into_par_iter()
             .enumerate()
-            .for_each(|(co, plane)| {
-                let res = residual.map(|r| &r[co * h * w..(co + 1) * h * w]);
-                let mut rows_out = plane.chunks_exact_mut(w).enumerate();
-                for (t0, y) in &bands {
-                    let per = y.len() / cout;
-                    let r = (per / bw).min(h - t0 * M);
-                    for (row, (yy, dst)) in
-                        y[co * per..].chunks_exact(bw).take(r).zip(&mut rows_out)
-                    {
-                        let row = &row[..w];
-                        match res {
-                            None => dst.copy_from_slice(row),
-                            Some(res) => {
-                                let add = row.iter().zip(&res[yy * w..(yy + 1) * w]);
-                                for (d, (a, b)) in dst.iter_mut().zip(add) {
-                                    *d = if relu { (a + b).max(0.0) } else { a + b };
-                                }
-                            }
-                        }
-                    }
-                }
+            .for_each(|(b, mut outs)| {
+                let t0 = b * rows;
+                self.band(&io, t0, rows.min(ty - t0), &mut outs);
             });
+        give(xp);
         out
     }
 
-    /// Output rows of tile rows `t0 … t0 + r` as `[cout][4r][4·tx]` (bias and ReLU applied).
-    #[allow(clippy::too_many_arguments)]
-    fn band(
-        &self,
-        xp: &[f32],
-        plane: usize,
-        wp: usize,
-        tx: usize,
-        t0: usize,
-        r: usize,
-        relu: bool,
-    ) -> Vec<f32> {
+    /// Output rows of tile rows `t0 … t0 + r`, written to `outs[co]` (the band's rows of output
+    /// plane `co`, cropped to the image) with the bias, the residual and the ReLU applied.
+    fn band(&self, io: &BandIo, t0: usize, r: usize, outs: &mut [&mut [f32]]) {
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU has AVX2, checked just above.
-                return unsafe { self.band_avx2(s, xp, plane, wp, tx, t0, r, relu) };
+                return unsafe { self.band_avx2(s, io, t0, r, outs) };
             }
-            self.band_in(s, xp, plane, wp, tx, t0, r, relu)
+            self.band_in(s, io, t0, r, outs)
         })
     }
 
@@ -228,35 +206,30 @@ impl Conv3 {
     /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn band_avx2(
         &self,
         s: &mut Scratch,
-        xp: &[f32],
-        plane: usize,
-        wp: usize,
-        tx: usize,
+        io: &BandIo,
         t0: usize,
         r: usize,
-        relu: bool,
-    ) -> Vec<f32> {
-        self.band_in(s, xp, plane, wp, tx, t0, r, relu)
+        outs: &mut [&mut [f32]],
+    ) {
+        self.band_in(s, io, t0, r, outs)
     }
 
     /// [`Self::band`] on a thread's scratch buffers.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn band_in(
-        &self,
-        s: &mut Scratch,
-        xp: &[f32],
-        plane: usize,
-        wp: usize,
-        tx: usize,
-        t0: usize,
-        r: usize,
-        relu: bool,
-    ) -> Vec<f32> {
+    fn band_in(&self, s: &mut Scratch, io: &BandIo, t0: usize, r: usize, outs: &mut [&mut [f32]]) {
+        let BandIo {
+            xp,
+            plane,
+            wp,
+            tx,
+            h,
+            w,
+            residual,
+            relu,
+        } = *io;
         let (cin, cout) = (self.cin, self.cout);
         let n = r * tx;
         let rows_in = M * r + 2;
@@ -317,11 +290,12 @@ impl Conv3 {
             let dst = &mut m[xi * cout * n..(xi + 1) * cout * n];
             matmul((cout, n, cin), dst, false, lhs, rhs, n);
         }
-        // Y = Aᵀ M A per tile: Aᵀ down the columns into Z[i][b][tc], then along the rows.
-        let bw = M * tx;
-        let mut y = Vec::with_capacity(cout * M * r * bw);
-        for co in 0..cout {
+        // Y = Aᵀ M A per tile: Aᵀ down the columns into Z[i][b][tc], then along the rows, then
+        // bias, residual and ReLU on the way into the output row.
+        let y0 = t0 * M;
+        for (co, dst_rows) in outs.iter_mut().enumerate() {
             let bias = self.bias.get(co).copied().unwrap_or(0.0);
+            let rr = dst_rows.len() / w;
             for tr in 0..r {
                 for b in 0..T {
                     let mm: [&[f32]; T] = std::array::from_fn(|a| {
@@ -332,27 +306,60 @@ impl Conv3 {
                     at6(&mm, &mut out);
                 }
                 for i in 0..M {
+                    let yy = tr * M + i;
+                    if yy >= rr {
+                        break;
+                    }
                     let zz: [&[f32]; T] = chunks6(&z[i * T * tx..], tx, 0, tx);
                     let mut out = split4(ys, tx, tx);
                     at6(&zz, &mut out);
-                    let (y0, y1, y2, y3) = (
+                    let (q0, q1, q2, q3) = (
                         &ys[..tx],
                         &ys[tx..2 * tx],
                         &ys[2 * tx..3 * tx],
                         &ys[3 * tx..],
                     );
-                    let act = |v: f32| if relu { (v + bias).max(0.0) } else { v + bias };
                     for ((((o, a), b), c), d) in
-                        rowbuf.chunks_exact_mut(M).zip(y0).zip(y1).zip(y2).zip(y3)
+                        rowbuf.chunks_exact_mut(M).zip(q0).zip(q1).zip(q2).zip(q3)
                     {
-                        o.copy_from_slice(&[act(*a), act(*b), act(*c), act(*d)]);
+                        o.copy_from_slice(&[*a, *b, *c, *d]);
                     }
-                    y.extend_from_slice(rowbuf);
+                    let dst = &mut dst_rows[yy * w..(yy + 1) * w];
+                    match residual {
+                        None => {
+                            for (d, &v) in dst.iter_mut().zip(&rowbuf[..w]) {
+                                let v = v + bias;
+                                *d = if relu { v.max(0.0) } else { v };
+                            }
+                        }
+                        Some(res) => {
+                            let at = (co * h + y0 + yy) * w;
+                            for ((d, &v), &e) in
+                                dst.iter_mut().zip(&rowbuf[..w]).zip(&res[at..at + w])
+                            {
+                                let v = (v + bias) + e;
+                                *d = if relu { v.max(0.0) } else { v };
+                            }
+                        }
+                    }
                 }
             }
         }
-        y
     }
+}
+
+/// What a band of [`Conv3::forward_res`] reads: the padded input (`cin` planes of `plane` values,
+/// rows of `wp`), the tiles per row, the image size, the residual to add and whether to ReLU.
+#[derive(Clone, Copy)]
+struct BandIo<'a> {
+    xp: &'a [f32],
+    plane: usize,
+    wp: usize,
+    tx: usize,
+    h: usize,
+    w: usize,
+    residual: Option<&'a [f32]>,
+    relu: bool,
 }
 
 /// A stride-2 convolution with a 2×2 (`padding = 0`) or 3×3 (`padding = 1`) kernel and optional
@@ -714,6 +721,18 @@ mod tests {
         };
         let conv = Conv3::new(cin, cout, &wt, bias.then_some(&b[..]));
         let want = reference(&x, &wt, &b, (cin, cout, h, w));
+        let res: Vec<f32> = (0..cout * h * w).map(|i| (i % 7) as f32 - 3.0).collect();
+        for relu in [false, true] {
+            let got = conv.forward_res(&x, h, w, Some(&res), relu);
+            for (i, (&g, (&r, &e))) in got.iter().zip(want.iter().zip(&res)).enumerate() {
+                let r = r + f64::from(e);
+                let r = if relu { r.max(0.0) } else { r };
+                assert!(
+                    (f64::from(g) - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                    "{cin}->{cout} {h}x{w} relu {relu} + residual: element {i}: {g} vs {r}"
+                );
+            }
+        }
         for relu in [false, true] {
             let got = conv.forward_res(&x, h, w, None, relu);
             assert_eq!(got.len(), want.len());
