@@ -196,7 +196,7 @@ impl Conv3 {
                 // SAFETY: the CPU has AVX2, checked just above.
                 return unsafe { self.band_avx2(s, io, t0, r, outs) };
             }
-            self.band_in(s, io, t0, r, outs)
+            self.band_in::<false>(s, io, t0, r, outs)
         })
     }
 
@@ -214,12 +214,19 @@ impl Conv3 {
         r: usize,
         outs: &mut [&mut [f32]],
     ) {
-        self.band_in(s, io, t0, r, outs)
+        self.band_in::<true>(s, io, t0, r, outs)
     }
 
-    /// [`Self::band`] on a thread's scratch buffers.
+    /// [`Self::band`] on a thread's scratch buffers; `AVX` only inside [`Self::band_avx2`].
     #[inline(always)]
-    fn band_in(&self, s: &mut Scratch, io: &BandIo, t0: usize, r: usize, outs: &mut [&mut [f32]]) {
+    fn band_in<const AVX: bool>(
+        &self,
+        s: &mut Scratch,
+        io: &BandIo,
+        t0: usize,
+        r: usize,
+        outs: &mut [&mut [f32]],
+    ) {
         let BandIo {
             xp,
             plane,
@@ -250,15 +257,7 @@ impl Conv3 {
                 let (q01, q23) = q.split_at_mut(2 * (tx + 1));
                 let (q0, q1) = q01.split_at_mut(tx + 1);
                 let (q2, q3) = q23.split_at_mut(tx + 1);
-                for ((((c, a), b), e), f) in row
-                    .chunks_exact(M)
-                    .zip(q0.iter_mut())
-                    .zip(q1.iter_mut())
-                    .zip(q2.iter_mut())
-                    .zip(q3.iter_mut())
-                {
-                    (*a, *b, *e, *f) = (c[0], c[1], c[2], c[3]);
-                }
+                deinterleave4::<AVX>(row, [q0, q1, q2, q3], tx);
                 (q0[tx], q1[tx]) = (row[M * tx], row[M * tx + 1]);
                 let d = [
                     &q0[..tx],
@@ -313,17 +312,7 @@ impl Conv3 {
                     let zz: [&[f32]; T] = chunks6(&z[i * T * tx..], tx, 0, tx);
                     let mut out = split4(ys, tx, tx);
                     at6(&zz, &mut out);
-                    let (q0, q1, q2, q3) = (
-                        &ys[..tx],
-                        &ys[tx..2 * tx],
-                        &ys[2 * tx..3 * tx],
-                        &ys[3 * tx..],
-                    );
-                    for ((((o, a), b), c), d) in
-                        rowbuf.chunks_exact_mut(M).zip(q0).zip(q1).zip(q2).zip(q3)
-                    {
-                        o.copy_from_slice(&[*a, *b, *c, *d]);
-                    }
+                    interleave4::<AVX>(chunks4(ys, tx), rowbuf);
                     let dst = &mut dst_rows[yy * w..(yy + 1) * w];
                     match residual {
                         None => {
@@ -584,6 +573,120 @@ pub(crate) fn matmul(
 /// Floats of accumulator per band of [`ConvS2`] (`cout × rows · wq`): 256 KiB.
 const BAND_FLOATS: usize = 1 << 16;
 
+/// The four column phases of a padded row: `q[j][tc] = row[4·tc + j]` for `tc < tx`.
+///
+/// # Panics
+/// If `row` is shorter than `4·tx` or a phase than `tx`.
+#[inline(always)]
+fn deinterleave4<const AVX: bool>(row: &[f32], q: [&mut [f32]; M], tx: usize) {
+    assert!(row.len() >= M * tx && q.iter().all(|p| p.len() >= tx));
+    let [q0, q1, q2, q3] = q;
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: `AVX` is set only inside `Conv3::band_avx2`, which runs on CPUs with AVX2;
+        // the lengths were checked above.
+        done = unsafe { x86::deinterleave4(row, [&mut *q0, &mut *q1, &mut *q2, &mut *q3], tx) };
+    }
+    for tc in done..tx {
+        let c = &row[M * tc..M * tc + M];
+        (q0[tc], q1[tc], q2[tc], q3[tc]) = (c[0], c[1], c[2], c[3]);
+    }
+}
+
+/// The inverse of [`deinterleave4`]: `out[4·tc + j] = y[j][tc]` for `tc < y[0].len()`.
+///
+/// # Panics
+/// If the phases differ in length or `out` is shorter than four of them.
+#[inline(always)]
+fn interleave4<const AVX: bool>(y: [&[f32]; M], out: &mut [f32]) {
+    let tx = y[0].len();
+    assert!(y.iter().all(|p| p.len() == tx) && out.len() >= M * tx);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: as in `deinterleave4`; the lengths were checked above.
+        done = unsafe { x86::interleave4(y, out) };
+    }
+    for tc in done..tx {
+        out[M * tc..M * tc + M].copy_from_slice(&[y[0][tc], y[1][tc], y[2][tc], y[3][tc]]);
+    }
+}
+
+/// Four consecutive slices of `len` from `buf`.
+#[inline(always)]
+fn chunks4(buf: &[f32], len: usize) -> [&[f32]; M] {
+    std::array::from_fn(|k| &buf[k * len..(k + 1) * len])
+}
+
+/// AVX versions of the row (de)interleaving: eight tiles at a time, a 4×4 transpose per 128-bit
+/// lane plus a lane exchange.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::M;
+
+    /// [`super::deinterleave4`] for the first multiple of 8 tiles; returns how many it did.
+    ///
+    /// # Safety
+    /// The CPU must have AVX; `row` must hold `4·tx` values and each phase `tx`.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn deinterleave4(row: &[f32], q: [&mut [f32]; M], tx: usize) -> usize {
+        let [q0, q1, q2, q3] = q;
+        let mut tc = 0;
+        while tc + 8 <= tx {
+            let p = row.as_ptr().add(M * tc);
+            // Two tiles (four phases each) per register.
+            let (r0, r1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+            let (r2, r3) = (_mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24)));
+            // Tiles (0 | 4), (1 | 5), (2 | 6), (3 | 7).
+            let e = _mm256_permute2f128_ps::<0x20>(r0, r2);
+            let f = _mm256_permute2f128_ps::<0x31>(r0, r2);
+            let g = _mm256_permute2f128_ps::<0x20>(r1, r3);
+            let h = _mm256_permute2f128_ps::<0x31>(r1, r3);
+            let (t0, t1) = (_mm256_unpacklo_ps(e, f), _mm256_unpackhi_ps(e, f));
+            let (t2, t3) = (_mm256_unpacklo_ps(g, h), _mm256_unpackhi_ps(g, h));
+            _mm256_storeu_ps(q0.as_mut_ptr().add(tc), _mm256_shuffle_ps::<0x44>(t0, t2));
+            _mm256_storeu_ps(q1.as_mut_ptr().add(tc), _mm256_shuffle_ps::<0xEE>(t0, t2));
+            _mm256_storeu_ps(q2.as_mut_ptr().add(tc), _mm256_shuffle_ps::<0x44>(t1, t3));
+            _mm256_storeu_ps(q3.as_mut_ptr().add(tc), _mm256_shuffle_ps::<0xEE>(t1, t3));
+            tc += 8;
+        }
+        tc
+    }
+
+    /// [`super::interleave4`] for the first multiple of 8 tiles; returns how many it did.
+    ///
+    /// # Safety
+    /// The CPU must have AVX; the phases must be `tx` long and `out` hold `4·tx` values.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn interleave4(y: [&[f32]; M], out: &mut [f32]) -> usize {
+        let tx = y[0].len();
+        let mut tc = 0;
+        while tc + 8 <= tx {
+            let a = _mm256_loadu_ps(y[0].as_ptr().add(tc));
+            let b = _mm256_loadu_ps(y[1].as_ptr().add(tc));
+            let c = _mm256_loadu_ps(y[2].as_ptr().add(tc));
+            let d = _mm256_loadu_ps(y[3].as_ptr().add(tc));
+            let (t0, t1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let (t2, t3) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+            // Tiles (0 | 4), (1 | 5), (2 | 6), (3 | 7).
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let o = out.as_mut_ptr().add(M * tc);
+            _mm256_storeu_ps(o, _mm256_permute2f128_ps::<0x20>(u0, u1));
+            _mm256_storeu_ps(o.add(8), _mm256_permute2f128_ps::<0x20>(u2, u3));
+            _mm256_storeu_ps(o.add(16), _mm256_permute2f128_ps::<0x31>(u0, u1));
+            _mm256_storeu_ps(o.add(24), _mm256_permute2f128_ps::<0x31>(u2, u3));
+            tc += 8;
+        }
+        tc
+    }
+}
+
 /// Per-thread scratch of [`Conv3::band`], grown to the largest band seen and reused.
 #[derive(Default)]
 struct Scratch {
@@ -828,6 +931,58 @@ mod tests {
                 assert_eq!(got[t], want);
             }
         }
+    }
+
+    #[test]
+    fn row_interleaving_is_the_same_on_both_paths() {
+        for tx in [1, 7, 8, 9, 16, 23, 64] {
+            let row: Vec<f32> = (0..4 * tx + 2).map(|i| i as f32).collect();
+            for avx in [false, true] {
+                let mut q = vec![vec![-1f32; tx]; 4];
+                {
+                    let mut it = q.iter_mut();
+                    let qq: [&mut [f32]; M] = std::array::from_fn(|_| &mut it.next().unwrap()[..]);
+                    #[cfg(target_arch = "x86_64")]
+                    if avx && std::is_x86_feature_detected!("avx2") {
+                        unsafe { x86_avx_deinterleave(&row, qq, tx) };
+                    } else {
+                        deinterleave4::<false>(&row, qq, tx);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    deinterleave4::<false>(&row, qq, tx);
+                }
+                for (j, p) in q.iter().enumerate() {
+                    for (tc, &v) in p.iter().enumerate() {
+                        assert_eq!(v, (4 * tc + j) as f32, "tx {tx} avx {avx}");
+                    }
+                }
+                let mut back = vec![0f32; 4 * tx];
+                let y: [&[f32]; M] = std::array::from_fn(|j| &q[j][..]);
+                #[cfg(target_arch = "x86_64")]
+                if avx && std::is_x86_feature_detected!("avx2") {
+                    unsafe { x86_avx_interleave(y, &mut back) };
+                } else {
+                    interleave4::<false>(y, &mut back);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                interleave4::<false>(y, &mut back);
+                assert_eq!(back[..], row[..4 * tx], "tx {tx} avx {avx}");
+            }
+        }
+    }
+
+    /// `deinterleave4::<true>` compiled for AVX2, as `Conv3::band_avx2` runs it.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn x86_avx_deinterleave(row: &[f32], q: [&mut [f32]; M], tx: usize) {
+        deinterleave4::<true>(row, q, tx)
+    }
+
+    /// `interleave4::<true>` compiled for AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn x86_avx_interleave(y: [&[f32]; M], out: &mut [f32]) {
+        interleave4::<true>(y, out)
     }
 
     #[test]
