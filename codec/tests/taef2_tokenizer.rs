@@ -367,3 +367,67 @@ fn errors() {
     ));
     cleanup(&dir);
 }
+
+/// The quantizer's `down` and `up` equal the same layers written with candle's own operations
+/// (`conv2d`, `silu`, `upsample_nearest2d`) on the same weights: the codec's CPU forward
+/// (Winograd 3×3, per-tap stride-2, 1×1 GEMMs) computes the `Quantizer` of `tools/taef2/taef2.py`.
+#[test]
+fn quantizer_matches_candle_ops() {
+    let cfg = Taef2Config {
+        ch: 16,
+        dim: 8,
+        codes: 16,
+        levels: 2,
+        res: 2,
+    };
+    let w = random_quantizer(&cfg, 11);
+    let dir = write_dir("candle-ref", &cfg, 11);
+    let tok = Taef2Tokenizer::from_dir(&dir).unwrap();
+    let conv = |x: &Tensor, name: &str, stride: usize, pad: usize| -> Tensor {
+        let y = x
+            .conv2d(&w[&format!("{name}.weight")], pad, stride, 1, 1)
+            .unwrap();
+        let b = w[&format!("{name}.bias")].reshape((1, (), 1, 1)).unwrap();
+        y.broadcast_add(&b).unwrap()
+    };
+    let res = |x: Tensor, stack: &str| -> Tensor {
+        (0..cfg.res).fold(x, |x, i| {
+            let h = conv(&x.silu().unwrap(), &format!("{stack}.{i}.conv1"), 1, 1);
+            let h = conv(&h.silu().unwrap(), &format!("{stack}.{i}.conv2"), 1, 1);
+            (x + h).unwrap()
+        })
+    };
+    let mut rng = StdRng::seed_from_u64(5);
+    // Odd latent sizes (10×14 → 5×7) exercise the partial Winograd tiles.
+    let z = uniform(&mut rng, &[1, 32, 10, 14], 2.0);
+    let want = {
+        let h = res(conv(&z, "down_in", 1, 1), "down_a");
+        let h = res(conv(&h, "down_s", 2, 0), "down_b");
+        conv(&h.silu().unwrap(), "down_out", 1, 0)
+    };
+    let got = tok.quantizer().down(&z).unwrap();
+    let q = uniform(&mut rng, &[1, cfg.dim, 5, 7], 0.5);
+    let want_up = {
+        let h = res(conv(&q, "up_in", 1, 0), "up_a");
+        let h = h.upsample_nearest2d(10, 14).unwrap();
+        let h = res(conv(&h, "up_s", 1, 1), "up_b");
+        conv(&h.silu().unwrap(), "up_out", 1, 1)
+    };
+    let got_up = tok.quantizer().up(&q).unwrap();
+    for (name, got, want) in [("down", got, want), ("up", got_up, want_up)] {
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        let err = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        println!("{name}: max abs error {err:.2e}");
+        assert!(err < 1e-4, "{name}: max abs error {err}");
+    }
+    cleanup(&dir);
+}
