@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use unimic_codec::part::CodecConfig;
 use unimic_codec::text::{O200k, TextTokenizer};
 use unimic_protocol::ErrorFrame as ErrorFrameInfo;
-use unimic_transport::tls::{CertHash, ClientTls};
+use unimic_transport::tls::{CertHash, ClientTls, Roots};
 use unimic_transport::SessionError;
 use unimic_transport::{
     ChunkData, Client, ClientConfig, ContextKey, ErrorCode, IncomingMessage, MessageEvent,
@@ -28,9 +28,11 @@ use crate::text::TextDecoder;
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct ChatConfig {
-    /// The SHA-256 of the server's certificate (development mode: `unimic serve` prints it).
-    pub pin: CertHash,
-    /// The name the certificate is checked for (`localhost`).
+    /// How the server is verified: its certificate's SHA-256 pinned (development mode;
+    /// `unimic serve` prints it) or a WebPKI chain to given roots with the name checked.
+    pub tls: ClientTls,
+    /// The name the client asks for (SNI) and, with WebPKI verification, the name the
+    /// certificate must be valid for (`localhost`).
     pub server_name: String,
     /// Bearer token for the server, if it asks for one.
     pub token: Option<Bytes>,
@@ -58,7 +60,7 @@ pub struct ChatConfig {
 impl std::fmt::Debug for ChatConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatConfig")
-            .field("pin", &self.pin)
+            .field("tls", &self.tls.verification)
             .field("server_name", &self.server_name)
             .field("context_reuse", &self.context_reuse)
             .field("reply_timeout", &self.reply_timeout)
@@ -69,8 +71,30 @@ impl std::fmt::Debug for ChatConfig {
 impl ChatConfig {
     /// Defaults, verifying the server by the SHA-256 of its certificate.
     pub fn pinned(pin: CertHash) -> Self {
+        Self::with_tls(ClientTls::pinned(pin))
+    }
+
+    /// Defaults, verifying the server's certificate chain against `roots` (for example the CA
+    /// that signed the PEM certificate `unimic serve --cert` was given) and its name against
+    /// [`ChatConfig::server_name`] (`localhost` unless [`ChatConfig::with_server_name`] sets it).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use unimic_chat::{Chat, ChatConfig};
+    /// use unimic_transport::tls::Roots;
+    /// let roots = Roots::from_pem_file("ca.pem".as_ref())?;
+    /// let config = ChatConfig::webpki(roots).with_server_name("chat.example.com");
+    /// let chat = Chat::connect("192.0.2.7:4433".parse()?, config).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn webpki(roots: Roots) -> Self {
+        Self::with_tls(ClientTls::webpki(roots))
+    }
+
+    /// Defaults with `tls` as the client's TLS settings (verification, client certificate).
+    pub fn with_tls(tls: ClientTls) -> Self {
         Self {
-            pin,
+            tls,
             server_name: "localhost".into(),
             token: None,
             session: SessionConfig::default(),
@@ -83,6 +107,12 @@ impl ChatConfig {
             #[cfg(feature = "pixels")]
             pixels: None,
         }
+    }
+
+    /// Sets the server name (SNI, and the name a WebPKI-verified certificate must carry).
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = name.into();
+        self
     }
 
     /// Sends this bearer token.
@@ -344,7 +374,7 @@ impl Chat {
         };
         let mut session_config = config.session.clone();
         session_config = session_config.with_handshake_timeout(config.connect_timeout);
-        let mut client_config = ClientConfig::new(ClientTls::pinned(config.pin))
+        let mut client_config = ClientConfig::new(config.tls.clone())
             .with_bind(bind)
             .with_quic(config.quic.clone())
             .with_session(session_config);

@@ -90,6 +90,18 @@ pub fn bind_dev(
     image_tokenizers: impl IntoIterator<Item = TokenizerInfo>,
 ) -> Result<Server, ChatError> {
     let tls = ServerTls::self_signed().map_err(|e| ChatError::Content(e.to_string()))?;
+    bind(addr, tls, image_tokenizers)
+}
+
+/// A server on `addr` with the TLS identity `tls` (for example
+/// [`ServerTls::from_pem_files`] with a certificate a CA signed, which clients verify with
+/// [`ChatConfig::webpki`]; they can pin it too), holding the o200k text tokenizer and
+/// `image_tokenizers`, no authentication, default limits.
+pub fn bind(
+    addr: SocketAddr,
+    tls: ServerTls,
+    image_tokenizers: impl IntoIterator<Item = TokenizerInfo>,
+) -> Result<Server, ChatError> {
     let session = image_tokenizers
         .into_iter()
         .fold(SessionConfig::default(), |s, t| s.with_tokenizer(t));

@@ -8,10 +8,10 @@ use tokio::sync::mpsc;
 use unimic_agents::echo::Echo;
 use unimic_agents::{Agent, AgentError, AgentFuture, Content, Conversation, ReplySink};
 use unimic_chat::{
-    bind_dev, image_tokenizer_info, serve_with, Chat, ChatConfig, ChatError, Prompt, ReplyEvent,
-    ServeOptions, TurnLog, TurnOutcome,
+    bind, bind_dev, image_tokenizer_info, serve_with, Chat, ChatConfig, ChatError, Prompt,
+    ReplyEvent, ServeOptions, TurnLog, TurnOutcome,
 };
-use unimic_transport::tls::{CertHash, ClientTls};
+use unimic_transport::tls::{CertHash, ClientTls, Roots, ServerTls};
 use unimic_transport::{TokenGrid, TokenizerInfo};
 
 /// Every step is bounded so nothing hangs.
@@ -553,4 +553,57 @@ async fn chat_without_ladder(addr: SocketAddr, pin: CertHash) -> Chat {
     ))
     .await
     .unwrap()
+}
+
+/// A server with a PEM certificate a CA signed, and a client that verifies it against that CA
+/// (WebPKI: chain and name) instead of pinning it; a client expecting another name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_signed_pem_certificate_verified_by_its_roots() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = std::env::temp_dir().join(format!("unimic-chat-pem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let (ca, cert_path, key_path) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+
+    let tls = ServerTls::from_pem_files(&cert_path, &key_path).unwrap();
+    let pin = tls.identity.cert_hash();
+    let server = bind("127.0.0.1:0".parse().unwrap(), tls, [vq()]).unwrap();
+    let addr = server.local_addr().unwrap();
+    let _task = tokio::spawn(serve_with(server, Arc::new(Echo), ServeOptions::default()));
+
+    let roots = Roots::from_pem_file(&ca).unwrap();
+    let chat = within(Chat::connect(addr, ChatConfig::webpki(roots.clone())))
+        .await
+        .unwrap();
+    let ev = events(within(chat.send(Prompt::text("verified"))).await.unwrap()).await;
+    assert_eq!(text_of(&ev), "verified");
+    // The same certificate can still be pinned.
+    let pinned = within(Chat::connect(addr, ChatConfig::pinned(pin)))
+        .await
+        .unwrap();
+    let ev = events(within(pinned.send(Prompt::text("pinned"))).await.unwrap()).await;
+    assert_eq!(text_of(&ev), "pinned");
+    // A certificate for `localhost` does not pass as `elsewhere.example`.
+    let wrong = ChatConfig::webpki(roots).with_server_name("elsewhere.example");
+    assert!(matches!(
+        within(Chat::connect(addr, wrong)).await,
+        Err(ChatError::Connect(_))
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
 }

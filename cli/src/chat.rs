@@ -19,7 +19,7 @@ use unimic_chat::{Chat, ChatConfig, ChatError, Prompt, ReplyEvent};
 use crate::demo::{json_request_bytes, json_user_message};
 #[allow(unused_imports)] // the trait's methods, whatever type the shipped tokenizer has
 use unimic_codec::tokenizer::ImageTokenizer;
-use unimic_transport::tls::CertHash;
+use unimic_transport::tls::{CertHash, Roots};
 
 /// `unimic chat` arguments.
 #[derive(clap::Args)]
@@ -27,8 +27,15 @@ pub struct Args {
     /// The server's address, as `unimic serve` prints it (HOST:PORT).
     pub addr: String,
     /// The SHA-256 of the server's certificate (64 hex digits), as `unimic serve` prints it.
-    #[arg(long)]
-    pub pin: String,
+    #[arg(long, required_unless_present = "ca", conflicts_with = "ca")]
+    pub pin: Option<String>,
+    /// Verify the server's certificate chain against the CA certificates in this PEM file (and
+    /// its name against `--server-name`) instead of pinning it.
+    #[arg(long, value_name = "PEM")]
+    pub ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate must be valid for (with `--ca`; also sent as SNI).
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
     /// Bearer token, if the server asks for one.
     #[arg(long)]
     pub token: Option<String>,
@@ -158,10 +165,19 @@ fn parse_line(line: &str, seed: u64) -> Line {
 
 /// Runs the chat until end of input or `/quit`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let pin: CertHash = args
-        .pin
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--pin must be the 64 hex digits `unimic serve` prints"))?;
+    let base = match (&args.pin, &args.ca) {
+        (Some(pin), None) => {
+            let pin: CertHash = pin.parse().map_err(|_| {
+                anyhow::anyhow!("--pin must be the 64 hex digits `unimic serve` prints")
+            })?;
+            ChatConfig::pinned(pin)
+        }
+        (None, Some(ca)) => ChatConfig::webpki(
+            Roots::from_pem_file(ca)
+                .with_context(|| format!("reading the CA certificates in {}", ca.display()))?,
+        ),
+        _ => anyhow::bail!("give either --pin or --ca"),
+    };
     let addr = resolve(&args.addr)?;
     let tok = crate::models::tokenizer(None)?;
     let info = crate::serve::shipped_tokenizer_info()?;
@@ -169,7 +185,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.timeout.max(1));
     let rt = tokio::runtime::Runtime::new()?;
 
-    let mut config = ChatConfig::pinned(pin)
+    let mut config = base
+        .with_server_name(args.server_name.clone())
         .with_image_tokenizer(info)
         .with_codec(codec)
         .with_reply_timeout(Some(timeout));
@@ -182,7 +199,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| match e {
             ChatError::Connect(e) => anyhow::anyhow!(
             "could not connect to {addr}: {e} (is `unimic serve` running there, and is --pin the \
-             one it printed?)"
+             one it printed, or --ca the CA that signed its --cert for --server-name?)"
         ),
             other => other.into(),
         })?;

@@ -30,6 +30,32 @@ pub struct Args {
     /// Accept only clients that send this bearer token.
     #[arg(long)]
     pub token: Option<String>,
+    /// PEM file of the server's certificate chain (leaf first), for example one a CA signed for
+    /// the server's name; clients then verify it with `unimic chat --ca` (or pin it). Without it
+    /// the server makes a fresh self-signed certificate that clients pin.
+    #[arg(long, requires = "key", value_name = "PEM")]
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM file of the certificate's private key (with `--cert`).
+    #[arg(long, requires = "cert", value_name = "PEM")]
+    pub key: Option<std::path::PathBuf>,
+}
+
+/// The server's TLS identity: the PEM certificate and key given, or a fresh self-signed one.
+pub fn server_tls(
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> anyhow::Result<ServerTls> {
+    match (cert, key) {
+        (Some(c), Some(k)) => ServerTls::from_pem_files(c, k).with_context(|| {
+            format!(
+                "loading the certificate {} and key {}",
+                c.display(),
+                k.display()
+            )
+        }),
+        (None, None) => ServerTls::self_signed().context("making the certificate"),
+        _ => anyhow::bail!("--cert and --key go together"),
+    }
 }
 
 /// The codec `serve`, `chat` and `demo` use: with the shipped generic transformer (images) and
@@ -72,9 +98,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => anyhow::bail!("unknown agent {other:?} (available: local, openai, echo)"),
     };
     let (info, codec) = (shipped_tokenizer_info()?, codec_config()?);
+    let tls = server_tls(args.cert.as_deref(), args.key.as_deref())?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let tls = ServerTls::self_signed().context("making the certificate")?;
         let pin = tls.identity.cert_hash();
         let session = SessionConfig::default()
             .with_tokenizer(info)
@@ -96,6 +122,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|t| format!(" --token {t}"))
             .unwrap_or_default();
         println!("connect with: unimic chat {addr} --pin {pin}{token}");
+        if args.cert.is_some() {
+            println!(
+                "or, verifying the certificate: unimic chat HOST:{} --ca CA.pem --server-name NAME{token}",
+                addr.port()
+            );
+        }
         let options = ServeOptions::default().on_turn(|log| {
             let outcome = match &log.outcome {
                 TurnOutcome::Answered => "answered".to_string(),

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use std::path::PathBuf;
 use unimic_agents::request::Request;
 use unimic_chat::{Chat, ChatConfig, Prompt, ReplyEvent, ReplyStats};
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::tokenizer::{self, ImageTokenizer};
-use unimic_transport::tls::CertHash;
+
+use unimic_transport::tls::{CertHash, Roots};
 
 use crate::bridge::{self, blocking, output, spawn_result, Bridge, Output};
 use crate::errors::Failure;
@@ -44,26 +46,48 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, Failure> {
 
 /// Connects to a unimic server; an awaitable of a [`Client`].
 #[pyfunction]
-#[pyo3(signature = (bridge, addr, pin, models, token=None, connect_timeout=10.0, reply_timeout=Some(60.0), idle_timeout=15.0, context_reuse=true))]
+#[pyo3(signature = (bridge, addr, pin, models, token=None, connect_timeout=10.0, reply_timeout=Some(60.0), idle_timeout=15.0, context_reuse=true, ca=None, server_name=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn connect<'py>(
     py: Python<'py>,
     bridge: &Bridge,
     addr: String,
-    pin: String,
+    pin: Option<String>,
     models: Py<Models>,
     token: Option<Vec<u8>>,
     connect_timeout: f64,
     reply_timeout: Option<f64>,
     idle_timeout: f64,
     context_reuse: bool,
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let pin: CertHash = pin.trim().parse().map_err(|e| {
-        Failure::content(format!(
-            "pin {pin:?} is not a certificate hash (64 hex digits, as `unimic serve` prints it): {e}"
-        ))
-        .into_pyerr(py)
-    })?;
+    let base = match (pin, ca) {
+        (Some(pin), None) => {
+            let hash: CertHash = pin.trim().parse().map_err(|e| {
+                Failure::content(format!(
+                    "pin {pin:?} is not a certificate hash (64 hex digits, as `unimic serve` prints it): {e}"
+                ))
+                .into_pyerr(py)
+            })?;
+            ChatConfig::pinned(hash)
+        }
+        (None, Some(ca)) => {
+            let roots = Roots::from_pem_file(&ca).map_err(|e| {
+                Failure::content(format!("ca {}: {e}", ca.display())).into_pyerr(py)
+            })?;
+            ChatConfig::webpki(roots)
+        }
+        _ => return Err(Failure::content(
+            "give either pin (the certificate hash `unimic serve` prints) or ca (a PEM file of \
+                 the CA certificates that signed the server's)",
+        )
+        .into_pyerr(py)),
+    };
+    let base = match server_name {
+        Some(name) => base.with_server_name(name),
+        None => base,
+    };
     let secs = |s: f64, what: &str| -> PyResult<Duration> {
         Duration::try_from_secs_f64(s).map_err(|_| {
             Failure::content(format!("{what}={s}: a number of seconds >= 0")).into_pyerr(py)
@@ -77,7 +101,7 @@ pub fn connect<'py>(
     spawn_result(py, bridge, async move {
         let stack = stack_of(models).await?;
         let addr = resolve(&addr).await?;
-        let mut config = ChatConfig::pinned(pin)
+        let mut config = base
             .with_codec(stack.codec.clone())
             .with_pixels(stack.tokenizer.clone())
             .map_err(Failure::from)?

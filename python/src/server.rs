@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList};
+use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot, watch};
 use unimic_agents::{
     Agent, AgentError, AgentFuture, Capabilities, Content, Conversation, ReplySink, Role, SinkError,
@@ -24,6 +25,7 @@ use unimic_agents::{
 use unimic_chat::{ServeOptions, TurnLog, TurnOutcome};
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::tokenizer::{self, ImageTokenizer};
+
 use unimic_transport::tls::ServerTls;
 use unimic_transport::{ServerConfig, SessionConfig};
 
@@ -399,7 +401,8 @@ impl Agent for PyAgent {
 /// [`EchoAgent`], a [`LocalAgent`], or `entry(conversation_items, sink) -> awaitable` (the
 /// Python package makes it around a Python agent).
 #[pyfunction]
-#[pyo3(signature = (bridge, addr, agent, models, token=None))]
+#[pyo3(signature = (bridge, addr, agent, models, token=None, cert=None, key=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn serve<'py>(
     py: Python<'py>,
     bridge: &Bridge,
@@ -407,7 +410,19 @@ pub fn serve<'py>(
     agent: Bound<'py, PyAny>,
     models: Py<Models>,
     token: Option<Vec<u8>>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => ServerTls::from_pem_files(&c, &k).map_err(|e| {
+            Failure::content(format!("cert {} / key {}: {e}", c.display(), k.display()))
+                .into_pyerr(py)
+        })?,
+        (None, None) => ServerTls::self_signed().map_err(|e| {
+            Failure::new("UnimicError", format!("making the certificate: {e}")).into_pyerr(py)
+        })?,
+        _ => return Err(Failure::content("cert and key go together").into_pyerr(py)),
+    };
     enum Which {
         Echo,
         Local,
@@ -442,8 +457,6 @@ pub fn serve<'py>(
             }),
         };
         let addr = resolve(&addr).await?;
-        let tls = ServerTls::self_signed()
-            .map_err(|e| Failure::new("UnimicError", format!("making the certificate: {e}")))?;
         let pin = tls.identity.cert_hash();
         let session = SessionConfig::default()
             .with_tokenizer(stack.info.clone())

@@ -82,13 +82,15 @@ class Client:
 def connect(
     bridge: Bridge,
     addr: str,
-    pin: str,
+    pin: Optional[str],
     models: Models,
     token: Optional[bytes] = None,
     connect_timeout: float = 10.0,
     reply_timeout: Optional[float] = 60.0,
     idle_timeout: float = 15.0,
     context_reuse: bool = True,
+    ca: Optional[str] = None,
+    server_name: Optional[str] = None,
 ) -> Awaitable[Client]: ...
 
 class Sink:
@@ -121,4 +123,6 @@ def serve(
     agent: Any,
     models: Models,
     token: Optional[bytes] = None,
+    cert: Optional[str] = None,
+    key: Optional[str] = None,
 ) -> Awaitable[Server]: ...

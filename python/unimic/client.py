@@ -101,7 +101,9 @@ class Client:
         cls,
         addr: str,
         *,
-        pin: str,
+        pin: Optional[str] = None,
+        ca: Optional[PathLike] = None,
+        server_name: str = "localhost",
         token: Union[str, bytes, None] = None,
         models: Union[Models, PathLike, None] = None,
         timeout: float = 10.0,
@@ -109,15 +111,20 @@ class Client:
         idle_timeout: float = 15.0,
         context_reuse: bool = True,
     ) -> "Client":
-        """Connects to the server at ``addr`` (``"host:port"``) whose certificate has the
-        SHA-256 ``pin`` (64 hex digits, as ``unimic serve`` prints it), sending ``token`` if
-        the server asks for one. ``timeout`` bounds connecting and the handshake,
-        ``reply_timeout`` each wait for a reply's next event (``None``: no limit); a server
-        silent for ``idle_timeout`` seconds is taken as gone. With ``context_reuse`` every turn
-        is coded against the conversation so far.
+        """Connects to the server at ``addr`` (``"host:port"``), sending ``token`` if the server
+        asks for one. The server is trusted either by ``pin``, the SHA-256 of its certificate
+        (64 hex digits, as ``unimic serve`` prints it; development mode), or by ``ca``, a PEM
+        file of the CA certificates its certificate must chain to, valid for ``server_name``
+        (a server started with ``cert=``/``key=`` or ``unimic serve --cert``): give one of the
+        two. ``timeout`` bounds connecting and the handshake, ``reply_timeout`` each wait for a
+        reply's next event (``None``: no limit); a server silent for ``idle_timeout`` seconds is
+        taken as gone. With ``context_reuse`` every turn is coded against the conversation so
+        far.
 
-        Raises :class:`ConnectError` (refused, wrong pin, unauthorized), :class:`TimeoutError`,
-        :class:`ContentError` (a malformed pin or address)."""
+        Raises :class:`ConnectError` (refused, wrong pin, a certificate the CA did not sign or
+        not valid for ``server_name``, unauthorized), :class:`TimeoutError`,
+        :class:`ContentError` (a malformed pin or address, an unreadable ``ca``, neither or both
+        of ``pin`` and ``ca``)."""
         m = _models(models)
         if isinstance(token, str):
             token = token.encode()
@@ -131,6 +138,8 @@ class Client:
             reply_timeout,
             idle_timeout,
             context_reuse,
+            None if ca is None else str(ca),
+            server_name,
         )
         return cls(native, m)
 

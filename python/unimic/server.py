@@ -255,13 +255,19 @@ async def serve(
     *,
     token: Union[str, bytes, None] = None,
     models: Union[Models, PathLike, None] = None,
+    cert: Optional[PathLike] = None,
+    key: Optional[PathLike] = None,
 ) -> Server:
-    """Listens on ``addr`` (``"host:port"``; port 0 picks one) with a fresh self-signed
-    certificate (clients pin :attr:`Server.pin`) and answers every session with ``agent``: an
-    object with an async ``respond(conversation, sink)``, an async function ``(conversation,
-    sink)``, :class:`EchoAgent` or :class:`LocalAgent`. With ``token``, only clients that send
-    it are accepted. Returns once listening. Keep the returned :class:`Server`: it stops when it
-    is closed or garbage-collected."""
+    """Listens on ``addr`` (``"host:port"``; port 0 picks one) and answers every session with
+    ``agent``: an object with an async ``respond(conversation, sink)``, an async function
+    ``(conversation, sink)``, :class:`EchoAgent` or :class:`LocalAgent`. Its TLS certificate is
+    the PEM chain ``cert`` with its private key ``key`` (for example one a CA signed for the
+    server's name; clients verify it with ``Client.connect(..., ca=...)``), or without them a
+    fresh self-signed one; either way clients may pin :attr:`Server.pin`. With ``token``, only
+    clients that send it are accepted. Returns once listening. Keep the returned
+    :class:`Server`: it stops when it is closed or garbage-collected.
+
+    Raises :class:`ContentError` for an unreadable ``cert``/``key`` or one without the other."""
     m = _models(models)
     if isinstance(agent, (EchoAgent, LocalAgent)):
         target: Any = agent._native
@@ -269,5 +275,13 @@ async def serve(
         target = _entry(agent)
     if isinstance(token, str):
         token = token.encode()
-    native = await _native.serve(bridge(), addr, target, m._native, token)
+    native = await _native.serve(
+        bridge(),
+        addr,
+        target,
+        m._native,
+        token,
+        None if cert is None else str(cert),
+        None if key is None else str(key),
+    )
     return Server(native)
