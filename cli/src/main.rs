@@ -7,6 +7,7 @@ mod bench_e2e;
 mod bench_soak;
 mod bench_tokenizer;
 mod bench_transport;
+mod bench_umic;
 mod chat;
 mod decode;
 mod demo;
@@ -70,6 +71,9 @@ enum BenchCommand {
     /// Many concurrent chat sessions against one server: messages lost, turn times, server RSS
     /// and CPU.
     Soak(bench_soak::Args),
+    /// Images through `.umic` files end to end (tokenizer and entropy coding): bytes, bits per
+    /// pixel, encode and decode time.
+    Umic(bench_umic::Args),
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -94,6 +98,7 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Transport(a) => bench_transport::run(a),
             BenchCommand::E2e(a) => bench_e2e::run(a),
             BenchCommand::Soak(a) => bench_soak::run(a),
+            BenchCommand::Umic(a) => bench_umic::run(a),
         },
         Command::Encode(a) => encode::run(a),
         Command::Decode(a) => decode::run(a),
