@@ -534,7 +534,7 @@ fn mean(rows: &[Row]) -> Row {
 
 /// The CPU threads candle's kernels use: `RAYON_NUM_THREADS` when a positive number, else every
 /// core (candle's `get_num_threads` rule).
-fn candle_threads() -> usize {
+pub(crate) fn candle_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())

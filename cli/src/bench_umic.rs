@@ -67,7 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let generic = models::generic_model(None, models::GENERIC_ID)?;
     let dir = models::entropy_dir(None);
     let options = EncodeOptions::default();
-    let threads = rayon_threads();
+    let threads = crate::bench_tokenizer::candle_threads();
     let mut rows = Vec::with_capacity(files.len());
     for (i, path) in files.iter().enumerate() {
         let image = image::open(path)
@@ -176,15 +176,6 @@ fn fill(img: &image::RgbImage, w: u32, h: u32) -> image::RgbImage {
     let nh = ((f64::from(ih) * s).round() as u32).max(h);
     let r = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
     image::imageops::crop_imm(&r, (nw - w) / 2, (nh - h) / 2, w, h).to_image()
-}
-
-/// The threads rayon's pool has: `RAYON_NUM_THREADS` when a positive number, else every core.
-fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 #[cfg(test)]
