@@ -9,6 +9,7 @@ use unimic_agents::conformance::{run, Options, Report};
 use unimic_agents::echo::Echo;
 use unimic_agents::local::LocalAgent;
 use unimic_agents::{Agent, AgentError, AgentFuture, Conversation, ReplySink};
+use unimic_codec::shipped;
 
 fn options() -> Options {
     Options::default().with_timeout(Duration::from_secs(20))
@@ -29,8 +30,8 @@ async fn echo_passes() {
 async fn the_local_agent_passes() {
     let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/entropy");
     let agent = LocalAgent::load(
-        &m.join("unimic-entropy-masked-v7.json"),
-        &m.join("unimic-entropy-text-v6.json"),
+        &shipped::manifest_path(&m, shipped::MASKED_ID),
+        &shipped::manifest_path(&m, shipped::TEXT_ID),
     )
     .unwrap();
     let report = run(Arc::new(agent), &options()).await;

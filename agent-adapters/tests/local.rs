@@ -9,6 +9,7 @@ use unimic_agents::{
     SinkFuture, Turn,
 };
 use unimic_codec::grid::TokenGrid;
+use unimic_codec::shipped;
 
 fn models() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/entropy")
@@ -17,8 +18,8 @@ fn models() -> PathBuf {
 fn agent() -> LocalAgent {
     let m = models();
     LocalAgent::load(
-        &m.join("unimic-entropy-masked-v7.json"),
-        &m.join("unimic-entropy-text-v6.json"),
+        &shipped::manifest_path(&m, shipped::MASKED_ID),
+        &shipped::manifest_path(&m, shipped::TEXT_ID),
     )
     .expect("the shipped models load")
 }
@@ -233,11 +234,7 @@ fn a_turn_without_a_request_says_what_the_agent_is() {
         "{}",
         sink.text
     );
-    assert!(
-        sink.text.contains("unimic-entropy-masked-v7"),
-        "{}",
-        sink.text
-    );
+    assert!(sink.text.contains(shipped::MASKED_ID), "{}", sink.text);
 }
 
 #[test]

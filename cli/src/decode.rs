@@ -323,7 +323,7 @@ mod tests {
         assert!(e.contains("which is not in"), "{e}");
         // Another kind of transformer is not a level-1 model of a file.
         let mut masked = good.clone();
-        masked.model.name = "unimic-entropy-masked-v7".into();
+        masked.model.name = unimic_codec::shipped::MASKED_ID.into();
         let e = refuse(&masked, None);
         assert!(e.contains("unknown entropy model"), "{e}");
     }

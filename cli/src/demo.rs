@@ -123,8 +123,8 @@ impl Agent for Router {
 pub fn local_agent() -> anyhow::Result<LocalAgent> {
     let dir = crate::models::entropy_dir(None);
     LocalAgent::load(
-        &dir.join("unimic-entropy-masked-v7.json"),
-        &dir.join("unimic-entropy-text-v6.json"),
+        &unimic_codec::shipped::manifest_path(&dir, unimic_codec::shipped::MASKED_ID),
+        &unimic_codec::shipped::manifest_path(&dir, unimic_codec::shipped::TEXT_ID),
     )
     .with_context(|| format!("loading the local agent's models from {}", dir.display()))
 }

@@ -407,50 +407,13 @@ pub fn shipped_id(kind: &str) -> Option<&'static str> {
     }
 }
 
-/// The transformer kind (`generic`, `masked`, `text`, …) a model id names, if it is one
-/// ([`unimic_codec::umic::model_kind`]).
-pub fn model_kind(id: &str) -> Option<&str> {
-    unimic_codec::umic::model_kind(id)
-}
-
-/// The file named `name` directly in `dir`, found among the folder's entries (so that no path
-/// is ever made of a name read from a file); `None` when `dir` or the file is absent.
-fn find_in_dir(dir: &Path, name: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    for entry in entries {
-        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-        if entry.file_name() == std::ffi::OsStr::new(name) && entry.path().is_file() {
-            return Ok(Some(entry.path()));
-        }
-    }
-    Ok(None)
-}
-
 /// Loads the transformer entropy model `id` (kind generic) from the entropy folder, or `None`
-/// when its manifest is absent. `id` may come from a file: it must be a model id
-/// ([`unimic_codec::umic::is_model_id`]), its manifest `<id>.json` is looked up among the folder's entries, and the
-/// manifest must carry that id.
+/// when its manifest is absent ([`unimic_codec::shipped::generic_model`]: `id` may come from a
+/// file; it must be a generic model's id, and no path is made of it).
 pub fn generic_model(dir: Option<&Path>, id: &str) -> anyhow::Result<Option<(Generic, Manifest)>> {
-    if model_kind(id) != Some("generic") {
-        bail!("{id:?} is not the id of a generic entropy model (unimic-entropy-generic-v<n>)");
-    }
-    let Some(path) = find_in_dir(&entropy_dir(dir), &format!("{id}.json"))? else {
-        return Ok(None);
-    };
-    let (model, manifest) =
-        Generic::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    if manifest.id != id {
-        bail!(
-            "{} holds the model {:?}, not {id:?}",
-            path.display(),
-            manifest.id
-        );
-    }
-    Ok(Some((model, manifest)))
+    let dir = entropy_dir(dir);
+    unimic_codec::shipped::generic_model(&dir, id)
+        .with_context(|| format!("loading the entropy model {id:?} from {}", dir.display()))
 }
 
 /// Scales `img` down so that neither side exceeds `max_side` pixels (0: never): the size policy
@@ -479,7 +442,7 @@ mod tests {
     use super::*;
     use unimic_codec::grid::TokenGrid;
     use unimic_codec::nn::weights::splitmix64;
-    use unimic_codec::umic::is_model_id;
+    use unimic_codec::umic::{is_model_id, model_kind};
 
     #[test]
     fn fit_scales_down_to_the_longer_side_only_when_needed() {
@@ -652,7 +615,7 @@ mod tests {
         }
         assert_eq!(model_kind("unimic-entropy-text-v6"), Some("text"));
         let e = generic_model(None, "unimic-entropy-generic-v7/../../x").unwrap_err();
-        assert!(e.to_string().contains("is not the id"), "{e}");
+        assert!(format!("{e:#}").contains("is not the id"), "{e:#}");
         assert!(generic_model(None, "unimic-entropy-generic-v999")
             .unwrap()
             .is_none());
@@ -668,7 +631,7 @@ mod tests {
         let weights = format!("{GENERIC_ID}.safetensors");
         std::fs::copy(shipped.join(&weights), scratch.path().join(&weights)).unwrap();
         let e = generic_model(Some(scratch.path()), "unimic-entropy-generic-v99").unwrap_err();
-        assert!(e.to_string().contains("holds the model"), "{e}");
+        assert!(format!("{e:#}").contains("holds the model"), "{e:#}");
     }
 
     /// `.umic` files name their generic model by id: every generic model a released `encode`

@@ -22,17 +22,17 @@ use std::sync::Arc;
 use crate::entropy::generic::Generic;
 use crate::entropy::ladder::{Ladder, LadderModel};
 use crate::entropy::masked::Masked;
-use crate::nn::model::ModelError;
+use crate::nn::model::{Manifest, ModelError};
 use crate::part::CodecConfig;
 
 /// Id of the shipped generic (raster, causal) transformer entropy model.
-pub const GENERIC_ID: &str = "unimic-entropy-generic-v7";
+pub const GENERIC_ID: &str = "unimic-entropy-generic-v8";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
-pub const MASKED_ID: &str = "unimic-entropy-masked-v7";
+pub const MASKED_ID: &str = "unimic-entropy-masked-v8";
 
 /// Id of the shipped text-conditioned transformer entropy model.
-pub const TEXT_ID: &str = "unimic-entropy-text-v6";
+pub const TEXT_ID: &str = "unimic-entropy-text-v7";
 
 /// Highest quality-ladder level the shipped ladder models code (levels 2 ..= 4 of the default
 /// tokenizer, `unimic-entropy-ladder-l<level>-v1.umstatic`).
@@ -90,6 +90,67 @@ pub fn codec_config(entropy_dir: &Path) -> Result<CodecConfig, ModelError> {
         codec = codec.with_ladder(Arc::new(ladder));
     }
     Ok(codec)
+}
+
+/// Loads the generic transformer `id` from `entropy_dir`, or `None` when its manifest is not
+/// there: how a `.umic` file written with an earlier shipped model (the file names it) still
+/// decodes. `id` may come from a file, so it must have the form of a generic model's id
+/// (`unimic-entropy-generic-v<n>`, [`crate::umic::model_kind`]); its manifest `<id>.json` is
+/// found among the folder's entries (no path is made of the name), and it must carry that id.
+///
+/// ```
+/// use unimic_codec::shipped;
+/// let dir = shipped::entropy_dir(None);
+/// if let Some((model, manifest)) = shipped::generic_model(&dir, shipped::GENERIC_ID)? {
+///     assert_eq!(manifest.id, shipped::GENERIC_ID);
+///     # let _ = model;
+/// }
+/// assert!(shipped::generic_model(&dir, "unimic-entropy-generic-v7/../../x").is_err());
+/// # Ok::<(), unimic_codec::nn::model::ModelError>(())
+/// ```
+pub fn generic_model(
+    entropy_dir: &Path,
+    id: &str,
+) -> Result<Option<(Generic, Manifest)>, ModelError> {
+    if crate::umic::model_kind(id) != Some("generic") {
+        return Err(ModelError::Manifest(format!(
+            "{id:?} is not the id of a generic entropy model (unimic-entropy-generic-v<n>)"
+        )));
+    }
+    let name = std::ffi::OsString::from(format!("{id}.json"));
+    let entries = match std::fs::read_dir(entropy_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ModelError::Io {
+                path: entropy_dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut path = None;
+    for entry in entries {
+        let entry = entry.map_err(|source| ModelError::Io {
+            path: entropy_dir.to_path_buf(),
+            source,
+        })?;
+        if entry.file_name() == name && entry.path().is_file() {
+            path = Some(entry.path());
+            break;
+        }
+    }
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let (model, manifest) = Generic::load(&path)?;
+    if manifest.id != id {
+        return Err(ModelError::Manifest(format!(
+            "{} holds the model {:?}, not {id:?}",
+            path.display(),
+            manifest.id
+        )));
+    }
+    Ok(Some((model, manifest)))
 }
 
 #[cfg(test)]

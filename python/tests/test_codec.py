@@ -3,12 +3,13 @@ bytes of `.umic` files, interchangeable with `unimic encode` / `unimic decode`).
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 import unimic
 from conftest import SAMPLE, gradient
@@ -95,6 +96,24 @@ def test_files_interchange_with_the_cli(tmp_path: Path, rust_bins, photo):
     subprocess.run([str(rust_bins["unimic"]), "encode", str(src), "-o", str(g)], check=True,
                    stdout=subprocess.DEVNULL, timeout=300)
     assert g.read_bytes() == unimic.encode(photo)
+
+
+def test_a_file_coded_with_an_earlier_shipped_model_still_decodes():
+    """`kodim23-128-generic-v7.umic` was written by `unimic encode samples/kodim23.png --size 128`
+    when `unimic-entropy-generic-v7` was the shipped generic model; the file names that model,
+    which the package still carries so that such files decode."""
+    data = (Path(__file__).parent / "data" / "kodim23-128-generic-v7.umic").read_bytes()
+    assert b"unimic-entropy-generic-v7" in data
+    back = unimic.decode(data)
+    assert back.size == (128, 128)
+    photo = ImageOps.fit(Image.open(SAMPLE).convert("RGB"), (128, 128), Image.LANCZOS)
+    mean = Image.new("RGB", photo.size, tuple(int(c) for c in np.asarray(photo).mean((0, 1))))
+    assert psnr(back, photo) > psnr(mean, photo) + 2, (psnr(back, photo), psnr(mean, photo))
+    # A generic model the package does not hold is named in the error (the file's last 4 bytes
+    # are a SHA-256 checksum of the rest, docs/UMIC_FILE.md).
+    other = data[:-4].replace(b"generic-v7", b"generic-v9")
+    with pytest.raises(unimic.CodecError, match="unimic-entropy-generic-v9"):
+        unimic.decode(other + hashlib.sha256(other).digest()[:4])
 
 
 def test_bad_input_raises_the_documented_errors(tmp_path: Path):

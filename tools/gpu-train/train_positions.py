@@ -7,6 +7,10 @@ with noise for positions. This script trains those rows only, on whole-image tok
 sizes, with every other tensor frozen and rows 0-15 restored after each step: the model codes a
 16x16 grid bit for bit as before, and larger grids get learned positions.
 
+With `--all-tensors`, every tensor trains on those grids instead (the start's rows are kept as
+they are unless `--rows-from` is given), so a 16x16 grid codes differently afterwards and the
+record carries its new 16x16 validation loss.
+
 Start: rows >= --from-row are set to a copy of row --from-row - 1 (the last trained row, which
 measured better than any interior row or a mean), or, with `--rows-from FILE`, to those rows of
 FILE (a model of the same architecture whose rows were trained before, such as the previous
@@ -114,6 +118,13 @@ def main():
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--all-tensors", action="store_true",
+                    help="train every tensor on the whole-image grids (rows < --from-row too), not"
+                         " only the position rows beyond --from-row: a 16x16 grid then codes"
+                         " differently, and the record carries the new 16x16 validation loss")
+    ap.add_argument("--weight-decay", type=float, default=0.0,
+                    help="AdamW weight decay (with --all-tensors)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout (with --all-tensors)")
     add_model_args(ap)
     a = ap.parse_args()
 
@@ -129,13 +140,15 @@ def main():
     if max(max(s[1], s[2]) for s in train) <= a.from_row:
         sys.exit(f"no training grid has a side above {a.from_row}: nothing to learn")
 
-    net = model_of(a, k, 0.0).to(dev)
+    net = model_of(a, k, a.dropout if a.all_tensors else 0.0).to(dev)
     src = load_file(a.init)
     net.load_state_dict({n: t.to(dev) for n, t in src.items()}, strict=True)
     tables = [getattr(net, t).weight for t in TABLES[a.kind]]
     rows_src = load_file(a.rows_from) if a.rows_from else None
     with torch.no_grad():
         for name, t in zip(TABLES[a.kind], tables):
+            if rows_src is None and a.all_tensors:
+                continue  # every tensor trains on: the start's rows are kept as they are
             if rows_src is None:
                 t[a.from_row:] = t[a.from_row - 1]
                 continue
@@ -145,9 +158,10 @@ def main():
             t[a.from_row:] = r[a.from_row:].to(t.dtype).to(dev)
     frozen = [t[:a.from_row].clone() for t in tables]
     for p in net.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(a.all_tensors)
     for t in tables:
         t.requires_grad_(True)
+    trained = [p for p in net.parameters() if p.requires_grad]
 
     v16 = validate(net, val16, 256, 64)
     v0 = evaluate(net, val, 8)
@@ -158,7 +172,7 @@ def main():
     # Files whose grids reach no row or column >= --from-row teach nothing: never drawn.
     weights = torch.tensor([float(len(s[0]) * s[1] * s[2]) if max(s[1], s[2]) > a.from_row
                             else 0.0 for s in train])
-    opt = torch.optim.Adam(tables, lr=a.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(trained, lr=a.lr, betas=(0.9, 0.95), weight_decay=a.weight_decay)
     gen = torch.Generator()
     gen.manual_seed(a.seed)
     mgen = torch.Generator(device=dev)
@@ -172,14 +186,18 @@ def main():
                         for p, s in zip(a.val_grids, val))
 
     def save(step, train_bits, val_bits):
+        v16_now = validate(net, val16, 256, 64) if a.all_tensors else v16
         tensors = {n: v.detach().float().contiguous().cpu() for n, v in net.state_dict().items()}
         save_file(tensors, a.out)
         record = {"steps": step, "batch_size": a.batch_size, "seed": a.seed,
-                  "data": (f"position rows >= {a.from_row} trained on whole-image grids"
+                  "data": ((f"every tensor of {os.path.basename(a.init)} trained on whole-image"
+                            f" grids (`unimic tokenize`): {descs}; whole-grid validation"
+                            f" ({vdescs}): {val_bits:.4f} bits/token") if a.all_tensors else
+                           f"position rows >= {a.from_row} trained on whole-image grids"
                            f" (`unimic tokenize`): {descs};"
                            f" other tensors from {os.path.basename(a.init)}; whole-grid"
                            f" validation ({vdescs}): {val_bits:.4f} bits/token"),
-                  "train_bits_per_token": train_bits, "val_bits_per_token": v16,
+                  "train_bits_per_token": train_bits, "val_bits_per_token": v16_now,
                   "val_large_bits_per_token": val_bits,
                   "command": "python3 " + " ".join(sys.argv),
                   "device": "cpu" if dev.type == "cpu" else f"cuda: {torch.cuda.get_device_name(dev)}",
@@ -202,12 +220,14 @@ def main():
         loss = loss_on(net, ids, wh, ww, mgen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for t in tables:
-            t.grad[:a.from_row] = 0
+        if not a.all_tensors:
+            for t in tables:
+                t.grad[:a.from_row] = 0
         opt.step()
-        with torch.no_grad():
-            for t, f in zip(tables, frozen):
-                t[:a.from_row] = f
+        if not a.all_tensors:
+            with torch.no_grad():
+                for t, f in zip(tables, frozen):
+                    t[:a.from_row] = f
         window.append(loss.item())
         if step % a.eval_every == 0 or step == a.steps:
             tb = sum(window) / len(window)
@@ -220,7 +240,7 @@ def main():
                               "best": round(best[0], 4), "best_step": best[1],
                               "s": round(time.time() - t0, 1)}), flush=True)
     check = validate(net, val16, 256, 64)
-    print(json.dumps({"done": a.out, "best": best[0], "best_step": best[1],
+    print(json.dumps({"done": a.out, "best": best[0], "best_step": best[1], "val16_end": check,
                       "val16_unchanged": abs(check - v16) < 1e-6}), flush=True)
 
 

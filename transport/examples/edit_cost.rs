@@ -14,8 +14,8 @@
 //! client checks that every reply decodes to `a`. Prints the mean wire bytes (frames of the part)
 //! and payload bytes of each, then one JSON line.
 //!
-//! The models are the shipped manifests `unimic-entropy-generic-v7.json` and
-//! `unimic-entropy-masked-v7.json` in `--models`; the grids must use their codebook (1,024) and
+//! The models are the shipped manifests `unimic-entropy-generic-v8.json` and
+//! `unimic-entropy-masked-v8.json` in `--models`; the grids must use their codebook (1,024) and
 //! fit their largest side.
 
 use std::net::SocketAddr;
@@ -26,6 +26,7 @@ use unimic_codec::entropy::generic::Generic;
 use unimic_codec::entropy::masked::Masked;
 use unimic_codec::grid::{read_grid_file, TokenGrid};
 use unimic_codec::part::CodecConfig;
+use unimic_codec::shipped;
 use unimic_transport::tls::{ClientTls, ServerTls};
 use unimic_transport::{
     Client, ClientConfig, ContextKey, ModelChoice, OutgoingMessage, OutgoingPart, ReceivedPart,
@@ -73,8 +74,8 @@ fn centre(h: u32, w: u32) -> Vec<bool> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = args()?;
-    let (generic, _) = Generic::load(&args.models.join("unimic-entropy-generic-v7.json"))?;
-    let (masked, _) = Masked::load(&args.models.join("unimic-entropy-masked-v7.json"))?;
+    let (generic, _) = Generic::load(&shipped::manifest_path(&args.models, shipped::GENERIC_ID))?;
+    let (masked, _) = Masked::load(&shipped::manifest_path(&args.models, shipped::MASKED_ID))?;
     let k = generic.config().codebook_size as u32;
     let codec = CodecConfig::default()
         .with_generic(Arc::new(generic))
