@@ -44,8 +44,7 @@ mod image;
 #[cfg(feature = "vq")]
 pub use image::{
     builtin_choice, builtin_model_name, check_against, check_file, check_names, decode_grids,
-    decode_image, encode_image, is_model_id, model_kind, EncodeOptions, Encoded, ImageError,
-    Level1Model,
+    decode_image, encode_image, EncodeOptions, Encoded, ImageError, Level1Model,
 };
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -393,6 +392,24 @@ pub fn hash8(hash: &[u8; 32]) -> [u8; 8] {
     let mut h = [0; 8];
     h.copy_from_slice(&hash[..8]);
     h
+}
+
+/// Whether `id` has the form of a transformer entropy model's id, `unimic-entropy-<kind>-v<n>`
+/// (`kind` lower-case ASCII letters, `n` decimal digits): nothing in it can name a folder.
+pub fn is_model_id(id: &str) -> bool {
+    model_kind(id).is_some()
+}
+
+/// The transformer kind (`generic`, `masked`, `text`, …) a model id names, if it is one
+/// ([`is_model_id`]).
+pub fn model_kind(id: &str) -> Option<&str> {
+    let (kind, n) = id.strip_prefix("unimic-entropy-")?.rsplit_once("-v")?;
+    let ok = !kind.is_empty()
+        && kind.bytes().all(|b| b.is_ascii_lowercase())
+        && !n.is_empty()
+        && n.len() <= 9
+        && n.bytes().all(|b| b.is_ascii_digit());
+    ok.then_some(kind)
 }
 
 #[cfg(test)]

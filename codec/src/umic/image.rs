@@ -31,7 +31,7 @@ use std::path::Path;
 use image::RgbImage;
 use thiserror::Error;
 
-use super::{hash8, Level, ModelTag, UmicFile};
+use super::{hash8, is_model_id, model_kind, Level, ModelTag, UmicFile};
 use crate::context::{SequenceKind, SessionContext};
 use crate::entropy::generic::Generic;
 use crate::entropy::ladder::LadderModel;
@@ -169,24 +169,6 @@ pub fn builtin_choice(name: &str) -> Option<ModelChoice> {
         "unimic-entropy/adaptive-grid" => Some(ModelChoice::Adaptive),
         _ => None,
     }
-}
-
-/// Whether `id` has the form of a transformer entropy model's id, `unimic-entropy-<kind>-v<n>`
-/// (`kind` lower-case ASCII letters, `n` decimal digits): nothing in it can name a folder.
-pub fn is_model_id(id: &str) -> bool {
-    model_kind(id).is_some()
-}
-
-/// The transformer kind (`generic`, `masked`, `text`, …) a model id names, if it is one
-/// ([`is_model_id`]).
-pub fn model_kind(id: &str) -> Option<&str> {
-    let (kind, n) = id.strip_prefix("unimic-entropy-")?.rsplit_once("-v")?;
-    let ok = !kind.is_empty()
-        && kind.bytes().all(|b| b.is_ascii_lowercase())
-        && !n.is_empty()
-        && n.len() <= 9
-        && n.bytes().all(|b| b.is_ascii_digit());
-    ok.then_some(kind)
 }
 
 fn hex_hash8(hex: &str) -> Result<[u8; 8], ImageError> {
