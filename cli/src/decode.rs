@@ -48,22 +48,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         file.tokenizer.hash,
     )?;
     umic::check_against(&file, tokenizer.as_ref())?;
-    let generic = if umic::is_model_id(&file.model.name) {
-        let m = models::generic_model(args.entropy_dir.as_deref(), &file.model.name)?;
-        Some(m.with_context(|| {
-            format!(
-                "the file needs entropy model {:?}, which is not in {}",
-                file.model.name,
-                models::entropy_dir(args.entropy_dir.as_deref()).display()
-            )
-        })?)
-    } else {
-        None
-    };
+    // The generic model a file names is loaded from the entropy folder by the codec.
     let grids = umic::decode_grids(
         tokenizer.as_ref(),
         &file,
-        generic.as_ref().map(|(g, m)| (m.id.as_str(), g)),
+        None,
         &models::entropy_dir(args.entropy_dir.as_deref()),
         args.levels,
     )?;

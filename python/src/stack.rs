@@ -338,19 +338,9 @@ impl Models {
             let stack = self.stack()?;
             let file = unimic_codec::umic::UmicFile::from_bytes(&data)
                 .map_err(|e| Failure::codec(format!("not a readable .umic file: {e}")))?;
-            // A file written with an earlier shipped generic model names it: load that one.
-            let earlier = match stack.generic() {
-                Some((id, _)) if id == file.model.name => None,
-                _ if unimic_codec::umic::model_kind(&file.model.name) == Some("generic") => {
-                    shipped::generic_model(&stack.entropy_dir(), &file.model.name)
-                        .map_err(|e| Failure::codec(e.to_string()))?
-                }
-                _ => None,
-            };
-            let generic = match &earlier {
-                Some((model, _)) => Some((file.model.name.as_str(), model)),
-                None => stack.generic(),
-            };
+            // A file that names another shipped generic model is decoded with that one,
+            // loaded from the entropy folder (`umic::decode_image`).
+            let generic = stack.generic();
             let decoded = unimic_codec::umic::decode_image(
                 stack.tokenizer.as_ref(),
                 &file,

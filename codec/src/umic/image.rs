@@ -401,17 +401,18 @@ pub fn check_against(file: &UmicFile, tokenizer: &dyn ImageTokenizer) -> Result<
 
 /// Decodes a `.umic` file with `tokenizer` (which must be the one the file names: compare
 /// [`UmicFile::tokenizer`] first when several are held): [`check_file`], then level 1 (with
-/// `generic`, the generic transformer `(id, model)` the file names, or a built-in model), the
-/// first `levels` levels (0: all the file carries) with the ladder models in `ladder_dir`, and
-/// the image cropped to its size.
+/// `generic`, the generic transformer `(id, model)` held, when the file names it; else the
+/// generic model the file names, loaded from `entropy_dir` by
+/// [`crate::shipped::generic_model`]; or a built-in model), the first `levels` levels (0: all
+/// the file carries) with the ladder models in `entropy_dir`, and the image cropped to its size.
 pub fn decode_image(
     tokenizer: &dyn ImageTokenizer,
     file: &UmicFile,
     generic: Option<(&str, &Generic)>,
-    ladder_dir: &Path,
+    entropy_dir: &Path,
     levels: usize,
 ) -> Result<RgbImage, ImageError> {
-    let grids = decode_grids(tokenizer, file, generic, ladder_dir, levels)?;
+    let grids = decode_grids(tokenizer, file, generic, entropy_dir, levels)?;
     let size = |v: u64| u32::try_from(v).map_err(|_| ImageError::File("image too large".into()));
     tokenizer
         .decode_levels_to(&grids, size(file.image_width)?, size(file.image_height)?)
@@ -423,7 +424,7 @@ pub fn decode_grids(
     tokenizer: &dyn ImageTokenizer,
     file: &UmicFile,
     generic: Option<(&str, &Generic)>,
-    ladder_dir: &Path,
+    entropy_dir: &Path,
     levels: usize,
 ) -> Result<Vec<TokenGrid>, ImageError> {
     if hex_hash8(&tokenizer.id().sha256)? != file.tokenizer.hash {
@@ -443,7 +444,7 @@ pub fn decode_grids(
         codebook_size: dim(file.codebook_size)?,
     };
     let grid = if is_model_id(&file.model.name) {
-        decode_transformer(file, generic, height, width)?
+        decode_transformer(file, generic, entropy_dir, height, width)?
     } else {
         decode_builtin(file, shape)?
     };
@@ -454,7 +455,7 @@ pub fn decode_grids(
     };
     let mut grids = vec![grid];
     for (i, level) in file.levels.iter().take(keep).enumerate() {
-        grids.push(decode_level(ladder_dir, i + 2, level, height, width)?);
+        grids.push(decode_level(entropy_dir, i + 2, level, height, width)?);
     }
     Ok(grids)
 }
@@ -503,14 +504,31 @@ fn decode_level(
 fn decode_transformer(
     file: &UmicFile,
     generic: Option<(&str, &Generic)>,
+    entropy_dir: &Path,
     height: u32,
     width: u32,
 ) -> Result<TokenGrid, ImageError> {
-    let Some((id, model)) = generic.filter(|(id, _)| *id == file.model.name) else {
-        return Err(ImageError::Model(format!(
-            "the file needs entropy model {:?}, which is not held here",
-            file.model.name
-        )));
+    // A file written with another (an earlier shipped) generic model names it: load that one.
+    let loaded;
+    let (id, model) = match generic.filter(|(id, _)| *id == file.model.name) {
+        Some(held) => held,
+        None => {
+            loaded = crate::shipped::generic_model(entropy_dir, &file.model.name)
+                .map_err(|e| {
+                    ImageError::Model(format!(
+                        "the file's entropy model {:?}: {e}",
+                        file.model.name
+                    ))
+                })?
+                .ok_or_else(|| {
+                    ImageError::Model(format!(
+                        "the file needs entropy model {:?}, which is not in {}",
+                        file.model.name,
+                        entropy_dir.display()
+                    ))
+                })?;
+            (file.model.name.as_str(), &loaded.0)
+        }
     };
     let ours = hex_hash8(model.content_hash())?;
     if ours != file.model.hash || file.model.version != 1 {
