@@ -58,6 +58,43 @@ impl Drop for PoolScope {
 /// An empty vector with capacity for at least `n` values: the smallest pooled buffer that fits,
 /// or a new one.
 pub(crate) fn take(n: usize) -> Vec<f32> {
+    let mut v = pooled(n);
+    v.clear();
+    v
+}
+
+/// `n` values whose contents are unspecified (left over from the buffer's last use, zeros where
+/// it grows): for outputs that are written in full. Skips the zeroing of [`zeros`], a pass over
+/// memory as large as the output (hundreds of megabytes for a photo's full-size layers).
+pub(crate) fn dirty(n: usize) -> Vec<f32> {
+    let mut v = pooled(n);
+    if v.len() >= n {
+        v.truncate(n);
+    } else if n - v.len() < PAR_ZERO {
+        v.resize(n, 0.0);
+    } else {
+        // A fresh buffer's first touch page-faults: zero it on every thread, not one.
+        let old = v.len();
+        v.spare_capacity_mut()[..n - old]
+            .par_chunks_mut(PAR_ZERO / 4)
+            .for_each(|c| {
+                for x in c {
+                    x.write(0.0);
+                }
+            });
+        // SAFETY: the capacity is at least `n` (`pooled`), and the `n − old` values after the
+        // first `old` were all written just above.
+        unsafe { v.set_len(n) };
+    }
+    v
+}
+
+/// Growth (in values) from which [`dirty`] zeroes a buffer on several threads.
+const PAR_ZERO: usize = 1 << 20;
+
+/// The smallest pooled buffer with capacity for `n` values (its old length and contents kept),
+/// or a new empty one.
+fn pooled(n: usize) -> Vec<f32> {
     let reused = POOL.with(|p| {
         let mut p = p.borrow_mut();
         let best = p
@@ -69,13 +106,7 @@ pub(crate) fn take(n: usize) -> Vec<f32> {
             .map(|(i, _)| i);
         best.map(|i| p.free.swap_remove(i))
     });
-    match reused {
-        Some(mut v) => {
-            v.clear();
-            v
-        }
-        None => Vec::with_capacity(n),
-    }
+    reused.unwrap_or_else(|| Vec::with_capacity(n))
 }
 
 /// `n` zeros in a pooled or new buffer.
@@ -207,7 +238,8 @@ impl Act {
         if h * w == 0 {
             return Self::new(self.c, 2 * h, 2 * w, Vec::new());
         }
-        let mut d = zeros(self.c * 4 * h * w);
+        // Written in full below.
+        let mut d = dirty(self.c * 4 * h * w);
         d.par_chunks_exact_mut(4 * h * w)
             .zip(self.data.par_chunks_exact(h * w))
             .for_each(|(dst, src)| {
@@ -314,7 +346,8 @@ impl Conv1 {
     pub(crate) fn forward(&self, x: &Act) -> Act {
         assert_eq!(x.c, self.cin, "1x1 conv input channels");
         let n = x.h * x.w;
-        let mut out = zeros(self.cout * n);
+        // Written in full by the product (which does not read it).
+        let mut out = dirty(self.cout * n);
         if n > 0 {
             matmul(
                 (self.cout, n, self.cin),
@@ -422,5 +455,36 @@ mod tests {
                 "the pool empties with its scope"
             )
         });
+    }
+
+    #[test]
+    fn dirty_buffers_have_the_asked_length_and_fresh_parts_are_zero() {
+        let _scope = PoolScope::new();
+        // Fresh, large enough for the parallel zeroing.
+        let big = dirty(3 * PAR_ZERO + 5);
+        assert_eq!(big.len(), 3 * PAR_ZERO + 5);
+        assert!(big.iter().all(|&v| v == 0.0));
+        drop(big);
+        // Reused smaller: the old contents may stay (they are not read), the length is exact.
+        let mut v = dirty(10);
+        v.fill(7.0);
+        let p = v.as_ptr();
+        give(v);
+        let w = dirty(6);
+        assert_eq!(
+            (w.as_ptr(), w.len()),
+            (p, 6),
+            "the pooled buffer, truncated"
+        );
+        drop(w);
+        // A pooled buffer grown past its old length (on several threads): the new part is zero.
+        let mut small = Vec::with_capacity(2 * PAR_ZERO + 3);
+        small.extend([7.0f32; 6]);
+        let p = small.as_ptr();
+        give(small);
+        let g = dirty(2 * PAR_ZERO + 3);
+        assert_eq!((g.as_ptr(), g.len()), (p, 2 * PAR_ZERO + 3));
+        assert_eq!(g[..6], [7.0; 6]);
+        assert!(g[6..].iter().all(|&v| v == 0.0));
     }
 }

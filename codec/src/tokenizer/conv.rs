@@ -23,7 +23,7 @@
 
 use rayon::prelude::*;
 
-use super::act::{give, zeros};
+use super::act::{dirty, give, zeros};
 
 /// Output tile side.
 const M: usize = 4;
@@ -146,17 +146,25 @@ impl Conv3 {
         // Padded planes: one zero row/column before the image, zeros after it up to the tiles.
         let (hp, wp) = (M * ty + 2, M * tx + 2);
         let plane = hp * wp;
-        let mut xp = zeros(cin * plane);
+        // Every value is written below (the image and its zero border), so the buffer need not
+        // be zeroed first.
+        let mut xp = dirty(cin * plane);
         xp.par_chunks_exact_mut(plane)
             .zip(x.par_chunks_exact(h * w))
             .for_each(|(dst, src)| {
-                for (row, d) in src.chunks_exact(w).zip(dst[wp..].chunks_exact_mut(wp)) {
+                let (top, rest) = dst.split_at_mut(wp);
+                top.fill(0.0);
+                let (body, bottom) = rest.split_at_mut(h * wp);
+                for (row, d) in src.chunks_exact(w).zip(body.chunks_exact_mut(wp)) {
+                    d[0] = 0.0;
                     d[1..=w].copy_from_slice(row);
+                    d[w + 1..].fill(0.0);
                 }
+                bottom.fill(0.0);
             });
         let rows = BAND_TILES.div_ceil(tx).clamp(1, ty);
-        // Each band writes its own rows of every output plane.
-        let mut out = zeros(cout * h * w);
+        // Each band writes its own rows of every output plane, every value of them.
+        let mut out = dirty(cout * h * w);
         let mut per_band: Vec<Vec<&mut [f32]>> = (0..ty.div_ceil(rows))
             .map(|_| Vec::with_capacity(cout))
             .collect();
@@ -473,7 +481,8 @@ impl ConvS2 {
             .map(|y0| (y0, self.band(&ph, plane, wq, y0, rows.min(ho - y0))))
             .collect();
         give(ph);
-        let mut out = zeros(cout * ho * wo);
+        // Every value is written below.
+        let mut out = dirty(cout * ho * wo);
         out.par_chunks_exact_mut(ho * wo)
             .enumerate()
             .for_each(|(co, plane)| {
