@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--profile", choices=["release", "dev"], default="release",
                     help="build of the Rust server and client (match the Python extension's)")
     ap.add_argument("--photo", action="store_true", help="also the photo-as-pixels turn")
+    ap.add_argument("--only", choices=["text", "grid", "photo"],
+                    help="run only this kind of turn")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -124,7 +126,7 @@ def main() -> None:
     with Image.open(REPO / "samples" / "kodim23.png") as f:
         ImageOps.fit(f.convert("RGB"), (256, 256), Image.Resampling.BICUBIC).save(crop)
     server, addr, pin = start_server(bins["unimic"], tmp / "serve.log")
-    kinds = ["text", "grid"] + (["photo"] if a.photo else [])
+    kinds = [a.only] if a.only else ["text", "grid"] + (["photo"] if a.photo else [])
     results = {}
     try:
         for kind in kinds:
