@@ -10,9 +10,12 @@
 //! let json = r.to_json();
 //! assert_eq!(
 //!     String::from_utf8(json.clone()).unwrap(),
-//!     r#"{"task":{"inpaint":{"region":{"x0":4,"y0":4,"x1":12,"y1":10}}},"seed":7,"temperature":0.9,"top_k":0}"#
+//!     r#"{"task":{"inpaint":{"region":{"x0":4,"y0":4,"x1":12,"y1":10}}},"seed":7,"temperature":0.9}"#
 //! );
 //! assert_eq!(Request::from_json(&json).unwrap(), r);
+//! // Fields at their defaults (seed 0, temperature 1, top-k 0) are left out.
+//! let plain = Request::new(Task::Generate { height: 16, width: 16 });
+//! assert_eq!(plain.to_json(), br#"{"task":{"generate":{"height":16,"width":16}}}"#);
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -101,18 +104,32 @@ pub struct Request {
     /// What to make.
     pub task: Task,
     /// Seed of the sampler: the same seed, image and models give the same tokens.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub seed: u64,
     /// Sampling temperature (1: the model's distribution; 0: the most likely token).
-    #[serde(default = "one")]
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens at each cell (0: no cut).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub top_k: u32,
 }
 
 fn one() -> f32 {
     1.0
+}
+
+// Fields at their default (PROTOCOL.md §6.5.1) are left out of the JSON: every byte of a request
+// travels raw.
+fn is_one(v: &f32) -> bool {
+    *v == 1.0
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 /// A request part that could not be read.
@@ -149,7 +166,8 @@ impl Request {
         self
     }
 
-    /// The request as the JSON body of a [`REQUEST_MEDIA_TYPE`] part.
+    /// The request as the JSON body of a [`REQUEST_MEDIA_TYPE`] part, without the fields that
+    /// are at their defaults.
     pub fn to_json(&self) -> Vec<u8> {
         // Serializing plain structs of numbers cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
@@ -211,6 +229,24 @@ mod tests {
         ] {
             let r = Request::new(task).with_seed(3).with_top_k(40);
             assert_eq!(Request::from_json(&r.to_json()).unwrap(), r);
+            // At the defaults, only the task travels, and it reads back the same.
+            let d = Request::new(task);
+            let json = String::from_utf8(d.to_json()).unwrap();
+            assert!(
+                json.starts_with(r#"{"task":"#) && !json.contains("seed"),
+                "{json}"
+            );
+            assert!(
+                !json.contains("temperature") && !json.contains("top_k"),
+                "{json}"
+            );
+            assert_eq!(Request::from_json(json.as_bytes()).unwrap(), d);
+            // Temperature 0 (greedy) is not the default: it is written.
+            let g = Request::new(task).with_temperature(0.0);
+            assert!(String::from_utf8(g.to_json())
+                .unwrap()
+                .contains(r#""temperature":0.0"#));
+            assert_eq!(Request::from_json(&g.to_json()).unwrap(), g);
         }
         let r = Request::from_json(br#"{"task":{"generate":{"height":8,"width":4}}}"#).unwrap();
         assert_eq!((r.seed, r.temperature, r.top_k), (0, 1.0, 0));
