@@ -16,7 +16,9 @@ use serde_json::json;
 use unimic_agents::request::{Border, CellRect, Request, Task};
 use unimic_chat::{Chat, ChatConfig, ChatError, Prompt, ReplyEvent};
 
-use crate::demo::{json_request_bytes, json_user_message};
+use crate::demo::{
+    json_assistant_content, json_reply_bytes, json_request_bytes, json_user_message,
+};
 #[allow(unused_imports)] // the trait's methods, whatever type the shipped tokenizer has
 use unimic_codec::tokenizer::ImageTokenizer;
 use unimic_transport::tls::{CertHash, Roots};
@@ -283,10 +285,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prompt = prompt.with_request(r);
         }
         let pixels: Vec<RgbImage> = sent_images.into_iter().map(|a| a.pixels).collect();
-        let message = json_user_message(&text, &pixels.iter().collect::<Vec<_>>())?;
-        let alone = json_request_bytes(std::slice::from_ref(&message))?;
-        history.push(message);
-        let with_history = json_request_bytes(&history)?;
+        history.push(json_user_message(
+            &text,
+            &pixels.iter().collect::<Vec<_>>(),
+        )?);
+        // What a stateless API is sent for this turn: the whole conversation again.
+        let json_up = json_request_bytes(&history)?;
 
         let result = rt.block_on(async {
             let mut reply = chat.send(prompt).await?;
@@ -317,21 +321,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         match result {
             Ok((text, grids, Some(s))) => {
                 println!();
-                let wire = s.sent.wire_bytes;
+                // The reply as such an API would send it: its images as base64 JPEG-85 of the
+                // same pixels; they join the history (an edit of one needs it there).
+                let reply_pixels = match grids.iter().map(|g| tok.decode(g)).collect() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // The comparison leaves the images out; the chat goes on.
+                        println!("[cannot detokenize the reply's image for the comparison: {e}]");
+                        Vec::new()
+                    }
+                };
+                let assistant = json_assistant_content(&text, &reply_pixels)?;
+                let json_down = json_reply_bytes(&assistant)?;
                 println!(
-                    "[turn {}: {} B on the wire (reply {} B, {} ms); OpenAI-style JSON + base64 \
-                     JPEG-85: {} B this turn alone ({:.1}x), {} B with the history a stateless \
-                     API resends ({:.1}x)]",
-                    s.turn,
-                    wire,
-                    s.received.wire_bytes,
-                    s.elapsed.as_millis(),
-                    alone,
-                    alone as f64 / wire.max(1) as f64,
-                    with_history,
-                    with_history as f64 / wire.max(1) as f64
+                    "{}",
+                    turn_summary(
+                        s.turn,
+                        (s.sent.wire_bytes, s.received.wire_bytes),
+                        s.elapsed,
+                        (json_up, json_down)
+                    )
                 );
-                history.push(json!({"role": "assistant", "content": text}));
+                history.push(json!({"role": "assistant", "content": assistant}));
                 for g in grids {
                     images.push((format!("reply-{}", images.len() + 1), vec![g]));
                 }
@@ -344,6 +355,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     rt.block_on(chat.close(Duration::from_secs(1)));
     Ok(())
+}
+
+/// The line after each turn: its bytes on the wire each way against the same turn as OpenAI-style
+/// JSON with base64 JPEG-85 images (`json`: the request, with the history a stateless API resends,
+/// and the reply), as `unimic demo` counts them.
+fn turn_summary(turn: u64, wire: (u64, u64), elapsed: Duration, json: (u64, u64)) -> String {
+    let (wire_total, json_total) = (wire.0 + wire.1, json.0 + json.1);
+    format!(
+        "[turn {turn}: {} B up + {} B down on the wire, {} ms; as OpenAI-style JSON + base64 \
+         JPEG-85: {} B up (with the history a stateless API resends) + {} B down: {:.1}x]",
+        wire.0,
+        wire.1,
+        elapsed.as_millis(),
+        json.0,
+        json.1,
+        json_total as f64 / wire_total.max(1) as f64
+    )
 }
 
 /// Writes every image of the conversation to `dir` as `NAME.png`; returns how many.
@@ -389,6 +417,18 @@ fn attach(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_turn_summary_counts_both_directions() {
+        let line = turn_summary(4, (219, 239), Duration::from_millis(149), (51_188, 20_812));
+        assert_eq!(
+            line,
+            "[turn 4: 219 B up + 239 B down on the wire, 149 ms; as OpenAI-style JSON + base64 \
+             JPEG-85: 51188 B up (with the history a stateless API resends) + 20812 B down: 157.2x]"
+        );
+        // Nothing on the wire (cannot happen, but no division by zero).
+        assert!(turn_summary(0, (0, 0), Duration::ZERO, (10, 0)).ends_with(": 10.0x]"));
+    }
 
     #[test]
     fn commands_parse_into_requests_and_bad_ones_say_how() {

@@ -213,7 +213,10 @@ pub fn json_request_bytes(messages: &[serde_json::Value]) -> anyhow::Result<u64>
 }
 
 /// The content of an OpenAI-style assistant message with `text` and `images` (base64 JPEG-85).
-fn json_assistant_content(text: &str, images: &[RgbImage]) -> anyhow::Result<serde_json::Value> {
+pub fn json_assistant_content(
+    text: &str,
+    images: &[RgbImage],
+) -> anyhow::Result<serde_json::Value> {
     let mut content = vec![json!({"type": "text", "text": text})];
     for img in images {
         content.push(json!({"type": "image_url", "image_url": {"url": jpeg_data_url(img)?}}));
@@ -222,7 +225,7 @@ fn json_assistant_content(text: &str, images: &[RgbImage]) -> anyhow::Result<ser
 }
 
 /// Bytes of a JSON completion whose message has `content`.
-fn json_reply_bytes(content: &serde_json::Value) -> anyhow::Result<u64> {
+pub fn json_reply_bytes(content: &serde_json::Value) -> anyhow::Result<u64> {
     let body = json!({
         "id": "chatcmpl-0000000000000000000000000000",
         "object": "chat.completion",
