@@ -679,6 +679,65 @@ unsafe fn pv_rows<V: V8, const R: usize>(
     }
 }
 
+/// [`pv_tile`] for one query row and `H` heads at once: `out_h[e] = Σ_{j < vis} p_h[j] *
+/// v_h[j*vs + e]` for `e < 8*E` (only `last` lanes of the last vector are used), each sum
+/// sequential in `j` starting from `+0.0`. The heads' sums are independent, so interleaving them
+/// keeps every bit and gives the CPU `H × E` chains of additions to overlap instead of `E` (a
+/// single row's sums are otherwise bound by the latency of one addition per position).
+#[inline(always)]
+unsafe fn pv_heads_tile<V: V8, const H: usize, const E: usize>(
+    p: [*const f32; H],
+    vis: usize,
+    v: [*const f32; H],
+    vs: usize,
+    out: [*mut f32; H],
+    last: usize,
+) {
+    let mut acc = [[V::zero(); E]; H];
+    for j in 0..vis {
+        for h in 0..H {
+            let pj = V::splat(*p[h].add(j));
+            for e in 0..E {
+                acc[h][e] = acc[h][e].add(pj.mul(pv_load::<V, E>(v[h], vs, j, e, last)));
+            }
+        }
+    }
+    for h in 0..H {
+        for e in 0..E {
+            let ptr = out[h].add(e * LANES);
+            if e + 1 == E && last < LANES {
+                acc[h][e].store_part(ptr, last);
+            } else {
+                acc[h][e].store(ptr);
+            }
+        }
+    }
+}
+
+/// [`pv_heads_tile`] over a whole head width `hd`.
+#[inline(always)]
+unsafe fn pv_heads<V: V8, const H: usize>(
+    p: [*const f32; H],
+    vis: usize,
+    v: [*const f32; H],
+    vs: usize,
+    out: [*mut f32; H],
+    hd: usize,
+) {
+    let mut e0 = 0;
+    while e0 + 4 * LANES <= hd {
+        let (vv, o) = (v.map(|x| x.add(e0)), out.map(|q| q.add(e0)));
+        pv_heads_tile::<V, H, 4>(p, vis, vv, vs, o, LANES);
+        e0 += 4 * LANES;
+    }
+    while e0 < hd {
+        let (vv, o) = (v.map(|x| x.add(e0)), out.map(|q| q.add(e0)));
+        let last = (hd - e0).min(LANES);
+        pv_heads_tile::<V, H, 1>(p, vis, vv, vs, o, last);
+        e0 += LANES;
+    }
+}
+
 /// Rows of queries per attention block.
 pub(crate) const ATT_ROWS: usize = 4;
 
@@ -720,6 +779,46 @@ pub(crate) unsafe fn attention<V: V8>(
         }
     };
     let st = sh.total;
+    if sh.rows == 1 && sh.nh <= ATT_ROWS {
+        // One row (a decoding step): every head's scores first (the buffer holds a row per
+        // head), then the value sums of two heads at a time.
+        let n = vis(0);
+        for h in 0..sh.nh {
+            let off = h * sh.hd;
+            let row = scores.add(h * st);
+            gemm::<V>(
+                qkv.add(off),
+                3 * d,
+                1,
+                k.add(off),
+                d,
+                n,
+                sh.hd,
+                None,
+                row,
+                st,
+            );
+            scaled_softmax_rows::<V, 1>([row], [n], scale);
+        }
+        let mut h = 0;
+        while h + 2 <= sh.nh {
+            let (a, b) = (h * sh.hd, (h + 1) * sh.hd);
+            pv_heads::<V, 2>(
+                [scores.add(h * st), scores.add((h + 1) * st)],
+                n,
+                [v.add(a), v.add(b)],
+                d,
+                [o.add(a), o.add(b)],
+                sh.hd,
+            );
+            h += 2;
+        }
+        if h < sh.nh {
+            let a = h * sh.hd;
+            pv_rows::<V, 1>([scores.add(h * st)], [n], v.add(a), d, [o.add(a)], sh.hd);
+        }
+        return;
+    }
     for h in 0..sh.nh {
         let off = h * sh.hd;
         let mut r0 = 0;

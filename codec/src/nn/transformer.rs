@@ -546,9 +546,16 @@ mod tests {
     /// and a cache that already holds positions.
     #[test]
     fn fast_forward_equals_reference_bitwise() {
-        for (d, nh, ff) in [(80, 2, 96), (24, 3, 40), (128, 4, 384)] {
+        // One row (a decoding step) runs the heads two at a time: even and odd head counts,
+        // and more heads than that path takes (5).
+        for (d, nh, ff) in [(80, 2, 96), (24, 3, 40), (128, 4, 384), (40, 5, 48)] {
             let b = body(d, nh, ff);
-            for (rows, mask) in [(11, Mask::Causal), (7, Mask::Full), (1, Mask::Causal)] {
+            for (rows, mask) in [
+                (11, Mask::Causal),
+                (7, Mask::Full),
+                (1, Mask::Causal),
+                (1, Mask::Full),
+            ] {
                 let x0 = input(rows, d);
                 let prefix = input(5, d + 1)[..5 * d].to_vec();
                 let run = |kernel: Option<Kernel>| {
