@@ -644,13 +644,20 @@ unsafe fn pv_tile<V: V8, const R: usize, const E: usize>(
                 acc[r][e] = acc[r][e].add(pj.mul(pv_load::<V, E>(v, vs, j, e, last)));
             }
         }
-        for e in 0..E {
-            let ptr = out[r].add(e * LANES);
-            if e + 1 == E && last < LANES {
-                acc[r][e].store_part(ptr, last);
-            } else {
-                acc[r][e].store(ptr);
-            }
+        store_sums::<V, E>(&acc[r], out[r], last);
+    }
+}
+
+/// Stores the `E` vectors of sums of [`pv_tile`] / [`pv_heads_tile`] at `out` (only `last` lanes
+/// of the last one).
+#[inline(always)]
+unsafe fn store_sums<V: V8, const E: usize>(acc: &[V; E], out: *mut f32, last: usize) {
+    for (e, a) in acc.iter().enumerate() {
+        let ptr = out.add(e * LANES);
+        if e + 1 == E && last < LANES {
+            a.store_part(ptr, last);
+        } else {
+            a.store(ptr);
         }
     }
 }
@@ -703,14 +710,7 @@ unsafe fn pv_heads_tile<V: V8, const H: usize, const E: usize>(
         }
     }
     for h in 0..H {
-        for e in 0..E {
-            let ptr = out[h].add(e * LANES);
-            if e + 1 == E && last < LANES {
-                acc[h][e].store_part(ptr, last);
-            } else {
-                acc[h][e].store(ptr);
-            }
-        }
+        store_sums::<V, E>(&acc[h], out[h], last);
     }
 }
 
