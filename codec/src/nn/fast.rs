@@ -815,7 +815,7 @@ pub(crate) unsafe fn attention<V: V8>(
         }
         if h < sh.nh {
             let a = h * sh.hd;
-            pv_rows::<V, 1>([scores.add(h * st)], [n], v.add(a), d, [o.add(a)], sh.hd);
+            pv_heads::<V, 1>([scores.add(h * st)], n, [v.add(a)], d, [o.add(a)], sh.hd);
         }
         return;
     }
