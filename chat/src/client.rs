@@ -517,6 +517,7 @@ impl Chat {
             message: None,
             text: TextDecoder::default(),
             text_part: None,
+            image_part: None,
             sent,
             started,
             done: false,
@@ -614,6 +615,20 @@ fn closed_reason(e: &SessionError) -> String {
 pub enum ReplyEvent {
     /// The next piece of the reply's text (valid UTF-8, possibly several tokens).
     Text(String),
+    /// An image of the reply still arriving: the server streams an image an agent makes row by
+    /// row as it goes, and each chunk that arrives before the last gives the image's first rows
+    /// (`ids` holds `rows × width` tokens, row-major). [`Image`](Self::Image) follows with the
+    /// whole grid. Decode the rows with the image tokenizer to show the picture as it grows.
+    ImageRows {
+        /// The image's height in tokens.
+        height: u32,
+        /// Its width in tokens.
+        width: u32,
+        /// Rows complete so far.
+        rows: u32,
+        /// Their tokens, row-major.
+        ids: Vec<u32>,
+    },
     /// An image of the reply, whole, as a token grid (decode it with the image tokenizer).
     Image(TokenGrid),
     /// Refinement level `level` (2, 3, …) of the reply's last [`Image`](Self::Image): residual
@@ -655,6 +670,8 @@ pub struct Reply {
     text: TextDecoder,
     /// Index of the text part being received.
     text_part: Option<u64>,
+    /// The image part being received (not an edit or refinement): index, shape, tokens so far.
+    image_part: Option<(u64, u32, u32, Vec<u32>)>,
     sent: MessageStats,
     started: Instant,
     done: bool,
@@ -708,7 +725,7 @@ impl Reply {
             },
             None => self.step().await,
         };
-        if !matches!(r, Ok(ReplyEvent::Text(_) | ReplyEvent::Image(_))) {
+        if matches!(r, Ok(ReplyEvent::End(_)) | Err(_)) {
             self.done = true;
         }
         Some(r)
@@ -777,7 +794,34 @@ impl Reply {
         Ok(match ev {
             MessageEvent::PartStart(info) => {
                 self.text_part = matches!(info.kind, PartKind::Text { .. }).then_some(info.index);
+                self.image_part = match info.kind {
+                    PartKind::Image { height, width, .. }
+                        if info.region.is_none() && info.level == 1 =>
+                    {
+                        Some((info.index, height, width, Vec::new()))
+                    }
+                    _ => None,
+                };
                 None
+            }
+            MessageEvent::Chunk {
+                part_index,
+                fin: false,
+                data: ChunkData::Tokens { ids, .. },
+                ..
+            } if self.image_part.as_ref().is_some_and(|p| p.0 == part_index) => {
+                let Some((_, height, width, got)) = self.image_part.as_mut() else {
+                    return Ok(None);
+                };
+                let before = got.len() / (*width).max(1) as usize;
+                got.extend_from_slice(&ids);
+                let rows = got.len() / (*width).max(1) as usize;
+                (rows > before).then(|| ReplyEvent::ImageRows {
+                    height: *height,
+                    width: *width,
+                    rows: rows as u32,
+                    ids: got[..rows * *width as usize].to_vec(),
+                })
             }
             MessageEvent::Chunk {
                 part_index,

@@ -23,8 +23,8 @@ use unimic_agents::{
 };
 use unimic_codec::text::{O200k, TextTokenizer};
 use unimic_transport::{
-    ContextKey, ErrorCode, MessageWriter, ModelChoice, OutgoingPart, ReceivedMessage, ReceivedPart,
-    Role, SendError, Server, Session, TextStream, TokenGrid, TokenizerKind,
+    ContextKey, ErrorCode, ImageStream, MessageWriter, ModelChoice, OutgoingPart, ReceivedMessage,
+    ReceivedPart, Role, SendError, Server, Session, TextStream, TokenGrid, TokenizerKind,
 };
 
 use crate::context::{Kind, Tracker};
@@ -78,6 +78,12 @@ pub struct ServeOptions {
     /// Code reply images with the generic transformer when the session negotiated it (on);
     /// otherwise with the adaptive model.
     pub transformer_images: bool,
+    /// Stream a reply image that an agent hands over in pieces (as the local agent does, row by
+    /// row while it samples) once its first pieces have taken this long: the rows so far go out
+    /// as the first chunk, and every later chunk of as many tokens as soon as they are there,
+    /// so the client sees the picture grow. An image complete before then goes in one chunk
+    /// (the fewest bytes). `None`: always one chunk. Default: 50 ms.
+    pub stream_images_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -86,6 +92,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("text", &self.text.name())
             .field("on_turn", &self.on_turn.is_some())
             .field("transformer_images", &self.transformer_images)
+            .field("stream_images_after", &self.stream_images_after)
             .finish()
     }
 }
@@ -96,11 +103,19 @@ impl Default for ServeOptions {
             text: Arc::new(O200k::new()),
             on_turn: None,
             transformer_images: true,
+            stream_images_after: Some(Duration::from_millis(50)),
         }
     }
 }
 
 impl ServeOptions {
+    /// Sets [`stream_images_after`](Self::stream_images_after) (`None`: reply images always go
+    /// in one chunk).
+    pub fn with_stream_images_after(mut self, after: Option<Duration>) -> Self {
+        self.stream_images_after = after;
+        self
+    }
+
     /// Calls `f` after every turn.
     pub fn on_turn(mut self, f: impl Fn(&TurnLog) + Send + Sync + 'static) -> Self {
         self.on_turn = Some(Arc::new(f));
@@ -447,7 +462,11 @@ struct WireSink<'s> {
     next_part: u64,
     text_refs: Vec<unimic_transport::ContextKey>,
     image_refs: Vec<unimic_transport::ContextKey>,
+    /// The agent's image so far, and when its first piece came.
     image: Vec<u32>,
+    image_since: Option<Instant>,
+    /// The index of the reply image part being streamed, if one is.
+    streaming: Option<u64>,
     /// What the reply said, with the context key of each piece.
     content: Vec<(Content, Option<ContextKey>)>,
     written: Vec<(ContextKey, Kind)>,
@@ -474,6 +493,8 @@ impl<'s> WireSink<'s> {
             text_refs: tracker.refs(session, Kind::Text),
             image_refs: tracker.refs(session, Kind::Image),
             image: Vec::new(),
+            image_since: None,
+            streaming: None,
             content: Vec::new(),
             written: Vec::new(),
             keys,
@@ -553,22 +574,93 @@ impl<'s> WireSink<'s> {
         if self.cancelled() {
             return Err(SinkError("the client cancelled the reply".into()));
         }
+        let codebook = image_codebook(self.session)
+            .ok_or_else(|| SinkError("the session negotiated no image tokenizer".into()))?;
+        let cells = shape.0 as usize * shape.1 as usize;
+        if self.image.len() + ids.len() > cells || (last && self.image.len() + ids.len() != cells) {
+            self.streaming = None;
+            return Err(SinkError(format!(
+                "the agent's image: {} ids for a {}x{} grid",
+                self.image.len() + ids.len(),
+                shape.0,
+                shape.1
+            )));
+        }
+        let since = *self.image_since.get_or_insert_with(Instant::now);
         self.image.extend_from_slice(ids);
+        let generic = self.options.transformer_images && has_generic(self.session);
+        if let Some(index) = self.streaming {
+            return self.stream_image(index, shape, codebook, ids).await;
+        }
+        let width = shape.1 as usize;
+        let stream = !last
+            && self.image.len() >= width
+            && self
+                .options
+                .stream_images_after
+                .is_some_and(|after| since.elapsed() >= after);
+        if stream {
+            // The rows so far are the first chunk; every chunk after it as many tokens.
+            let rows = self.image.len() - self.image.len() % width;
+            let mut spec = ImageStream::new(shape.0, shape.1, codebook)
+                .with_chunk_tokens(u32::try_from(rows).unwrap_or(u32::MAX));
+            spec = if generic {
+                spec.with_model(ModelChoice::Generic)
+            } else {
+                spec.with_context(self.image_refs.clone())
+            };
+            if let Err(e) = self.close_text().await {
+                return Err(self.fail(e));
+            }
+            let index = self.next_part;
+            let w = self.writer().await?;
+            if let Err(e) = w.begin_image(spec).await {
+                return Err(self.fail(e));
+            }
+            self.next_part += 1;
+            self.streaming = Some(index);
+            let all = self.image.clone();
+            return self.stream_image(index, shape, codebook, &all).await;
+        }
         if !last {
             return Ok(());
         }
         let ids = std::mem::take(&mut self.image);
-        let codebook = image_codebook(self.session)
-            .ok_or_else(|| SinkError("the session negotiated no image tokenizer".into()))?;
+        self.image_since = None;
         let grid = TokenGrid::new(shape.0, shape.1, codebook, ids)
             .map_err(|e| SinkError(format!("the agent's image: {e}")))?;
-        let generic = self.options.transformer_images && has_generic(self.session);
         let part = if generic {
             OutgoingPart::image(grid.clone()).with_model(ModelChoice::Generic)
         } else {
             OutgoingPart::image(grid.clone()).with_context(self.image_refs.clone())
         };
         self.write_image(part, grid).await
+    }
+
+    /// Pushes `ids` into the streamed image part `index`; records the image once it is whole.
+    async fn stream_image(
+        &mut self,
+        index: u64,
+        shape: (u32, u32),
+        codebook: u32,
+        ids: &[u32],
+    ) -> Result<(), SinkError> {
+        let w = self.writer().await?;
+        let key = w.key(index);
+        let done = match w.push_image(ids).await {
+            Ok(done) => done.is_some(),
+            Err(e) => return Err(self.fail(e)),
+        };
+        if done {
+            self.streaming = None;
+            self.image_since = None;
+            let ids = std::mem::take(&mut self.image);
+            let grid = TokenGrid::new(shape.0, shape.1, codebook, ids)
+                .map_err(|e| SinkError(format!("the agent's image: {e}")))?;
+            self.written.push((key, Kind::Image));
+            self.content.push((Content::Image(grid), Some(key)));
+        }
+        Ok(())
     }
 
     /// Closes the text part, if open, and writes the image part `part` of `grid`.

@@ -607,3 +607,103 @@ async fn a_ca_signed_pem_certificate_verified_by_its_roots() {
     ));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Paints an 8×10 image row by row, pausing between rows as a sampling agent does.
+struct RowPainter {
+    pause: Duration,
+}
+
+impl Agent for RowPainter {
+    fn respond<'a>(&'a self, _: &'a Conversation, sink: &'a mut dyn ReplySink) -> AgentFuture<'a> {
+        Box::pin(async move {
+            sink.text_delta("painting").await?;
+            let image = grid(8, 10, 4);
+            for (r, row) in image.ids().chunks(10).enumerate() {
+                tokio::time::sleep(self.pause).await;
+                sink.image_tokens((8, 10), row, r == 7).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A server streaming reply images from the first row (`stream_images_after: 0`), with the
+/// generic transformer or the adaptive model: the client sees the rows grow, then the whole
+/// image, and the next turn still codes against a context both ends agree on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_images_stream_row_by_row() {
+    use unimic_codec::entropy::generic::{Generic, GenericConfig};
+    use unimic_codec::part::CodecConfig;
+    use unimic_transport::{Server, ServerConfig, SessionConfig};
+
+    let generic = Arc::new(Generic::synthetic(&GenericConfig::tiny(1024), 5).unwrap());
+    for codec in [
+        CodecConfig::default().with_generic(generic),
+        CodecConfig::default(),
+    ] {
+        let tls = unimic_transport::tls::ServerTls::self_signed().unwrap();
+        let pin = tls.identity.cert_hash();
+        let session = SessionConfig::default()
+            .with_tokenizer(vq())
+            .with_codec(codec.clone());
+        let server = Server::bind(
+            ServerConfig::new(tls)
+                .with_bind("127.0.0.1:0".parse().unwrap())
+                .with_session(session),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let options = ServeOptions::default().with_stream_images_after(Some(Duration::ZERO));
+        tokio::spawn(serve_with(
+            server,
+            Arc::new(RowPainter {
+                pause: Duration::from_millis(5),
+            }),
+            options,
+        ));
+        let chat = within(Chat::connect(
+            addr,
+            ChatConfig::pinned(pin)
+                .with_image_tokenizer(vq())
+                .with_codec(codec),
+        ))
+        .await
+        .unwrap();
+        let ev = events(within(chat.send(Prompt::text("paint"))).await.unwrap()).await;
+        let rows: Vec<u32> = ev
+            .iter()
+            .filter_map(|e| match e {
+                ReplyEvent::ImageRows {
+                    height: 8,
+                    width: 10,
+                    rows,
+                    ids,
+                } => {
+                    assert_eq!(&ids[..], &grid(8, 10, 4).ids()[..*rows as usize * 10]);
+                    Some(*rows)
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !rows.is_empty(),
+            "rows arrive before the whole image: {ev:?}"
+        );
+        assert!(rows.windows(2).all(|w| w[0] < w[1]) && rows[rows.len() - 1] < 8);
+        assert!(ev.contains(&ReplyEvent::Image(grid(8, 10, 4))), "{ev:?}");
+        assert_eq!(text_of(&ev), "painting");
+        // The context is in step: a second turn (whose reply references the first image when
+        // adaptive) decodes too.
+        let ev = events(within(chat.send(Prompt::text("again"))).await.unwrap()).await;
+        assert!(ev.contains(&ReplyEvent::Image(grid(8, 10, 4))), "{ev:?}");
+    }
+
+    // With the default threshold an image complete at once goes whole: no rows first.
+    let r = start(Arc::new(RowPainter {
+        pause: Duration::ZERO,
+    }));
+    let chat = chat(&r).await;
+    let ev = events(within(chat.send(Prompt::text("paint"))).await.unwrap()).await;
+    assert!(ev.contains(&ReplyEvent::Image(grid(8, 10, 4))));
+    assert!(!ev.iter().any(|e| matches!(e, ReplyEvent::ImageRows { .. })));
+}

@@ -304,6 +304,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         let _ = std::io::stdout().flush();
                         text.push_str(&t);
                     }
+                    ReplyEvent::ImageRows { height, rows, .. } => {
+                        // The server streams an image the agent draws row by row.
+                        print!("\r[receiving an image: {rows} of {height} rows]");
+                        let _ = std::io::stdout().flush();
+                    }
                     ReplyEvent::Image(g) => {
                         println!(
                             "\n[an image, {}x{} tokens; /save DIR writes it]",

@@ -249,7 +249,11 @@ pub fn ladder_turn_bytes(photo: &Path, size: u32, levels: usize) -> anyhow::Resu
         .encode_levels(&pixels, levels)
         .context("tokenizing the photo")?;
     let rt = tokio::runtime::Runtime::new()?;
-    let (addr, pin) = start_server(&rt, Arc::new(unimic_agents::echo::Echo))?;
+    let (addr, pin) = start_server(
+        &rt,
+        Arc::new(unimic_agents::echo::Echo),
+        ServeOptions::default(),
+    )?;
     let config = ChatConfig::pinned(pin)
         .with_image_tokenizer(crate::serve::shipped_tokenizer_info()?)
         .with_codec(crate::serve::codec_config()?);
@@ -265,10 +269,83 @@ pub fn ladder_turn_bytes(photo: &Path, size: u32, levels: usize) -> anyhow::Resu
     })
 }
 
+/// One text-to-image reply from the local agent, timed at the client.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageReplyTimes {
+    /// From sending the turn to the first rows of the image (`None`: the image came whole).
+    pub first_rows: Option<Duration>,
+    /// From sending the turn to the whole image.
+    pub image: Duration,
+    /// Row events before the whole image.
+    pub row_events: u32,
+    /// The reply's bytes on the wire.
+    pub wire_down: u64,
+}
+
+/// Asks the local agent (shipped models) over loopback QUIC for `rounds` text-to-image replies
+/// of `side × side` tokens each (seeds 1, 2, …), on one session, with reply images streamed as
+/// sampled (`streamed`: the server's default, chunks from 50 ms on) or sent whole at the end;
+/// returns the times of each.
+pub fn image_reply_times(
+    side: u32,
+    streamed: bool,
+    rounds: usize,
+) -> anyhow::Result<Vec<ImageReplyTimes>> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let options = if streamed {
+        ServeOptions::default()
+    } else {
+        ServeOptions::default().with_stream_images_after(None)
+    };
+    let (addr, pin) = start_server(&rt, Arc::new(local_agent()?), options)?;
+    let config = ChatConfig::pinned(pin)
+        .with_image_tokenizer(crate::serve::shipped_tokenizer_info()?)
+        .with_codec(crate::serve::codec_config()?)
+        .with_reply_timeout(Some(Duration::from_secs(300)));
+    rt.block_on(async {
+        let chat = Chat::connect(addr, config).await?;
+        let mut out = Vec::new();
+        for round in 0..rounds {
+            let request = Request::new(Task::Generate {
+                height: side,
+                width: side,
+            })
+            .with_seed(1 + round as u64);
+            let start = Instant::now();
+            let mut reply = chat
+                .send(Prompt::text("A red parrot on a green branch.").with_request(request))
+                .await?;
+            let (mut first_rows, mut image, mut row_events) = (None, None, 0);
+            let mut wire_down = 0;
+            while let Some(ev) = reply.next().await {
+                match ev? {
+                    ReplyEvent::ImageRows { .. } => {
+                        row_events += 1;
+                        first_rows.get_or_insert(start.elapsed());
+                    }
+                    ReplyEvent::Image(_) => image = Some(start.elapsed()),
+                    ReplyEvent::End(s) => wire_down = s.received.wire_bytes,
+                    _ => {}
+                }
+            }
+            let image = image.context("the reply has no image")?;
+            out.push(ImageReplyTimes {
+                first_rows,
+                image,
+                row_events,
+                wire_down,
+            });
+        }
+        chat.close(Duration::from_secs(1)).await;
+        Ok(out)
+    })
+}
+
 /// The server side: a dev-mode server on an ephemeral loopback port with `agent`.
 fn start_server(
     rt: &tokio::runtime::Runtime,
     agent: Arc<dyn Agent>,
+    options: ServeOptions,
 ) -> anyhow::Result<(std::net::SocketAddr, unimic_transport::tls::CertHash)> {
     let info = crate::serve::shipped_tokenizer_info()?;
     let codec = crate::serve::codec_config()?;
@@ -285,7 +362,7 @@ fn start_server(
     )
     .context("listening on loopback")?;
     let addr = server.local_addr()?;
-    rt.spawn(serve_with(server, agent, ServeOptions::default()));
+    rt.spawn(serve_with(server, agent, options));
     Ok((addr, pin))
 }
 
@@ -305,7 +382,7 @@ pub fn run_session(
     let pixels = crate::models::prepare(img, size);
     let agent: Arc<dyn Agent> = Arc::new(Router::new(local_agent()?, question_agent));
     let rt = tokio::runtime::Runtime::new()?;
-    let (addr, pin) = start_server(&rt, agent)?;
+    let (addr, pin) = start_server(&rt, agent, ServeOptions::default())?;
     let config = ChatConfig::pinned(pin)
         .with_image_tokenizer(crate::serve::shipped_tokenizer_info()?)
         .with_codec(crate::serve::codec_config()?)

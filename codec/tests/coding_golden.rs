@@ -222,3 +222,61 @@ fn golden_payloads_of_every_built_in_model() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
 }
+
+/// §8's transformer parts in chunks (§7.9): the generic part of `G` in chunks of 6 tokens (6, 6
+/// and 4) and the masked edit's 4 region cells in chunks of 2; each chunk is its own golden
+/// block (`<name>_<i>`), and the blocks decode, in order, back to the input.
+#[test]
+fn golden_chunked_transformer_payloads() {
+    let ctx = context();
+    let mut codec = PartCodec::new(codec_config());
+    let mut problems = Vec::new();
+    let (g, e) = (grid(), edited());
+    let region: Vec<bool> = (0..16).map(|i| REGION.contains(&i)).collect();
+    let cases = [
+        (
+            "payload_generic_chunks",
+            PartSpec::new(ModelChoice::Generic).with_chunk_tokens(6),
+            &g,
+            3,
+        ),
+        (
+            "payload_masked_chunks",
+            PartSpec::new(ModelChoice::Masked)
+                .with_refs(vec![ContextKey::new(0, 1)])
+                .with_region(region)
+                .with_chunk_tokens(2),
+            &e,
+            2,
+        ),
+    ];
+    for (name, spec, input, count) in cases {
+        let part = codec.encode(&ctx, PartTokens::Grid(input), &spec).unwrap();
+        assert_eq!(part.chunks.len(), count, "{name}");
+        let mut wanted = Vec::new();
+        for (i, chunk) in part.chunks.iter().enumerate() {
+            let block = format!("{name}_{i}");
+            match golden(&block) {
+                None => problems.push(format!("missing golden {block}:\n{}", dump(&chunk.payload))),
+                Some(want) if want != chunk.payload => problems.push(format!(
+                    "golden {block} differs; the code encodes:\n{}",
+                    dump(&chunk.payload)
+                )),
+                Some(want) => wanted.push(want),
+            }
+        }
+        if wanted.len() == count {
+            let shape = PartShape::Grid {
+                height: 4,
+                width: 4,
+                codebook_size: 1024,
+            };
+            let dec = codec
+                .decoder(&ctx, shape, &spec, &part.digest, &part.model)
+                .unwrap();
+            let back = dec.decode_all(wanted.iter().map(|w| w.as_slice())).unwrap();
+            assert_eq!(back, DecodedPart::Grid(input.clone()), "{name}");
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}

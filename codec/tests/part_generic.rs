@@ -100,34 +100,70 @@ fn identity_and_availability_are_checked() {
 }
 
 #[test]
-fn chunking_and_oversized_grids_are_refused() {
+fn chunked_parts_decode_in_order_and_oversized_grids_are_refused() {
     let ctx = SessionContext::new(1 << 20);
     let m = model(1);
     let mut codec = PartCodec::new(CodecConfig::default().with_generic(m.clone()));
     let g = grid(4, 4, 5);
-    let chunked = PartSpec::new(ModelChoice::Generic).with_chunk_tokens(8);
-    let err = codec
-        .encode(&ctx, PartTokens::Grid(&g), &chunked)
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PartError::Unchunkable {
-                tokens: 16,
-                chunk_tokens: 8,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    // A chunk size covering the whole part is one chunk, and fine.
-    let whole = PartSpec::new(ModelChoice::Generic).with_chunk_tokens(16);
-    let part = codec.encode(&ctx, PartTokens::Grid(&g), &whole).unwrap();
-    assert_eq!(part.chunks.len(), 1);
-    let err = codec
+    // In chunks of 6: 6 + 6 + 4 tokens, each its own payload, decoded on one run of the model.
+    let chunked = PartSpec::new(ModelChoice::Generic).with_chunk_tokens(6);
+    let part = codec.encode(&ctx, PartTokens::Grid(&g), &chunked).unwrap();
+    let counts: Vec<u32> = part.chunks.iter().map(|c| c.tokens).collect();
+    assert_eq!(counts, [6, 6, 4]);
+    let dec = codec
         .decoder(&ctx, shape(&g), &chunked, &part.digest, &part.model)
-        .unwrap_err();
-    assert!(matches!(err, PartError::Unchunkable { .. }), "{err}");
+        .unwrap();
+    let err = dec.decode_chunk(2, &part.chunks[2].payload).unwrap_err();
+    assert_eq!(
+        err,
+        PartError::ChunkOrder {
+            expected: 0,
+            got: 2
+        }
+    );
+    let mut ids = Vec::new();
+    for (i, c) in part.chunks.iter().enumerate() {
+        ids.extend(dec.decode_chunk(i as u64, &c.payload).unwrap());
+    }
+    assert_eq!(ids, g.ids());
+    // A chunk decoded again gives the same tokens (the model runs again up to it); the chunks
+    // after it must then follow it again.
+    assert_eq!(
+        dec.decode_chunk(1, &part.chunks[1].payload).unwrap(),
+        &g.ids()[6..12]
+    );
+    assert_eq!(
+        dec.decode_chunk(0, &part.chunks[0].payload).unwrap(),
+        &g.ids()[..6]
+    );
+    assert!(matches!(
+        dec.decode_chunk(2, &part.chunks[2].payload),
+        Err(PartError::ChunkOrder {
+            expected: 1,
+            got: 2
+        })
+    ));
+    // A corrupt chunk fails alone: the good one decodes after it.
+    let _ = dec.decode_chunk(1, &[0xff; 3]);
+    assert_eq!(
+        dec.decode_chunk(1, &part.chunks[1].payload).unwrap(),
+        &g.ids()[6..12]
+    );
+    // The same probabilities as the part coded whole: the ideal sizes agree.
+    let whole = codec
+        .encode(
+            &ctx,
+            PartTokens::Grid(&g),
+            &PartSpec::new(ModelChoice::Generic),
+        )
+        .unwrap();
+    assert_eq!(whole.chunks.len(), 1);
+    assert!((whole.cross_entropy_bits - part.cross_entropy_bits).abs() < 1e-9);
+    // A chunk size covering the whole part is one chunk, the model's one-shot payload.
+    let one = PartSpec::new(ModelChoice::Generic).with_chunk_tokens(16);
+    let part = codec.encode(&ctx, PartTokens::Grid(&g), &one).unwrap();
+    assert_eq!(part.chunks.len(), 1);
+    assert_eq!(part.chunks[0].payload, m.encode(&g).unwrap());
 
     // Beyond the position tables (tiny: 16 per side).
     let side = m.config().max_side as u32 + 1;

@@ -19,13 +19,16 @@
 //!   reach o200k's range), for the text-conditioned reference;
 //! - then, for masked parts, `ceil(h * w / 8)` region bytes (bit `i` = cell `i`, row-major);
 //!   for the reference grid `h * w` bytes are taken from a seeded generator, not the input;
-//! - the rest is the payload.
+//! - the rest is the payload: with one chunk, all of it; with several (a chunk size below the
+//!   part's token count), each chunk but the last is a length byte and that many bytes, and the
+//!   last chunk takes what is left.
 //!
 //! Checks: setting up the decoder and decoding never panic and fail with typed errors; a
-//! decoder that is set up has one chunk of the expected token count (the region's cells for a
-//! masked part); a decoded chunk has exactly that many ids, all inside the codebook; the
-//! assembled grid keeps the reference outside a masked region; and whatever decodes
-//! re-encodes and decodes back to itself.
+//! decoder that is set up has the expected token count (the region's cells for a masked part)
+//! split into chunks of the spec's size; chunks decode in order only (one out of order is
+//! refused with `ChunkOrder` and does not disturb the run), each to exactly its count of ids,
+//! all inside the codebook; the assembled grid keeps the reference outside a masked region; and
+//! whatever decodes re-encodes and decodes back to itself.
 
 use std::sync::{Arc, OnceLock};
 
@@ -231,7 +234,13 @@ pub fn honest_input(header: &[u8], seed: u64) -> Option<Vec<u8>> {
         .encode(&s.ctx, PartTokens::Grid(&grid), &s.spec)
         .ok()?;
     let mut out = header.to_vec();
-    out.extend_from_slice(&part.chunks.first()?.payload);
+    let last = part.chunks.len() - 1;
+    for (i, chunk) in part.chunks.iter().enumerate() {
+        if i < last {
+            out.push(u8::try_from(chunk.payload.len()).ok()?);
+        }
+        out.extend_from_slice(&chunk.payload);
+    }
     Some(out)
 }
 
@@ -280,7 +289,6 @@ pub fn outcome(data: &[u8]) -> Outcome {
             | PartError::ModelMismatch { .. }
             | PartError::ModelUnavailable { .. }
             | PartError::Grid(_)
-            | PartError::Unchunkable { .. }
             | PartError::RegionRequired
             | PartError::RegionSize { .. }
             | PartError::MissingReference { .. }
@@ -297,17 +305,45 @@ pub fn outcome(data: &[u8]) -> Outcome {
             .map_or(0, |r| r.iter().filter(|&&c| c).count() as u64),
         _ => cells as u64,
     };
-    assert_eq!(dec.chunks(), 1, "a transformer part is one chunk");
+    let c = spec.chunk_tokens.map_or(expected.max(1), u64::from);
+    let chunks = expected.div_ceil(c).max(1);
+    assert_eq!(dec.chunks(), chunks, "chunks of the part");
     assert_eq!(dec.tokens(), expected, "tokens of the part");
-    assert_eq!(dec.chunk_range(0).ok(), Some((0, expected)));
-    assert!(dec.chunk_range(1).is_err(), "only one chunk");
-    assert!(dec.decode_chunk(1, payload).is_err(), "only one chunk");
+    assert!(dec.chunk_range(chunks).is_err(), "no chunk past the last");
+    assert!(dec.decode_chunk(chunks, payload).is_err(), "no chunk past the last");
 
-    let got = match dec.decode_chunk(0, payload) {
-        Ok(got) => got,
-        Err(PartError::Code(_) | PartError::Transformer(_)) => return Outcome::Corrupt,
-        Err(e) => panic!("unexpected decode error: {e:?}"),
-    };
+    // The chunks' payloads: length-prefixed but for the last.
+    let mut rest = payload;
+    let mut got = Vec::new();
+    for i in 0..chunks {
+        let this = if i + 1 < chunks {
+            let mut input = Input { data: rest };
+            let len = usize::from(input.byte());
+            let this = input.take(len);
+            rest = input.data;
+            this
+        } else {
+            rest
+        };
+        if i + 1 < chunks {
+            // Out of order: refused, and the run is where it was.
+            assert!(
+                matches!(
+                    dec.decode_chunk(i + 1, this),
+                    Err(PartError::ChunkOrder { expected, got }) if expected == i && got == i + 1
+                ),
+                "a later chunk first"
+            );
+        }
+        let ids = match dec.decode_chunk(i, this) {
+            Ok(ids) => ids,
+            Err(PartError::Code(_) | PartError::Transformer(_)) => return Outcome::Corrupt,
+            Err(e) => panic!("unexpected decode error: {e:?}"),
+        };
+        let (lo, hi) = dec.chunk_range(i).expect("a chunk of the part");
+        assert_eq!(ids.len() as u64, hi - lo, "decoded token count of chunk {i}");
+        got.extend(ids);
+    }
     assert_eq!(got.len() as u64, expected, "decoded token count");
     assert!(
         got.iter().all(|&id| id < K),
@@ -333,12 +369,14 @@ pub fn outcome(data: &[u8]) -> Outcome {
         }
     }
 
-    // Round trip of whatever came out.
+    // Round trip of whatever came out (on a fresh decoder: this one's run is over).
     let part = codec
         .encode(&ctx, PartTokens::Grid(&grid), &spec)
         .expect("decoded tokens re-encode");
-    assert_eq!(part.chunks.len(), 1);
-    let back = dec
+    assert_eq!(part.chunks.len() as u64, chunks);
+    let back = codec
+        .decoder(&ctx, shape, &spec, &digest, &identity)
+        .expect("the same decoder again")
         .decode_all(part.chunks.iter().map(|c| c.payload.as_slice()))
         .expect("re-encoded part decodes");
     assert_eq!(

@@ -101,6 +101,34 @@ fn transformer_seeds_reach_their_outcome() {
     );
 }
 
+/// Transformer parts in several chunks (each continuing the model's run): honest payloads of a
+/// generic 4×4 part in chunks of 3 tokens and of a masked 6×5 part's region in chunks of 2, made
+/// here by the target's own sender and equal to the committed seeds (`UNIMIC_WRITE_SEEDS=1`
+/// rewrites them); both decode chunk by chunk and round-trip.
+#[test]
+fn transformer_chunked_seeds() {
+    use unimic_fuzz::transformer_decode::{honest_input, outcome, Outcome};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/transformer_decode");
+    // Headers (module docs of the target): flags with bit 3 (a chunk size), height, width,
+    // codebook choice 0 (16), the chunk size, no text; the masked one with its region bytes.
+    let seeds = [
+        ("ok-generic-chunked", vec![0x08, 4, 4, 0, 3, 0]),
+        (
+            "ok-masked-chunked",
+            vec![0x09, 6, 5, 0, 2, 0, 0x00, 0x38, 0x07, 0x00],
+        ),
+    ];
+    for (name, header) in seeds {
+        let bytes = honest_input(&header, 7).expect("the sender takes the part");
+        assert_eq!(outcome(&bytes), Outcome::RoundTrip, "{name}");
+        let path = dir.join(name);
+        if std::env::var_os("UNIMIC_WRITE_SEEDS").is_some() {
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name} is committed");
+    }
+}
+
 /// The `codec_decode` seeds: those named `ok-*` are real encodes, of several chunks each, of
 /// shipped data (the default tokenizer's tokens in `models/entropy/data/*.val.umtg`, o200k ids
 /// of the captions next to them) with the models the target decodes with (uniform, adaptive,

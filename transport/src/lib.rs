@@ -88,8 +88,8 @@ pub use config::{ClientConfig, QuicConfig, ServerConfig, SessionConfig};
 pub use endpoint::{Client, Server};
 pub use error::{ConnectError, EndpointError, RecvError, SendError, SessionError};
 pub use message::{
-    ChunkData, MessageEvent, MessageStats, OutgoingMessage, OutgoingPart, PartContent, PartInfo,
-    PartKind, PartStats, ReceivedMessage, ReceivedPart, TextStream,
+    ChunkData, ImageStream, MessageEvent, MessageStats, OutgoingMessage, OutgoingPart, PartContent,
+    PartInfo, PartKind, PartStats, ReceivedMessage, ReceivedPart, TextStream,
 };
 pub use models::{TokenizerInfo, TokenizerKind};
 pub use recv::IncomingMessage;

@@ -262,6 +262,76 @@ impl TextStream {
     }
 }
 
+/// How a streamed image part is coded (see
+/// [`MessageWriter::begin_image`](crate::MessageWriter::begin_image)): its shape is known at the
+/// start, its tokens come later, a chunk at a time.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ImageStream {
+    /// Grid rows.
+    pub height: u32,
+    /// Grid columns.
+    pub width: u32,
+    /// The tokenizer's codebook size.
+    pub codebook_size: u32,
+    /// The entropy model (adaptive by default).
+    pub model: ModelChoice,
+    /// Context references.
+    pub context: Vec<ContextKey>,
+    /// The cells a [`ModelChoice::Masked`] part codes (row-major, `true` inside): its tokens are
+    /// then pushed for those cells only, in row-major order.
+    pub region: Option<Vec<bool>>,
+    /// Tokens per chunk: each chunk goes out once its tokens are pushed. `0`: the whole part in
+    /// one chunk, sent when the last token is pushed.
+    pub chunk_tokens: u32,
+    /// Tokenizer id; `None` picks the first negotiated image tokenizer with this codebook size.
+    pub tokenizer: Option<String>,
+}
+
+impl ImageStream {
+    /// A `height × width` grid of a tokenizer with `codebook_size` codes, adaptive model, no
+    /// context, one chunk.
+    pub fn new(height: u32, width: u32, codebook_size: u32) -> Self {
+        Self {
+            height,
+            width,
+            codebook_size,
+            model: ModelChoice::Adaptive,
+            context: Vec::new(),
+            region: None,
+            chunk_tokens: 0,
+            tokenizer: None,
+        }
+    }
+
+    /// Sets the entropy model.
+    pub fn with_model(mut self, model: ModelChoice) -> Self {
+        self.model = model;
+        self
+    }
+
+    /// Sets the context references.
+    pub fn with_context(mut self, context: Vec<ContextKey>) -> Self {
+        self.context = context;
+        self
+    }
+
+    /// Sets the tokens per chunk (`0`: one chunk).
+    pub fn with_chunk_tokens(mut self, tokens: u32) -> Self {
+        self.chunk_tokens = tokens;
+        self
+    }
+
+    /// An edit of `reference` (same shape) with the masked model: only `region`'s cells are
+    /// pushed and travel (see [`OutgoingPart::edit`]).
+    pub fn edit(mut self, reference: ContextKey, region: Vec<bool>) -> Self {
+        self.model = ModelChoice::Masked;
+        self.context = vec![reference];
+        self.region = Some(region);
+        self
+    }
+}
+
 /// What kind of part, as announced by its header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -6,14 +6,16 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tracing::Instrument;
 use unimic_codec::context::{ContextKey, Sequence, SequenceKind, SessionContext};
-use unimic_codec::part::{EncodedPart, ModelChoice, PartCodec, PartSpec, PartTokens};
+use unimic_codec::part::{
+    Chunk, EncodedPart, GridStream, ModelChoice, PartCodec, PartSpec, PartTokens,
+};
 use unimic_protocol::{
     CodedPart, CodingMode, ContextRef, Encode, ErrorCode, Frame, InReplyTo, MessageEnd,
     MessageHeader, PartBody, PartChunk, PartHeader, RawPart, Role, Shape, VarInt,
 };
 
 use crate::error::SendError;
-use crate::message::{MessageStats, OutgoingPart, PartContent, PartStats, TextStream};
+use crate::message::{ImageStream, MessageStats, OutgoingPart, PartContent, PartStats, TextStream};
 use crate::models::{find_entropy, TokenizerKind};
 use crate::session::Shared;
 use crate::wire;
@@ -45,9 +47,20 @@ struct OpenText {
     stats: PartStats,
 }
 
-/// One outgoing message. Write parts with [`write_part`](Self::write_part), or stream a text
-/// part with [`begin_text`](Self::begin_text) / [`push_text`](Self::push_text) /
-/// [`end_text`](Self::end_text); then [`finish`](Self::finish).
+/// A streamed image part in progress.
+struct OpenImage {
+    index: u64,
+    /// The codec's stream (taken out while a push codes on the blocking pool).
+    stream: Option<GridStream>,
+    transformer: bool,
+    seq: u64,
+    stats: PartStats,
+}
+
+/// One outgoing message. Write parts with [`write_part`](Self::write_part), stream a text part
+/// with [`begin_text`](Self::begin_text) / [`push_text`](Self::push_text) /
+/// [`end_text`](Self::end_text) or an image part with [`begin_image`](Self::begin_image) /
+/// [`push_image`](Self::push_image); then [`finish`](Self::finish).
 ///
 /// Frames are coalesced: the message header goes out with the first part (or with the end), and
 /// each call writes what it produced in one stream write, so a small message travels in one
@@ -72,6 +85,7 @@ pub struct MessageWriter {
     message_id: u64,
     next_part: u64,
     text: Option<OpenText>,
+    image: Option<OpenImage>,
     stats: MessageStats,
     /// Bytes of every frame written so far (checked against `max_message_bytes`).
     total_wire: u64,
@@ -125,9 +139,9 @@ fn mode(
     }
 }
 
-/// The chunk size to code `part` with: the part's own or the session default; transformer
-/// models code a part as one chunk, so for them only an explicit size is passed on (and refused
-/// by the codec if it would split the part).
+/// The chunk size to code `part` with: the part's own or the session default; a transformer part
+/// is one chunk unless it asks for a size (its chunks decode in order, one after the other, so
+/// splitting it gains a receiver nothing when the whole part is at hand) or does not fit a frame.
 fn chunking(part: &OutgoingPart, default: u32) -> u32 {
     match part.chunk_tokens {
         Some(c) => c,
@@ -179,6 +193,7 @@ impl MessageWriter {
             message_id,
             next_part: 0,
             text: None,
+            image: None,
             stats: MessageStats {
                 message_id,
                 ..MessageStats::default()
@@ -393,6 +408,9 @@ impl MessageWriter {
     fn check_open(&self) -> Result<(), SendError> {
         if self.text.is_some() {
             return Err(SendError::Usage("a streamed text part is open"));
+        }
+        if self.image.is_some() {
+            return Err(SendError::Usage("a streamed image part is not complete"));
         }
         if self.stream.is_none() {
             return Err(SendError::Cancelled);
@@ -718,6 +736,188 @@ impl MessageWriter {
         Ok(())
     }
 
+    /// Starts a streamed image part: its header goes out now, its tokens with
+    /// [`push_image`](Self::push_image) as they come (a reply image sent row by row while an
+    /// agent samples it). Each chunk of `stream.chunk_tokens` tokens is coded and written as soon
+    /// as its tokens are pushed; with a transformer model the chunks continue one run of the
+    /// model (PROTOCOL.md §6.6), so the bytes are those of the grid coded whole in chunks of that
+    /// size. A chunk size whose worst-case payload would not fit a frame is lowered to one that
+    /// does (to whole rows where it can).
+    pub async fn begin_image(&mut self, stream: ImageStream) -> Result<(), SendError> {
+        self.check_open()?;
+        let limits = self.shared.negotiated.limits;
+        let (h, w) = (u64::from(stream.height), u64::from(stream.width));
+        for (what, value, limit) in [
+            ("grid height", h, limits.max_grid_height.into_inner()),
+            ("grid width", w, limits.max_grid_width.into_inner()),
+        ] {
+            if value > limit {
+                return Err(SendError::Limit { what, value, limit });
+            }
+        }
+        let (tok, patch) = self.tokenizer(
+            SequenceKind::Grid,
+            stream.tokenizer.as_deref(),
+            stream.codebook_size,
+        )?;
+        let model = self.entropy(stream.model, SequenceKind::Grid)?;
+        // Every chunk must fit a frame whatever its tokens cost: at most 24 bits each (the
+        // coder's precision) and the coder's termination.
+        let most = (self.frame_budget().saturating_sub(16) / 3).max(1);
+        let total = stream
+            .region
+            .as_ref()
+            .map_or(h * w, |r| r.iter().filter(|&&c| c).count() as u64);
+        let mut chunk = match u64::from(stream.chunk_tokens) {
+            0 => total.max(1),
+            c => c,
+        };
+        if chunk > most {
+            chunk = if most >= w { most - most % w } else { most };
+        }
+        let mut spec = PartSpec::new(stream.model)
+            .with_refs(stream.context.clone())
+            .with_chunk_tokens(u32::try_from(chunk).unwrap_or(u32::MAX));
+        if let Some(r) = &stream.region {
+            spec = spec.with_region(r.clone());
+        }
+        let transformer = stream.model.is_transformer();
+        let (height, width, k) = (stream.height, stream.width, stream.codebook_size);
+        let shared = self.shared.clone();
+        let start = move || -> Result<GridStream, SendError> {
+            if transformer {
+                // As in `encode_part`: the model passes run without the state lock.
+                let (mut codec, context) = {
+                    let st = shared.state();
+                    (
+                        PartCodec::new(st.codec.config().clone()),
+                        references_only(&st.context, &spec.refs),
+                    )
+                };
+                Ok(codec.grid_stream(&context, height, width, k, &spec)?)
+            } else {
+                let mut st = shared.state();
+                let st = &mut *st;
+                Ok(st.codec.grid_stream(&st.context, height, width, k, &spec)?)
+            }
+        };
+        let grid_stream = if transformer || !stream.context.is_empty() {
+            tokio::task::spawn_blocking(start)
+                .await
+                .map_err(|e| SendError::Task(e.to_string()))??
+        } else {
+            start()?
+        };
+        let mode = match &stream.region {
+            Some(region) => CodingMode::Masked(crate::region::to_wire(region, stream.width)),
+            None => mode(stream.model, SequenceKind::Grid, &stream.context, None),
+        };
+        let header = Frame::PartHeader(PartHeader {
+            index: v(self.next_part),
+            body: PartBody::Image(CodedPart {
+                tokenizer: tok,
+                entropy_model: model,
+                shape: Shape {
+                    rows: v(h),
+                    cols: v(w),
+                },
+                token_count: v(grid_stream.total()),
+                mode,
+                context: refs(&stream.context),
+                context_digest: grid_stream.digest(),
+            }),
+        });
+        let index = self.next_part;
+        let before = self.total_wire;
+        self.staged(|w, out| w.put(out, &header))?;
+        self.flush().await?;
+        self.next_part += 1;
+        self.image = Some(OpenImage {
+            index,
+            stats: PartStats {
+                index,
+                wire_bytes: self.total_wire - before,
+                pixels: patch.map(|p| grid_stream.total() * u64::from(p) * u64::from(p)),
+                ..PartStats::default()
+            },
+            stream: Some(grid_stream),
+            transformer,
+            seq: 0,
+        });
+        Ok(())
+    }
+
+    /// Pushes the next tokens of the open streamed image part (row-major; a masked part's region
+    /// cells only) and writes every chunk they complete. The push that completes the grid ends
+    /// the part: it is committed to the context and its statistics are returned. Pushing past
+    /// the grid, or an id outside the codebook, is refused (`SendError::Codec`) and sends
+    /// nothing.
+    pub async fn push_image(&mut self, ids: &[u32]) -> Result<Option<PartStats>, SendError> {
+        if self.stream.is_none() {
+            return Err(SendError::Cancelled);
+        }
+        let Some(open) = self.image.as_mut() else {
+            return Err(SendError::Usage("no streamed image part is open"));
+        };
+        let Some(mut stream) = open.stream.take() else {
+            return Err(SendError::Usage("no streamed image part is open"));
+        };
+        let (chunks, stream) = if open.transformer || ids.len() as u64 > BLOCKING_TOKENS {
+            let ids = ids.to_vec();
+            tokio::task::spawn_blocking(move || (stream.push(&ids), stream))
+                .await
+                .map_err(|e| SendError::Task(e.to_string()))?
+        } else {
+            (stream.push(ids), stream)
+        };
+        let done = stream.is_done();
+        open.stream = Some(stream);
+        let chunks: Vec<Chunk> = chunks?;
+        let (index, seq) = (open.index, open.seq);
+        let before = self.total_wire;
+        let (mut payload_bytes, mut tokens) = (0, 0);
+        let count = chunks.len();
+        self.staged(|w, out| {
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                payload_bytes += chunk.payload.len() as u64;
+                tokens += u64::from(chunk.tokens);
+                let f = Frame::PartChunk(PartChunk {
+                    part_index: v(index),
+                    seq: v(seq + i as u64),
+                    fin: done && i + 1 == count,
+                    token_count: VarInt::from_u32(chunk.tokens),
+                    payload: Bytes::from(chunk.payload),
+                });
+                w.put(out, &f)?;
+            }
+            Ok(())
+        })?;
+        let wire = self.total_wire - before;
+        if let Some(open) = self.image.as_mut() {
+            open.seq += count as u64;
+            open.stats.tokens += tokens;
+            open.stats.payload_bytes += payload_bytes;
+            open.stats.wire_bytes += wire;
+        }
+        self.flush().await?;
+        if !done {
+            return Ok(None);
+        }
+        let Some(OpenImage {
+            index,
+            stream: Some(stream),
+            stats,
+            ..
+        }) = self.image.take()
+        else {
+            return Err(SendError::Usage("no streamed image part is open"));
+        };
+        let grid = stream.into_grid()?;
+        self.commit(index, Sequence::grid(&grid)).await?;
+        self.stats.add_part(stats.clone());
+        Ok(Some(stats))
+    }
+
     /// Writes the message end (with whatever is still pending, in one write) and finishes the
     /// stream. Returns the message statistics.
     pub async fn finish(mut self) -> Result<MessageStats, SendError> {
@@ -729,6 +929,9 @@ impl MessageWriter {
     pub(crate) async fn finish_here(&mut self) -> Result<MessageStats, SendError> {
         if self.text.is_some() {
             self.close_text().await?;
+        }
+        if self.image.is_some() {
+            return Err(SendError::Usage("a streamed image part is not complete"));
         }
         let end = Frame::MessageEnd(MessageEnd {
             part_count: v(self.next_part),
@@ -801,7 +1004,8 @@ impl Drop for MessageWriter {
 /// codec's cache of learned states. A transformer part depends only on the codec configuration
 /// and the sequences it refers to (nothing is learned or cached for it), so only those are taken
 /// under the lock ([`references_only`]) and the model passes run without it: a long encode does
-/// not hold up the receive side's context lookups. The bytes are the same either way, and our
+/// not hold up the receive side's context lookups. (A transformer part split this way is still
+/// one run of the model, its chunks decoded in order, PROTOCOL.md §6.6.) The bytes are the same either way, and our
 /// context is still updated only when the part is written ([`MessageWriter::commit`]), in the
 /// same order as before.
 fn encode_part(
@@ -817,31 +1021,23 @@ fn encode_part(
         .into_inner()
         .saturating_sub(CHUNK_OVERHEAD);
     let mut spec = spec;
-    if spec.model.is_transformer() {
-        let (mut codec, context) = {
-            let st = shared.state();
-            (
-                PartCodec::new(st.codec.config().clone()),
-                references_only(&st.context, &spec.refs),
-            )
-        };
-        let part = codec.encode(&context, tokens, &spec)?;
-        // One chunk per part: it fits a frame or the part is refused.
-        let largest = part.chunks.iter().map(|c| c.payload.len() as u64).max();
-        return match largest {
-            Some(largest) if largest > budget => Err(SendError::Limit {
-                what: "chunk payload",
-                value: largest,
-                limit: budget,
-            }),
-            _ => Ok(part),
-        };
+    let transformer = spec.model.is_transformer();
+    let mut own = None;
+    if transformer {
+        let st = shared.state();
+        own = Some((
+            PartCodec::new(st.codec.config().clone()),
+            references_only(&st.context, &spec.refs),
+        ));
     }
     loop {
-        let part = {
-            let mut st = shared.state();
-            let st = &mut *st;
-            st.codec.encode(&st.context, tokens, &spec)?
+        let part = match own.as_mut() {
+            Some((codec, context)) => codec.encode(context, tokens, &spec)?,
+            None => {
+                let mut st = shared.state();
+                let st = &mut *st;
+                st.codec.encode(&st.context, tokens, &spec)?
+            }
         };
         let largest = part
             .chunks

@@ -583,16 +583,18 @@ async fn a_peer_breaking_the_masked_and_text_rules_gets_documented_errors() {
         held: held.clone(),
         ..header(model, shape, tokens, mode)
     };
-    // A masked part (2 cells) split over two chunks.
+    // A masked part (3 cells) whose chunks break the chunking: its second chunk is larger than
+    // its first (the chunks of a transformer part continue one run of the model, PROTOCOL.md
+    // §6.6, and are sized as any image part's).
     let h = on_reference(
         masked,
         (4, 4),
-        2,
-        masked_mode(Region::Rects(vec![rect(0, 0, 1, 2)])),
+        3,
+        masked_mode(Region::Rects(vec![rect(0, 0, 1, 3)])),
     );
-    let m = message(10, &h, &[(1, &[9]), (1, &[9])]);
+    let m = message(10, &h, &[(1, &[9]), (2, &[9])]);
     let why = expect_refused(&mut peer, 10, m, ErrorCode::PROTOCOL_VIOLATION).await;
-    assert!(why.contains("as one chunk"), "{why}");
+    assert!(why.contains("does not match the chunking"), "{why}");
     // A 2 × 2 masked part whose reference image is 4 × 4.
     let h = on_reference(masked, (2, 2), 1, masked_mode(one_cell()));
     let m = message(12, &h, &[(1, &[9])]);
@@ -1026,4 +1028,114 @@ async fn a_peer_breaking_the_ladder_rules_gets_documented_errors() {
             None
         ]
     );
+}
+
+/// Image parts streamed as their tokens come (`begin_image` / `push_image`): a generic part in
+/// chunks of two rows pushed a row at a time, and an edit whose region's cells come in pieces.
+/// Each chunk reaches the receiver as it is written and decodes there on the model's run; the
+/// parts equal the grids and both contexts agree. Misuse is refused without sending anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_image_parts_decode_chunk_by_chunk() {
+    use unimic_codec::entropy::generic::{Generic, GenericConfig};
+    use unimic_transport::ImageStream;
+
+    let generic = Arc::new(Generic::synthetic(&GenericConfig::tiny(K as usize), 3).unwrap());
+    let codecs = codec(4).with_generic(generic);
+    let mut pair = model_pair(codecs.clone(), codecs);
+    let (client, server) = connect(&mut pair).await;
+
+    let image = noise(6, 5, 11);
+    let mut w = within(client.open(Role::User)).await.unwrap();
+    within(
+        w.begin_image(
+            ImageStream::new(6, 5, K)
+                .with_model(ModelChoice::Generic)
+                .with_chunk_tokens(10),
+        ),
+    )
+    .await
+    .unwrap();
+    // The receiver sees the part and its first chunk before the rest is pushed.
+    within(w.push_image(&image.ids()[..10])).await.unwrap();
+    let mut incoming = within(server.recv()).await.unwrap().unwrap();
+    let first = loop {
+        match within(incoming.next()).await.unwrap().unwrap() {
+            MessageEvent::Chunk {
+                seq: 0,
+                fin: false,
+                data: ChunkData::Tokens { start: 0, ids },
+                ..
+            } => break ids,
+            MessageEvent::Chunk { .. } => panic!("another chunk first"),
+            _ => {}
+        }
+    };
+    assert_eq!(first, &image.ids()[..10]);
+    // Past the grid, or outside the codebook: refused, nothing sent; a new part or the end
+    // before the image is whole: refused.
+    assert!(matches!(
+        within(w.push_image(&[0; 40])).await,
+        Err(SendError::Codec(_))
+    ));
+    assert!(matches!(
+        within(w.push_image(&[K])).await,
+        Err(SendError::Codec(_))
+    ));
+    assert!(matches!(
+        within(w.write_part(OutgoingPart::text(vec![1]))).await,
+        Err(SendError::Usage(_))
+    ));
+    let mut stats = None;
+    for row in image.ids()[10..].chunks(5) {
+        stats = within(w.push_image(row)).await.unwrap();
+    }
+    let stats = stats.expect("the last push ends the part");
+    assert_eq!(stats.tokens, 30);
+    within(w.finish()).await.unwrap();
+    let mut got = first;
+    loop {
+        match within(incoming.next()).await {
+            Some(Ok(MessageEvent::Chunk {
+                data: ChunkData::Tokens { ids, .. },
+                ..
+            })) => got.extend(ids),
+            Some(Ok(MessageEvent::PartEnd { part, .. })) => {
+                assert_eq!(part, ReceivedPart::Image(image.clone()));
+            }
+            Some(Ok(_)) => {}
+            None => break,
+            Some(Err(e)) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, image.ids());
+
+    // An edit streamed: the region's cells in three pushes, in chunks of 4.
+    // The image above: part 0 of the client's first message (id 0).
+    let key = ContextKey::new(0, 0);
+    let region = block(6, 5, 1..4, 1..4);
+    let edited = edit(&image, &region, &noise(6, 5, 12));
+    let cells: Vec<u32> = edited
+        .ids()
+        .iter()
+        .zip(&region)
+        .filter(|(_, &r)| r)
+        .map(|(&id, _)| id)
+        .collect();
+    let mut w = within(client.open(Role::User)).await.unwrap();
+    within(
+        w.begin_image(
+            ImageStream::new(6, 5, K)
+                .edit(key, region.clone())
+                .with_chunk_tokens(4),
+        ),
+    )
+    .await
+    .unwrap();
+    for piece in cells.chunks(3) {
+        within(w.push_image(piece)).await.unwrap();
+    }
+    within(w.finish()).await.unwrap();
+    let got = collect(&server).await;
+    assert_eq!(got.parts[0], ReceivedPart::Image(edited));
+    assert_eq!(client.context_digest(), server.context_digest());
 }

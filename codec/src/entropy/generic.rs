@@ -30,7 +30,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::coder::{Decoder, Encoder};
+use crate::coder::Decoder;
+use crate::entropy::cursor::{code_chunk, Cursor};
 use crate::entropy::Dense;
 use crate::grid::TokenGrid;
 use crate::nn::kernels::Kernel;
@@ -216,8 +217,80 @@ impl Generic {
         self.head.weights(self.kernel, &x, &mut scratch, out);
     }
 
+    /// A [`Cursor`] at the start of a `height × width` grid (see [`super::cursor`]).
+    pub fn cursor(&self, height: u32, width: u32) -> Result<Cursor, ModelError> {
+        let k = self.cfg.codebook_size as u32;
+        check_shape(height, width, k, self.cfg.max_side, self.cfg.codebook_size)?;
+        if height == 0 || width == 0 {
+            return Err(ModelError::Grid("empty grid".into()));
+        }
+        let n = height as usize * width as usize;
+        Ok(Cursor::new(
+            self.new_cache(),
+            (height, width, k),
+            vec![0; n],
+            None,
+            n,
+        ))
+    }
+
+    /// Decides the next `n` tokens of `cursor` one position at a time: `pick(index, weights)`
+    /// chooses each from the model's integer weights (the range decoder, or a sampler). An error
+    /// from `pick` (for example [`ModelError::Stopped`]) ends the run.
+    pub fn advance(
+        &self,
+        cursor: &mut Cursor,
+        n: usize,
+        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+    ) -> Result<(), ModelError> {
+        cursor.check_more(n)?;
+        let k = cursor.codebook_size;
+        let width = cursor.width as usize;
+        let mut w = Vec::new();
+        for _ in 0..n {
+            let t = cursor.t;
+            let prev = t.checked_sub(1).map(|p| cursor.ids[p]);
+            self.step(&mut cursor.cache, prev, width, &mut w);
+            cursor.ids[t] = pick(t, &w)?.min(k - 1);
+            cursor.t += 1;
+            cursor.coded += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes `tokens` as the next tokens of `cursor` and returns the integer weights each is
+    /// coded with, from one batched pass (the same bits as [`Self::advance`]'s).
+    pub fn advance_known(
+        &self,
+        cursor: &mut Cursor,
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<u64>>, ModelError> {
+        let (from, to) = (cursor.t, cursor.place(tokens)?);
+        if from == to {
+            return Ok(Vec::new());
+        }
+        let d = self.cfg.body.d_model;
+        let width = cursor.width as usize;
+        let mut xs = vec![0.0f32; (to - from) * d];
+        for (row, t) in xs.chunks_exact_mut(d).zip(from..to) {
+            let prev = t.checked_sub(1).map(|p| cursor.ids[p]);
+            self.input(prev, t, width, row);
+        }
+        self.body
+            .forward(self.kernel, &mut xs, &mut cursor.cache, Mask::Causal);
+        cursor.t = to;
+        cursor.coded += to - from;
+        let rows: Vec<usize> = (0..to - from).collect();
+        Ok(self.head.weights_rows(self.kernel, &xs, d, &rows))
+    }
+
     /// Full recompute: the integer weights of every position of `grid`, from one batched pass.
     pub fn weights_full(&self, grid: &TokenGrid) -> Result<Vec<Vec<u64>>, ModelError> {
+        let mut cursor = self.cursor_for(grid)?;
+        self.advance_known(&mut cursor, grid.ids())
+    }
+
+    fn cursor_for(&self, grid: &TokenGrid) -> Result<Cursor, ModelError> {
         check_shape(
             grid.height(),
             grid.width(),
@@ -225,30 +298,13 @@ impl Generic {
             self.cfg.max_side,
             self.cfg.codebook_size,
         )?;
-        let d = self.cfg.body.d_model;
-        let n = grid.len();
-        let w = grid.width() as usize;
-        let ids = grid.ids();
-        let mut xs = vec![0.0f32; n * d];
-        for t in 0..n {
-            let prev = if t == 0 { None } else { Some(ids[t - 1]) };
-            self.input(prev, t, w, &mut xs[t * d..(t + 1) * d]);
-        }
-        let mut cache = self.new_cache();
-        self.body
-            .forward(self.kernel, &mut xs, &mut cache, Mask::Causal);
-        let rows: Vec<usize> = (0..n).collect();
-        Ok(self.head.weights_rows(self.kernel, &xs, d, &rows))
+        self.cursor(grid.height(), grid.width())
     }
 
     /// Codes `grid` (raster order) into a range-coder payload, using the batched path.
     pub fn encode(&self, grid: &TokenGrid) -> Result<Vec<u8>, ModelError> {
         let all = self.weights_full(grid)?;
-        let mut enc = Encoder::new();
-        for (w, &id) in all.into_iter().zip(grid.ids()) {
-            enc.encode(id, &Dense::from_weights(w))?;
-        }
-        Ok(enc.finish())
+        Ok(code_chunk(all, grid.ids())?.0)
     }
 
     /// Decodes a `height × width` grid from `payload`, one position at a time with a KV cache.
@@ -277,21 +333,11 @@ impl Generic {
         &self,
         height: u32,
         width: u32,
-        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+        pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
     ) -> Result<TokenGrid, ModelError> {
-        let k = self.cfg.codebook_size as u32;
-        check_shape(height, width, k, self.cfg.max_side, self.cfg.codebook_size)?;
-        if height == 0 || width == 0 {
-            return Err(ModelError::Grid("empty grid".into()));
-        }
-        let n = height as usize * width as usize;
-        let mut cache = self.new_cache();
-        let mut ids = Vec::with_capacity(n);
-        let mut w = Vec::new();
-        for t in 0..n {
-            self.step(&mut cache, ids.last().copied(), width as usize, &mut w);
-            ids.push(pick(t, &w)?.min(k - 1));
-        }
-        TokenGrid::new(height, width, k, ids).map_err(|e| ModelError::Grid(e.to_string()))
+        let mut cursor = self.cursor(height, width)?;
+        let n = cursor.total();
+        self.advance(&mut cursor, n, pick)?;
+        cursor.into_grid()
     }
 }

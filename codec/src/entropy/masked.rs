@@ -40,7 +40,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::coder::{Decoder, Encoder};
+use crate::coder::Decoder;
+use crate::entropy::cursor::{code_chunk, Cursor};
 use crate::entropy::Dense;
 use crate::grid::TokenGrid;
 use crate::nn::kernels::Kernel;
@@ -264,6 +265,106 @@ impl Masked {
         xs
     }
 
+    /// A [`Cursor`] at the start of the unknown cells of a `height × width` grid whose known
+    /// cells hold `known_ids` (row-major, `height * width` entries; values at unknown positions
+    /// are ignored): the known prefix is run (see [`super::cursor`]).
+    pub fn cursor(
+        &self,
+        height: u32,
+        width: u32,
+        known_ids: &[u32],
+        unknown: &[bool],
+    ) -> Result<Cursor, ModelError> {
+        let k = self.cfg.codebook_size as u32;
+        let n = height as usize * width as usize;
+        self.check(height, width, k, n, unknown)?;
+        if known_ids.len() != n {
+            return Err(ModelError::Grid(format!(
+                "{} known ids for {n} positions",
+                known_ids.len()
+            )));
+        }
+        let w = (width as usize).max(1);
+        let ids: Vec<u32> = known_ids
+            .iter()
+            .zip(unknown)
+            .map(|(&id, &u)| if u { 0 } else { id })
+            .collect();
+        let (prefix, len) = layout(unknown);
+        let cache = self.known_prefix(w, &ids, &prefix);
+        Ok(Cursor::new(
+            cache,
+            (height, width, k),
+            ids,
+            Some(unknown.to_vec()),
+            len,
+        ))
+    }
+
+    /// Decides the next `n` unknown cells of `cursor`, in raster order: runs of known cells in
+    /// one batched pass, one incremental step per unknown cell, whose token `pick(index,
+    /// weights)` chooses from the model's integer weights. An error from `pick` ends the run.
+    pub fn advance(
+        &self,
+        cursor: &mut Cursor,
+        n: usize,
+        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+    ) -> Result<(), ModelError> {
+        cursor.check_more(n)?;
+        let k = cursor.codebook_size;
+        let w = (cursor.width as usize).max(1);
+        let target = cursor.coded + n;
+        let (mut scratch, mut wts) = (Vec::new(), Vec::new());
+        while cursor.coded < target {
+            let t = cursor.t;
+            if cursor.is_coded(t) {
+                let mut x = self.raster_inputs(w, &cursor.ids, t, t + 1);
+                self.body
+                    .forward(self.kernel, &mut x, &mut cursor.cache, Mask::Causal);
+                self.head.weights(self.kernel, &x, &mut scratch, &mut wts);
+                cursor.ids[t] = pick(t, &wts)?.min(k.saturating_sub(1));
+                cursor.t += 1;
+                cursor.coded += 1;
+            } else {
+                // A run of known cells: inputs only, one batched pass.
+                let end = (t..cursor.len)
+                    .find(|&i| cursor.is_coded(i))
+                    .unwrap_or(cursor.len);
+                let mut xs = self.raster_inputs(w, &cursor.ids, t, end);
+                self.body
+                    .forward(self.kernel, &mut xs, &mut cursor.cache, Mask::Causal);
+                cursor.t = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `tokens` as the next unknown cells of `cursor` and returns the integer weights each
+    /// is coded with, from one batched pass over the raster span that holds them (the same bits
+    /// as [`Self::advance`]'s).
+    pub fn advance_known(
+        &self,
+        cursor: &mut Cursor,
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<u64>>, ModelError> {
+        let (from, to) = (cursor.t, cursor.place(tokens)?);
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let d = self.cfg.body.d_model;
+        let w = (cursor.width as usize).max(1);
+        let mut xs = self.raster_inputs(w, &cursor.ids, from, to);
+        self.body
+            .forward(self.kernel, &mut xs, &mut cursor.cache, Mask::Causal);
+        let rows: Vec<usize> = (from..to)
+            .filter(|&t| cursor.is_coded(t))
+            .map(|t| t - from)
+            .collect();
+        cursor.t = to;
+        cursor.coded += tokens.len();
+        Ok(self.head.weights_rows(self.kernel, &xs, d, &rows))
+    }
+
     /// The integer weights of every unknown cell's token, in raster order of the unknown cells,
     /// from one pass over the prefix and one batched causal pass over the raster part (`ids`
     /// must hold the true tokens of every cell).
@@ -301,12 +402,13 @@ impl Masked {
         )?;
         let ids = grid.ids();
         let weights = self.weights_unknown(grid.width() as usize, ids, unknown);
-        let mut enc = Encoder::new();
-        let coded = ids.iter().zip(unknown).filter(|(_, &u)| u);
-        for (w, (&id, _)) in weights.into_iter().zip(coded) {
-            enc.encode(id, &Dense::from_weights(w))?;
-        }
-        Ok(enc.finish())
+        let coded: Vec<u32> = ids
+            .iter()
+            .zip(unknown)
+            .filter(|(_, &u)| u)
+            .map(|(&id, _)| id)
+            .collect();
+        Ok(code_chunk(weights, &coded)?.0)
     }
 
     /// Decodes the unknown positions of a `height × width` grid from `payload`; `known_ids` holds
@@ -350,45 +452,12 @@ impl Masked {
         width: u32,
         known_ids: &[u32],
         unknown: &[bool],
-        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+        pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
     ) -> Result<TokenGrid, ModelError> {
-        let k = self.cfg.codebook_size as u32;
-        let n = height as usize * width as usize;
-        self.check(height, width, k, n, unknown)?;
-        if known_ids.len() != n {
-            return Err(ModelError::Grid(format!(
-                "{} known ids for {n} positions",
-                known_ids.len()
-            )));
-        }
-        let w = (width as usize).max(1);
-        let mut ids: Vec<u32> = known_ids
-            .iter()
-            .zip(unknown)
-            .map(|(&id, &u)| if u { 0 } else { id })
-            .collect();
-        let (prefix, len) = layout(unknown);
-        let mut cache = self.known_prefix(w, &ids, &prefix);
-        let (mut scratch, mut wts) = (Vec::new(), Vec::new());
-        let mut t = 0;
-        while t < len {
-            if unknown[t] {
-                let mut x = self.raster_inputs(w, &ids, t, t + 1);
-                self.body
-                    .forward(self.kernel, &mut x, &mut cache, Mask::Causal);
-                self.head.weights(self.kernel, &x, &mut scratch, &mut wts);
-                ids[t] = pick(t, &wts)?.min(k.saturating_sub(1));
-                t += 1;
-            } else {
-                // A run of known cells: inputs only, one batched pass.
-                let end = (t..len).find(|&i| unknown[i]).unwrap_or(len);
-                let mut xs = self.raster_inputs(w, &ids, t, end);
-                self.body
-                    .forward(self.kernel, &mut xs, &mut cache, Mask::Causal);
-                t = end;
-            }
-        }
-        TokenGrid::new(height, width, k, ids).map_err(|e| ModelError::Grid(e.to_string()))
+        let mut cursor = self.cursor(height, width, known_ids, unknown)?;
+        let n = cursor.total();
+        self.advance(&mut cursor, n, pick)?;
+        cursor.into_grid()
     }
 }
 

@@ -37,6 +37,7 @@ mod fenwick;
 mod static_model;
 mod uniform;
 
+pub mod cursor;
 pub mod generic;
 pub mod ladder;
 pub mod masked;

@@ -27,7 +27,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::coder::{Decoder, Encoder};
+use crate::coder::Decoder;
+use crate::entropy::cursor::{code_chunk, Cursor};
 use crate::entropy::Dense;
 use crate::grid::TokenGrid;
 use crate::nn::kernels::Kernel;
@@ -267,6 +268,70 @@ impl TextCond {
         self.head.weights(self.kernel, &x, &mut scratch, out);
     }
 
+    /// A [`Cursor`] at the start of a `height × width` grid prompted by `text` (its prompt
+    /// prefix is run; see [`super::cursor`]).
+    pub fn cursor(&self, text: &[u32], height: u32, width: u32) -> Result<Cursor, ModelError> {
+        let k = self.cfg.codebook_size as u32;
+        check_shape(height, width, k, self.cfg.max_side, self.cfg.codebook_size)?;
+        let n = height as usize * width as usize;
+        Ok(Cursor::new(
+            self.start(text),
+            (height, width, k),
+            vec![0; n],
+            None,
+            n,
+        ))
+    }
+
+    /// Decides the next `n` tokens of `cursor` one position at a time: `pick(index, weights)`
+    /// chooses each from the model's integer weights. An error from `pick` ends the run.
+    pub fn advance(
+        &self,
+        cursor: &mut Cursor,
+        n: usize,
+        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+    ) -> Result<(), ModelError> {
+        cursor.check_more(n)?;
+        let k = cursor.codebook_size;
+        let width = cursor.width as usize;
+        let mut w = Vec::new();
+        for _ in 0..n {
+            let t = cursor.t;
+            let prev = t.checked_sub(1).map(|p| cursor.ids[p]);
+            self.step(&mut cursor.cache, t, prev, width, &mut w);
+            cursor.ids[t] = pick(t, &w)?.min(k.saturating_sub(1));
+            cursor.t += 1;
+            cursor.coded += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes `tokens` as the next tokens of `cursor` and returns the integer weights each is
+    /// coded with, from one batched pass (the same bits as [`Self::advance`]'s).
+    pub fn advance_known(
+        &self,
+        cursor: &mut Cursor,
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<u64>>, ModelError> {
+        let (from, to) = (cursor.t, cursor.place(tokens)?);
+        if from == to {
+            return Ok(Vec::new());
+        }
+        let d = self.cfg.body.d_model;
+        let width = (cursor.width as usize).max(1);
+        let mut xs = vec![0.0f32; (to - from) * d];
+        for (row, t) in xs.chunks_exact_mut(d).zip(from..to) {
+            let prev = t.checked_sub(1).map(|p| cursor.ids[p]);
+            self.input(prev, t, width, row);
+        }
+        self.body
+            .forward(self.kernel, &mut xs, &mut cursor.cache, Mask::Causal);
+        cursor.t = to;
+        cursor.coded += to - from;
+        let rows: Vec<usize> = (0..to - from).collect();
+        Ok(self.head.weights_rows(self.kernel, &xs, d, &rows))
+    }
+
     /// Full recompute: the integer weights of every image position, text and grid in one pass.
     pub fn weights_full(
         &self,
@@ -310,11 +375,7 @@ impl TextCond {
     /// Codes `grid` conditioned on the prompt ids `text`, using the batched path.
     pub fn encode(&self, text: &[u32], grid: &TokenGrid) -> Result<Vec<u8>, ModelError> {
         let all = self.weights_full(text, grid)?;
-        let mut enc = Encoder::new();
-        for (w, &id) in all.into_iter().zip(grid.ids()) {
-            enc.encode(id, &Dense::from_weights(w))?;
-        }
-        Ok(enc.finish())
+        Ok(code_chunk(all, grid.ids())?.0)
     }
 
     /// Decodes a `height × width` grid conditioned on `text`, incrementally with a KV cache.
@@ -340,18 +401,11 @@ impl TextCond {
         text: &[u32],
         height: u32,
         width: u32,
-        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+        pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
     ) -> Result<TokenGrid, ModelError> {
-        let k = self.cfg.codebook_size as u32;
-        check_shape(height, width, k, self.cfg.max_side, self.cfg.codebook_size)?;
-        let n = height as usize * width as usize;
-        let mut cache = self.start(text);
-        let mut ids = Vec::with_capacity(n);
-        let mut w = Vec::new();
-        for t in 0..n {
-            self.step(&mut cache, t, ids.last().copied(), width as usize, &mut w);
-            ids.push(pick(t, &w)?.min(k.saturating_sub(1)));
-        }
-        TokenGrid::new(height, width, k, ids).map_err(|e| ModelError::Grid(e.to_string()))
+        let mut cursor = self.cursor(text, height, width)?;
+        let n = cursor.total();
+        self.advance(&mut cursor, n, pick)?;
+        cursor.into_grid()
     }
 }

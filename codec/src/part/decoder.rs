@@ -2,7 +2,19 @@
 
 use super::*;
 
-/// Decodes the chunks of one part, each independently and in any order.
+/// A transformer model's run over a part: the tokens of the chunks decoded so far, and where the
+/// model stands (`cursor`, at the start of chunk `at`; `None` after a chunk failed).
+#[derive(Debug)]
+pub(super) struct Run {
+    pub(super) cursor: Option<Cursor>,
+    pub(super) at: u64,
+    pub(super) done: Vec<Vec<u32>>,
+}
+
+/// Decodes the chunks of one part: independently and in any order, but for a transformer part,
+/// whose chunks continue one run of the model: its chunk `i` decodes once chunks `0..i` have
+/// ([`PartError::ChunkOrder`] before), cheapest in order (a chunk decoded again, or after
+/// another chunk's failure, first runs the model over the chunks before it).
 #[derive(Debug, Clone)]
 pub struct PartDecoder {
     pub(super) shape: PartShape,
@@ -13,6 +25,8 @@ pub struct PartDecoder {
     /// chunk costs its own tokens, not a copy of everything the session has learned. Clones of
     /// the decoder share it; the lock serialises their chunks.
     pub(super) text: Option<Arc<std::sync::Mutex<AdaptiveText>>>,
+    /// A transformer part's run of the model, carried from chunk to chunk (clones share it).
+    pub(super) run: Option<Arc<std::sync::Mutex<Run>>>,
     /// Tokens the part codes (the region's cells for a masked part).
     pub(super) tokens: u64,
     pub(super) chunk_tokens: u64,
@@ -77,36 +91,11 @@ impl PartDecoder {
                 g.decode(&mut dec, &mut out, width, start..end)?
             }
             (State::Text(mut t), _) => out = t.decode(&mut dec, end - start)?,
-            (State::Generic(m), PartShape::Grid { height, width, .. }) => {
-                out = m
-                    .decode(height, width, payload)
-                    .map_err(|e| PartError::Transformer(e.to_string()))?
-                    .into_ids();
-            }
             (
-                State::Masked {
-                    model: m,
-                    known,
-                    unknown,
-                },
-                PartShape::Grid { height, width, .. },
+                State::Generic(_) | State::Masked { .. } | State::TextCond { .. },
+                PartShape::Grid { .. },
             ) => {
-                let grid = m
-                    .decode(height, width, &known, &unknown, payload)
-                    .map_err(|e| PartError::Transformer(e.to_string()))?;
-                out = grid
-                    .ids()
-                    .iter()
-                    .zip(&unknown)
-                    .filter(|(_, &u)| u)
-                    .map(|(&id, _)| id)
-                    .collect();
-            }
-            (State::TextCond { model: m, prompt }, PartShape::Grid { height, width, .. }) => {
-                out = m
-                    .decode(&prompt, height, width, payload)
-                    .map_err(|e| PartError::Transformer(e.to_string()))?
-                    .into_ids();
+                out = self.decode_run(index, end - start, &mut dec)?;
             }
             (State::Generic(_) | State::Masked { .. } | State::TextCond { .. }, _) => {
                 return Err(PartError::ModelUnavailable {
@@ -121,6 +110,63 @@ impl PartDecoder {
                 })
             }
         }
+        Ok(out)
+    }
+
+    /// Decodes chunk `index` of a transformer part: `n` more tokens of the model's run.
+    fn decode_run(&self, index: u64, n: usize, dec: &mut Decoder) -> Result<Vec<u32>, PartError> {
+        let Some(run) = &self.run else {
+            return Err(PartError::Transformer("no model run for this part".into()));
+        };
+        let mut run = run.lock().unwrap_or_else(|p| p.into_inner());
+        let decoded = run.done.len() as u64;
+        if index > decoded {
+            return Err(PartError::ChunkOrder {
+                expected: decoded,
+                got: index,
+            });
+        }
+        let transformer = |e: crate::nn::model::ModelError| PartError::Transformer(e.to_string());
+        if run.cursor.is_none() || run.at != index {
+            // Back to the start of chunk `index`: the model runs again over the tokens of the
+            // chunks before it, in one batched pass.
+            run.cursor = None;
+            let mut cursor = super::stream::start_run(&self.state, &self.shape)?
+                .ok_or_else(|| PartError::Transformer("no model run for this part".into()))?;
+            let before: Vec<u32> = run.done[..index as usize].concat();
+            match &self.state {
+                State::Generic(m) => m.advance_known(&mut cursor, &before),
+                State::Masked { model: m, .. } => m.advance_known(&mut cursor, &before),
+                State::TextCond { model: m, .. } => m.advance_known(&mut cursor, &before),
+                _ => Ok(Vec::new()),
+            }
+            .map_err(transformer)?;
+            run.cursor = Some(cursor);
+            run.at = index;
+        }
+        run.done.truncate(index as usize);
+        let mut out = Vec::with_capacity(n.min(1 << 16));
+        let mut pick = |_: usize, w: &[u64]| {
+            let id = dec.decode(&Dense::from_weights(w.iter().copied()))?;
+            out.push(id);
+            Ok(id)
+        };
+        let Some(cursor) = run.cursor.as_mut() else {
+            return Err(PartError::Transformer("no model run for this part".into()));
+        };
+        let r = match &self.state {
+            State::Generic(m) => m.advance(cursor, n, &mut pick),
+            State::Masked { model: m, .. } => m.advance(cursor, n, &mut pick),
+            State::TextCond { model: m, .. } => m.advance(cursor, n, &mut pick),
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            // The model is part way into the chunk: start again next time.
+            run.cursor = None;
+            return Err(transformer(e));
+        }
+        run.at = index + 1;
+        run.done.push(out.clone());
         Ok(out)
     }
 

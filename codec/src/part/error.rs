@@ -47,15 +47,14 @@ pub enum PartError {
     /// Decoded ids do not form a valid grid.
     #[error(transparent)]
     Grid(#[from] GridError),
-    /// The model codes a part as one chunk, and the spec asks for smaller chunks.
-    #[error("model {model:?} codes a part of {tokens} tokens as one chunk, not in chunks of {chunk_tokens}")]
-    Unchunkable {
-        /// The model.
-        model: ModelChoice,
-        /// Tokens in the part.
-        tokens: u64,
-        /// The chunk size asked for.
-        chunk_tokens: u64,
+    /// A chunk of a transformer part came before the chunks it follows: each one continues the
+    /// model's run over the part, so they decode in order.
+    #[error("chunk {got} of a transformer part decoded before chunk {expected}")]
+    ChunkOrder {
+        /// The chunk due next.
+        expected: u64,
+        /// The chunk given.
+        got: u64,
     },
     /// A transformer model refused the part or the payload (shape beyond its position tables,
     /// codebook mismatch, corrupt payload).

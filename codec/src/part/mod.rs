@@ -15,9 +15,11 @@
 //!   state above; within a chunk the model keeps learning, and grid neighbours before the chunk's
 //!   first token are absent. A receiver decodes chunk `i` as soon as it arrives, in any order,
 //!   and a corrupt chunk loses only itself. Without `chunk_tokens` the part is one chunk.
-//! * **Transformer models** (docs/CODING.md §7) code a grid part as exactly one chunk, one
-//!   range-coder payload in the model's own order (smaller chunks are refused with
-//!   [`PartError::Unchunkable`]); they do not learn from the references:
+//! * **Transformer models** (docs/CODING.md §7) do not learn from the references, and their
+//!   chunks are not independent: the model runs over the whole part in its own order, each
+//!   chunk's tokens coded by a separately terminated range coder with the probabilities of that
+//!   one run, so chunk `i` decodes once chunks `0..i` have (in order, else
+//!   [`PartError::ChunkOrder`]); one chunk is the model's one-shot payload:
 //!   - [`ModelChoice::Generic`] conditions only on the grid's own earlier tokens (the references
 //!     are digest-checked, nothing more).
 //!   - [`ModelChoice::Masked`] codes only the cells of the spec's region
@@ -36,7 +38,8 @@
 //!
 //! The module's files: `spec.rs` (what a part is and how to code it), `config.rs` (the models a
 //! codec holds), `error.rs`, `decoder.rs` (decoding chunks and assembling a part), and this file
-//! (the codec: model identities, the model state a part starts from, encoding).
+//! (the codec: model identities, the model state a part starts from, encoding), `stream.rs` (a
+//! grid part coded as its tokens arrive).
 //! * **Commit.** After a part is fully encoded (sender) or decoded (receiver), the caller inserts
 //!   it into its [`SessionContext`] under (message id, part index) if later parts may refer to it;
 //!   both ends must apply the same inserts and evictions.
@@ -98,18 +101,22 @@ mod config;
 mod decoder;
 mod error;
 mod spec;
+mod stream;
 #[cfg(test)]
 mod tests;
 
 pub use config::CodecConfig;
+use decoder::Run;
 pub use decoder::{DecodedPart, PartDecoder};
 pub use error::PartError;
 pub use spec::{
     model_id, Chunk, EncodedPart, ModelChoice, ModelIdentity, PartShape, PartSpec, PartTokens,
 };
+pub use stream::GridStream;
 
 use crate::coder::{CodeError, Decoder, Encoder};
 use crate::context::{ContextError, ContextKey, Sequence, SequenceKind, SessionContext};
+use crate::entropy::cursor::{code_chunk, Cursor};
 use crate::entropy::generic::Generic;
 use crate::entropy::ladder::Ladder;
 use crate::entropy::masked::Masked;
@@ -184,45 +191,29 @@ fn hex32(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Codes a grid with a transformer state as one payload: returns the payload, the number of
-/// tokens coded and `Σ -log2 p` (the same bytes as the model's own `encode`).
+/// Codes a grid with a transformer state: one batched pass for the weights of every coded
+/// token, then chunks of `chunk_tokens` tokens (all of them in one chunk if `None`), each its own
+/// range-coder message. Returns the chunks, the number of tokens coded and `Σ -log2 p` (one
+/// chunk: the same bytes as the model's own `encode`).
 fn encode_transformer(
     state: &State,
     grid: &TokenGrid,
     chunk_tokens: Option<u32>,
     model: ModelChoice,
-) -> Result<(Vec<u8>, u64, f64), PartError> {
+) -> Result<(Vec<Chunk>, u64, f64), PartError> {
     let transformer = |e: crate::nn::model::ModelError| PartError::Transformer(e.to_string());
-    let mut enc = Encoder::new();
     let ids = grid.ids();
-    let tokens = match state {
-        State::Generic(m) => {
-            one_chunk(model, ids.len() as u64, chunk_tokens)?;
-            for (w, &s) in m
-                .weights_full(grid)
-                .map_err(transformer)?
-                .into_iter()
-                .zip(ids)
-            {
-                enc.encode(s, &Dense::from_weights(w))?;
-            }
-            ids.len() as u64
-        }
-        State::TextCond { model: m, prompt } => {
-            one_chunk(model, ids.len() as u64, chunk_tokens)?;
-            let weights = m.weights_full(prompt, grid).map_err(transformer)?;
-            for (w, &s) in weights.into_iter().zip(ids) {
-                enc.encode(s, &Dense::from_weights(w))?;
-            }
-            ids.len() as u64
-        }
+    let (weights, coded): (Vec<Vec<u64>>, Vec<u32>) = match state {
+        State::Generic(m) => (m.weights_full(grid).map_err(transformer)?, ids.to_vec()),
+        State::TextCond { model: m, prompt } => (
+            m.weights_full(prompt, grid).map_err(transformer)?,
+            ids.to_vec(),
+        ),
         State::Masked {
             model: m,
             known,
             unknown,
         } => {
-            let coded = unknown.iter().filter(|&&u| u).count();
-            one_chunk(model, coded as u64, chunk_tokens)?;
             // The receiver takes every cell outside the region from the reference.
             if let Some(cell) = ids
                 .iter()
@@ -232,12 +223,16 @@ fn encode_transformer(
             {
                 return Err(PartError::OutsideRegion { cell: cell as u64 });
             }
-            let weights = m.weights_unknown(grid.width() as usize, ids, unknown);
-            let region = ids.iter().zip(unknown).filter(|(_, &u)| u);
-            for (w, (&s, _)) in weights.into_iter().zip(region) {
-                enc.encode(s, &Dense::from_weights(w))?;
-            }
-            coded as u64
+            let coded = ids
+                .iter()
+                .zip(unknown)
+                .filter(|(_, &u)| u)
+                .map(|(&id, _)| id)
+                .collect();
+            (
+                m.weights_unknown(grid.width() as usize, ids, unknown),
+                coded,
+            )
         }
         _ => {
             return Err(PartError::ModelUnavailable {
@@ -246,11 +241,22 @@ fn encode_transformer(
             })
         }
     };
-    let cross_entropy_bits = enc.cross_entropy_bits();
-    Ok((enc.finish(), tokens, cross_entropy_bits))
+    let c = chunk_tokens.map_or(coded.len(), |c| c as usize).max(1);
+    let mut chunks = Vec::with_capacity(coded.len().div_ceil(c).max(1));
+    let mut bits = 0.0;
+    let mut weights = weights.into_iter();
+    // A part without coded tokens (an empty region) still has its one, empty, chunk.
+    for tokens in coded.chunks(c).chain(coded.is_empty().then_some(&[][..])) {
+        let (payload, b) = code_chunk(weights.by_ref().take(tokens.len()).collect(), tokens)?;
+        bits += b;
+        chunks.push(Chunk {
+            payload,
+            tokens: tokens.len() as u32,
+        });
+    }
+    Ok((chunks, coded.len() as u64, bits))
 }
 
-/// Refuses chunking for models that code a part as one chunk.
 /// The first image part among a part's references (with its key): the reference image of a
 /// masked part, the level below of a ladder part.
 fn first_image<'a>(
@@ -265,17 +271,6 @@ fn first_image<'a>(
             model,
             kind: SequenceKind::Grid,
         })
-}
-
-fn one_chunk(model: ModelChoice, tokens: u64, chunk_tokens: Option<u32>) -> Result<(), PartError> {
-    match chunk_tokens {
-        Some(c) if u64::from(c) < tokens => Err(PartError::Unchunkable {
-            model,
-            tokens,
-            chunk_tokens: u64::from(c),
-        }),
-        _ => Ok(()),
-    }
 }
 
 impl PartCodec {
@@ -719,14 +714,11 @@ impl PartCodec {
             &mut owned
         };
         if let (Some(grid), true) = (grid, spec.model.is_transformer()) {
-            let (payload, tokens, cross_entropy_bits) =
+            let (chunks, tokens, cross_entropy_bits) =
                 encode_transformer(state, grid, spec.chunk_tokens, spec.model)?;
             return Ok(EncodedPart {
-                bits: 8 * payload.len() as u64,
-                chunks: vec![Chunk {
-                    payload,
-                    tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
-                }],
+                bits: chunks.iter().map(|c| 8 * c.payload.len() as u64).sum(),
+                chunks,
                 digest,
                 model,
                 cross_entropy_bits,
@@ -887,13 +879,16 @@ impl PartCodec {
             State::Masked { unknown, .. } => unknown.iter().filter(|&&u| u).count() as u64,
             _ => shape.tokens(),
         };
-        if spec.model.is_transformer() {
-            one_chunk(spec.model, n, spec.chunk_tokens)?;
-        }
-        let c = match spec.chunk_tokens {
-            Some(c) if !spec.model.is_transformer() => u64::from(c),
-            _ => n.max(1),
-        };
+        let c = spec.chunk_tokens.map_or(n.max(1), u64::from);
+        // A transformer part's chunks continue one run of the model, which starts here.
+        let run = stream::start_run(&state, &shape)?;
+        let run = run.map(|cursor| {
+            Arc::new(std::sync::Mutex::new(Run {
+                cursor: Some(cursor),
+                at: 0,
+                done: Vec::new(),
+            }))
+        });
         let (state, text) = match state {
             State::Text(t) => (State::Uniform, Some(Arc::new(std::sync::Mutex::new(t)))),
             other => (other, None),
@@ -902,6 +897,7 @@ impl PartCodec {
             shape,
             state,
             text,
+            run,
             tokens: n,
             chunk_tokens: c,
             chunks: n.div_ceil(c).max(1),

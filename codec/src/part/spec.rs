@@ -15,16 +15,16 @@ pub enum ModelChoice {
     Adaptive,
     /// The configured generic transformer ([`Generic`], docs/CODING.md §7), for grids only. It
     /// conditions on the tokens of the grid itself, not on the context references (which are
-    /// still digest-checked), and codes a part as one chunk: a spec asking for smaller chunks is
-    /// refused with [`PartError::Unchunkable`].
+    /// still digest-checked). Its chunks continue one run of the model over the grid, so they
+    /// decode in order ([`PartError::ChunkOrder`]).
     Generic,
     /// The configured masked transformer ([`Masked`], docs/CODING.md §7.7), for grids only: codes
     /// the cells of the spec's region given the other cells, which come from the first image
-    /// part among the references. One chunk per part.
+    /// part among the references. Chunks decode in order.
     Masked,
     /// The configured text-conditioned transformer ([`TextCond`], docs/CODING.md §7.8), for grids
-    /// only: conditions on the text parts among the references, concatenated in order. One chunk
-    /// per part.
+    /// only: conditions on the text parts among the references, concatenated in order. Chunks
+    /// decode in order.
     TextCond,
     /// The configured quality-ladder models ([`Ladder`], docs/PROTOCOL.md §6.3 mode 5), for grids
     /// only: codes refinement level [`PartSpec::level`] of the first image part among the
@@ -34,8 +34,9 @@ pub enum ModelChoice {
 }
 
 impl ModelChoice {
-    /// Whether this is a transformer model (docs/CODING.md §7): it codes a part as exactly one
-    /// chunk and does not learn from the references.
+    /// Whether this is a transformer model (docs/CODING.md §7): it does not learn from the
+    /// references, and its chunks of a part continue one run of the model (they decode in order,
+    /// not independently).
     pub fn is_transformer(self) -> bool {
         matches!(
             self,
@@ -157,7 +158,8 @@ pub struct PartSpec {
     pub model: ModelChoice,
     /// The context the part conditions on, in order.
     pub refs: Vec<ContextKey>,
-    /// Tokens per independently decodable chunk; `None` for one chunk.
+    /// Tokens per chunk (independently decodable but for the transformer models, whose chunks
+    /// decode in order); `None` for one chunk.
     pub chunk_tokens: Option<u32>,
     /// The cells a [`ModelChoice::Masked`] part codes: one entry per grid cell, row-major, `true`
     /// inside the region. Required by the masked model and refused with any other.

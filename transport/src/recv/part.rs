@@ -15,11 +15,11 @@ pub(super) fn part_fail(e: &PartError) -> Fail {
             ErrorCode::MODEL_MISSING
         }
         PartError::TooLarge { .. } => ErrorCode::LIMIT_EXCEEDED,
-        // The part breaks PROTOCOL.md §6.3-6.6 for its model: a transformer part in several
-        // chunks, a region on another model, no image (masked) or text (text-conditioned)
+        // The part breaks PROTOCOL.md §6.3-6.6 for its model: a transformer part's chunks out
+        // of order, a region on another model, no image (masked) or text (text-conditioned)
         // reference, a reference image of another shape, a refinement that is not the level
         // above the image it references.
-        PartError::Unchunkable { .. }
+        PartError::ChunkOrder { .. }
         | PartError::LevelNotAllowed { .. }
         | PartError::Level { .. }
         | PartError::LadderBase { .. }

@@ -1,0 +1,181 @@
+//! Coding a grid with a transformer model a piece at a time.
+//!
+//! A [`Cursor`] is where one of the transformer models ([`Generic`](super::generic::Generic),
+//! [`Masked`](super::masked::Masked), [`TextCond`](super::text_cond::TextCond)) stands in a
+//! grid: the keys and values of every position it has run (its KV cache), the tokens decided so
+//! far, and the next position. Each model makes one (`cursor`) and moves it on in two ways:
+//!
+//! - `advance(cursor, n, pick)` runs the next `n` coded tokens **one position at a time**, each
+//!   token chosen by `pick` from the model's integer weights: the range decoder when decoding, a
+//!   [`Sampler`](super::sample::Sampler) when generating;
+//! - `advance_known(cursor, tokens)` takes the next tokens as given and returns the weights each
+//!   was coded with, from **one batched pass** over them: what an encoder needs.
+//!
+//! Both give the same weights bit for bit (docs/CODING.md §7.4: a sum keeps its order whatever
+//! the batching), so a part can travel in chunks (docs/CODING.md §7.9): the sender codes each
+//! chunk's tokens as a separately terminated range-coder message ([`code_chunk`]), the receiver
+//! decodes chunk after chunk on one cursor, and the probabilities are those of the part coded
+//! whole. A model's one-shot `encode`, `decode` and `generate` are a cursor moved over the
+//! whole grid at once.
+//!
+//! ```
+//! use unimic_codec::coder::Decoder;
+//! use unimic_codec::entropy::cursor::code_chunk;
+//! use unimic_codec::entropy::generic::{Generic, GenericConfig};
+//! use unimic_codec::entropy::Dense;
+//! use unimic_codec::grid::TokenGrid;
+//!
+//! let model = Generic::synthetic(&GenericConfig::tiny(16), 1).unwrap();
+//! let grid = TokenGrid::new(3, 4, 16, (0..12).map(|i| i % 16).collect()).unwrap();
+//!
+//! // The sender: two rows, then the last row, each its own payload.
+//! let mut tx = model.cursor(3, 4).unwrap();
+//! let first = model.advance_known(&mut tx, &grid.ids()[..8]).unwrap();
+//! let rest = model.advance_known(&mut tx, &grid.ids()[8..]).unwrap();
+//! let chunks = [code_chunk(first, &grid.ids()[..8]).unwrap().0,
+//!               code_chunk(rest, &grid.ids()[8..]).unwrap().0];
+//!
+//! // The receiver: chunk after chunk on one cursor.
+//! let mut rx = model.cursor(3, 4).unwrap();
+//! for (payload, n) in chunks.iter().zip([8, 4]) {
+//!     let mut dec = Decoder::new(payload);
+//!     model.advance(&mut rx, n, |_, w| Ok(dec.decode(&Dense::from_weights(w.iter().copied()))?))
+//!         .unwrap();
+//! }
+//! assert_eq!(rx.into_grid().unwrap(), grid);
+//! ```
+
+use crate::coder::{CodeError, Encoder};
+use crate::entropy::Dense;
+use crate::grid::TokenGrid;
+use crate::nn::model::ModelError;
+use crate::nn::transformer::KvCache;
+
+/// Where a transformer model stands in a grid (see the [module docs](self)).
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    pub(crate) cache: KvCache,
+    /// Every cell, row-major: the known cells of a masked grid, the decided ones, zeros after.
+    pub(crate) ids: Vec<u32>,
+    pub(crate) height: u32,
+    pub(crate) width: u32,
+    pub(crate) codebook_size: u32,
+    /// The next raster position the model runs.
+    pub(crate) t: usize,
+    /// Tokens decided so far (coded cells).
+    pub(crate) coded: usize,
+    /// Tokens the grid codes: every cell, or a masked grid's unknown cells.
+    pub(crate) total: usize,
+    /// A masked grid's unknown cells (`None`: every cell is coded).
+    pub(crate) unknown: Option<Vec<bool>>,
+    /// Raster positions the model runs: every cell, or up to a masked grid's last unknown cell.
+    pub(crate) len: usize,
+}
+
+impl Cursor {
+    /// A cursor at the start of a grid (the cache holds what comes before the grid's cells).
+    pub(crate) fn new(
+        cache: KvCache,
+        (height, width, codebook_size): (u32, u32, u32),
+        ids: Vec<u32>,
+        unknown: Option<Vec<bool>>,
+        len: usize,
+    ) -> Self {
+        let total = unknown
+            .as_ref()
+            .map_or(ids.len(), |u| u.iter().filter(|&&u| u).count());
+        Self {
+            cache,
+            ids,
+            height,
+            width,
+            codebook_size,
+            t: 0,
+            coded: 0,
+            total,
+            unknown,
+            len,
+        }
+    }
+
+    /// Tokens decided so far.
+    pub fn coded(&self) -> usize {
+        self.coded
+    }
+
+    /// Tokens the grid codes: every cell, or the unknown cells of a masked grid.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Whether every token has been decided.
+    pub fn is_done(&self) -> bool {
+        self.coded == self.total
+    }
+
+    /// The grid's cells, row-major: known and decided cells hold their tokens, the others 0.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The grid, once every token is decided.
+    pub fn into_grid(self) -> Result<TokenGrid, ModelError> {
+        if !self.is_done() {
+            return Err(ModelError::Grid(format!(
+                "{} of {} tokens decided",
+                self.coded, self.total
+            )));
+        }
+        TokenGrid::new(self.height, self.width, self.codebook_size, self.ids)
+            .map_err(|e| ModelError::Grid(e.to_string()))
+    }
+
+    /// Whether cell `t` is coded (not a known cell of a masked grid).
+    pub(crate) fn is_coded(&self, t: usize) -> bool {
+        self.unknown.as_ref().is_none_or(|u| u[t])
+    }
+
+    /// Checks that `n` more tokens fit the grid.
+    pub(crate) fn check_more(&self, n: usize) -> Result<(), ModelError> {
+        if n > self.total - self.coded {
+            return Err(ModelError::Grid(format!(
+                "{n} more tokens asked, {} left of {}",
+                self.total - self.coded,
+                self.total
+            )));
+        }
+        Ok(())
+    }
+
+    /// The end (exclusive raster position) of the span that holds the next `n` coded cells,
+    /// and writes `tokens` into those cells (each checked against the codebook).
+    pub(crate) fn place(&mut self, tokens: &[u32]) -> Result<usize, ModelError> {
+        self.check_more(tokens.len())?;
+        if let Some(&id) = tokens.iter().find(|&&id| id >= self.codebook_size) {
+            return Err(ModelError::Grid(format!(
+                "token {id} outside the codebook of {}",
+                self.codebook_size
+            )));
+        }
+        let mut end = self.t;
+        for &id in tokens {
+            while !self.is_coded(end) {
+                end += 1;
+            }
+            self.ids[end] = id;
+            end += 1;
+        }
+        Ok(end)
+    }
+}
+
+/// Codes `ids` with their integer `weights` (one vector per token, in order) as one separately
+/// terminated range-coder message: one chunk of a part. Returns the payload and `Σ -log2 p`.
+pub fn code_chunk(weights: Vec<Vec<u64>>, ids: &[u32]) -> Result<(Vec<u8>, f64), CodeError> {
+    let mut enc = Encoder::new();
+    for (w, &id) in weights.into_iter().zip(ids) {
+        enc.encode(id, &Dense::from_weights(w))?;
+    }
+    let bits = enc.cross_entropy_bits();
+    Ok((enc.finish(), bits))
+}
