@@ -3,7 +3,8 @@
 use super::*;
 
 /// A transformer model's run over a part: the tokens of the chunks decoded so far, and where the
-/// model stands (`cursor`, at the start of chunk `at`; `None` after a chunk failed).
+/// model stands (`cursor`, at the start of chunk `at`; `None` before the first chunk, and after
+/// a chunk failed).
 #[derive(Debug)]
 pub(super) struct Run {
     pub(super) cursor: Option<Cursor>,

@@ -880,11 +880,19 @@ impl PartCodec {
             _ => shape.tokens(),
         };
         let c = spec.chunk_tokens.map_or(n.max(1), u64::from);
-        // A transformer part's chunks continue one run of the model, which starts here.
-        let run = stream::start_run(&state, &shape)?;
-        let run = run.map(|cursor| {
+        // A transformer part's chunks continue one run of the model. It starts with the first
+        // chunk's decoding, not here: a receiver may call this under a lock, and the masked
+        // model's known cells or the text model's prompt take a model pass.
+        let transformer = matches!(
+            (&state, &shape),
+            (
+                State::Generic(_) | State::Masked { .. } | State::TextCond { .. },
+                PartShape::Grid { .. }
+            )
+        );
+        let run = transformer.then(|| {
             Arc::new(std::sync::Mutex::new(Run {
-                cursor: Some(cursor),
+                cursor: None,
                 at: 0,
                 done: Vec::new(),
             }))
