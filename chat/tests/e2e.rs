@@ -57,6 +57,29 @@ fn start(agent: Arc<dyn Agent>) -> Running {
     }
 }
 
+/// A dev server on loopback whose sessions hold `codec`'s models, answering with `agent`.
+fn start_with_codec(
+    codec: unimic_codec::part::CodecConfig,
+    agent: Arc<dyn Agent>,
+    options: ServeOptions,
+) -> (SocketAddr, CertHash) {
+    use unimic_transport::{Server, ServerConfig, SessionConfig};
+    let tls = ServerTls::self_signed().unwrap();
+    let pin = tls.identity.cert_hash();
+    let session = SessionConfig::default()
+        .with_tokenizer(vq())
+        .with_codec(codec);
+    let server = Server::bind(
+        ServerConfig::new(tls)
+            .with_bind("127.0.0.1:0".parse().unwrap())
+            .with_session(session),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(serve_with(server, agent, options));
+    (addr, pin)
+}
+
 async fn chat(r: &Running) -> Chat {
     within(Chat::connect(
         r.addr,
@@ -372,27 +395,14 @@ impl Agent for FirstRowEditor {
 async fn edit_replies_send_only_the_region_when_both_ends_have_the_masked_model() {
     use unimic_codec::entropy::masked::{Masked, MaskedConfig};
     use unimic_codec::part::CodecConfig;
-    use unimic_transport::{Server, ServerConfig, SessionConfig};
 
     let masked = Arc::new(Masked::synthetic(&MaskedConfig::tiny(1024), 5).unwrap());
     let codec = CodecConfig::default().with_masked(masked);
-    let tls = unimic_transport::tls::ServerTls::self_signed().unwrap();
-    let pin = tls.identity.cert_hash();
-    let session = SessionConfig::default()
-        .with_tokenizer(vq())
-        .with_codec(codec.clone());
-    let server = Server::bind(
-        ServerConfig::new(tls)
-            .with_bind("127.0.0.1:0".parse().unwrap())
-            .with_session(session),
-    )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    tokio::spawn(serve_with(
-        server,
+    let (addr, pin) = start_with_codec(
+        codec.clone(),
         Arc::new(FirstRowEditor),
         ServeOptions::default(),
-    ));
+    );
     let image = grid(8, 10, 1);
     let mut expected = image.ids().to_vec();
     for id in &mut expected[..10] {
@@ -619,7 +629,9 @@ impl Agent for RowPainter {
             sink.text_delta("painting").await?;
             let image = grid(8, 10, 4);
             for (r, row) in image.ids().chunks(10).enumerate() {
-                tokio::time::sleep(self.pause).await;
+                if !self.pause.is_zero() {
+                    tokio::time::sleep(self.pause).await;
+                }
                 sink.image_tokens((8, 10), row, r == 7).await?;
             }
             Ok(())
@@ -634,33 +646,19 @@ impl Agent for RowPainter {
 async fn reply_images_stream_row_by_row() {
     use unimic_codec::entropy::generic::{Generic, GenericConfig};
     use unimic_codec::part::CodecConfig;
-    use unimic_transport::{Server, ServerConfig, SessionConfig};
 
     let generic = Arc::new(Generic::synthetic(&GenericConfig::tiny(1024), 5).unwrap());
     for codec in [
         CodecConfig::default().with_generic(generic),
         CodecConfig::default(),
     ] {
-        let tls = unimic_transport::tls::ServerTls::self_signed().unwrap();
-        let pin = tls.identity.cert_hash();
-        let session = SessionConfig::default()
-            .with_tokenizer(vq())
-            .with_codec(codec.clone());
-        let server = Server::bind(
-            ServerConfig::new(tls)
-                .with_bind("127.0.0.1:0".parse().unwrap())
-                .with_session(session),
-        )
-        .unwrap();
-        let addr = server.local_addr().unwrap();
-        let options = ServeOptions::default().with_stream_images_after(Some(Duration::ZERO));
-        tokio::spawn(serve_with(
-            server,
+        let (addr, pin) = start_with_codec(
+            codec.clone(),
             Arc::new(RowPainter {
                 pause: Duration::from_millis(5),
             }),
-            options,
-        ));
+            ServeOptions::default().with_stream_images_after(Some(Duration::ZERO)),
+        );
         let chat = within(Chat::connect(
             addr,
             ChatConfig::pinned(pin)

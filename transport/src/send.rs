@@ -580,21 +580,38 @@ impl MessageWriter {
         });
         let before = self.total_wire;
         self.put(out, &header)?;
-        let count = coded.chunks.len();
-        for (seq, chunk) in coded.chunks.into_iter().enumerate() {
-            stats.payload_bytes += chunk.payload.len() as u64;
+        let (payload_bytes, _) = self.put_chunks(out, index, 0, coded.chunks, true)?;
+        stats.payload_bytes += payload_bytes;
+        stats.tokens = coded.tokens;
+        stats.wire_bytes = self.total_wire - before;
+        Ok(())
+    }
+
+    /// Appends chunk frames of part `index`, numbered from `seq`; `fin` marks the last of them
+    /// as the part's final chunk. Returns their payload bytes and tokens.
+    fn put_chunks(
+        &mut self,
+        out: &mut BytesMut,
+        index: u64,
+        seq: u64,
+        chunks: Vec<Chunk>,
+        fin: bool,
+    ) -> Result<(u64, u64), SendError> {
+        let (mut payload_bytes, mut tokens) = (0, 0);
+        let count = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            payload_bytes += chunk.payload.len() as u64;
+            tokens += u64::from(chunk.tokens);
             let f = Frame::PartChunk(PartChunk {
                 part_index: v(index),
-                seq: v(seq as u64),
-                fin: seq + 1 == count,
+                seq: v(seq + i as u64),
+                fin: fin && i + 1 == count,
                 token_count: VarInt::from_u32(chunk.tokens),
                 payload: Bytes::from(chunk.payload),
             });
             self.put(out, &f)?;
         }
-        stats.tokens = coded.tokens;
-        stats.wire_bytes = self.total_wire - before;
-        Ok(())
+        Ok((payload_bytes, tokens))
     }
 
     /// Inserts a finished part into our context and announces evictions.
@@ -707,24 +724,9 @@ impl MessageWriter {
         // Each chunk is coded alone from the state after the references (chunks are independent).
         let coded = self.encode(PartTokens::Text(ids), spec, ids.len() as u64)?;
         let before = self.total_wire;
-        let mut payload_bytes = 0;
-        let mut seqs = 0;
-        self.staged(|w, out| {
-            let count = coded.chunks.len();
-            for (i, chunk) in coded.chunks.into_iter().enumerate() {
-                payload_bytes += chunk.payload.len() as u64;
-                let f = Frame::PartChunk(PartChunk {
-                    part_index: v(index),
-                    seq: v(seq + i as u64),
-                    fin: fin && i + 1 == count,
-                    token_count: VarInt::from_u32(chunk.tokens),
-                    payload: Bytes::from(chunk.payload),
-                });
-                w.put(out, &f)?;
-                seqs += 1;
-            }
-            Ok(())
-        })?;
+        let seqs = coded.chunks.len() as u64;
+        let (payload_bytes, _) =
+            self.staged(|w, out| w.put_chunks(out, index, seq, coded.chunks, fin))?;
         let wire = self.total_wire - before;
         if let Some(open) = self.text.as_mut() {
             open.seq += seqs;
@@ -875,23 +877,9 @@ impl MessageWriter {
         let chunks: Vec<Chunk> = chunks?;
         let (index, seq) = (open.index, open.seq);
         let before = self.total_wire;
-        let (mut payload_bytes, mut tokens) = (0, 0);
         let count = chunks.len();
-        self.staged(|w, out| {
-            for (i, chunk) in chunks.into_iter().enumerate() {
-                payload_bytes += chunk.payload.len() as u64;
-                tokens += u64::from(chunk.tokens);
-                let f = Frame::PartChunk(PartChunk {
-                    part_index: v(index),
-                    seq: v(seq + i as u64),
-                    fin: done && i + 1 == count,
-                    token_count: VarInt::from_u32(chunk.tokens),
-                    payload: Bytes::from(chunk.payload),
-                });
-                w.put(out, &f)?;
-            }
-            Ok(())
-        })?;
+        let (payload_bytes, tokens) =
+            self.staged(|w, out| w.put_chunks(out, index, seq, chunks, done))?;
         let wire = self.total_wire - before;
         if let Some(open) = self.image.as_mut() {
             open.seq += count as u64;

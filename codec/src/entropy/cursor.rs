@@ -48,8 +48,12 @@
 use crate::coder::{CodeError, Encoder};
 use crate::entropy::Dense;
 use crate::grid::TokenGrid;
-use crate::nn::model::ModelError;
-use crate::nn::transformer::KvCache;
+use crate::nn::kernels::Kernel;
+use crate::nn::model::{Head, ModelError};
+use crate::nn::transformer::{Body, KvCache, Mask};
+
+/// A model's input row for raster position `t` of a grid `width` wide after the token `prev`.
+pub(crate) type InputRow<'a> = &'a dyn Fn(Option<u32>, usize, usize, &mut [f32]);
 
 /// Where a transformer model stands in a grid (see the [module docs](self)).
 #[derive(Debug, Clone)]
@@ -166,6 +170,76 @@ impl Cursor {
             end += 1;
         }
         Ok(end)
+    }
+}
+
+impl Cursor {
+    /// Decides the next `n` tokens one position at a time (every position coded): `step(cache,
+    /// t, prev, width, weights)` runs the model at position `t` after the token `prev` and
+    /// writes its integer weights, `pick(t, weights)` chooses the token.
+    pub(crate) fn steps(
+        &mut self,
+        n: usize,
+        mut step: impl FnMut(&mut KvCache, usize, Option<u32>, usize, &mut Vec<u64>),
+        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+    ) -> Result<(), ModelError> {
+        self.check_more(n)?;
+        let k = self.codebook_size;
+        let width = (self.width as usize).max(1);
+        let mut w = Vec::new();
+        for _ in 0..n {
+            let t = self.t;
+            let prev = t.checked_sub(1).map(|p| self.ids[p]);
+            step(&mut self.cache, t, prev, width, &mut w);
+            self.ids[t] = pick(t, &w)?.min(k.saturating_sub(1));
+            self.t += 1;
+            self.coded += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes `tokens` as the next coded tokens and runs the raster span that holds them (with
+    /// any known cells between) in one batched pass: `input` writes each position's input row
+    /// (`d` values), `run(rows, cache, coded)` runs the rows on the cache and returns the
+    /// weights of the rows listed in `coded` (the span's coded cells).
+    pub(crate) fn batch(
+        &mut self,
+        tokens: &[u32],
+        d: usize,
+        input: InputRow<'_>,
+        run: impl FnOnce(&mut [f32], &mut KvCache, &[usize]) -> Vec<Vec<u64>>,
+    ) -> Result<Vec<Vec<u64>>, ModelError> {
+        let (from, to) = (self.t, self.place(tokens)?);
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let width = (self.width as usize).max(1);
+        let mut xs = vec![0.0f32; (to - from) * d];
+        for (row, t) in xs.chunks_exact_mut(d).zip(from..to) {
+            input(t.checked_sub(1).map(|p| self.ids[p]), t, width, row);
+        }
+        let coded: Vec<usize> = (from..to)
+            .filter(|&t| self.is_coded(t))
+            .map(|t| t - from)
+            .collect();
+        let weights = run(&mut xs, &mut self.cache, &coded);
+        self.t = to;
+        self.coded += tokens.len();
+        Ok(weights)
+    }
+}
+
+/// The `run` of [`Cursor::batch`] for a causal body and its head: the rows through `body` on
+/// the cache, then the head's integer weights of the coded rows.
+pub(crate) fn causal<'m>(
+    body: &'m Body,
+    head: &'m Head,
+    kernel: Kernel,
+    d: usize,
+) -> impl FnOnce(&mut [f32], &mut KvCache, &[usize]) -> Vec<Vec<u64>> + 'm {
+    move |xs, cache, rows| {
+        body.forward(kernel, xs, cache, Mask::Causal);
+        head.weights_rows(kernel, xs, d, rows)
     }
 }
 

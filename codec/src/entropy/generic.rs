@@ -31,7 +31,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::coder::Decoder;
-use crate::entropy::cursor::{code_chunk, Cursor};
+use crate::entropy::cursor::{causal, code_chunk, Cursor};
 use crate::entropy::Dense;
 use crate::grid::TokenGrid;
 use crate::nn::kernels::Kernel;
@@ -241,21 +241,13 @@ impl Generic {
         &self,
         cursor: &mut Cursor,
         n: usize,
-        mut pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
+        pick: impl FnMut(usize, &[u64]) -> Result<u32, ModelError>,
     ) -> Result<(), ModelError> {
-        cursor.check_more(n)?;
-        let k = cursor.codebook_size;
-        let width = cursor.width as usize;
-        let mut w = Vec::new();
-        for _ in 0..n {
-            let t = cursor.t;
-            let prev = t.checked_sub(1).map(|p| cursor.ids[p]);
-            self.step(&mut cursor.cache, prev, width, &mut w);
-            cursor.ids[t] = pick(t, &w)?.min(k - 1);
-            cursor.t += 1;
-            cursor.coded += 1;
-        }
-        Ok(())
+        cursor.steps(
+            n,
+            |cache, _, prev, width, w| self.step(cache, prev, width, w),
+            pick,
+        )
     }
 
     /// Takes `tokens` as the next tokens of `cursor` and returns the integer weights each is
@@ -265,23 +257,10 @@ impl Generic {
         cursor: &mut Cursor,
         tokens: &[u32],
     ) -> Result<Vec<Vec<u64>>, ModelError> {
-        let (from, to) = (cursor.t, cursor.place(tokens)?);
-        if from == to {
-            return Ok(Vec::new());
-        }
         let d = self.cfg.body.d_model;
-        let width = cursor.width as usize;
-        let mut xs = vec![0.0f32; (to - from) * d];
-        for (row, t) in xs.chunks_exact_mut(d).zip(from..to) {
-            let prev = t.checked_sub(1).map(|p| cursor.ids[p]);
-            self.input(prev, t, width, row);
-        }
-        self.body
-            .forward(self.kernel, &mut xs, &mut cursor.cache, Mask::Causal);
-        cursor.t = to;
-        cursor.coded += to - from;
-        let rows: Vec<usize> = (0..to - from).collect();
-        Ok(self.head.weights_rows(self.kernel, &xs, d, &rows))
+        let input = |prev, t, width, row: &mut [f32]| self.input(prev, t, width, row);
+        let run = causal(&self.body, &self.head, self.kernel, d);
+        cursor.batch(tokens, d, &input, run)
     }
 
     /// Full recompute: the integer weights of every position of `grid`, from one batched pass.

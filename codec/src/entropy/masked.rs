@@ -41,7 +41,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::coder::Decoder;
-use crate::entropy::cursor::{code_chunk, Cursor};
+use crate::entropy::cursor::{causal, code_chunk, Cursor};
 use crate::entropy::Dense;
 use crate::grid::TokenGrid;
 use crate::nn::kernels::Kernel;
@@ -347,22 +347,10 @@ impl Masked {
         cursor: &mut Cursor,
         tokens: &[u32],
     ) -> Result<Vec<Vec<u64>>, ModelError> {
-        let (from, to) = (cursor.t, cursor.place(tokens)?);
-        if tokens.is_empty() {
-            return Ok(Vec::new());
-        }
         let d = self.cfg.body.d_model;
-        let w = (cursor.width as usize).max(1);
-        let mut xs = self.raster_inputs(w, &cursor.ids, from, to);
-        self.body
-            .forward(self.kernel, &mut xs, &mut cursor.cache, Mask::Causal);
-        let rows: Vec<usize> = (from..to)
-            .filter(|&t| cursor.is_coded(t))
-            .map(|t| t - from)
-            .collect();
-        cursor.t = to;
-        cursor.coded += tokens.len();
-        Ok(self.head.weights_rows(self.kernel, &xs, d, &rows))
+        let input = |prev, t, width, row: &mut [f32]| self.raster_input(prev, t, width, row);
+        let run = causal(&self.body, &self.head, self.kernel, d);
+        cursor.batch(tokens, d, &input, run)
     }
 
     /// The integer weights of every unknown cell's token, in raster order of the unknown cells,
