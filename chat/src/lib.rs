@@ -11,7 +11,8 @@
 //!   and cancellation.
 //! - **Client:** [`Chat`] connects, sends a [`Prompt`] (text, token grids, or with feature
 //!   `pixels` images as pixels), and returns its [`Reply`]: a stream of [`ReplyEvent`]s (text
-//!   deltas as `String`s, images as token grids, the end with statistics). Every turn is coded
+//!   deltas as `String`s, images as token grids, with their first rows while a streamed image
+//!   is still arriving, the end with statistics). Every turn is coded
 //!   against the conversation so far by default.
 //!
 //! # A server with an agent of your own

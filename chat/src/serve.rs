@@ -462,9 +462,9 @@ struct WireSink<'s> {
     next_part: u64,
     text_refs: Vec<unimic_transport::ContextKey>,
     image_refs: Vec<unimic_transport::ContextKey>,
-    /// The agent's image so far, and when its first piece came.
+    /// The agent's image so far, and when its first piece came with which shape.
     image: Vec<u32>,
-    image_since: Option<Instant>,
+    image_since: Option<(Instant, (u32, u32))>,
     /// The index of the reply image part being streamed, if one is.
     streaming: Option<u64>,
     /// What the reply said, with the context key of each piece.
@@ -586,7 +586,13 @@ impl<'s> WireSink<'s> {
                 shape.1
             )));
         }
-        let since = *self.image_since.get_or_insert_with(Instant::now);
+        let (since, started) = *self.image_since.get_or_insert((Instant::now(), shape));
+        if started != shape {
+            return Err(SinkError(format!(
+                "the agent's image changed shape from {}x{} to {}x{} part way",
+                started.0, started.1, shape.0, shape.1
+            )));
+        }
         self.image.extend_from_slice(ids);
         let generic = self.options.transformer_images && has_generic(self.session);
         if let Some(index) = self.streaming {

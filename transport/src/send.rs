@@ -853,7 +853,8 @@ impl MessageWriter {
     /// cells only) and writes every chunk they complete. The push that completes the grid ends
     /// the part: it is committed to the context and its statistics are returned. Pushing past
     /// the grid, or an id outside the codebook, is refused (`SendError::Codec`) and sends
-    /// nothing.
+    /// nothing; a chunk that would take the message past its size limit fails the part (the
+    /// message cannot complete: drop or cancel the writer).
     pub async fn push_image(&mut self, ids: &[u32]) -> Result<Option<PartStats>, SendError> {
         if self.stream.is_none() {
             return Err(SendError::Cancelled);
@@ -862,7 +863,9 @@ impl MessageWriter {
             return Err(SendError::Usage("no streamed image part is open"));
         };
         let Some(mut stream) = open.stream.take() else {
-            return Err(SendError::Usage("no streamed image part is open"));
+            return Err(SendError::Usage(
+                "the streamed image part failed earlier; the message cannot complete",
+            ));
         };
         let (chunks, stream) = if open.transformer || ids.len() as u64 > BLOCKING_TOKENS {
             let ids = ids.to_vec();
@@ -878,8 +881,18 @@ impl MessageWriter {
         let (index, seq) = (open.index, open.seq);
         let before = self.total_wire;
         let count = chunks.len();
-        let (payload_bytes, tokens) =
-            self.staged(|w, out| w.put_chunks(out, index, seq, chunks, done))?;
+        let staged = self.staged(|w, out| w.put_chunks(out, index, seq, chunks, done));
+        let (payload_bytes, tokens) = match staged {
+            Ok(v) => v,
+            Err(e) => {
+                // The codec has moved past tokens the peer will never get: the part cannot go
+                // on (later pushes are refused, and so is `finish`).
+                if let Some(open) = self.image.as_mut() {
+                    open.stream = None;
+                }
+                return Err(e);
+            }
+        };
         let wire = self.total_wire - before;
         if let Some(open) = self.image.as_mut() {
             open.seq += count as u64;

@@ -37,9 +37,9 @@
 //!   says), or it is refused with [`PartError::LadderBase`].
 //!
 //! The module's files: `spec.rs` (what a part is and how to code it), `config.rs` (the models a
-//! codec holds), `error.rs`, `decoder.rs` (decoding chunks and assembling a part), and this file
-//! (the codec: model identities, the model state a part starts from, encoding), `stream.rs` (a
-//! grid part coded as its tokens arrive).
+//! codec holds), `error.rs`, `decoder.rs` (decoding chunks and assembling a part), `stream.rs`
+//! (a grid part coded as its tokens arrive), and this file (the codec: model identities, the
+//! model state a part starts from, encoding).
 //! * **Commit.** After a part is fully encoded (sender) or decoded (receiver), the caller inserts
 //!   it into its [`SessionContext`] under (message id, part index) if later parts may refer to it;
 //!   both ends must apply the same inserts and evictions.
