@@ -935,7 +935,8 @@ impl Player {
             })
             .collect();
         let mut spec = PartSpec::new(choice);
-        if chunk > 0 && !choice.is_transformer() {
+        if chunk > 0 {
+            // Transformer parts too: their chunks continue one run of the model.
             spec = spec.with_chunk_tokens(u32::from(chunk));
         }
         let coded = if known {
