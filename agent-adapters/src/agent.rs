@@ -139,6 +139,9 @@ pub struct SinkError(pub String);
 /// awaits every call is paced by the receiver: backpressure).
 pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'a>>;
 
+/// The future [`ReplySink::begin_edit`] returns.
+pub type BoolFuture<'a> = Pin<Box<dyn Future<Output = Result<bool, SinkError>> + Send + 'a>>;
+
 /// Where an agent writes its reply as it produces it. Each call is awaited before the next one;
 /// an error means the receiver stopped taking output (the turn was cancelled or the connection
 /// is gone) and the agent should return it.
@@ -168,6 +171,32 @@ pub trait ReplySink: Send {
     ) -> SinkFuture<'a> {
         let _ = (base, region);
         self.image_tokens((grid.height(), grid.width()), grid.ids(), true)
+    }
+
+    /// Starts an edit of the conversation's image at `base` (whose tokens are `base_grid`;
+    /// `region` row-major over them, `true` = redrawn) whose redrawn cells come later, as they
+    /// are made, with [`edit_tokens`](Self::edit_tokens): a sink that sends over a network can
+    /// stream them, so the receiver sees the edit grow. Returns `false` if this sink takes edits
+    /// only whole (the default, and a sink that cannot send this one as an edit): send it with
+    /// [`image_edit`](Self::image_edit) instead.
+    fn begin_edit<'a>(
+        &'a mut self,
+        base: ImageRef,
+        base_grid: &'a TokenGrid,
+        region: &'a [bool],
+    ) -> BoolFuture<'a> {
+        let _ = (base, base_grid, region);
+        Box::pin(std::future::ready(Ok(false)))
+    }
+
+    /// The next redrawn cells of the edit started with [`begin_edit`](Self::begin_edit), in
+    /// row-major order of the region's cells; `last` marks the final piece, after which the
+    /// pieces hold every cell of the region. The default refuses (no edit can have begun).
+    fn edit_tokens<'a>(&'a mut self, ids: &'a [u32], last: bool) -> SinkFuture<'a> {
+        let _ = (ids, last);
+        Box::pin(std::future::ready(Err(SinkError(
+            "this sink takes edits only whole".into(),
+        ))))
     }
 }
 

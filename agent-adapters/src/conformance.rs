@@ -1,7 +1,7 @@
 //! The `Agent` conformance suite: what every agent must do, whatever model sits behind it.
 //!
 //! [`run`] calls an agent with a fixed set of conversations and sinks and checks the contract of
-//! [`Agent::respond`](crate::Agent::respond):
+//! [`Agent::respond`]:
 //!
 //! | check | the agent must |
 //! | --- | --- |

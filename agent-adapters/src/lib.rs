@@ -37,6 +37,6 @@ pub mod openai;
 pub mod request;
 
 pub use agent::{
-    Agent, AgentError, AgentFuture, Capabilities, CollectSink, Content, Conversation, ImageRef,
-    ReplySink, Role, SinkError, SinkFuture, Turn,
+    Agent, AgentError, AgentFuture, BoolFuture, Capabilities, CollectSink, Content, Conversation,
+    ImageRef, ReplySink, Role, SinkError, SinkFuture, Turn,
 };

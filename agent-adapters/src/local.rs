@@ -2,7 +2,7 @@
 //! models, with no network and no language model.
 //!
 //! It answers a turn that carries a [`Request`] (a raw part of media type
-//! [`REQUEST_MEDIA_TYPE`](crate::request::REQUEST_MEDIA_TYPE)) by sampling:
+//! [`REQUEST_MEDIA_TYPE`]) by sampling:
 //!
 //! - **inpainting** ([`Task::Inpaint`]) and **outpainting** ([`Task::Outpaint`]) with the masked
 //!   model (every redrawn cell sees the kept cells on all sides),
@@ -13,7 +13,9 @@
 //!
 //! on the conversation's most recent image (for all but generation). The reply is one text line
 //! saying what was done, then the image's tokens streamed row by row as they are sampled (each row
-//! goes to the sink as soon as it is complete, so a receiver can show the image grow). Sampling is
+//! goes to the sink as soon as it is complete, so a receiver can show the image grow); an edit in
+//! place (inpainting, a variation) streams only its redrawn cells, a row's worth at a time, where
+//! the sink takes edits so ([`ReplySink::begin_edit`]), else goes whole as an edit. Sampling is
 //! seeded: the same request, image and models give the same tokens. It runs on a blocking thread;
 //! dropping the reply future stops it at the next cell.
 //!
@@ -278,9 +280,10 @@ impl LocalAgent {
         })
     }
 
-    /// Runs `job` on a blocking thread. An edit in place (inpainting, variation) goes to the
-    /// sink whole as an edit of its base image (only the region need travel); other images
-    /// stream into the sink row by row as they are sampled.
+    /// Runs `job` on a blocking thread. Every image streams into the sink row by row as it is
+    /// sampled: an edit in place (inpainting, variation) as an edit of its base image (only the
+    /// redrawn cells, [`ReplySink::begin_edit`]) where the sink streams edits, else whole once
+    /// sampled ([`ReplySink::image_edit`]); other images as rows of tokens.
     async fn run(
         &self,
         job: Job,
@@ -293,39 +296,71 @@ impl LocalAgent {
         // Dropping the reply future (a cancelled turn) stops the sampler at its next cell.
         let stop = StopOnDrop::default();
         let flag = Arc::clone(&stop.0);
-        if let Job::Masked {
-            base: Some(base),
-            ref unknown,
-            ..
-        } = job
-        {
-            let region = unknown.clone();
-            let worker = tokio::task::spawn_blocking(move || {
-                job.sample(&masked, &text_cond, sampler, None, &flag)
-            });
-            let grid = match worker.await {
-                Ok(Ok(grid)) => grid,
-                Ok(Err(e)) => return Err(AgentError::Backend(format!("sampling failed: {e}"))),
-                Err(e) => {
-                    return Err(AgentError::Backend(format!(
-                        "the sampling thread failed: {e}"
-                    )))
-                }
-            };
-            sink.image_edit(base, &grid, &region).await?;
-            return Ok(());
+        let edit = match &job {
+            Job::Masked {
+                base: Some(base),
+                known,
+                unknown,
+                ..
+            } => Some((*base, known.clone(), unknown.clone())),
+            _ => None,
+        };
+        let mut streamed_edit = None;
+        if let Some((base, known, region)) = edit {
+            let base_grid = TokenGrid::new(height, width, self.codebook_size(), known)
+                .map_err(|e| AgentError::Backend(format!("the image to edit: {e}")))?;
+            if sink.begin_edit(base, &base_grid, &region).await? {
+                streamed_edit = Some(region);
+            } else {
+                let worker = tokio::task::spawn_blocking(move || {
+                    job.sample(&masked, &text_cond, sampler, None, &flag)
+                });
+                let grid = match worker.await {
+                    Ok(Ok(grid)) => grid,
+                    Ok(Err(e)) => return Err(AgentError::Backend(format!("sampling failed: {e}"))),
+                    Err(e) => {
+                        return Err(AgentError::Backend(format!(
+                            "the sampling thread failed: {e}"
+                        )))
+                    }
+                };
+                sink.image_edit(base, &grid, &region).await?;
+                return Ok(());
+            }
         }
         let (tx, mut rx) = mpsc::channel::<Vec<u32>>(ROW_BUFFER);
         let worker = tokio::task::spawn_blocking(move || {
             job.sample(&masked, &text_cond, sampler, Some(tx), &flag)
         });
-        let mut rows = 0;
+        // An edit sends the redrawn cells of each row; other images whole rows.
+        let cells = streamed_edit
+            .as_ref()
+            .map(|r| r.iter().filter(|&&c| c).count());
+        let (mut rows, mut sent) = (0, 0);
         while let Some(row) = rx.recv().await {
+            let r = match (&streamed_edit, cells) {
+                (Some(region), Some(total)) => {
+                    let w = width as usize;
+                    let inside: Vec<u32> = row
+                        .iter()
+                        .zip(&region[rows * w..(rows + 1) * w])
+                        .filter(|(_, &c)| c)
+                        .map(|(&id, _)| id)
+                        .collect();
+                    sent += inside.len();
+                    if inside.is_empty() {
+                        Ok(())
+                    } else {
+                        sink.edit_tokens(&inside, sent == total).await
+                    }
+                }
+                _ => {
+                    sink.image_tokens((height, width), &row, rows + 1 == height as usize)
+                        .await
+                }
+            };
             rows += 1;
-            if let Err(e) = sink
-                .image_tokens((height, width), &row, rows == height)
-                .await
-            {
+            if let Err(e) = r {
                 // Stop the sampler (its next row finds the channel closed) and wait for it, so
                 // nothing runs on after the reply ended.
                 drop(rx);
@@ -333,8 +368,12 @@ impl LocalAgent {
                 return Err(e.into());
             }
         }
+        if cells == Some(0) && rows == height as usize {
+            // An edit that redraws nothing: its one, empty, piece.
+            sink.edit_tokens(&[], true).await?;
+        }
         match worker.await {
-            Ok(Ok(_)) if rows == height => Ok(()),
+            Ok(Ok(_)) if rows == height as usize => Ok(()),
             Ok(Ok(_)) => Err(AgentError::Backend(format!(
                 "sampling produced {rows} of {height} rows"
             ))),

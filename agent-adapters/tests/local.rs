@@ -330,3 +330,81 @@ fn a_refusing_sink_stops_the_sampling() {
     let r = rt.block_on(a.respond(&c, &mut Refuses { rows: 2 }));
     assert!(matches!(r, Err(AgentError::Sink(_))), "{r:?}");
 }
+
+/// A sink that streams edits: it records the base and region it was given and each piece of
+/// redrawn cells (`image_edit` must not be called).
+#[derive(Default)]
+struct EditStreamer {
+    begun: Option<(ImageRef, TokenGrid, Vec<bool>)>,
+    pieces: Vec<(Vec<u32>, bool)>,
+    whole: bool,
+}
+
+impl ReplySink for EditStreamer {
+    fn text_delta<'a>(&'a mut self, _: &'a str) -> SinkFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+    fn image_tokens<'a>(&'a mut self, _: (u32, u32), _: &'a [u32], _: bool) -> SinkFuture<'a> {
+        self.whole = true;
+        Box::pin(async { Ok(()) })
+    }
+    fn begin_edit<'a>(
+        &'a mut self,
+        base: ImageRef,
+        base_grid: &'a TokenGrid,
+        region: &'a [bool],
+    ) -> unimic_agents::BoolFuture<'a> {
+        self.begun = Some((base, base_grid.clone(), region.to_vec()));
+        Box::pin(async { Ok(true) })
+    }
+    fn edit_tokens<'a>(&'a mut self, ids: &'a [u32], last: bool) -> SinkFuture<'a> {
+        self.pieces.push((ids.to_vec(), last));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// With a sink that streams edits, an inpainting (and a variation) sends only the redrawn cells,
+/// a row's worth at a time as they are sampled, the last piece marked; the cells are those of
+/// the same request sent whole.
+#[test]
+fn edits_stream_their_redrawn_cells_row_by_row() {
+    let a = agent();
+    let region = CellRect {
+        x0: 3,
+        y0: 2,
+        x1: 9,
+        y1: 7,
+    };
+    for req in [
+        Request::new(Task::Inpaint { region }).with_seed(5),
+        Request::new(Task::Variation { strength: 0.3 }).with_seed(6),
+    ] {
+        let whole = run(&a, &with_image(req)).unwrap();
+        let (base, mask) = whole.edits[0].clone();
+        let expected: Vec<u32> = image_of(&whole)
+            .ids()
+            .iter()
+            .zip(&mask)
+            .filter(|(_, &m)| m)
+            .map(|(&id, _)| id)
+            .collect();
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut sink = EditStreamer::default();
+        rt.block_on(a.respond(&with_image(req), &mut sink)).unwrap();
+        assert!(!sink.whole, "nothing went as a whole image");
+        let (b, g, m) = sink.begun.clone().expect("the edit was begun");
+        assert_eq!((b, &g, &m), (base, &photo(), &mask));
+        let rows_with_cells = (0..16).filter(|r| mask[r * 16..(r + 1) * 16].contains(&true));
+        assert_eq!(
+            sink.pieces.len(),
+            rows_with_cells.count(),
+            "a piece per row"
+        );
+        let lasts: Vec<bool> = sink.pieces.iter().map(|p| p.1).collect();
+        assert_eq!(lasts.iter().filter(|&&l| l).count(), 1);
+        assert_eq!(lasts.last(), Some(&true));
+        let got: Vec<u32> = sink.pieces.iter().flat_map(|p| p.0.clone()).collect();
+        assert_eq!(got, expected, "the same cells as sent whole");
+    }
+}

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use unimic_agents::{
-    Agent, AgentError, Content, Conversation, ImageRef, ReplySink, Role as AgentRole, SinkError,
-    SinkFuture, Turn,
+    Agent, AgentError, BoolFuture, Content, Conversation, ImageRef, ReplySink, Role as AgentRole,
+    SinkError, SinkFuture, Turn,
 };
 use unimic_codec::text::{O200k, TextTokenizer};
 use unimic_transport::{
@@ -452,6 +452,47 @@ fn has_model(session: &Session, id: &str) -> bool {
 }
 
 /// The [`ReplySink`] that writes an agent's output into the reply message.
+/// An edit in progress: sent as a masked part of `reference`, streamed once its first cells took
+/// `ServeOptions::stream_images_after`.
+struct OpenEdit {
+    reference: ContextKey,
+    base: TokenGrid,
+    region: Vec<bool>,
+    /// The redrawn cells so far (row-major over the region), and how many there are in all.
+    cells: Vec<u32>,
+    total: usize,
+    since: Instant,
+    /// The index of the streamed part, once it is open.
+    streaming: Option<u64>,
+}
+
+impl OpenEdit {
+    /// The base with the region's cells redrawn (all of them pushed).
+    fn grid(&self) -> Result<TokenGrid, SinkError> {
+        let mut cells = self.cells.iter();
+        let ids = self
+            .base
+            .ids()
+            .iter()
+            .zip(&self.region)
+            .map(|(&b, &r)| {
+                if r {
+                    cells.next().copied().unwrap_or(b)
+                } else {
+                    b
+                }
+            })
+            .collect();
+        TokenGrid::new(
+            self.base.height(),
+            self.base.width(),
+            self.base.codebook_size(),
+            ids,
+        )
+        .map_err(|e| SinkError(format!("the agent's edit: {e}")))
+    }
+}
+
 struct WireSink<'s> {
     session: &'s Session,
     turn: u64,
@@ -467,6 +508,8 @@ struct WireSink<'s> {
     image_since: Option<(Instant, (u32, u32))>,
     /// The index of the reply image part being streamed, if one is.
     streaming: Option<u64>,
+    /// An edit whose redrawn cells are still coming (`ReplySink::begin_edit`).
+    edit: Option<OpenEdit>,
     /// What the reply said, with the context key of each piece.
     content: Vec<(Content, Option<ContextKey>)>,
     written: Vec<(ContextKey, Kind)>,
@@ -495,6 +538,7 @@ impl<'s> WireSink<'s> {
             image: Vec::new(),
             image_since: None,
             streaming: None,
+            edit: None,
             content: Vec::new(),
             written: Vec::new(),
             keys,
@@ -573,6 +617,9 @@ impl<'s> WireSink<'s> {
     async fn image(&mut self, shape: (u32, u32), ids: &[u32], last: bool) -> Result<(), SinkError> {
         if self.cancelled() {
             return Err(SinkError("the client cancelled the reply".into()));
+        }
+        if self.edit.is_some() {
+            return Err(SinkError("the agent's edit is not complete".into()));
         }
         let codebook = image_codebook(self.session)
             .ok_or_else(|| SinkError("the session negotiated no image tokenizer".into()))?;
@@ -698,8 +745,20 @@ impl<'s> WireSink<'s> {
         if self.cancelled() {
             return Err(SinkError("the client cancelled the reply".into()));
         }
-        let reference = self
-            .keys
+        let Some(reference) = self.edit_reference(base, grid.len(), region) else {
+            return self
+                .image((grid.height(), grid.width()), grid.ids(), true)
+                .await;
+        };
+        let part = OutgoingPart::edit(grid.clone(), reference, region.to_vec());
+        self.write_image(part, grid.clone()).await
+    }
+
+    /// The context key of the image at `base` when an edit of it can travel as one (the session
+    /// negotiated the masked transformer, both ends still hold the base, `region` fits it and
+    /// redraws something).
+    fn edit_reference(&self, base: ImageRef, cells: usize, region: &[bool]) -> Option<ContextKey> {
+        self.keys
             .get(base.turn)
             .and_then(|t| t.get(base.content))
             .copied()
@@ -707,17 +766,114 @@ impl<'s> WireSink<'s> {
             .filter(|key| {
                 self.options.transformer_images
                     && has_model(self.session, "unimic-entropy/masked")
-                    && region.len() == grid.len()
+                    && region.len() == cells
                     && region.iter().any(|&r| r)
                     && self.session.context_keys().contains(key)
-            });
-        let Some(reference) = reference else {
-            return self
-                .image((grid.height(), grid.width()), grid.ids(), true)
-                .await;
+            })
+    }
+
+    /// Starts an edit whose cells come later (see `ReplySink::begin_edit`): only where it can
+    /// travel as an edit and images may stream.
+    fn begin_edit(
+        &mut self,
+        base: ImageRef,
+        base_grid: &TokenGrid,
+        region: &[bool],
+    ) -> Result<bool, SinkError> {
+        if self.cancelled() {
+            return Err(SinkError("the client cancelled the reply".into()));
+        }
+        if self.edit.is_some() || !self.image.is_empty() {
+            return Err(SinkError(
+                "the agent's previous image is not complete".into(),
+            ));
+        }
+        let reference = self.edit_reference(base, base_grid.len(), region);
+        let (Some(reference), Some(_)) = (reference, self.options.stream_images_after) else {
+            return Ok(false);
         };
-        let part = OutgoingPart::edit(grid.clone(), reference, region.to_vec());
-        self.write_image(part, grid.clone()).await
+        self.edit = Some(OpenEdit {
+            reference,
+            base: base_grid.clone(),
+            region: region.to_vec(),
+            cells: Vec::new(),
+            total: region.iter().filter(|&&r| r).count(),
+            since: Instant::now(),
+            streaming: None,
+        });
+        Ok(true)
+    }
+
+    /// The next redrawn cells of the edit begun (see `ReplySink::edit_tokens`).
+    async fn edit_tokens(&mut self, ids: &[u32], last: bool) -> Result<(), SinkError> {
+        if self.cancelled() {
+            return Err(SinkError("the client cancelled the reply".into()));
+        }
+        let after = self.options.stream_images_after.unwrap_or_default();
+        let Some(e) = self.edit.as_mut() else {
+            return Err(SinkError("no edit was begun".into()));
+        };
+        let got = e.cells.len() + ids.len();
+        if got > e.total || (last && got != e.total) {
+            return Err(SinkError(format!(
+                "the agent's edit: {got} cells for a region of {}",
+                e.total
+            )));
+        }
+        e.cells.extend_from_slice(ids);
+        let (reference, region, streaming) = (e.reference, e.region.clone(), e.streaming);
+        let (shape, codebook) = ((e.base.height(), e.base.width()), e.base.codebook_size());
+        let start = e.since.elapsed() >= after && !e.cells.is_empty();
+        let pending = e.cells.clone();
+        let index = match streaming {
+            Some(index) => index,
+            None if last => {
+                // Complete before it was worth streaming: one masked part, as `image_edit`.
+                let grid = e.grid()?;
+                self.edit = None;
+                let part = OutgoingPart::edit(grid.clone(), reference, region);
+                return self.write_image(part, grid).await;
+            }
+            None if !start => return Ok(()),
+            None => {
+                // The cells so far are the first chunk; every chunk after it as many.
+                let spec = ImageStream::new(shape.0, shape.1, codebook)
+                    .edit(reference, region)
+                    .with_chunk_tokens(u32::try_from(pending.len()).unwrap_or(u32::MAX));
+                if let Err(err) = self.close_text().await {
+                    return Err(self.fail(err));
+                }
+                let index = self.next_part;
+                let w = self.writer().await?;
+                if let Err(err) = w.begin_image(spec).await {
+                    return Err(self.fail(err));
+                }
+                self.next_part += 1;
+                if let Some(e) = self.edit.as_mut() {
+                    e.streaming = Some(index);
+                }
+                return self.push_edit(index, &pending).await;
+            }
+        };
+        self.push_edit(index, ids).await
+    }
+
+    /// Pushes redrawn cells into the streamed edit part `index`; records the image once whole.
+    async fn push_edit(&mut self, index: u64, ids: &[u32]) -> Result<(), SinkError> {
+        let w = self.writer().await?;
+        let key = w.key(index);
+        let done = match w.push_image(ids).await {
+            Ok(done) => done.is_some(),
+            Err(e) => return Err(self.fail(e)),
+        };
+        if done {
+            let Some(e) = self.edit.take() else {
+                return Err(SinkError("no edit was begun".into()));
+            };
+            self.written.push((key, Kind::Image));
+            self.content.push((Content::Image(e.grid()?), Some(key)));
+        }
+        Ok(())
     }
 
     /// Ends the reply (an empty one if the agent said nothing): its statistics, what it said,
@@ -771,5 +927,19 @@ impl ReplySink for WireSink<'_> {
         region: &'a [bool],
     ) -> SinkFuture<'a> {
         Box::pin(self.edit(base, grid, region))
+    }
+
+    fn begin_edit<'a>(
+        &'a mut self,
+        base: ImageRef,
+        base_grid: &'a TokenGrid,
+        region: &'a [bool],
+    ) -> BoolFuture<'a> {
+        let r = WireSink::begin_edit(self, base, base_grid, region);
+        Box::pin(std::future::ready(r))
+    }
+
+    fn edit_tokens<'a>(&'a mut self, ids: &'a [u32], last: bool) -> SinkFuture<'a> {
+        Box::pin(WireSink::edit_tokens(self, ids, last))
     }
 }

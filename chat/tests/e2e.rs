@@ -705,3 +705,104 @@ async fn reply_images_stream_row_by_row() {
     assert!(ev.contains(&ReplyEvent::Image(grid(8, 10, 4))));
     assert!(!ev.iter().any(|e| matches!(e, ReplyEvent::ImageRows { .. })));
 }
+
+/// Redraws rows 2..6 of the last image (+1 on each id), handing the redrawn cells to the sink a
+/// row at a time with a pause between, through `begin_edit` / `edit_tokens` when the sink takes
+/// them so (else the whole edit at the end).
+struct SlowEditor;
+
+impl Agent for SlowEditor {
+    fn respond<'a>(&'a self, c: &'a Conversation, sink: &'a mut dyn ReplySink) -> AgentFuture<'a> {
+        Box::pin(async move {
+            let (at, base) = c
+                .last_image()
+                .ok_or_else(|| AgentError::Unsupported("no image".into()))?;
+            let w = base.width() as usize;
+            let region: Vec<bool> = (0..base.len()).map(|i| (2..6).contains(&(i / w))).collect();
+            let mut ids = base.ids().to_vec();
+            for (id, _) in ids.iter_mut().zip(&region).filter(|(_, &r)| r) {
+                *id = (*id + 1) % 1024;
+            }
+            let edited = TokenGrid::new(base.height(), base.width(), 1024, ids).unwrap();
+            sink.text_delta("editing").await?;
+            if !sink.begin_edit(at, base, &region).await? {
+                return Ok(sink.image_edit(at, &edited, &region).await?);
+            }
+            for r in 2..6 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                sink.edit_tokens(&edited.ids()[r * w..(r + 1) * w], r == 5)
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// An edit streamed through the serving glue (from its first row on): only the region's cells
+/// travel, the client gets the whole edited grid, and a second edit builds on it; with
+/// streaming off the same edit goes whole, as the same masked part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_stream_as_masked_parts() {
+    use unimic_codec::entropy::masked::{Masked, MaskedConfig};
+    use unimic_codec::part::CodecConfig;
+
+    let masked = Arc::new(Masked::synthetic(&MaskedConfig::tiny(1024), 5).unwrap());
+    let codec = CodecConfig::default().with_masked(masked);
+    let mut part_bytes = Vec::new();
+    for after in [Some(Duration::ZERO), None] {
+        let (addr, pin) = start_with_codec(
+            codec.clone(),
+            Arc::new(SlowEditor),
+            ServeOptions::default().with_stream_images_after(after),
+        );
+        let chat = within(Chat::connect(
+            addr,
+            ChatConfig::pinned(pin)
+                .with_image_tokenizer(vq())
+                .with_codec(codec.clone()),
+        ))
+        .await
+        .unwrap();
+        let image = grid(8, 10, 2);
+        let bump = |g: &TokenGrid| {
+            let ids = g
+                .ids()
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| {
+                    if (20..60).contains(&i) {
+                        (id + 1) % 1024
+                    } else {
+                        id
+                    }
+                })
+                .collect();
+            TokenGrid::new(8, 10, 1024, ids).unwrap()
+        };
+        let ev = events(
+            within(chat.send(Prompt::text("edit").with_grid(image.clone())))
+                .await
+                .unwrap(),
+        )
+        .await;
+        let once = bump(&image);
+        assert!(
+            ev.contains(&ReplyEvent::Image(once.clone())),
+            "{after:?}: {ev:?}"
+        );
+        let Some(ReplyEvent::End(stats)) = ev.last() else {
+            panic!("no end")
+        };
+        let part = stats.received.parts.last().unwrap();
+        assert_eq!(part.tokens, 40, "only the region");
+        part_bytes.push(part.wire_bytes);
+        // Both contexts hold the edited image: the next edit builds on it.
+        let ev = events(within(chat.send(Prompt::text("again"))).await.unwrap()).await;
+        assert!(
+            ev.contains(&ReplyEvent::Image(bump(&once))),
+            "{after:?}: {ev:?}"
+        );
+    }
+    // Streamed, the part came in four chunks (a row each), each with its frame: more bytes.
+    assert!(part_bytes[0] > part_bytes[1], "{part_bytes:?}");
+}

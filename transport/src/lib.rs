@@ -12,7 +12,9 @@
 //! ends keep their `SessionContext` in step (see [`session`](crate::Session) for the rules).
 //!
 //! When both codecs hold the same transformer weights (negotiated by weights hash), an image part
-//! can be coded with the generic, masked or text-conditioned model (one chunk per part). An
+//! can be coded with the generic, masked or text-conditioned model (in one chunk, or in chunks
+//! that continue one run of the model: [`MessageWriter::begin_image`] streams an image part as
+//! its tokens come, and the receiver decodes each chunk as it arrives, PROTOCOL.md §6.6). An
 //! **edit** ([`OutgoingPart::edit`]) sends only the cells of a region of an image the peer already
 //! holds (masked mode, PROTOCOL.md §6.3); the peer rebuilds the whole grid. A
 //! [`ModelChoice::TextCond`] image part reads the text parts it references.
