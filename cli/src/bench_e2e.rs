@@ -2,10 +2,11 @@
 //! reply's per-delta latency over unimic against the same deltas as SSE over HTTP, all on
 //! loopback in one process.
 //!
-//! The image-streaming comparison asks the local agent (shipped models) for text-to-image
-//! replies of `--image-side` tokens a side, `--rounds` times each with the server streaming the
-//! image as the agent samples it and with the server sending it whole, alternating, and reports
-//! the time to the first rows and to the whole image.
+//! The image-streaming comparison asks the local agent (shipped models) for a text-to-image
+//! reply of `--image-side` tokens a side and then an inpainting of its middle, `--rounds` times
+//! each with the server streaming the images as the agent samples them and with the server
+//! sending them whole, alternating, and reports the time to the first rows (a new image) and to
+//! the whole image.
 //!
 //! The streaming comparison runs an agent that emits `--deltas` text deltas `--interval-ms`
 //! apart, once behind `unimic_chat::serve` (QUIC) read by a `Chat` client, once behind an
@@ -45,8 +46,8 @@ pub struct Args {
     /// Streamed replies per transport (alternating).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Side (in tokens) of the text-to-image replies timed streamed row by row against sent
-    /// whole (`0`: skip; at most 64, the shipped models' side).
+    /// Side (in tokens) of the text-to-image replies (and the inpainting of their middle) timed
+    /// streamed as sampled against sent whole (`0`: skip; at most 64, the shipped models' side).
     #[arg(long, default_value_t = 48)]
     pub image_side: u32,
     /// Words of earlier conversation in each streaming prompt (the reply is coded against the
@@ -437,7 +438,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Text-to-image replies streamed row by row against sent whole (see the module docs).
+/// Text-to-image and inpainting replies streamed as sampled against sent whole (see the module
+/// docs).
 fn image_streaming(args: &Args, emit: &dyn Fn(serde_json::Value)) -> anyhow::Result<()> {
     let side = args.image_side.min(64);
     let rounds = args.rounds.max(1);
@@ -458,30 +460,37 @@ fn image_streaming(args: &Args, emit: &dyn Fn(serde_json::Value)) -> anyhow::Res
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
-    for (name, runs) in [("streamed", &streamed), ("whole", &whole)] {
-        let first: Vec<f64> = runs
-            .iter()
-            .map(|t| ms(t.first_rows.unwrap_or(t.image)))
-            .collect();
-        let image: Vec<f64> = runs.iter().map(|t| ms(t.image)).collect();
-        let v = json!({
-            "bench": "e2e", "kind": "image_stream", "mode": name, "side": side,
-            "rounds": rounds,
-            "first_rows_ms_median": median(first.clone()),
-            "image_ms_median": median(image.clone()),
-            "first_rows_ms": first, "image_ms": image,
-            "row_events": runs.iter().map(|t| t.row_events).collect::<Vec<_>>(),
-            "wire_down": runs.iter().map(|t| t.wire_down).collect::<Vec<_>>(),
-        });
-        if args.json {
-            emit(v);
-        } else {
-            println!(
-                "text-to-image {side}x{side} tokens, {name:>8}: first rows after {:>6.0} ms, whole image after {:>6.0} ms (medians of {rounds}), {} B down",
-                v["first_rows_ms_median"].as_f64().unwrap_or(0.0),
-                v["image_ms_median"].as_f64().unwrap_or(0.0),
-                runs.first().map_or(0, |t| t.wire_down),
-            );
+    for task in ["generate", "inpaint"] {
+        for (name, runs) in [("streamed", &streamed), ("whole", &whole)] {
+            let runs: Vec<_> = runs
+                .iter()
+                .filter(|(t, _)| *t == task)
+                .map(|(_, r)| r)
+                .collect();
+            let first: Vec<f64> = runs
+                .iter()
+                .map(|t| ms(t.first_rows.unwrap_or(t.image)))
+                .collect();
+            let image: Vec<f64> = runs.iter().map(|t| ms(t.image)).collect();
+            let v = json!({
+                "bench": "e2e", "kind": "image_stream", "task": task, "mode": name,
+                "side": side, "rounds": rounds,
+                "first_rows_ms_median": median(first.clone()),
+                "image_ms_median": median(image.clone()),
+                "first_rows_ms": first, "image_ms": image,
+                "row_events": runs.iter().map(|t| t.row_events).collect::<Vec<_>>(),
+                "wire_down": runs.iter().map(|t| t.wire_down).collect::<Vec<_>>(),
+            });
+            if args.json {
+                emit(v);
+            } else {
+                println!(
+                    "{task} {side}x{side} tokens, {name:>8}: first rows after {:>6.0} ms, whole image after {:>6.0} ms (medians of {rounds}), {} B down",
+                    v["first_rows_ms_median"].as_f64().unwrap_or(0.0),
+                    v["image_ms_median"].as_f64().unwrap_or(0.0),
+                    runs.first().map_or(0, |t| t.wire_down),
+                );
+            }
         }
     }
     Ok(())

@@ -282,15 +282,16 @@ pub struct ImageReplyTimes {
     pub wire_down: u64,
 }
 
-/// Asks the local agent (shipped models) over loopback QUIC for `rounds` text-to-image replies
-/// of `side × side` tokens each (seeds 1, 2, …), on one session, with reply images streamed as
-/// sampled (`streamed`: the server's default, chunks from 50 ms on) or sent whole at the end;
-/// returns the times of each.
+/// Asks the local agent (shipped models) over loopback QUIC, on one session, `rounds` times for a
+/// text-to-image reply of `side × side` tokens (seeds 1, 2, …) and then for an inpainting of its
+/// middle (half the side each way), with reply images streamed as sampled (`streamed`: the
+/// server's default, chunks from 50 ms on) or sent whole at the end; returns the times of each
+/// reply with its task (`"generate"`, `"inpaint"`).
 pub fn image_reply_times(
     side: u32,
     streamed: bool,
     rounds: usize,
-) -> anyhow::Result<Vec<ImageReplyTimes>> {
+) -> anyhow::Result<Vec<(&'static str, ImageReplyTimes)>> {
     let rt = tokio::runtime::Runtime::new()?;
     let options = if streamed {
         ServeOptions::default()
@@ -302,39 +303,63 @@ pub fn image_reply_times(
         .with_image_tokenizer(crate::serve::shipped_tokenizer_info()?)
         .with_codec(crate::serve::codec_config()?)
         .with_reply_timeout(Some(Duration::from_secs(300)));
+    let (a, b) = (side / 4, side - side / 4);
     rt.block_on(async {
         let chat = Chat::connect(addr, config).await?;
         let mut out = Vec::new();
         for round in 0..rounds {
-            let request = Request::new(Task::Generate {
-                height: side,
-                width: side,
-            })
-            .with_seed(1 + round as u64);
-            let start = Instant::now();
-            let mut reply = chat
-                .send(Prompt::text("A red parrot on a green branch.").with_request(request))
-                .await?;
-            let (mut first_rows, mut image, mut row_events) = (None, None, 0);
-            let mut wire_down = 0;
-            while let Some(ev) = reply.next().await {
-                match ev? {
-                    ReplyEvent::ImageRows { .. } => {
-                        row_events += 1;
-                        first_rows.get_or_insert(start.elapsed());
+            let seed = 1 + round as u64;
+            let turns = [
+                (
+                    "generate",
+                    "A red parrot on a green branch.",
+                    Request::new(Task::Generate {
+                        height: side,
+                        width: side,
+                    }),
+                ),
+                (
+                    "inpaint",
+                    "Repaint the middle.",
+                    Request::new(Task::Inpaint {
+                        region: CellRect {
+                            x0: a,
+                            y0: a,
+                            x1: b,
+                            y1: b,
+                        },
+                    }),
+                ),
+            ];
+            for (task, text, request) in turns {
+                let start = Instant::now();
+                let mut reply = chat
+                    .send(Prompt::text(text).with_request(request.with_seed(seed)))
+                    .await?;
+                let (mut first_rows, mut image, mut row_events) = (None, None, 0);
+                let mut wire_down = 0;
+                while let Some(ev) = reply.next().await {
+                    match ev? {
+                        ReplyEvent::ImageRows { .. } => {
+                            row_events += 1;
+                            first_rows.get_or_insert(start.elapsed());
+                        }
+                        ReplyEvent::Image(_) => image = Some(start.elapsed()),
+                        ReplyEvent::End(s) => wire_down = s.received.wire_bytes,
+                        _ => {}
                     }
-                    ReplyEvent::Image(_) => image = Some(start.elapsed()),
-                    ReplyEvent::End(s) => wire_down = s.received.wire_bytes,
-                    _ => {}
                 }
+                let image = image.with_context(|| format!("the {task} reply has no image"))?;
+                out.push((
+                    task,
+                    ImageReplyTimes {
+                        first_rows,
+                        image,
+                        row_events,
+                        wire_down,
+                    },
+                ));
             }
-            let image = image.context("the reply has no image")?;
-            out.push(ImageReplyTimes {
-                first_rows,
-                image,
-                row_events,
-                wire_down,
-            });
         }
         chat.close(Duration::from_secs(1)).await;
         Ok(out)
