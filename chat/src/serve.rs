@@ -461,7 +461,8 @@ struct OpenEdit {
     /// The redrawn cells so far (row-major over the region), and how many there are in all.
     cells: Vec<u32>,
     total: usize,
-    since: Instant,
+    /// When the first cells came (the time to stream counts from there, as for new images).
+    since: Option<Instant>,
     /// The index of the streamed part, once it is open.
     streaming: Option<u64>,
 }
@@ -798,7 +799,7 @@ impl<'s> WireSink<'s> {
             region: region.to_vec(),
             cells: Vec::new(),
             total: region.iter().filter(|&&r| r).count(),
-            since: Instant::now(),
+            since: None,
             streaming: None,
         });
         Ok(true)
@@ -823,7 +824,8 @@ impl<'s> WireSink<'s> {
         e.cells.extend_from_slice(ids);
         let (reference, region, streaming) = (e.reference, e.region.clone(), e.streaming);
         let (shape, codebook) = ((e.base.height(), e.base.width()), e.base.codebook_size());
-        let start = e.since.elapsed() >= after && !e.cells.is_empty();
+        let since = *e.since.get_or_insert_with(Instant::now);
+        let start = since.elapsed() >= after && !e.cells.is_empty();
         let pending = e.cells.clone();
         let index = match streaming {
             Some(index) => index,
