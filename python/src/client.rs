@@ -213,8 +213,9 @@ impl Client {
     /// levels])`, `("grid", height, width, ids)`, `("levels", n, height, width, ids)` (a quality
     /// ladder, base first) and `("request", json)`; pixels are scaled down to
     /// `max_side` and tokenized off the event loop. An awaitable of its [`Reply`], whose images
-    /// are decoded to pixels when `decode_images`.
-    #[pyo3(signature = (bridge, parts, decode_images=true, max_side=1024))]
+    /// are decoded to pixels when `decode_images`, and which also gives the first rows of an
+    /// image still arriving when `image_rows`.
+    #[pyo3(signature = (bridge, parts, decode_images=true, max_side=1024, image_rows=false))]
     fn send<'py>(
         &self,
         py: Python<'py>,
@@ -222,6 +223,7 @@ impl Client {
         parts: Bound<'py, PyList>,
         decode_images: bool,
         max_side: u32,
+        image_rows: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let chat = lock(&self.chat)
             .clone()
@@ -265,6 +267,7 @@ impl Client {
                 stats: Arc::new(Mutex::new(None)),
                 cancel: tokio::sync::watch::channel(false).0,
                 decode_images,
+                image_rows,
                 stack,
             }))
         })
@@ -323,7 +326,19 @@ pub struct Reply {
     stats: Arc<Mutex<Option<ReplyStats>>>,
     cancel: tokio::sync::watch::Sender<bool>,
     decode_images: bool,
+    /// Hand over `ReplyEvent::ImageRows` too.
+    image_rows: bool,
     stack: Arc<Stack>,
+}
+
+/// The first `rows` rows of an image still arriving, for Python: `("rows", height, width, rows,
+/// ids)`.
+fn rows_output(height: u32, width: u32, rows: u32, ids: Vec<u32>) -> Output {
+    Box::new(move |py| {
+        let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+        let t = ("rows", height, width, rows, PyBytes::new(py, &bytes)).into_pyobject(py)?;
+        Ok(t.into_any().unbind())
+    })
 }
 
 /// An image event for Python.
@@ -358,13 +373,15 @@ impl Reply {
     }
 
     /// The next event: an awaitable of a `str` (a text delta), `("pixels", width, height, rgb)`
-    /// or `("grid", height, width, ids)` (an image), or `None` at the end (then [`stats`]
-    /// holds the turn's statistics). Cancelling the await loses no event.
+    /// or `("grid", height, width, ids)` (an image), `("rows", height, width, rows, ids)` (the
+    /// first rows of an image still arriving, when asked for), or `None` at the end (then
+    /// [`stats`] holds the turn's statistics). Cancelling the await loses no event.
     fn next<'py>(&self, py: Python<'py>, bridge: &Bridge) -> PyResult<Bound<'py, PyAny>> {
         let state = self.state.clone();
         let stats = self.stats.clone();
         let mut cancelled = self.cancel.subscribe();
         let decode = self.decode_images;
+        let rows_wanted = self.image_rows;
         let tok = self.stack.tokenizer.clone();
         spawn_result(py, bridge, async move {
             let mut g = state.lock().await;
@@ -413,6 +430,12 @@ impl Reply {
                         return Err(e.into());
                     }
                     Some(Ok(ReplyEvent::Text(t))) => return Ok(output(t)),
+                    Some(Ok(ReplyEvent::ImageRows {
+                        height,
+                        width,
+                        rows,
+                        ids,
+                    })) if rows_wanted => return Ok(rows_output(height, width, rows, ids)),
                     Some(Ok(ReplyEvent::Image(grid))) => g.image = Some(grid),
                     Some(Ok(ReplyEvent::End(s))) => {
                         *lock(&stats) = Some(s);

@@ -158,6 +158,37 @@ def test_the_local_agent_generates_an_image_on_request():
     run(main(), timeout=300)
 
 
+def test_image_rows_arrive_before_the_whole_image_when_asked_for():
+    """The local agent samples a 40×40 image for a few hundred ms: the server streams it, and
+    with ``image_rows=True`` the client sees its rows grow before the whole grid; without, the
+    same reply has no row events."""
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", unimic.LocalAgent())
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        request = {"task": {"generate": {"height": 40, "width": 40}}, "seed": 3}
+        reply = await client.send("a bird", request=request, decode_images=False, image_rows=True)
+        events = await reply.collect()
+        rows = [e for e in events if isinstance(e, unimic.ImageRows)]
+        (grid,) = [e for e in events if isinstance(e, np.ndarray)]
+        assert rows, events
+        at = {id(e): i for i, e in enumerate(events)}
+        assert at[id(rows[-1])] < at[id(grid)], "the rows come before the whole grid"
+        assert [r.rows for r in rows] == sorted({r.rows for r in rows})
+        for r in rows:
+            assert (r.height, r.width) == (40, 40) and r.tokens.shape == (r.rows, 40)
+            assert (r.tokens == grid[: r.rows]).all()
+        reply = await client.send("a bird", request=request, decode_images=False)
+        events = await reply.collect()
+        assert not any(isinstance(e, unimic.ImageRows) for e in events)
+        (again,) = [e for e in events if isinstance(e, np.ndarray)]
+        assert (again == grid).all(), "the same seed samples the same image"
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=300)
+
+
 def test_the_event_loop_is_not_blocked_while_images_are_coded():
     """A ticker on the loop keeps ticking while the client tokenizes a photo, the agent
     tokenizes its reply image and the client detokenizes it (each several hundred ms)."""

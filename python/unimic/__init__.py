@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from . import errors
 from ._images import ImageLike
-from .client import Client, Event, Reply
+from .client import Client, Event, ImageRows, Reply
 from .errors import (
     AgentError,
     ClosedError,
@@ -52,6 +52,7 @@ __all__ = [
     "Client",
     "Reply",
     "Event",
+    "ImageRows",
     "ImageLike",
     "serve",
     "Server",

@@ -53,7 +53,7 @@ class Models:
     ) -> bytes: ...
     def decode(self, data: bytes, levels: int = 0) -> Tuple[int, int, bytes]: ...
 
-ReplyItem = Union[str, Tuple[str, int, int, bytes], None]
+ReplyItem = Union[str, Tuple[str, int, int, bytes], Tuple[str, int, int, int, bytes], None]
 
 class Reply:
     @property
@@ -76,6 +76,7 @@ class Client:
         parts: List[Tuple[Any, ...]],
         decode_images: bool = True,
         max_side: int = 1024,
+        image_rows: bool = False,
     ) -> Awaitable[Reply]: ...
     def close(self, bridge: Bridge, grace: float = 1.0) -> Awaitable[None]: ...
 

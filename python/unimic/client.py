@@ -30,11 +30,34 @@ from ._loop import bridge
 from .errors import ClosedError, ContentError
 from .models import Models, PathLike, _models
 
-__all__ = ["Client", "Reply", "Event"]
+__all__ = ["Client", "Reply", "Event", "ImageRows"]
 
-Event = Union[str, "Image.Image", "np.ndarray"]
-"""An event of a reply: a text delta (``str``), or an image, decoded (``PIL.Image``) or as its
-token grid (``numpy.ndarray`` of ``uint32``, ``(rows, cols)``)."""
+
+class ImageRows:
+    """The first rows of a reply image still arriving (with ``send(..., image_rows=True)``): a
+    server streams an image its agent makes as it goes, and each piece that arrives before the
+    last gives one of these; the whole image follows as an ordinary image event.
+
+    ``height`` and ``width`` are the whole image's, in tokens; ``rows`` the rows complete so
+    far; ``tokens`` their token grid (``numpy.ndarray`` of ``uint32``, ``(rows, width)``), which
+    :func:`unimic.detokenize` turns into the top of the picture."""
+
+    __slots__ = ("height", "width", "rows", "tokens")
+
+    def __init__(self, height: int, width: int, rows: int, tokens: "np.ndarray") -> None:
+        self.height = height
+        self.width = width
+        self.rows = rows
+        self.tokens = tokens
+
+    def __repr__(self) -> str:
+        return f"ImageRows({self.rows} of {self.height} rows, width {self.width})"
+
+
+Event = Union[str, "Image.Image", "np.ndarray", ImageRows]
+"""An event of a reply: a text delta (``str``), an image, decoded (``PIL.Image``) or as its
+token grid (``numpy.ndarray`` of ``uint32``, ``(rows, cols)``), or, when asked for, the first
+rows of an image still arriving (:class:`ImageRows`)."""
 
 
 class Reply:
@@ -68,6 +91,9 @@ class Reply:
             return ev
         if ev[0] == "pixels":
             return from_rgb(ev[1], ev[2], ev[3])
+        if ev[0] == "rows":
+            _, height, width, rows, ids = ev
+            return ImageRows(height, width, rows, grid_array(rows, width, ids))
         return grid_array(ev[1], ev[2], ev[3])
 
     async def text(self) -> str:
@@ -163,6 +189,7 @@ class Client:
         decode_images: bool = True,
         max_side: int = 1024,
         levels: int = 1,
+        image_rows: bool = False,
     ) -> Reply:
         """Sends a turn: ``text``, then ``images`` (PIL images, paths, image file bytes or
         uint8 pixel arrays; scaled down to ``max_side`` and tokenized off the event loop), then
@@ -174,6 +201,9 @@ class Client:
         ``levels`` > 1 sends each of ``images`` with that many levels of the quality ladder
         (sharper, more bytes); a grid of shape ``(levels, rows, cols)`` (from
         ``unimic.tokenize(image, levels=n)``) is sent as a ladder too.
+
+        ``image_rows=True`` also gives, while a reply image is still arriving (a server streams
+        an image its agent samples row by row), its first rows as :class:`ImageRows` events.
 
         Raises :class:`ClosedError` after :meth:`close`, :class:`ContentError` for input that
         cannot be sent."""
@@ -212,7 +242,7 @@ class Client:
             parts.append(("request", bytes(request)))
         if not parts:
             raise ContentError("a turn needs text, an image, a grid or a request")
-        native = await self._native.send(bridge(), parts, decode_images, max_side)
+        native = await self._native.send(bridge(), parts, decode_images, max_side, image_rows)
         return Reply(native)
 
     async def ask(self, text: Optional[str] = None, images: Sequence[ImageLike] = ()) -> str:
