@@ -84,7 +84,8 @@ enum Line {
 const HELP: &str = "text lines are turns; /image PATH attaches an image to the next turn; \
 /edit X0 Y0 X1 Y1 [PROMPT] redraws cells x X0..X1, y Y0..Y1 of the last image; \
 /outpaint N extends it by N cells on every side; /vary STRENGTH redraws that fraction of its cells; \
-/gen PROMPT draws a new 16x16-token image; /seed N sets the sampling seed; \
+/gen [SIDE] PROMPT draws a new SIDExSIDE-token image (16 by default; larger ones stream in as \
+they are drawn); /seed N sets the sampling seed; \
 /save DIR writes the conversation's images as PNG; /quit ends";
 
 /// Parses a line typed at the prompt (`seed` is the sampling seed of requests).
@@ -147,14 +148,25 @@ fn parse_line(line: &str, seed: u64) -> Line {
             ),
             _ => Line::Bad("usage: /vary STRENGTH (0 to 1)".into()),
         },
-        "gen" if !rest.is_empty() => Line::Request(
-            req(Task::Generate {
-                height: 16,
-                width: 16,
-            }),
-            rest.to_string(),
-        ),
-        "gen" => Line::Bad("usage: /gen PROMPT".into()),
+        "gen" if !rest.is_empty() => {
+            // An optional side first: `/gen 48 a parrot` (the shipped models take up to 64).
+            let (side, prompt) = match rest.split_once(char::is_whitespace) {
+                Some((n, p)) => match n.parse::<u32>() {
+                    Ok(n) if (1..=64).contains(&n) && !p.trim().is_empty() => (n, p.trim()),
+                    Ok(_) => return Line::Bad("usage: /gen [SIDE 1..64] PROMPT".into()),
+                    Err(_) => (16, rest),
+                },
+                None => (16, rest),
+            };
+            Line::Request(
+                req(Task::Generate {
+                    height: side,
+                    width: side,
+                }),
+                prompt.to_string(),
+            )
+        }
+        "gen" => Line::Bad("usage: /gen [SIDE 1..64] PROMPT".into()),
         "seed" => match rest.parse() {
             Ok(n) => Line::Seed(n),
             Err(_) => Line::Bad("usage: /seed N".into()),
@@ -467,6 +479,13 @@ mod tests {
         assert!(matches!(parse_line("/vary 0.3", 1), Line::Request(r, _)
             if r.task == Task::Variation { strength: 0.3 }));
         assert!(matches!(parse_line("/gen a cat", 1), Line::Request(_, t) if t == "a cat"));
+        assert!(matches!(
+            parse_line("/gen 48 a cat", 1),
+            Line::Request(r, t) if t == "a cat"
+                && r.task == Task::Generate { height: 48, width: 48 }
+        ));
+        assert!(matches!(parse_line("/gen 65 a cat", 1), Line::Bad(_)));
+        assert!(matches!(parse_line("/gen 7", 1), Line::Request(_, t) if t == "7"));
         assert_eq!(parse_line("/seed 42", 1), Line::Seed(42));
         assert_eq!(parse_line("/save out", 1), Line::Save("out".into()));
         for bad in [

@@ -38,6 +38,24 @@ pub struct Args {
     /// PEM file of the certificate's private key (with `--cert`).
     #[arg(long, requires = "cert", value_name = "PEM")]
     pub key: Option<std::path::PathBuf>,
+    /// Stream a reply image the agent draws row by row once its first rows took this many
+    /// milliseconds (the client sees it grow; an image done sooner goes whole, in the fewest
+    /// bytes). `off`: always send images whole.
+    #[arg(long, default_value = "50", value_name = "MS|off", value_parser = parse_stream_after)]
+    pub stream_images_after: StreamAfter,
+}
+
+/// `--stream-images-after`: milliseconds, or `None` for `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamAfter(pub Option<std::time::Duration>);
+
+fn parse_stream_after(s: &str) -> Result<StreamAfter, String> {
+    if s == "off" {
+        return Ok(StreamAfter(None));
+    }
+    s.parse::<u64>()
+        .map(|ms| StreamAfter(Some(std::time::Duration::from_millis(ms))))
+        .map_err(|_| format!("{s:?} is neither a number of milliseconds nor `off`"))
 }
 
 /// The server's TLS identity: the PEM certificate and key given, or a fresh self-signed one.
@@ -128,7 +146,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 addr.port()
             );
         }
-        let options = ServeOptions::default().on_turn(|log| {
+        let options = ServeOptions::default()
+            .with_stream_images_after(args.stream_images_after.0)
+            .on_turn(|log| {
             let outcome = match &log.outcome {
                 TurnOutcome::Answered => "answered".to_string(),
                 TurnOutcome::Cancelled => "cancelled".to_string(),
