@@ -30,6 +30,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(event) = reply.next().await {
         match event? {
             ReplyEvent::Text(delta) => print!("{delta}"),
+            // An image the server streams as its agent draws it: its first rows so far.
+            ReplyEvent::ImageRows { rows, height, .. } => println!("[{rows} of {height} rows]"),
             ReplyEvent::Image(grid) => {
                 println!("[an image, {}x{} tokens]", grid.width(), grid.height())
             }
