@@ -663,15 +663,7 @@ impl<'s> WireSink<'s> {
             } else {
                 spec.with_context(self.image_refs.clone())
             };
-            if let Err(e) = self.close_text().await {
-                return Err(self.fail(e));
-            }
-            let index = self.next_part;
-            let w = self.writer().await?;
-            if let Err(e) = w.begin_image(spec).await {
-                return Err(self.fail(e));
-            }
-            self.next_part += 1;
+            let index = self.open_image(spec).await?;
             self.streaming = Some(index);
             let all = self.image.clone();
             return self.stream_image(index, shape, codebook, &all).await;
@@ -691,6 +683,34 @@ impl<'s> WireSink<'s> {
         self.write_image(part, grid).await
     }
 
+    /// Closes the text part, if open, and opens the streamed image part `spec`; returns its index.
+    async fn open_image(&mut self, spec: ImageStream) -> Result<u64, SinkError> {
+        if let Err(e) = self.close_text().await {
+            return Err(self.fail(e));
+        }
+        let index = self.next_part;
+        let w = self.writer().await?;
+        if let Err(e) = w.begin_image(spec).await {
+            return Err(self.fail(e));
+        }
+        self.next_part += 1;
+        Ok(index)
+    }
+
+    /// Pushes `ids` into the streamed image part `index`; its context key once it is whole.
+    async fn push_streamed(
+        &mut self,
+        index: u64,
+        ids: &[u32],
+    ) -> Result<Option<ContextKey>, SinkError> {
+        let w = self.writer().await?;
+        let key = w.key(index);
+        match w.push_image(ids).await {
+            Ok(done) => Ok(done.map(|_| key)),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
     /// Pushes `ids` into the streamed image part `index`; records the image once it is whole.
     async fn stream_image(
         &mut self,
@@ -699,13 +719,7 @@ impl<'s> WireSink<'s> {
         codebook: u32,
         ids: &[u32],
     ) -> Result<(), SinkError> {
-        let w = self.writer().await?;
-        let key = w.key(index);
-        let done = match w.push_image(ids).await {
-            Ok(done) => done.is_some(),
-            Err(e) => return Err(self.fail(e)),
-        };
-        if done {
+        if let Some(key) = self.push_streamed(index, ids).await? {
             self.streaming = None;
             self.image_since = None;
             let ids = std::mem::take(&mut self.image);
@@ -842,15 +856,7 @@ impl<'s> WireSink<'s> {
                 let spec = ImageStream::new(shape.0, shape.1, codebook)
                     .edit(reference, region)
                     .with_chunk_tokens(u32::try_from(pending.len()).unwrap_or(u32::MAX));
-                if let Err(err) = self.close_text().await {
-                    return Err(self.fail(err));
-                }
-                let index = self.next_part;
-                let w = self.writer().await?;
-                if let Err(err) = w.begin_image(spec).await {
-                    return Err(self.fail(err));
-                }
-                self.next_part += 1;
+                let index = self.open_image(spec).await?;
                 if let Some(e) = self.edit.as_mut() {
                     e.streaming = Some(index);
                 }
@@ -862,13 +868,7 @@ impl<'s> WireSink<'s> {
 
     /// Pushes redrawn cells into the streamed edit part `index`; records the image once whole.
     async fn push_edit(&mut self, index: u64, ids: &[u32]) -> Result<(), SinkError> {
-        let w = self.writer().await?;
-        let key = w.key(index);
-        let done = match w.push_image(ids).await {
-            Ok(done) => done.is_some(),
-            Err(e) => return Err(self.fail(e)),
-        };
-        if done {
+        if let Some(key) = self.push_streamed(index, ids).await? {
             let Some(e) = self.edit.take() else {
                 return Err(SinkError("no edit was begun".into()));
             };
