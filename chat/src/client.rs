@@ -417,6 +417,8 @@ impl Chat {
         let reuse = inner.config.context_reuse;
         let mut message = OutgoingMessage::new(Role::User);
         let mut kinds = Vec::new();
+        // The images' grids (by part index), kept for edits a reply may stream against them.
+        let mut base_grids = Vec::new();
         let (text_refs, image_refs) = if reuse {
             let t = inner.tracker();
             (
@@ -465,6 +467,7 @@ impl Chat {
                 ChatError::Content("an image given as levels needs at least the base grid".into())
             })?;
             let base = kinds.len() as u64;
+            base_grids.push((base, Arc::new(grid.clone())));
             let part = if inner.generic {
                 OutgoingPart::image(grid).with_model(ModelChoice::Generic)
             } else {
@@ -487,8 +490,11 @@ impl Chat {
         {
             let mut t = inner.tracker();
             for (i, kind) in kinds.into_iter().enumerate() {
-                if let Some(kind) = kind {
-                    t.record(ContextKey::new(turn, i as u64), kind);
+                let key = ContextKey::new(turn, i as u64);
+                match (kind, base_grids.iter().find(|(b, _)| *b == i as u64)) {
+                    (Some(Kind::Image), Some((_, grid))) => t.record_image(key, grid.clone()),
+                    (Some(kind), _) => t.record(key, kind),
+                    (None, _) => {}
                 }
             }
         }
@@ -518,6 +524,7 @@ impl Chat {
             text: TextDecoder::default(),
             text_part: None,
             image_part: None,
+            edit_rows: None,
             sent,
             started,
             done: false,
@@ -609,6 +616,66 @@ fn closed_reason(e: &SessionError) -> String {
     e.to_string()
 }
 
+/// An edit being received: the image it edits, its region, the redrawn cells so far.
+struct EditRows {
+    index: u64,
+    base: Arc<TokenGrid>,
+    region: Vec<bool>,
+    cells: Vec<u32>,
+    /// Rows complete at the last event.
+    rows: usize,
+}
+
+impl EditRows {
+    /// `None` when the region does not fit the base (the part will be refused anyway).
+    fn new(index: u64, base: Arc<TokenGrid>, region: Vec<bool>) -> Option<Self> {
+        (region.len() == base.len()).then_some(Self {
+            index,
+            base,
+            region,
+            cells: Vec::new(),
+            rows: 0,
+        })
+    }
+
+    /// Takes the next redrawn cells; the rows complete so far if that is more than before.
+    fn push(&mut self, ids: &[u32]) -> Option<ReplyEvent> {
+        self.cells.extend_from_slice(ids);
+        let w = self.base.width() as usize;
+        // Rows whose redrawn cells have all come.
+        let (mut rows, mut need) = (0, 0);
+        for row in self.region.chunks(w.max(1)) {
+            need += row.iter().filter(|&&r| r).count();
+            if need > self.cells.len() {
+                break;
+            }
+            rows += 1;
+        }
+        if rows <= self.rows {
+            return None;
+        }
+        self.rows = rows;
+        let mut cells = self.cells.iter();
+        let ids = self.base.ids()[..rows * w]
+            .iter()
+            .zip(&self.region)
+            .map(|(&b, &r)| {
+                if r {
+                    cells.next().copied().unwrap_or(b)
+                } else {
+                    b
+                }
+            })
+            .collect();
+        Some(ReplyEvent::ImageRows {
+            height: self.base.height(),
+            width: self.base.width(),
+            rows: rows as u32,
+            ids,
+        })
+    }
+}
+
 /// One event of a reply, in order.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -617,8 +684,10 @@ pub enum ReplyEvent {
     Text(String),
     /// An image of the reply still arriving: the server streams an image an agent makes row by
     /// row as it goes, and each chunk that arrives before the last gives the image's first rows
-    /// (`ids` holds `rows × width` tokens, row-major). [`Image`](Self::Image) follows with the
-    /// whole grid. Decode the rows with the image tokenizer to show the picture as it grows.
+    /// (`ids` holds `rows × width` tokens, row-major; for an edit, the edited image's rows with
+    /// the redrawn cells in, once the client still holds the image it edits).
+    /// [`Image`](Self::Image) follows with the whole grid. Decode the rows with the image
+    /// tokenizer to show the picture as it grows.
     ImageRows {
         /// The image's height in tokens.
         height: u32,
@@ -672,6 +741,8 @@ pub struct Reply {
     text_part: Option<u64>,
     /// The image part being received (not an edit or refinement): index, shape, tokens so far.
     image_part: Option<(u64, u32, u32, Vec<u32>)>,
+    /// The edit being received, drawn on the image it edits.
+    edit_rows: Option<EditRows>,
     sent: MessageStats,
     started: Instant,
     done: bool,
@@ -802,7 +873,31 @@ impl Reply {
                     }
                     _ => None,
                 };
+                // An edit: its rows are those of the image it edits (the first image it
+                // references, PROTOCOL.md §6.3) with the redrawn cells in.
+                self.edit_rows = match (&info.kind, &info.region) {
+                    (PartKind::Image { .. }, Some(region)) => {
+                        let t = self.inner.tracker();
+                        info.context
+                            .iter()
+                            .find_map(|k| t.grid(*k))
+                            .and_then(|base| EditRows::new(info.index, base, region.clone()))
+                    }
+                    _ => None,
+                };
                 None
+            }
+            MessageEvent::Chunk {
+                part_index,
+                fin: false,
+                data: ChunkData::Tokens { ids, .. },
+                ..
+            } if self
+                .edit_rows
+                .as_ref()
+                .is_some_and(|e| e.index == part_index) =>
+            {
+                self.edit_rows.as_mut().and_then(|e| e.push(&ids))
             }
             MessageEvent::Chunk {
                 part_index,
@@ -842,7 +937,10 @@ impl Reply {
                         (!rest.is_empty()).then_some(ReplyEvent::Text(rest))
                     }
                     ReceivedPart::Image(grid) => {
-                        self.inner.tracker().record(key, Kind::Image);
+                        self.inner
+                            .tracker()
+                            .record_image(key, Arc::new(grid.clone()));
+                        self.edit_rows = None;
                         Some(ReplyEvent::Image(grid))
                     }
                     ReceivedPart::Refinement { level, grid, .. } => {

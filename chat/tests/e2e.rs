@@ -790,6 +790,19 @@ async fn edits_stream_as_masked_parts() {
             ev.contains(&ReplyEvent::Image(once.clone())),
             "{after:?}: {ev:?}"
         );
+        // Streamed, the client draws the edit's rows on the image as they come.
+        let rows: Vec<u32> = ev
+            .iter()
+            .filter_map(|e| match e {
+                ReplyEvent::ImageRows { rows, ids, .. } => {
+                    assert_eq!(&ids[..], &once.ids()[..*rows as usize * 10]);
+                    Some(*rows)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(!rows.is_empty(), after.is_some(), "{after:?}: {ev:?}");
+        assert!(rows.windows(2).all(|w| w[0] < w[1]));
         let Some(ReplyEvent::End(stats)) = ev.last() else {
             panic!("no end")
         };
