@@ -389,7 +389,15 @@ impl Task {
 
     /// `wire`: the size of the chunk's frame.
     pub(super) async fn on_chunk(&mut self, c: PartChunk, wire: u64) -> Result<(), Fail> {
-        if c.token_count.into_inner() > BLOCKING_TOKENS {
+        // A long decode is a wait: what the caller may already have goes out first. So is every
+        // chunk of a transformer part (decoded on the blocking pool): when its chunks come as
+        // fast as they decode, the reads never wait, and the caller would otherwise see the
+        // rows of a streamed image only at its end.
+        let transformer = matches!(
+            &self.current,
+            Some(Current::Coded { spec, .. }) if spec.model.is_transformer()
+        );
+        if c.token_count.into_inner() > BLOCKING_TOKENS || transformer {
             Box::pin(self.flush_events()).await;
         }
         let seq = c.seq.into_inner();
