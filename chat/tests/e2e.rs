@@ -688,6 +688,8 @@ async fn reply_images_stream_row_by_row() {
             "rows arrive before the whole image: {ev:?}"
         );
         assert!(rows.windows(2).all(|w| w[0] < w[1]) && rows[rows.len() - 1] < 8);
+        let images = ev.iter().filter(|e| matches!(e, ReplyEvent::Image(_)));
+        assert_eq!(images.count(), 1, "{ev:?}");
         assert!(ev.contains(&ReplyEvent::Image(grid(8, 10, 4))), "{ev:?}");
         assert_eq!(text_of(&ev), "painting");
         // The context is in step: a second turn (whose reply references the first image when

@@ -67,6 +67,12 @@ impl LocalAgent {
 enum Op {
     Text(String),
     Image(TokenGrid),
+    /// The next rows of an image of `shape` (height, width); `last` ends it.
+    Rows {
+        shape: (u32, u32),
+        ids: Vec<u32>,
+        last: bool,
+    },
 }
 
 struct SinkOp {
@@ -128,6 +134,31 @@ impl Sink {
                 .map_err(|f| f.into_pyerr(py))?;
         let (ops, refused) = (self.ops.clone(), self.refused.clone());
         spawn_result(py, bridge, submit(ops, refused, Op::Image(grid)))
+    }
+
+    /// Appends the next rows of an image of `height` rows drawn row by row: `rows × width`
+    /// little-endian u32 ids; `last` marks the rows that complete it. The server may send the
+    /// rows so far before the rest are made (`ServeOptions::stream_images_after`).
+    #[allow(clippy::too_many_arguments)]
+    fn rows<'py>(
+        &self,
+        py: Python<'py>,
+        bridge: &Bridge,
+        height: u32,
+        width: u32,
+        rows: u32,
+        ids: Vec<u8>,
+        last: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let piece = stack::grid_from_bytes(rows, width, &ids, self.stack.tokenizer.codebook_size())
+            .map_err(|f| f.into_pyerr(py))?;
+        let op = Op::Rows {
+            shape: (height, width),
+            ids: piece.into_ids(),
+            last,
+        };
+        let (ops, refused) = (self.ops.clone(), self.refused.clone());
+        spawn_result(py, bridge, submit(ops, refused, op))
     }
 
     /// Appends an image given as pixels (`width × height × 3` bytes), scaled down to
@@ -388,6 +419,7 @@ impl Agent for PyAgent {
                         let r = match &op.op {
                             Op::Text(t) => sink.text_delta(t).await,
                             Op::Image(g) => sink.image_tokens((g.height(), g.width()), g.ids(), true).await,
+                            Op::Rows { shape, ids, last } => sink.image_tokens(*shape, ids, *last).await,
                         };
                         let _ = op.done.send(r);
                     }

@@ -189,6 +189,42 @@ def test_image_rows_arrive_before_the_whole_image_when_asked_for():
     run(main(), timeout=300)
 
 
+def test_a_python_agent_streams_an_image_row_by_row():
+    """A Python agent hands over an image a row at a time, pausing between rows: the server
+    streams it, the client sees the rows grow and then the whole grid; rows past the image's
+    height are refused in the agent with ContentError."""
+    grid = (np.arange(12 * 10, dtype=np.uint32) * 7 % 1024).reshape(12, 10)
+    refused = []
+
+    async def agent(conversation, sink):
+        await sink.text("drawing")
+        for r in range(12):
+            await asyncio.sleep(0.02)
+            await sink.image_rows(grid[r : r + 1], height=12)
+        try:
+            await sink.image_rows(np.vstack([grid, grid[:1]]), height=12)
+        except unimic.ContentError as e:
+            refused.append(str(e))
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", agent)
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        reply = await client.send("draw", decode_images=False, image_rows=True)
+        events = await reply.collect()
+        rows = [e for e in events if isinstance(e, unimic.ImageRows)]
+        grids = [e for e in events if isinstance(e, np.ndarray)]
+        assert len(grids) == 1, [getattr(e, "shape", e) for e in events]
+        assert (grids[0] == grid).all()
+        assert rows, events
+        for r in rows:
+            assert (r.tokens == grid[: r.rows]).all()
+        assert refused and "13 rows for an image of height 12" in refused[0]
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=120)
+
+
 def test_the_event_loop_is_not_blocked_while_images_are_coded():
     """A ticker on the loop keeps ticking while the client tokenizes a photo, the agent
     tokenizes its reply image and the client detokenizes it (each several hundred ms)."""

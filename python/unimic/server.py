@@ -141,6 +141,8 @@ class Sink:
 
     def __init__(self, native: _native.Sink) -> None:
         self._native = native
+        # Rows of the image being drawn with `image_rows`, so far.
+        self._rows = 0
 
     async def text(self, delta: str) -> None:
         """Appends a piece of text to the reply (deltas are streamed as they come)."""
@@ -159,6 +161,26 @@ class Sink:
             return
         w, h, rgb = to_rgb(image)
         await self._native.pixels(bridge(), w, h, rgb, max_side)
+
+    async def image_rows(self, rows: "np.ndarray", *, height: int) -> None:
+        """Appends the next rows of an image of ``height`` rows that the agent draws row by row:
+        ``rows`` is a 2-D integer token array ``(n, width)``. The server may send the rows so far
+        before the rest are drawn (it streams an image whose first rows took a while), so the
+        client sees the picture grow; the call that brings the rows to ``height`` ends the
+        image."""
+        a = np.asarray(rows)
+        if a.ndim != 2 or a.shape[0] == 0:
+            raise ContentError(f"rows must be a non-empty 2-D token array, not shape {a.shape}")
+        if not isinstance(height, int) or height < 1 or self._rows + a.shape[0] > height:
+            raise ContentError(
+                f"{self._rows + a.shape[0]} rows for an image of height {height!r}"
+            )
+        n, width, ids = grid_bytes(a)
+        self._rows += n
+        last = self._rows == height
+        if last:
+            self._rows = 0
+        await self._native.rows(bridge(), height, width, n, ids, last)
 
 
 Agent = Union[
