@@ -3,7 +3,7 @@
 //! This crate is the thin glue where the transport (`unimic-transport`, QUIC) and the agents
 //! (`unimic-agents`, which know nothing of QUIC) meet:
 //!
-//! - **Server:** [`serve`] runs every session a [`Server`](unimic_transport::Server) accepts
+//! - **Server:** [`serve`] runs every session a [`Server`] accepts
 //!   through an [`Agent`](unimic_agents::Agent): each turn is decoded into the agent's
 //!   [`Conversation`](unimic_agents::Conversation) (kept per session), and the agent's output is
 //!   streamed back as the reply (text deltas as one streamed text part, each image as an image
