@@ -836,34 +836,30 @@ impl<'s> WireSink<'s> {
             )));
         }
         e.cells.extend_from_slice(ids);
-        let (reference, region, streaming) = (e.reference, e.region.clone(), e.streaming);
-        let (shape, codebook) = ((e.base.height(), e.base.width()), e.base.codebook_size());
+        if let Some(index) = e.streaming {
+            return self.push_edit(index, ids).await;
+        }
         let since = *e.since.get_or_insert_with(Instant::now);
-        let start = since.elapsed() >= after && !e.cells.is_empty();
+        if last {
+            // Complete before it was worth streaming: one masked part, as `image_edit`.
+            let grid = e.grid()?;
+            let part = OutgoingPart::edit(grid.clone(), e.reference, e.region.clone());
+            self.edit = None;
+            return self.write_image(part, grid).await;
+        }
+        if since.elapsed() < after || e.cells.is_empty() {
+            return Ok(());
+        }
+        // The cells so far are the first chunk; every chunk after it as many.
+        let spec = ImageStream::new(e.base.height(), e.base.width(), e.base.codebook_size())
+            .edit(e.reference, e.region.clone())
+            .with_chunk_tokens(u32::try_from(e.cells.len()).unwrap_or(u32::MAX));
         let pending = e.cells.clone();
-        let index = match streaming {
-            Some(index) => index,
-            None if last => {
-                // Complete before it was worth streaming: one masked part, as `image_edit`.
-                let grid = e.grid()?;
-                self.edit = None;
-                let part = OutgoingPart::edit(grid.clone(), reference, region);
-                return self.write_image(part, grid).await;
-            }
-            None if !start => return Ok(()),
-            None => {
-                // The cells so far are the first chunk; every chunk after it as many.
-                let spec = ImageStream::new(shape.0, shape.1, codebook)
-                    .edit(reference, region)
-                    .with_chunk_tokens(u32::try_from(pending.len()).unwrap_or(u32::MAX));
-                let index = self.open_image(spec).await?;
-                if let Some(e) = self.edit.as_mut() {
-                    e.streaming = Some(index);
-                }
-                return self.push_edit(index, &pending).await;
-            }
-        };
-        self.push_edit(index, ids).await
+        let index = self.open_image(spec).await?;
+        if let Some(e) = self.edit.as_mut() {
+            e.streaming = Some(index);
+        }
+        self.push_edit(index, &pending).await
     }
 
     /// Pushes redrawn cells into the streamed edit part `index`; records the image once whole.

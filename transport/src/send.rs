@@ -332,6 +332,28 @@ impl MessageWriter {
         .ok_or_else(|| SendError::NotNegotiated(format!("entropy model {model:?} for {kind:?}")))
     }
 
+    /// Checks an image part's shape against the negotiated limits and finds its tokenizer
+    /// (index, patch size) and entropy model (index) in the session tables.
+    fn image_tables(
+        &self,
+        (height, width, codebook): (u32, u32, u32),
+        tokenizer: Option<&str>,
+        model: ModelChoice,
+    ) -> Result<(VarInt, Option<u32>, VarInt), SendError> {
+        let limits = self.shared.negotiated.limits;
+        for (what, value, limit) in [
+            ("grid height", height, limits.max_grid_height.into_inner()),
+            ("grid width", width, limits.max_grid_width.into_inner()),
+        ] {
+            let value = u64::from(value);
+            if value > limit {
+                return Err(SendError::Limit { what, value, limit });
+            }
+        }
+        let (tok, patch) = self.tokenizer(SequenceKind::Grid, tokenizer, codebook)?;
+        Ok((tok, patch, self.entropy(model, SequenceKind::Grid)?))
+    }
+
     fn frame_budget(&self) -> u64 {
         self.shared
             .negotiated
@@ -454,7 +476,6 @@ impl MessageWriter {
         part: OutgoingPart,
         pre: Option<EncodedPart>,
     ) -> Result<(PartStats, Option<Sequence>), SendError> {
-        let limits = self.shared.negotiated.limits;
         let chunk_tokens = chunking(&part, self.shared.config.default_chunk_tokens);
         let mut stats = PartStats {
             index,
@@ -516,20 +537,11 @@ impl MessageWriter {
             }
             PartContent::Image(grid) => {
                 let (h, w) = (u64::from(grid.height()), u64::from(grid.width()));
-                for (what, value, limit) in [
-                    ("grid height", h, limits.max_grid_height.into_inner()),
-                    ("grid width", w, limits.max_grid_width.into_inner()),
-                ] {
-                    if value > limit {
-                        return Err(SendError::Limit { what, value, limit });
-                    }
-                }
-                let (tok, patch) = self.tokenizer(
-                    SequenceKind::Grid,
+                let (tok, patch, model) = self.image_tables(
+                    (grid.height(), grid.width(), grid.codebook_size()),
                     part.tokenizer.as_deref(),
-                    grid.codebook_size(),
+                    part.model,
                 )?;
-                let model = self.entropy(part.model, SequenceKind::Grid)?;
                 let coded = match pre {
                     Some(c) => c,
                     None => self.encode(PartTokens::Grid(&grid), spec, h * w)?,
@@ -747,22 +759,12 @@ impl MessageWriter {
     /// does (to whole rows where it can).
     pub async fn begin_image(&mut self, stream: ImageStream) -> Result<(), SendError> {
         self.check_open()?;
-        let limits = self.shared.negotiated.limits;
         let (h, w) = (u64::from(stream.height), u64::from(stream.width));
-        for (what, value, limit) in [
-            ("grid height", h, limits.max_grid_height.into_inner()),
-            ("grid width", w, limits.max_grid_width.into_inner()),
-        ] {
-            if value > limit {
-                return Err(SendError::Limit { what, value, limit });
-            }
-        }
-        let (tok, patch) = self.tokenizer(
-            SequenceKind::Grid,
+        let (tok, patch, model) = self.image_tables(
+            (stream.height, stream.width, stream.codebook_size),
             stream.tokenizer.as_deref(),
-            stream.codebook_size,
+            stream.model,
         )?;
-        let model = self.entropy(stream.model, SequenceKind::Grid)?;
         // Every chunk must fit a frame whatever its tokens cost: at most 24 bits each (the
         // coder's precision) and the coder's termination.
         let most = (self.frame_budget().saturating_sub(16) / 3).max(1);
