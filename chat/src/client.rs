@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use unimic_codec::grid::fill_region;
 use unimic_codec::part::CodecConfig;
 use unimic_codec::text::{O200k, TextTokenizer};
 use unimic_protocol::ErrorFrame as ErrorFrameInfo;
@@ -655,18 +656,7 @@ impl EditRows {
             return None;
         }
         self.rows = rows;
-        let mut cells = self.cells.iter();
-        let ids = self.base.ids()[..rows * w]
-            .iter()
-            .zip(&self.region)
-            .map(|(&b, &r)| {
-                if r {
-                    cells.next().copied().unwrap_or(b)
-                } else {
-                    b
-                }
-            })
-            .collect();
+        let ids = fill_region(&self.base.ids()[..rows * w], &self.region, &self.cells);
         Some(ReplyEvent::ImageRows {
             height: self.base.height(),
             width: self.base.width(),

@@ -21,6 +21,7 @@ use unimic_agents::{
     Agent, AgentError, BoolFuture, Content, Conversation, ImageRef, ReplySink, Role as AgentRole,
     SinkError, SinkFuture, Turn,
 };
+use unimic_codec::grid::fill_region;
 use unimic_codec::text::{O200k, TextTokenizer};
 use unimic_transport::{
     ContextKey, ErrorCode, ImageStream, MessageWriter, ModelChoice, OutgoingPart, ReceivedMessage,
@@ -470,20 +471,7 @@ struct OpenEdit {
 impl OpenEdit {
     /// The base with the region's cells redrawn (all of them pushed).
     fn grid(&self) -> Result<TokenGrid, SinkError> {
-        let mut cells = self.cells.iter();
-        let ids = self
-            .base
-            .ids()
-            .iter()
-            .zip(&self.region)
-            .map(|(&b, &r)| {
-                if r {
-                    cells.next().copied().unwrap_or(b)
-                } else {
-                    b
-                }
-            })
-            .collect();
+        let ids = fill_region(self.base.ids(), &self.region, &self.cells);
         TokenGrid::new(
             self.base.height(),
             self.base.width(),

@@ -146,6 +146,33 @@ impl TokenGrid {
     }
 }
 
+/// The ids of an edit: `base` (row-major) with the cells where `region` is `true` taken, in
+/// row-major order, from `cells`; the other cells keep `base`'s ids. The result is as long as the
+/// shorter of `base` and `region` (a prefix of rows gives the edit's rows so far), and region
+/// cells past the end of `cells` keep `base`'s ids too (an edit still arriving).
+///
+/// ```
+/// use unimic_codec::grid::fill_region;
+/// let base = [1, 2, 3, 4];
+/// let region = [false, true, false, true];
+/// assert_eq!(fill_region(&base, &region, &[7, 9]), vec![1, 7, 3, 9]);
+/// assert_eq!(fill_region(&base, &region, &[7]), vec![1, 7, 3, 4]);
+/// assert_eq!(fill_region(&base[..2], &region, &[7, 9]), vec![1, 7]);
+/// ```
+pub fn fill_region(base: &[u32], region: &[bool], cells: &[u32]) -> Vec<u32> {
+    let mut cells = cells.iter();
+    base.iter()
+        .zip(region)
+        .map(|(&b, &r)| {
+            if r {
+                cells.next().copied().unwrap_or(b)
+            } else {
+                b
+            }
+        })
+        .collect()
+}
+
 /// Magic bytes that start a token-grid file.
 pub const GRID_FILE_MAGIC: &[u8; 4] = b"UMTG";
 /// The token-grid file version this crate writes.

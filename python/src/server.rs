@@ -20,10 +20,11 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot, watch};
 use unimic_agents::{
-    Agent, AgentError, AgentFuture, Capabilities, Content, Conversation, ReplySink, Role, SinkError,
+    Agent, AgentError, AgentFuture, Capabilities, Content, Conversation, ImageRef, ReplySink, Role,
+    SinkError,
 };
 use unimic_chat::{ServeOptions, TurnLog, TurnOutcome};
-use unimic_codec::grid::TokenGrid;
+use unimic_codec::grid::{fill_region, TokenGrid};
 use unimic_codec::tokenizer::{self, ImageTokenizer};
 
 use unimic_transport::tls::ServerTls;
@@ -73,6 +74,117 @@ enum Op {
         ids: Vec<u32>,
         last: bool,
     },
+    /// A whole edit of the conversation's image at `base` (checked by [`Sink::edit`]).
+    Edit {
+        base: ImageRef,
+        grid: TokenGrid,
+        region: Vec<bool>,
+    },
+    /// The next redrawn cells of an edit, in row-major order of its region's cells; `open`
+    /// (base and region, checked by [`Sink::edit_cells`]) starts it, `last` ends it.
+    EditCells {
+        open: Option<(ImageRef, Vec<bool>)>,
+        ids: Vec<u32>,
+        last: bool,
+    },
+}
+
+/// An edit a Python agent hands over cell by cell ([`Op::EditCells`]), while it is open.
+struct OpenEdit {
+    base: ImageRef,
+    region: Vec<bool>,
+    /// Whether the sink streams it (`ReplySink::begin_edit` said yes); if not, its cells are
+    /// kept here and the edit goes whole when complete.
+    streamed: bool,
+    cells: Vec<u32>,
+}
+
+/// The conversation's image at `base` (its base grid), or why there is none.
+fn base_image(conversation: &Conversation, base: ImageRef) -> Result<&TokenGrid, String> {
+    conversation
+        .turns
+        .get(base.turn)
+        .and_then(|t| t.content.get(base.content))
+        .and_then(Content::base_image)
+        .ok_or_else(|| {
+            format!(
+                "the conversation has no image at turn {}, item {}",
+                base.turn, base.content
+            )
+        })
+}
+
+/// A region from one byte per cell (non-zero = redrawn), checked against the base's size.
+fn region_of(bytes: &[u8], base: &TokenGrid) -> Result<Vec<bool>, Failure> {
+    if bytes.len() != base.len() {
+        return Err(Failure::content(format!(
+            "the region has {} cells, the {}×{} image {}",
+            bytes.len(),
+            base.height(),
+            base.width(),
+            base.len()
+        )));
+    }
+    Ok(bytes.iter().map(|&b| b != 0).collect())
+}
+
+/// Runs one [`Op::EditCells`] against the real sink.
+async fn edit_cells(
+    sink: &mut dyn ReplySink,
+    conversation: &Conversation,
+    open_edit: &mut Option<OpenEdit>,
+    open: Option<(ImageRef, Vec<bool>)>,
+    ids: &[u32],
+    last: bool,
+) -> Result<(), SinkError> {
+    if let Some((base, region)) = open {
+        if open_edit.is_some() {
+            return Err(SinkError(
+                "the agent's previous edit is not complete".into(),
+            ));
+        }
+        let base_grid = base_image(conversation, base).map_err(SinkError)?;
+        let streamed = sink.begin_edit(base, base_grid, &region).await?;
+        *open_edit = Some(OpenEdit {
+            base,
+            region,
+            streamed,
+            cells: Vec::new(),
+        });
+    }
+    let Some(e) = open_edit.as_mut() else {
+        return Err(SinkError("no edit was begun".into()));
+    };
+    if e.streamed {
+        if last {
+            *open_edit = None;
+        }
+        return sink.edit_tokens(ids, last).await;
+    }
+    e.cells.extend_from_slice(ids);
+    if !last {
+        return Ok(());
+    }
+    let Some(e) = open_edit.take() else {
+        return Ok(());
+    };
+    let base_grid = base_image(conversation, e.base).map_err(SinkError)?;
+    let ids = fill_region(base_grid.ids(), &e.region, &e.cells);
+    if e.cells.len() != e.region.iter().filter(|&&r| r).count() {
+        return Err(SinkError(format!(
+            "the agent's edit: {} cells for a region of {}",
+            e.cells.len(),
+            e.region.iter().filter(|&&r| r).count()
+        )));
+    }
+    let grid = TokenGrid::new(
+        base_grid.height(),
+        base_grid.width(),
+        base_grid.codebook_size(),
+        ids,
+    )
+    .map_err(|err| SinkError(format!("the agent's edit: {err}")))?;
+    sink.image_edit(e.base, &grid, &e.region).await
 }
 
 struct SinkOp {
@@ -87,6 +199,8 @@ pub struct Sink {
     /// Set when the receiver refused output: the agent's exception is then the sink's.
     refused: Arc<AtomicBool>,
     stack: Arc<Stack>,
+    /// The conversation the agent answers (edits refer to its images).
+    conversation: Arc<Conversation>,
 }
 
 async fn submit(
@@ -161,6 +275,100 @@ impl Sink {
         spawn_result(py, bridge, submit(ops, refused, op))
     }
 
+    /// Appends an edit of the conversation's image at `turn`, `content` (Rust indices): the
+    /// whole new grid (`height × width` little-endian u32 ids, the base's shape) and its
+    /// region (one byte per cell, non-zero = redrawn); outside the region the grid must equal
+    /// the base. The server sends only the region's cells when it can (as for Rust agents).
+    #[allow(clippy::too_many_arguments)]
+    fn edit<'py>(
+        &self,
+        py: Python<'py>,
+        bridge: &Bridge,
+        turn: usize,
+        content: usize,
+        height: u32,
+        width: u32,
+        ids: Vec<u8>,
+        region: Vec<u8>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let base = ImageRef { turn, content };
+        let checked = (|| {
+            let base_grid = base_image(&self.conversation, base).map_err(Failure::content)?;
+            let grid = stack::grid_from_bytes(height, width, &ids, base_grid.codebook_size())?;
+            if (grid.height(), grid.width()) != (base_grid.height(), base_grid.width()) {
+                return Err(Failure::content(format!(
+                    "the edit is {height}×{width}, the image it edits {}×{}",
+                    base_grid.height(),
+                    base_grid.width()
+                )));
+            }
+            let region = region_of(&region, base_grid)?;
+            let changed = grid
+                .ids()
+                .iter()
+                .zip(base_grid.ids())
+                .zip(&region)
+                .position(|((a, b), &r)| !r && a != b);
+            if let Some(i) = changed {
+                return Err(Failure::content(format!(
+                    "the edit changes cell ({}, {}), which is outside its region",
+                    i / width as usize,
+                    i % width as usize
+                )));
+            }
+            Ok(Op::Edit { base, grid, region })
+        })()
+        .map_err(|f| f.into_pyerr(py))?;
+        let (ops, refused) = (self.ops.clone(), self.refused.clone());
+        spawn_result(py, bridge, submit(ops, refused, checked))
+    }
+
+    /// Appends the next redrawn cells of an edit (`ids`: little-endian u32, row-major over the
+    /// region's cells); `open` (`turn`, `content`, region bytes) starts the edit, `last` marks
+    /// the cells that complete it. The server may send the cells so far before the rest are
+    /// made (`ServeOptions::stream_images_after`).
+    #[pyo3(signature = (bridge, ids, last, open=None))]
+    fn edit_cells<'py>(
+        &self,
+        py: Python<'py>,
+        bridge: &Bridge,
+        ids: Vec<u8>,
+        last: bool,
+        open: Option<(usize, usize, Vec<u8>)>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let codes = self.stack.tokenizer.codebook_size();
+        let checked = (|| {
+            if ids.len() % 4 != 0 {
+                return Err(Failure::content(format!(
+                    "cell ids are 4 bytes each, got {} bytes",
+                    ids.len()
+                )));
+            }
+            let cells = stack::grid_from_bytes(1, (ids.len() / 4).max(1) as u32, &ids, codes);
+            let cells = match (ids.is_empty(), cells) {
+                (true, _) => Vec::new(),
+                (false, c) => c?.into_ids(),
+            };
+            let open = match open {
+                None => None,
+                Some((turn, content, region)) => {
+                    let base = ImageRef { turn, content };
+                    let base_grid =
+                        base_image(&self.conversation, base).map_err(Failure::content)?;
+                    Some((base, region_of(&region, base_grid)?))
+                }
+            };
+            Ok(Op::EditCells {
+                open,
+                ids: cells,
+                last,
+            })
+        })()
+        .map_err(|f| f.into_pyerr(py))?;
+        let (ops, refused) = (self.ops.clone(), self.refused.clone());
+        spawn_result(py, bridge, submit(ops, refused, checked))
+    }
+
     /// Appends an image given as pixels (`width × height × 3` bytes), scaled down to
     /// `max_side` and tokenized off the event loop.
     #[pyo3(signature = (bridge, width, height, rgb, max_side=1024))]
@@ -187,19 +395,24 @@ impl Sink {
     }
 }
 
-/// The conversation as plain Python values: a list of `(role, items)` where an item is a `str`,
-/// `("grid", height, width, ids)`, `("request", json)` or `("raw", media_type, bytes)`; the
-/// Python package makes `unimic.Conversation` of it.
+/// The conversation as plain Python values: a list of `(role, items, at)` where an item is a
+/// `str`, `("grid", height, width, ids)`, `("levels", n, height, width, ids)`,
+/// `("request", json)` or `("raw", media_type, bytes)`, and `at` the index of each item in the
+/// turn's content (edits name an image by it); the Python package makes `unimic.Conversation`
+/// of it.
 fn conversation_items<'py>(py: Python<'py>, c: &Conversation) -> PyResult<Bound<'py, PyList>> {
     let turns = PyList::empty(py);
     for turn in &c.turns {
+        // The index in `turn.content` of each item given (edits name images by it).
+        let mut at = Vec::with_capacity(turn.content.len());
         let role = match turn.role {
             Role::System => "system",
             Role::Assistant => "assistant",
             _ => "user",
         };
         let items = PyList::empty(py);
-        for content in &turn.content {
+        for (index, content) in turn.content.iter().enumerate() {
+            let given = items.len();
             match content {
                 Content::Text { text, .. } => items.append(text)?,
                 Content::Image(g) => items.append((
@@ -225,8 +438,11 @@ fn conversation_items<'py>(py: Python<'py>, c: &Conversation) -> PyResult<Bound<
                 }
                 _ => {}
             }
+            if items.len() > given {
+                at.push(index);
+            }
         }
-        turns.append((role, items))?;
+        turns.append((role, items, at))?;
     }
     Ok(turns)
 }
@@ -374,11 +590,12 @@ impl Agent for PyAgent {
             {
                 let entry = self.entry.clone();
                 let bridge = self.bridge.clone();
-                let conversation = conversation.clone();
+                let conversation = Arc::new(conversation.clone());
                 let py_sink = Sink {
                     ops: ops_tx,
                     refused: Arc::new(AtomicBool::new(false)),
                     stack: self.stack.clone(),
+                    conversation: conversation.clone(),
                 };
                 let done = done.clone();
                 self.bridge.post(Box::new(move |py| {
@@ -402,6 +619,7 @@ impl Agent for PyAgent {
                     }
                 }));
             }
+            let mut open_edit = None;
             loop {
                 tokio::select! {
                     r = &mut done_rx => {
@@ -415,13 +633,17 @@ impl Agent for PyAgent {
                             )),
                         };
                     }
-                    Some(op) = ops_rx.recv() => {
-                        let r = match &op.op {
-                            Op::Text(t) => sink.text_delta(t).await,
+                    Some(SinkOp { op, done }) = ops_rx.recv() => {
+                        let r = match op {
+                            Op::Text(t) => sink.text_delta(&t).await,
                             Op::Image(g) => sink.image_tokens((g.height(), g.width()), g.ids(), true).await,
-                            Op::Rows { shape, ids, last } => sink.image_tokens(*shape, ids, *last).await,
+                            Op::Rows { shape, ids, last } => sink.image_tokens(shape, &ids, last).await,
+                            Op::Edit { base, grid, region } => sink.image_edit(base, &grid, &region).await,
+                            Op::EditCells { open, ids, last } => {
+                                edit_cells(sink, conversation, &mut open_edit, open, &ids, last).await
+                            }
                         };
-                        let _ = op.done.send(r);
+                        let _ = done.send(r);
                     }
                 }
             }

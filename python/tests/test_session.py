@@ -225,6 +225,82 @@ def test_a_python_agent_streams_an_image_row_by_row():
     run(main(), timeout=120)
 
 
+def test_a_python_agent_edits_an_image_whole_and_cell_by_cell():
+    """A Python agent edits the conversation's last image: whole with ``sink.edit`` and cell by
+    cell with ``sink.edit_cells`` (pausing between cells, so the server streams the edit). The
+    client gets the whole edited grid each time, for far fewer bytes than the image itself; an
+    edit that changes a cell outside its region, a region of the wrong shape and too many cells
+    are refused in the agent with ContentError."""
+    grid = (np.arange(12 * 10, dtype=np.uint32) * 37 % 1024).reshape(12, 10)
+    region = np.zeros((12, 10), dtype=bool)
+    region[4:7, 3:6] = True
+    new_cells = np.arange(9, dtype=np.uint32) + 500
+    edited = grid.copy()
+    edited[region] = new_cells
+    refused: List[str] = []
+    refs: List[unimic.ImageRef] = []
+
+    async def agent(conversation: unimic.Conversation, sink: unimic.Sink) -> None:
+        ref = conversation.last_image_ref()
+        refs.append(ref)
+        request = conversation.last.text
+        if request == "echo":
+            await sink.text("here it is")
+            await sink.image(conversation.last.images[0])
+            return
+        base = conversation.image(ref)
+        if request == "edit whole":
+            bad = edited.copy()
+            bad[0, 0] ^= 1
+            try:
+                await sink.edit(bad, region)
+            except unimic.ContentError as e:
+                refused.append(str(e))
+            try:
+                await sink.edit(edited, region[:-1])
+            except unimic.ContentError as e:
+                refused.append(str(e))
+            out = base.copy()
+            out[region] = new_cells
+            await sink.edit(out, region, base=ref)
+        else:
+            try:
+                await sink.edit_cells(np.arange(10), region=region)
+            except unimic.ContentError as e:
+                refused.append(str(e))
+            for c in new_cells:
+                await asyncio.sleep(0.02)
+                await sink.edit_cells([c], region=region)
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", agent)
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        reply = await client.send("echo", grids=[grid], decode_images=False)
+        events = await reply.collect()
+        assert np.array_equal(events[-1], grid)
+        whole_bytes = reply.stats["received_wire_bytes"]
+        # The last image is now the agent's own (turn 1, item 1 after its text).
+        reply = await client.send("edit whole", decode_images=False)
+        (got,) = [e for e in await reply.collect() if isinstance(e, np.ndarray)]
+        assert np.array_equal(got, edited)
+        edit_bytes = reply.stats["received_wire_bytes"]
+        assert edit_bytes < whole_bytes, (edit_bytes, whole_bytes)
+        reply = await client.send("edit by cells", decode_images=False, image_rows=True)
+        events = await reply.collect()
+        grids = [e for e in events if isinstance(e, np.ndarray)]
+        assert len(grids) == 1 and np.array_equal(grids[0], edited), events
+        partial = [e for e in events if isinstance(e, unimic.ImageRows)]
+        assert partial, "a streamed edit shows its progress"
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=120)
+    assert refs[1] == unimic.ImageRef(1, 1) and refs[2] == unimic.ImageRef(3, 0), refs
+    assert any("outside its region" in r for r in refused), refused
+    assert any("region's shape" in r for r in refused), refused
+    assert any("10 cells for an edit of a region of 9" in r for r in refused), refused
+
+
 def test_the_event_loop_is_not_blocked_while_images_are_coded():
     """A ticker on the loop keeps ticking while the client tokenizes a photo, the agent
     tokenizes its reply image and the client detokenizes it (each several hundred ms)."""

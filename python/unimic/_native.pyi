@@ -103,6 +103,23 @@ class Sink:
     def pixels(
         self, bridge: Bridge, width: int, height: int, rgb: bytes, max_side: int = 1024
     ) -> Awaitable[None]: ...
+    def edit(
+        self,
+        bridge: Bridge,
+        turn: int,
+        content: int,
+        height: int,
+        width: int,
+        ids: bytes,
+        region: bytes,
+    ) -> Awaitable[None]: ...
+    def edit_cells(
+        self,
+        bridge: Bridge,
+        ids: bytes,
+        last: bool,
+        open: Optional[Tuple[int, int, bytes]] = None,
+    ) -> Awaitable[None]: ...
 
 class EchoAgent:
     def __init__(self) -> None: ...

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -43,6 +43,7 @@ from .models import Models, PathLike, _models
 __all__ = [
     "Attachment",
     "Conversation",
+    "ImageRef",
     "Turn",
     "Sink",
     "Server",
@@ -76,6 +77,15 @@ of the quality ladder, base first; decode it with ``unimic.detokenize``, off the
 ``await asyncio.to_thread(unimic.detokenize, grid)``), or an :class:`Attachment`."""
 
 
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image sits in a :class:`Conversation`: ``conversation.turns[turn].content[item]``
+    (what :meth:`Sink.edit` and :meth:`Sink.edit_cells` edit)."""
+
+    turn: int
+    item: int
+
+
 @dataclass
 class Turn:
     """One turn of the conversation."""
@@ -83,6 +93,8 @@ class Turn:
     role: str
     """``"user"``, ``"assistant"`` or ``"system"``."""
     content: List[Content] = field(default_factory=list)
+    # The index of each item in the server's copy of the turn (edits name images by it).
+    _at: List[int] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def text(self) -> str:
@@ -108,16 +120,41 @@ class Conversation:
 
     def last_image(self) -> Optional["np.ndarray"]:
         """The most recent image of the conversation (of either side), as its token grid."""
-        for t in reversed(self.turns):
-            for c in reversed(t.content):
-                if isinstance(c, np.ndarray):
-                    return c
+        ref = self.last_image_ref()
+        return None if ref is None else self.turns[ref.turn].content[ref.item]
+
+    def last_image_ref(self) -> Optional[ImageRef]:
+        """Where the most recent image of the conversation sits (the image an edit changes
+        unless told otherwise), or ``None``."""
+        for t in range(len(self.turns) - 1, -1, -1):
+            content = self.turns[t].content
+            for i in range(len(content) - 1, -1, -1):
+                if isinstance(content[i], np.ndarray):
+                    return ImageRef(t, i)
         return None
+
+    def image(self, ref: ImageRef) -> "np.ndarray":
+        """The token grid of the image at ``ref`` (level 1 of an image sent with several
+        levels): the grid an edit of it starts from. :class:`ContentError` if there is none."""
+        try:
+            item = self.turns[ref.turn].content[ref.item]
+        except (IndexError, TypeError, AttributeError):
+            item = None
+        if not isinstance(item, np.ndarray):
+            raise ContentError(f"the conversation has no image at {ref}")
+        return item[0] if item.ndim == 3 else item
+
+    def _native_ref(self, ref: ImageRef) -> Tuple[int, int]:
+        self.image(ref)
+        at = self.turns[ref.turn]._at
+        if ref.item >= len(at):
+            raise ContentError(f"the image at {ref} is not one the server holds")
+        return ref.turn, at[ref.item]
 
     @classmethod
     def _from_items(cls, items: list) -> "Conversation":
         turns = []
-        for role, raw in items:
+        for role, raw, at in items:
             content: List[Content] = []
             for it in raw:
                 if isinstance(it, str):
@@ -130,8 +167,20 @@ class Conversation:
                     content.append(Attachment(REQUEST_MEDIA_TYPE, bytes(it[1])))
                 else:
                     content.append(Attachment(it[1], bytes(it[2])))
-            turns.append(Turn(role, content))
+            turns.append(Turn(role, content, list(at)))
         return cls(turns)
+
+
+def _region_bytes(region: Any, base: "np.ndarray") -> Tuple["np.ndarray", bytes]:
+    r = np.asarray(region)
+    if r.shape != base.shape:
+        raise ContentError(
+            f"the region's shape {r.shape} is not the edited image's {base.shape}"
+        )
+    if r.dtype != np.bool_ and r.dtype.kind not in "iu":
+        raise ContentError(f"a region holds booleans (or 0 and 1), not {r.dtype}")
+    r = r != 0
+    return r, np.ascontiguousarray(r, dtype=np.uint8).tobytes()
 
 
 class Sink:
@@ -139,10 +188,13 @@ class Sink:
     written to the connection, and raises :class:`ClosedError` once the client has cancelled
     the turn or gone (the agent should then return, or let it propagate)."""
 
-    def __init__(self, native: _native.Sink) -> None:
+    def __init__(self, native: _native.Sink, conversation: Optional[Conversation] = None) -> None:
         self._native = native
+        self._conversation = conversation if conversation is not None else Conversation()
         # Rows of the image being drawn with `image_rows`, so far.
         self._rows = 0
+        # The edit being handed over with `edit_cells`: (base, region, cells so far, total).
+        self._edit: Optional[Tuple[ImageRef, "np.ndarray", int, int]] = None
 
     async def text(self, delta: str) -> None:
         """Appends a piece of text to the reply (deltas are streamed as they come)."""
@@ -182,6 +234,69 @@ class Sink:
             self._rows = 0
         await self._native.rows(bridge(), height, width, n, ids, last)
 
+    def _base(self, base: Optional[ImageRef]) -> ImageRef:
+        if base is None:
+            base = self._conversation.last_image_ref()
+            if base is None:
+                raise ContentError("the conversation has no image to edit")
+        if not isinstance(base, ImageRef):
+            raise ContentError(f"base is an ImageRef, not {type(base).__name__}")
+        return base
+
+    async def edit(
+        self, grid: "np.ndarray", region: Any, *, base: Optional[ImageRef] = None
+    ) -> None:
+        """Appends an edit of the conversation's image at ``base`` (default: the most recent
+        image, :meth:`Conversation.last_image_ref`): ``grid`` is the whole new token grid, of
+        the base's shape and equal to it outside ``region`` (a boolean array of that shape,
+        ``True`` = redrawn cell). The client receives the whole grid; on the wire only the
+        region's cells travel, coded against the rest of the image both ends hold (when the
+        session has the masked model). :class:`ContentError` for a grid or region that does not
+        fit the base."""
+        ref = self._base(base)
+        base_grid = self._conversation.image(ref)
+        _, region_bytes = _region_bytes(region, base_grid)
+        rows, cols, ids = grid_bytes(grid)
+        turn, content = self._conversation._native_ref(ref)
+        await self._native.edit(bridge(), turn, content, rows, cols, ids, region_bytes)
+
+    async def edit_cells(
+        self, cells: Any, *, region: Any, base: Optional[ImageRef] = None
+    ) -> None:
+        """Appends the next redrawn cells of an edit that the agent makes cell by cell:
+        ``cells`` are token ids (a 1-D integer array or list) in row-major order of the
+        ``region``'s cells (a boolean array of the base image's shape, ``True`` = redrawn;
+        ``base`` as for :meth:`edit`). Pass the same ``region`` and ``base`` on every call of
+        one edit; the call that brings the cells to the region's count ends it. The server may
+        send the cells so far before the rest are made, so the client sees the edit grow."""
+        ref = self._base(base)
+        base_grid = self._conversation.image(ref)
+        r, region_bytes = _region_bytes(region, base_grid)
+        c = np.asarray(cells)
+        if c.ndim != 1 or c.dtype.kind not in "iu":
+            raise ContentError(f"cells are a 1-D integer array, not shape {c.shape} of {c.dtype}")
+        if c.size and (c.min() < 0 or c.max() > 0xFFFFFFFF):
+            raise ContentError("token ids are between 0 and 2^32 - 1")
+        open_ = None
+        if self._edit is None:
+            turn, content = self._conversation._native_ref(ref)
+            self._edit = (ref, r, 0, int(r.sum()))
+            open_ = (turn, content, region_bytes)
+        edit_ref, edit_region, got, total = self._edit
+        if edit_ref != ref or not np.array_equal(edit_region, r):
+            raise ContentError(
+                "edit_cells: an edit in progress takes the same region and base until complete"
+            )
+        if got + c.size > total:
+            if open_ is not None:
+                self._edit = None
+            raise ContentError(f"{got + c.size} cells for an edit of a region of {total}")
+        got += c.size
+        last = got == total
+        self._edit = None if last else (edit_ref, edit_region, got, total)
+        ids = np.ascontiguousarray(c, dtype="<u4").tobytes()
+        await self._native.edit_cells(bridge(), ids, last, open_)
+
 
 Agent = Union[
     Callable[[Conversation, Sink], Awaitable[None]],
@@ -216,7 +331,8 @@ def _entry(agent: Any) -> Callable[[list, _native.Sink], Awaitable[None]]:
         respond = agent
 
     def entry(items: list, native_sink: _native.Sink) -> Awaitable[None]:
-        result = respond(Conversation._from_items(items), Sink(native_sink))
+        conversation = Conversation._from_items(items)
+        result = respond(conversation, Sink(native_sink, conversation))
         if not inspect.isawaitable(result):
             raise TypeError(
                 f"the agent's respond returned {type(result).__name__}, not an awaitable: "
