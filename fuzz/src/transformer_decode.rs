@@ -310,7 +310,10 @@ pub fn outcome(data: &[u8]) -> Outcome {
     assert_eq!(dec.chunks(), chunks, "chunks of the part");
     assert_eq!(dec.tokens(), expected, "tokens of the part");
     assert!(dec.chunk_range(chunks).is_err(), "no chunk past the last");
-    assert!(dec.decode_chunk(chunks, payload).is_err(), "no chunk past the last");
+    assert!(
+        dec.decode_chunk(chunks, payload).is_err(),
+        "no chunk past the last"
+    );
 
     // The chunks' payloads: length-prefixed but for the last.
     let mut rest = payload;
@@ -341,7 +344,11 @@ pub fn outcome(data: &[u8]) -> Outcome {
             Err(e) => panic!("unexpected decode error: {e:?}"),
         };
         let (lo, hi) = dec.chunk_range(i).expect("a chunk of the part");
-        assert_eq!(ids.len() as u64, hi - lo, "decoded token count of chunk {i}");
+        assert_eq!(
+            ids.len() as u64,
+            hi - lo,
+            "decoded token count of chunk {i}"
+        );
         got.extend(ids);
     }
     assert_eq!(got.len() as u64, expected, "decoded token count");

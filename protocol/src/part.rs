@@ -63,6 +63,10 @@ impl Decode for ContextRef {
 }
 
 /// The header of one part: its index in the message and what it holds.
+///
+/// Its last field, the context digest, may be left out when the context is empty, so a header
+/// is decoded from a whole `PART_HEADER` frame payload (as [`Frame`](crate::Frame) does), where
+/// the payload's end says whether the digest is there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct PartHeader {
@@ -123,8 +127,10 @@ pub struct CodedPart {
     pub mode: CodingMode,
     /// The earlier parts the coding conditions on, in the order the model reads them.
     pub context: Vec<ContextRef>,
-    /// The context digest (docs/PROTOCOL.md §8) of `context`, computed by the sender; always
-    /// present, also when `context` is empty.
+    /// The context digest (docs/PROTOCOL.md §8) of `context`, computed by the sender. On the
+    /// wire it is left out when `context` is empty and the digest is the constant
+    /// [`EMPTY_CONTEXT_DIGEST`] (a parsed header without it holds that constant); see
+    /// [`CodedPart::digest_on_wire`].
     pub context_digest: [u8; 32],
 }
 
@@ -302,7 +308,9 @@ impl Encode for CodedPart {
         for r in &self.context {
             r.encode(buf);
         }
-        buf.put_slice(&self.context_digest);
+        if self.digest_on_wire() {
+            buf.put_slice(&self.context_digest);
+        }
     }
 
     fn encoded_len(&self) -> usize {
@@ -339,10 +347,15 @@ impl Encode for CodedPart {
             .fold(len_size(self.context.len()), |n, r| {
                 n.saturating_add(r.encoded_len())
             });
+        let digest = if self.digest_on_wire() {
+            self.context_digest.len()
+        } else {
+            0
+        };
         fixed
             .saturating_add(region)
             .saturating_add(context)
-            .saturating_add(self.context_digest.len())
+            .saturating_add(digest)
     }
 }
 
@@ -372,6 +385,13 @@ impl Decode for PartHeader {
 }
 
 impl CodedPart {
+    /// Whether the encoding carries `context_digest`: always, except for an empty context
+    /// whose digest is [`EMPTY_CONTEXT_DIGEST`] (docs/PROTOCOL.md §6.2: senders omit that
+    /// constant).
+    pub fn digest_on_wire(&self) -> bool {
+        !(self.context.is_empty() && self.context_digest == EMPTY_CONTEXT_DIGEST)
+    }
+
     /// The largest token count a text part may announce under `limits`: what fits in the
     /// receiver's context memory at 4 bytes per token.
     pub fn max_text_tokens(limits: &Limits) -> u64 {
@@ -450,7 +470,14 @@ impl CodedPart {
         for _ in 0..n {
             context.push(ContextRef::decode(buf, limits)?);
         }
-        let context_digest = read_hash(buf)?;
+        // With an empty context the digest may be left out (it is then the constant of the
+        // empty context): the end of the payload says which, since it is the header's last
+        // field.
+        let context_digest = if context.is_empty() && !buf.has_remaining() {
+            EMPTY_CONTEXT_DIGEST
+        } else {
+            read_hash(buf)?
+        };
         Ok(CodedPart {
             tokenizer,
             entropy_model,

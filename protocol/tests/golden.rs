@@ -240,3 +240,30 @@ fn spec_lists_every_frame_type() {
         );
     }
 }
+
+#[test]
+fn a_part_header_with_the_empty_contexts_digest_decodes_to_the_header_without_it() {
+    // §13.4b: the explicit digest of an empty context (as earlier builds send it) is accepted
+    // and decodes to the same header as §13.4's, which leaves it out; re-encoding leaves it out.
+    let long = golden("part_header_empty_digest").expect("part_header_empty_digest vector");
+    let Frame::PartHeader(header) = Frame::decode_exact(&long, &Limits::default()).unwrap() else {
+        panic!("not a part header")
+    };
+    let expected = &sample_message().parts[0].header;
+    assert_eq!(&header, expected);
+    let short = Frame::PartHeader(header.clone()).to_bytes();
+    assert_eq!(short.len() + 32, long.len());
+    let stream = golden("message_stream").unwrap();
+    assert_eq!(
+        &stream[4..4 + short.len()],
+        &short[..],
+        "§13.4 holds the short form"
+    );
+    match &header.body {
+        PartBody::Text(c) => {
+            assert_eq!(c.context_digest, EMPTY_CONTEXT_DIGEST);
+            assert!(!c.digest_on_wire());
+        }
+        other => panic!("not a text part: {other:?}"),
+    }
+}

@@ -263,6 +263,60 @@ fn with_no_context(mode: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn the_digest_after_an_empty_context_is_absent_or_whole() {
+    // Ends after the reference count: the empty context's constant.
+    let short = image_header(2, 2, 4, &[1, 0]);
+    match Frame::decode_exact(&raw_frame(0x05, &short), &limits()).unwrap() {
+        Frame::PartHeader(PartHeader {
+            body: PartBody::Image(c),
+            ..
+        }) => {
+            assert_eq!(c.context_digest, EMPTY_CONTEXT_DIGEST);
+            assert!(c.context.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    // 32 bytes: that digest, whatever it is (the receiver's session compares it).
+    let whole = image_header(2, 2, 4, &with_no_context(&[1]));
+    match Frame::decode_exact(&raw_frame(0x05, &whole), &limits()).unwrap() {
+        Frame::PartHeader(PartHeader {
+            body: PartBody::Image(c),
+            ..
+        }) => {
+            assert_eq!(c.context_digest, [0; 32]);
+            // A digest other than the constant stays on the wire.
+            assert!(c.digest_on_wire());
+        }
+        other => panic!("{other:?}"),
+    }
+    // 1 … 31 bytes: the payload ends inside the digest; 33: a trailing byte.
+    for n in [1usize, 16, 31] {
+        let mut p = image_header(2, 2, 4, &[1, 0]);
+        p.extend(std::iter::repeat_n(7u8, n));
+        assert_eq!(
+            payload_err(0x05, &p),
+            malformed("PART_HEADER", "payload ends inside a field"),
+            "{n} bytes"
+        );
+    }
+    let mut p = whole.clone();
+    p.push(0);
+    assert_eq!(
+        payload_err(0x05, &p),
+        DecodeError::TrailingBytes {
+            what: "PART_HEADER",
+            count: 1
+        }
+    );
+    // A non-empty context always carries its digest.
+    let no_digest = image_header(2, 2, 4, &[1, 1, 4, 0]);
+    assert_eq!(
+        payload_err(0x05, &no_digest),
+        malformed("PART_HEADER", "payload ends inside a field")
+    );
+}
+
+#[test]
 fn part_header_limits_and_rules() {
     let ok = image_header(2, 2, 4, &with_no_context(&[1]));
     assert!(Frame::decode_exact(&raw_frame(0x05, &ok), &limits()).is_ok());
