@@ -285,12 +285,14 @@ def test_a_python_agent_edits_an_image_whole_and_cell_by_cell():
         assert np.array_equal(got, edited)
         edit_bytes = reply.stats["received_wire_bytes"]
         assert edit_bytes < whole_bytes, (edit_bytes, whole_bytes)
+        assert reply.stats["received_tokens"] == 9, reply.stats  # only the region's cells
         reply = await client.send("edit by cells", decode_images=False, image_rows=True)
         events = await reply.collect()
         grids = [e for e in events if isinstance(e, np.ndarray)]
         assert len(grids) == 1 and np.array_equal(grids[0], edited), events
         partial = [e for e in events if isinstance(e, unimic.ImageRows)]
         assert partial, "a streamed edit shows its progress"
+        assert reply.stats["received_tokens"] == 9, reply.stats
         await client.close()
         await server.close()
 
@@ -299,6 +301,48 @@ def test_a_python_agent_edits_an_image_whole_and_cell_by_cell():
     assert any("outside its region" in r for r in refused), refused
     assert any("region's shape" in r for r in refused), refused
     assert any("10 cells for an edit of a region of 9" in r for r in refused), refused
+
+
+def test_an_edit_goes_whole_when_the_session_has_no_masked_model(tmp_path):
+    """A client without the masked model: the agent's edits (whole and cell by cell) still reach
+    it, as whole images (the sink collects the cells and sends the grid)."""
+    models = unimic.models_path()
+    folder = tmp_path / "models"
+    (folder / "entropy").mkdir(parents=True)
+    for d in ("taef2", "tokenizer-taef2"):
+        (folder / d).symlink_to((models / d).resolve())
+    for f in (models / "entropy").iterdir():
+        if "masked" not in f.name:
+            (folder / "entropy" / f.name).symlink_to(f.resolve())
+    grid = (np.arange(6 * 5, dtype=np.uint32) * 11 % 1024).reshape(6, 5)
+    region = np.zeros((6, 5), dtype=bool)
+    region[1:3, 2:4] = True
+    edited = grid.copy()
+    edited[region] = [900, 901, 902, 903]
+
+    async def agent(conversation, sink):
+        if conversation.last.text == "by cells":
+            for c in edited[region]:
+                await asyncio.sleep(0.06)
+                await sink.edit_cells([c], region=region)
+        else:
+            await sink.edit(edited, region)
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", agent)
+        client = await unimic.Client.connect(
+            server.address, pin=server.pin, models=unimic.Models(folder)
+        )
+        for text in ("whole", "by cells"):
+            reply = await client.send(text, grids=[grid], decode_images=False, image_rows=True)
+            events = await reply.collect()
+            grids = [e for e in events if isinstance(e, np.ndarray)]
+            assert len(grids) == 1 and np.array_equal(grids[0], edited), (text, events)
+            assert reply.stats["received_tokens"] == grid.size, reply.stats  # the whole grid
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=120)
 
 
 def test_the_event_loop_is_not_blocked_while_images_are_coded():
