@@ -94,9 +94,12 @@ struct OpenEdit {
     base: ImageRef,
     region: Vec<bool>,
     /// Whether the sink streams it (`ReplySink::begin_edit` said yes); if not, its cells are
-    /// kept here and the edit goes whole when complete.
+    /// kept in `cells` and the edit goes whole when complete.
     streamed: bool,
     cells: Vec<u32>,
+    /// Cells handed over so far, and the region's.
+    got: usize,
+    total: usize,
 }
 
 /// The conversation's image at `base` (its base grid), or why there is none.
@@ -147,14 +150,25 @@ async fn edit_cells(
         let streamed = sink.begin_edit(base, base_grid, &region).await?;
         *open_edit = Some(OpenEdit {
             base,
+            total: region.iter().filter(|&&r| r).count(),
             region,
             streamed,
             cells: Vec::new(),
+            got: 0,
         });
     }
     let Some(e) = open_edit.as_mut() else {
         return Err(SinkError("no edit was begun".into()));
     };
+    let got = e.got + ids.len();
+    if got > e.total || (last && got != e.total) {
+        let total = e.total;
+        *open_edit = None;
+        return Err(SinkError(format!(
+            "the agent's edit: {got} cells for a region of {total}"
+        )));
+    }
+    e.got = got;
     if e.streamed {
         if last {
             *open_edit = None;
@@ -170,13 +184,6 @@ async fn edit_cells(
     };
     let base_grid = base_image(conversation, e.base).map_err(SinkError)?;
     let ids = fill_region(base_grid.ids(), &e.region, &e.cells);
-    if e.cells.len() != e.region.iter().filter(|&&r| r).count() {
-        return Err(SinkError(format!(
-            "the agent's edit: {} cells for a region of {}",
-            e.cells.len(),
-            e.region.iter().filter(|&&r| r).count()
-        )));
-    }
     let grid = TokenGrid::new(
         base_grid.height(),
         base_grid.width(),
@@ -619,11 +626,19 @@ impl Agent for PyAgent {
                     }
                 }));
             }
-            let mut open_edit = None;
+            let mut open_edit: Option<OpenEdit> = None;
             loop {
                 tokio::select! {
                     r = &mut done_rx => {
                         cancel.armed = false;
+                        if let (Ok(Ok(())), Some(e)) = (&r, &open_edit) {
+                            // An edit left open (collected, or partly streamed) cannot end the
+                            // reply: the client would get no grid, or half a part.
+                            return Err(AgentError::Backend(format!(
+                                "the agent returned before its edit was complete ({} of {} cells)",
+                                e.got, e.total
+                            )));
+                        }
                         return match r {
                             Ok(Ok(())) => Ok(()),
                             Ok(Err((msg, true))) => Err(AgentError::Sink(SinkError(msg))),

@@ -325,6 +325,8 @@ def test_an_edit_goes_whole_when_the_session_has_no_masked_model(tmp_path):
             for c in edited[region]:
                 await asyncio.sleep(0.06)
                 await sink.edit_cells([c], region=region)
+        elif conversation.last.text == "half":
+            await sink.edit_cells(edited[region][:2], region=region)
         else:
             await sink.edit(edited, region)
 
@@ -339,6 +341,9 @@ def test_an_edit_goes_whole_when_the_session_has_no_masked_model(tmp_path):
             grids = [e for e in events if isinstance(e, np.ndarray)]
             assert len(grids) == 1 and np.array_equal(grids[0], edited), (text, events)
             assert reply.stats["received_tokens"] == grid.size, reply.stats  # the whole grid
+        # An agent that returns with its edit half made: the client is told, not left waiting.
+        with pytest.raises(unimic.AgentError, match="before its edit was complete .2 of 4"):
+            await (await client.send("half", grids=[grid])).collect()
         await client.close()
         await server.close()
 
