@@ -144,7 +144,9 @@ pub type BoolFuture<'a> = Pin<Box<dyn Future<Output = Result<bool, SinkError>> +
 
 /// Where an agent writes its reply as it produces it. Each call is awaited before the next one;
 /// an error means the receiver stopped taking output (the turn was cancelled or the connection
-/// is gone) and the agent should return it.
+/// is gone) and the agent should return it. An image begun with [`image_tokens`](Self::image_tokens)
+/// or an edit begun with [`begin_edit`](Self::begin_edit) must be completed before the agent
+/// returns: the serving glue fails a reply left with half an image (`AGENT_FAILED`).
 pub trait ReplySink: Send {
     /// Appends a text delta to the reply.
     fn text_delta<'a>(&'a mut self, delta: &'a str) -> SinkFuture<'a>;

@@ -307,6 +307,10 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
             r = agent.respond(&conversation, &mut sink) => r,
             () = session.cancelled(turn) => Err(AgentError::Sink(SinkError("cancelled".into()))),
         };
+        let result = match (result, sink.incomplete()) {
+            (Ok(()), Some(why)) => Err(AgentError::Backend(why)),
+            (r, _) => r,
+        };
         let cancelled = session.is_cancelled(turn) || sink.cancelled();
         let reply = sink.writer.as_ref().map(|w| w.message_id());
         let (outcome, bytes_out, reply_content, written) = match result {
@@ -669,6 +673,25 @@ impl<'s> WireSink<'s> {
             OutgoingPart::image(grid.clone()).with_context(self.image_refs.clone())
         };
         self.write_image(part, grid).await
+    }
+
+    /// Why the reply cannot end yet: an image or edit the agent began and did not complete
+    /// (ending the reply would drop it, or leave half a part on the wire).
+    fn incomplete(&self) -> Option<String> {
+        if let Some((_, (h, w))) = self.image_since {
+            return Some(format!(
+                "the agent returned before its image was complete ({} of {} tokens)",
+                self.image.len(),
+                h as usize * w as usize
+            ));
+        }
+        self.edit.as_ref().map(|e| {
+            format!(
+                "the agent returned before its edit was complete ({} of {} cells)",
+                e.cells.len(),
+                e.total
+            )
+        })
     }
 
     /// Closes the text part, if open, and opens the streamed image part `spec`; returns its index.

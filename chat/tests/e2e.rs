@@ -708,6 +708,57 @@ async fn reply_images_stream_row_by_row() {
     assert!(!ev.iter().any(|e| matches!(e, ReplyEvent::ImageRows { .. })));
 }
 
+/// Paints the first half of an 8×10 image, a row at a time, and returns.
+struct HalfPainter;
+
+impl Agent for HalfPainter {
+    fn respond<'a>(&'a self, c: &'a Conversation, sink: &'a mut dyn ReplySink) -> AgentFuture<'a> {
+        Box::pin(async move {
+            let text = match c.turns.last().and_then(|t| t.content.first()) {
+                Some(Content::Text { text, .. }) => text.clone(),
+                _ => String::new(),
+            };
+            sink.text_delta(&text).await?;
+            if text == "half" {
+                for row in grid(8, 10, 4).ids().chunks(10).take(4) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    sink.image_tokens((8, 10), row, false).await?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// An agent that returns with its image half made fails the turn with a clear reason, whether
+/// the rows so far were streamed or held back; the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_returns_with_its_image_half_made_fails_the_turn() {
+    for after in [Some(Duration::ZERO), None] {
+        let (addr, pin) = start_with_codec(
+            unimic_codec::part::CodecConfig::default(),
+            Arc::new(HalfPainter),
+            ServeOptions::default().with_stream_images_after(after),
+        );
+        let chat = within(Chat::connect(
+            addr,
+            ChatConfig::pinned(pin).with_image_tokenizer(vq()),
+        ))
+        .await
+        .unwrap();
+        let reply = within(chat.send(Prompt::text("half"))).await.unwrap();
+        match within(reply.text()).await {
+            Err(ChatError::Agent { reason, .. }) => assert!(
+                reason.contains("before its image was complete (40 of 80 tokens)"),
+                "{after:?}: {reason}"
+            ),
+            other => panic!("{after:?}: {other:?}"),
+        }
+        let reply = within(chat.send(Prompt::text("still here"))).await.unwrap();
+        assert_eq!(within(reply.text()).await.unwrap(), "still here");
+    }
+}
+
 /// Redraws rows 2..6 of the last image (+1 on each id), handing the redrawn cells to the sink a
 /// row at a time with a pause between, through `begin_edit` / `edit_tokens` when the sink takes
 /// them so (else the whole edit at the end).
