@@ -308,7 +308,9 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
             () = session.cancelled(turn) => Err(AgentError::Sink(SinkError("cancelled".into()))),
         };
         let result = match (result, sink.incomplete()) {
-            (Ok(()), Some(why)) => Err(AgentError::Backend(why)),
+            (Ok(()), Some(why)) => Err(AgentError::Backend(format!(
+                "the agent returned, but {why}"
+            ))),
             (r, _) => r,
         };
         let cancelled = session.is_cancelled(turn) || sink.cancelled();
@@ -581,6 +583,13 @@ impl<'s> WireSink<'s> {
         if self.cancelled() {
             return Err(SinkError("the client cancelled the reply".into()));
         }
+        if self.streaming.is_some() || self.edit.as_ref().is_some_and(|e| e.streaming.is_some()) {
+            // The image's part is open on the stream: text would need a part of its own.
+            return Err(SinkError(format!(
+                "text while {}",
+                self.incomplete().unwrap_or_default()
+            )));
+        }
         let ids = self.options.text.encode(delta);
         let refs = self.text_refs.clone();
         let index = self.next_part;
@@ -612,13 +621,16 @@ impl<'s> WireSink<'s> {
             return Err(SinkError("the client cancelled the reply".into()));
         }
         if self.edit.is_some() {
-            return Err(SinkError("the agent's edit is not complete".into()));
+            return Err(SinkError(format!(
+                "an image while {}",
+                self.incomplete().unwrap_or_default()
+            )));
         }
         let codebook = image_codebook(self.session)
             .ok_or_else(|| SinkError("the session negotiated no image tokenizer".into()))?;
         let cells = shape.0 as usize * shape.1 as usize;
         if self.image.len() + ids.len() > cells || (last && self.image.len() + ids.len() != cells) {
-            self.streaming = None;
+            // Refused whole: the image stays as it was (the agent may still complete it).
             return Err(SinkError(format!(
                 "the agent's image: {} ids for a {}x{} grid",
                 self.image.len() + ids.len(),
@@ -675,19 +687,19 @@ impl<'s> WireSink<'s> {
         self.write_image(part, grid).await
     }
 
-    /// Why the reply cannot end yet: an image or edit the agent began and did not complete
-    /// (ending the reply would drop it, or leave half a part on the wire).
+    /// The image or edit the agent began and has not completed, if any: what ending the reply
+    /// now would drop (or leave half on the wire).
     fn incomplete(&self) -> Option<String> {
         if let Some((_, (h, w))) = self.image_since {
             return Some(format!(
-                "the agent returned before its image was complete ({} of {} tokens)",
+                "the image begun is not complete ({} of {} tokens)",
                 self.image.len(),
                 h as usize * w as usize
             ));
         }
         self.edit.as_ref().map(|e| {
             format!(
-                "the agent returned before its edit was complete ({} of {} cells)",
+                "the edit begun is not complete ({} of {} cells)",
                 e.cells.len(),
                 e.total
             )
@@ -771,6 +783,9 @@ impl<'s> WireSink<'s> {
         if self.cancelled() {
             return Err(SinkError("the client cancelled the reply".into()));
         }
+        if let Some(why) = self.incomplete() {
+            return Err(SinkError(format!("an edit while {why}")));
+        }
         let Some(reference) = self.edit_reference(base, grid.len(), region) else {
             return self
                 .image((grid.height(), grid.width()), grid.ids(), true)
@@ -809,10 +824,8 @@ impl<'s> WireSink<'s> {
         if self.cancelled() {
             return Err(SinkError("the client cancelled the reply".into()));
         }
-        if self.edit.is_some() || !self.image.is_empty() {
-            return Err(SinkError(
-                "the agent's previous image is not complete".into(),
-            ));
+        if let Some(why) = self.incomplete() {
+            return Err(SinkError(format!("an edit while {why}")));
         }
         let reference = self.edit_reference(base, base_grid.len(), region);
         let (Some(reference), Some(_)) = (reference, self.options.stream_images_after) else {

@@ -749,7 +749,9 @@ async fn an_agent_that_returns_with_its_image_half_made_fails_the_turn() {
         let reply = within(chat.send(Prompt::text("half"))).await.unwrap();
         match within(reply.text()).await {
             Err(ChatError::Agent { reason, .. }) => assert!(
-                reason.contains("before its image was complete (40 of 80 tokens)"),
+                reason.contains(
+                    "the agent returned, but the image begun is not complete (40 of 80 tokens)"
+                ),
                 "{after:?}: {reason}"
             ),
             other => panic!("{after:?}: {other:?}"),

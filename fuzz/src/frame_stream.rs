@@ -42,8 +42,8 @@ fn decode_all(limits: Limits, stream: &[u8], sizes: &[u8]) -> Outcome {
 }
 
 /// The frame `bytes` encode, written with the empty context's digest, if it is a coded part
-/// header that leaves that digest out.
-fn with_empty_digest(frame: &Frame, bytes: &[u8]) -> Option<Vec<u8>> {
+/// header that leaves that digest out (the one other encoding a frame may arrive in).
+pub fn with_empty_digest(frame: &Frame, bytes: &[u8]) -> Option<Vec<u8>> {
     let Frame::PartHeader(h) = frame else {
         return None;
     };

@@ -359,6 +359,10 @@ impl Encode for CodedPart {
     }
 }
 
+/// Parses a header from a whole `PART_HEADER` payload: after an empty context, the end of `buf`
+/// means the digest was left out (PROTOCOL.md §6.2), so `buf` must end where the payload does
+/// ([`Frame`](crate::Frame) decoding gives it so); a header at the front of a longer buffer would
+/// take the next 32 bytes as its digest.
 impl Decode for PartHeader {
     fn decode<B: Buf>(buf: &mut B, limits: &Limits) -> Result<Self, DecodeError> {
         let index = read_varint(buf)?;

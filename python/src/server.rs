@@ -635,7 +635,7 @@ impl Agent for PyAgent {
                             // An edit left open (collected, or partly streamed) cannot end the
                             // reply: the client would get no grid, or half a part.
                             return Err(AgentError::Backend(format!(
-                                "the agent returned before its edit was complete ({} of {} cells)",
+                                "the agent returned, but the edit begun is not complete ({} of {} cells)",
                                 e.got, e.total
                             )));
                         }

@@ -268,8 +268,16 @@ def test_a_python_agent_edits_an_image_whole_and_cell_by_cell():
                 await sink.edit_cells(np.arange(10), region=region)
             except unimic.ContentError as e:
                 refused.append(str(e))
-            for c in new_cells:
+            for i, c in enumerate(new_cells):
                 await asyncio.sleep(0.02)
+                if i == 3:
+                    # Refused without moving the edit on: an id past the codebook, and
+                    # anything else before the edit is complete.
+                    for bad in (sink.edit_cells([5000], region=region), sink.text("meanwhile")):
+                        try:
+                            await bad
+                        except unimic.ContentError as e:
+                            refused.append(str(e))
                 await sink.edit_cells([c], region=region)
 
     async def main():
@@ -301,6 +309,9 @@ def test_a_python_agent_edits_an_image_whole_and_cell_by_cell():
     assert any("outside its region" in r for r in refused), refused
     assert any("region's shape" in r for r in refused), refused
     assert any("10 cells for an edit of a region of 9" in r for r in refused), refused
+    assert any("5000" in r for r in refused), refused
+    assert any("text while the edit begun with edit_cells is not complete (3 of 9" in r
+               for r in refused), refused
 
 
 def test_an_edit_goes_whole_when_the_session_has_no_masked_model(tmp_path):
@@ -342,7 +353,7 @@ def test_an_edit_goes_whole_when_the_session_has_no_masked_model(tmp_path):
             assert len(grids) == 1 and np.array_equal(grids[0], edited), (text, events)
             assert reply.stats["received_tokens"] == grid.size, reply.stats  # the whole grid
         # An agent that returns with its edit half made: the client is told, not left waiting.
-        with pytest.raises(unimic.AgentError, match="before its edit was complete .2 of 4"):
+        with pytest.raises(unimic.AgentError, match="the edit begun is not complete .2 of 4 cells"):
             await (await client.send("half", grids=[grid])).collect()
         await client.close()
         await server.close()

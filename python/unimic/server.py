@@ -136,10 +136,12 @@ class Conversation:
     def image(self, ref: ImageRef) -> "np.ndarray":
         """The token grid of the image at ``ref`` (level 1 of an image sent with several
         levels): the grid an edit of it starts from. :class:`ContentError` if there is none."""
-        try:
+        item = None
+        ok = isinstance(ref, ImageRef) and all(
+            isinstance(i, int) and i >= 0 for i in (ref.turn, ref.item)
+        )
+        if ok and ref.turn < len(self.turns) and ref.item < len(self.turns[ref.turn].content):
             item = self.turns[ref.turn].content[ref.item]
-        except (IndexError, TypeError, AttributeError):
-            item = None
         if not isinstance(item, np.ndarray):
             raise ContentError(f"the conversation has no image at {ref}")
         return item[0] if item.ndim == 3 else item
@@ -196,8 +198,19 @@ class Sink:
         # The edit being handed over with `edit_cells`: (base, region, cells so far, total).
         self._edit: Optional[Tuple[ImageRef, "np.ndarray", int, int]] = None
 
+    def _finish_first(self, what: str) -> None:
+        """Refuses `what` while an image (``image_rows``) or edit (``edit_cells``) is half made:
+        its part may be open on the wire."""
+        if self._rows:
+            raise ContentError(f"{what} while the image begun with image_rows is not complete "
+                               f"({self._rows} rows so far)")
+        if self._edit is not None:
+            raise ContentError(f"{what} while the edit begun with edit_cells is not complete "
+                               f"({self._edit[2]} of {self._edit[3]} cells)")
+
     async def text(self, delta: str) -> None:
         """Appends a piece of text to the reply (deltas are streamed as they come)."""
+        self._finish_first("text")
         if not isinstance(delta, str):
             raise ContentError(f"text must be a str, not {type(delta).__name__}")
         await self._native.text(bridge(), delta)
@@ -207,6 +220,7 @@ class Sink:
         :func:`unimic.tokenize` gives; sent as it is) or pixels (PIL image, path, image file
         bytes, ``uint8`` array ``(h, w, 3)``, ``(h, w, 4)`` or ``(h, w)``; scaled down to
         ``max_side`` and tokenized off the loop)."""
+        self._finish_first("an image")
         if isinstance(image, np.ndarray) and image.ndim == 2 and image.dtype != np.uint8:
             rows, cols, ids = grid_bytes(image)
             await self._native.grid(bridge(), rows, cols, ids)
@@ -220,6 +234,8 @@ class Sink:
         before the rest are drawn (it streams an image whose first rows took a while), so the
         client sees the picture grow; the call that brings the rows to ``height`` ends the
         image."""
+        if self._edit is not None:
+            self._finish_first("image rows")
         a = np.asarray(rows)
         if a.ndim != 2 or a.shape[0] == 0:
             raise ContentError(f"rows must be a non-empty 2-D token array, not shape {a.shape}")
@@ -228,11 +244,13 @@ class Sink:
                 f"{self._rows + a.shape[0]} rows for an image of height {height!r}"
             )
         n, width, ids = grid_bytes(a)
-        self._rows += n
-        last = self._rows == height
-        if last:
-            self._rows = 0
-        await self._native.rows(bridge(), height, width, n, ids, last)
+        got = self._rows + n
+        last = got == height
+        # The native call checks the ids before it returns the awaitable: the count moves on
+        # only once they are taken.
+        pending = self._native.rows(bridge(), height, width, n, ids, last)
+        self._rows = 0 if last else got
+        await pending
 
     def _base(self, base: Optional[ImageRef]) -> ImageRef:
         if base is None:
@@ -253,6 +271,7 @@ class Sink:
         region's cells travel, coded against the rest of the image both ends hold (when the
         session has the masked model). :class:`ContentError` for a grid or region that does not
         fit the base."""
+        self._finish_first("an edit")
         ref = self._base(base)
         base_grid = self._conversation.image(ref)
         _, region_bytes = _region_bytes(region, base_grid)
@@ -269,33 +288,39 @@ class Sink:
         ``base`` as for :meth:`edit`). Pass the same ``region`` and ``base`` on every call of
         one edit; the call that brings the cells to the region's count ends it. The server may
         send the cells so far before the rest are made, so the client sees the edit grow."""
+        if self._rows:
+            self._finish_first("an edit")
         ref = self._base(base)
         base_grid = self._conversation.image(ref)
         r, region_bytes = _region_bytes(region, base_grid)
         c = np.asarray(cells)
+        if c.size == 0:
+            c = c.astype(np.uint32).reshape(0)
         if c.ndim != 1 or c.dtype.kind not in "iu":
             raise ContentError(f"cells are a 1-D integer array, not shape {c.shape} of {c.dtype}")
         if c.size and (c.min() < 0 or c.max() > 0xFFFFFFFF):
             raise ContentError("token ids are between 0 and 2^32 - 1")
         open_ = None
-        if self._edit is None:
+        state = self._edit
+        if state is None:
             turn, content = self._conversation._native_ref(ref)
-            self._edit = (ref, r, 0, int(r.sum()))
+            state = (ref, r, 0, int(r.sum()))
             open_ = (turn, content, region_bytes)
-        edit_ref, edit_region, got, total = self._edit
+        edit_ref, edit_region, got, total = state
         if edit_ref != ref or not np.array_equal(edit_region, r):
             raise ContentError(
                 "edit_cells: an edit in progress takes the same region and base until complete"
             )
         if got + c.size > total:
-            if open_ is not None:
-                self._edit = None
             raise ContentError(f"{got + c.size} cells for an edit of a region of {total}")
         got += c.size
         last = got == total
-        self._edit = None if last else (edit_ref, edit_region, got, total)
         ids = np.ascontiguousarray(c, dtype="<u4").tobytes()
-        await self._native.edit_cells(bridge(), ids, last, open_)
+        # The native call checks the ids (against the codebook) before it returns the
+        # awaitable: the edit's state moves on only once they are taken.
+        pending = self._native.edit_cells(bridge(), ids, last, open_)
+        self._edit = None if last else (edit_ref, edit_region, got, total)
+        await pending
 
 
 Agent = Union[
