@@ -119,7 +119,10 @@ class Conversation:
         return self.turns[-1]
 
     def last_image(self) -> Optional["np.ndarray"]:
-        """The most recent image of the conversation (of either side), as its token grid."""
+        """The most recent image of the conversation (of either side), as its token grid
+        (``(levels, rows, cols)`` for an image sent with several levels of the quality ladder;
+        ``conversation.image(conversation.last_image_ref())`` gives its level 1, the grid an
+        edit starts from)."""
         ref = self.last_image_ref()
         return None if ref is None else self.turns[ref.turn].content[ref.item]
 
