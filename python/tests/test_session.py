@@ -249,6 +249,11 @@ def test_a_python_agent_edits_an_image_whole_and_cell_by_cell():
             await sink.image(conversation.last.images[0])
             return
         base = conversation.image(ref)
+        for nowhere in (unimic.ImageRef(-1, 0), unimic.ImageRef(0, 0), unimic.ImageRef(99, 0)):
+            try:  # a negative index, the user's text, past the end: no image there
+                conversation.image(nowhere)
+            except unimic.ContentError as e:
+                refused.append(str(e))
         if request == "edit whole":
             bad = edited.copy()
             bad[0, 0] ^= 1
@@ -310,6 +315,7 @@ def test_a_python_agent_edits_an_image_whole_and_cell_by_cell():
     assert any("region's shape" in r for r in refused), refused
     assert any("10 cells for an edit of a region of 9" in r for r in refused), refused
     assert any("5000" in r for r in refused), refused
+    assert sum("the conversation has no image at" in r for r in refused) == 6, refused
     assert any("text while the edit begun with edit_cells is not complete (3 of 9" in r
                for r in refused), refused
 
