@@ -191,7 +191,10 @@ def _region_bytes(region: Any, base: "np.ndarray") -> Tuple["np.ndarray", bytes]
 class Sink:
     """Where an agent writes its reply. Every method is awaited; it returns once the output is
     written to the connection, and raises :class:`ClosedError` once the client has cancelled
-    the turn or gone (the agent should then return, or let it propagate)."""
+    the turn or gone (the agent should then return, or let it propagate). An image handed over
+    with :meth:`image_rows` or an edit with :meth:`edit_cells` is completed before anything else
+    is sent (:class:`ContentError` otherwise) and before the agent returns (else the turn fails
+    with :class:`AgentError` on the client)."""
 
     def __init__(self, native: _native.Sink, conversation: Optional[Conversation] = None) -> None:
         self._native = native
