@@ -351,10 +351,10 @@ impl Sink {
                     ids.len()
                 )));
             }
-            let cells = stack::grid_from_bytes(1, (ids.len() / 4).max(1) as u32, &ids, codes);
-            let cells = match (ids.is_empty(), cells) {
-                (true, _) => Vec::new(),
-                (false, c) => c?.into_ids(),
+            let cells = if ids.is_empty() {
+                Vec::new()
+            } else {
+                stack::grid_from_bytes(1, (ids.len() / 4) as u32, &ids, codes)?.into_ids()
             };
             let open = match open {
                 None => None,
