@@ -113,6 +113,10 @@ def main():
     ap.add_argument("--rows-from",
                     help="start rows >= --from-row from this .safetensors (same tables and shapes)")
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--time-budget", type=float, default=0.0,
+                    help="seconds of training: the first 30 steps are timed and --steps is fixed"
+                         " to what fits (evaluations included, estimated at 10%%); the record"
+                         " names the number")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -212,7 +216,12 @@ def main():
     start_train = (json.load(open(init_record)).get("train_bits_per_token", v16)
                    if os.path.exists(init_record) else v16)
     save(0, start_train, v0)
-    for step in range(1, a.steps + 1):
+    step, t_loop = 0, time.time()
+    while step < a.steps:
+        step += 1
+        if a.time_budget > 0 and step == 31:
+            a.steps = max(31, int(a.time_budget * 0.9 / ((time.time() - t_loop) / 30)))
+            print(json.dumps({"planned_steps": a.steps}), flush=True)
         lr = a.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / a.steps))
         for g in opt.param_groups:
             g["lr"] = lr
