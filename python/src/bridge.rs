@@ -1,25 +1,36 @@
 //! Rust futures as asyncio awaitables, run on the event loop's own thread.
 //!
 //! One [`Bridge`] per event loop (the Python package keeps them in a `WeakKeyDictionary` keyed
-//! by the loop): a Unix socket pair whose reading end the loop watches with `loop.add_reader`,
-//! and a queue of jobs. [`spawn`] polls a future once at once, on the calling (loop) thread; a
-//! future that is ready then becomes a [`Ready`] awaitable (awaiting it does not yield to the
-//! loop), one that has to wait becomes an `asyncio.Future` of the loop. Its waker, called from
-//! whichever thread (a tokio worker, usually), queues a poll job and writes one byte to the
-//! socket pair if none is pending; the loop then calls [`Bridge::run`], which runs the queued
-//! jobs: each polls its future again, with the GIL and the tokio runtime's context, and sets the
-//! asyncio future's result when it is ready. No tokio thread ever waits for the GIL.
+//! by the loop) and a queue of jobs. [`spawn`] polls a future once at once, on the calling (loop)
+//! thread; a future that is ready then becomes a [`Ready`] awaitable (awaiting it does not yield
+//! to the loop), one that has to wait becomes an `asyncio.Future` of the loop. Its waker, called
+//! from whichever thread (a tokio worker, usually), queues a poll job and wakes the loop if it was
+//! not woken yet; the loop then calls [`Bridge::run`], which runs the queued jobs: each polls its
+//! future again, with the GIL and the tokio runtime's context, and sets the asyncio future's
+//! result when it is ready. No tokio thread ever waits for the GIL.
+//!
+//! The loop is woken one of two ways ([`Bridge::new`]'s `relay`):
+//! - **socket pair** (Unix, the default): the waker writes one byte to a Unix socket pair whose
+//!   reading end the loop watches with `loop.add_reader`; nothing but the loop takes the GIL;
+//! - **relay thread** (Windows, whose asyncio loops have no `add_reader`, and any loop without
+//!   it): the waker signals a thread of the bridge's own, which takes the GIL and asks the loop
+//!   for [`Bridge::run`] with `loop.call_soon_threadsafe`. The thread ends with the bridge, or
+//!   when the loop is closed or gone.
 //!
 //! Cancelling the asyncio future (its task was cancelled, or `asyncio.wait_for` timed out) drops
 //! the Rust future, which cancels whatever it was doing; the futures handed to [`spawn`] are
 //! written to be cancel-safe where that matters (a reply's next event is not lost).
 
 use std::future::Future;
+#[cfg(unix)]
 use std::io::{Read, Write};
+#[cfg(unix)]
 use std::os::fd::AsRawFd;
+#[cfg(unix)]
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -64,12 +75,24 @@ pub fn fail(failure: Failure) -> Output {
     Box::new(move |py| Err(failure.into_pyerr(py)))
 }
 
+/// How a [`Bridge`] wakes its loop (see the module docs).
+enum Signal {
+    /// A byte written to `writer`; the loop watches `reader`.
+    #[cfg(unix)]
+    Socket {
+        reader: UnixStream,
+        writer: UnixStream,
+    },
+    /// A signal to the relay thread, which calls the loop's `call_soon_threadsafe`. The sender
+    /// goes with the bridge, and with it the thread.
+    Relay(Mutex<Sender<()>>),
+}
+
 /// The shared state of a [`Bridge`]: what wakers hold.
 pub struct Inner {
     /// `weakref.ref(loop)`: the bridge does not keep its loop alive.
     event_loop: Py<PyAny>,
-    reader: UnixStream,
-    writer: UnixStream,
+    signal: Signal,
     jobs: Mutex<Vec<Job>>,
     signaled: AtomicBool,
 }
@@ -79,8 +102,17 @@ impl Inner {
     pub fn post(&self, job: Job) {
         lock(&self.jobs).push(job);
         if !self.signaled.swap(true, Ordering::AcqRel) {
-            // A full socket buffer means a wake-up is pending already.
-            let _ = (&self.writer).write(&[1]);
+            match &self.signal {
+                // A full socket buffer means a wake-up is pending already.
+                #[cfg(unix)]
+                Signal::Socket { writer, .. } => {
+                    let _ = (&*writer).write(&[1]);
+                }
+                // A relay that ended (its loop is closed) has nothing left to wake.
+                Signal::Relay(tx) => {
+                    let _ = lock(tx).send(());
+                }
+            }
         }
     }
 
@@ -96,46 +128,97 @@ impl Inner {
 
 /// The bridge between one asyncio event loop and the futures of this module (see the module
 /// docs). Made by the Python package, which registers `loop.add_reader(bridge.fileno(),
-/// bridge.run)`.
-#[pyclass(module = "unimic._native", frozen)]
+/// bridge.run)` for a socket-pair bridge.
+#[pyclass(module = "unimic._native", frozen, weakref)]
 pub struct Bridge {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// The relay thread: each signal (and those that came with it) becomes one call of `wake`, with
+/// the GIL, until the bridge is dropped (the channel closes) or `wake` answers false (its loop is
+/// closed or gone).
+fn relay(rx: std::sync::mpsc::Receiver<()>, wake: Py<PyAny>) {
+    while rx.recv().is_ok() {
+        while rx.try_recv().is_ok() {}
+        // `None`: the interpreter is shutting down; nothing is left to wake.
+        let go_on = Python::try_attach(|py| match wake.bind(py).call0() {
+            Ok(r) => r.is_truthy().unwrap_or(false),
+            Err(e) => {
+                e.write_unraisable(py, Some(wake.bind(py)));
+                false
+            }
+        });
+        if go_on != Some(true) {
+            break;
+        }
+    }
+    // Released with the GIL; during the interpreter's shutdown pyo3 defers it.
+    let _ = Python::try_attach(|_| drop(wake));
+}
+
 #[pymethods]
 impl Bridge {
+    /// A bridge for `event_loop`. With `relay` (a callable of no arguments that asks the loop to
+    /// call this bridge's [`Bridge::run`], through `call_soon_threadsafe`, and returns whether
+    /// the loop is still there), the loop is woken by a thread of the bridge's own; without it,
+    /// by a socket pair the loop watches (Unix only).
     #[new]
-    fn new(py: Python<'_>, event_loop: Bound<'_, PyAny>) -> PyResult<Self> {
+    #[pyo3(signature = (event_loop, relay=None))]
+    fn new(
+        py: Python<'_>,
+        event_loop: Bound<'_, PyAny>,
+        relay: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let weak = py
             .import("weakref")?
             .getattr("ref")?
             .call1((event_loop,))?
             .unbind();
-        let (reader, writer) = UnixStream::pair()?;
-        reader.set_nonblocking(true)?;
-        writer.set_nonblocking(true)?;
+        let signal = match relay {
+            Some(wake) => {
+                if !wake.is_callable() {
+                    return Err(pyo3::exceptions::PyTypeError::new_err(
+                        "relay must be a callable",
+                    ));
+                }
+                let (tx, rx) = channel();
+                let wake = wake.unbind();
+                std::thread::Builder::new()
+                    .name("unimic-relay".into())
+                    .spawn(move || self::relay(rx, wake))?;
+                Signal::Relay(Mutex::new(tx))
+            }
+            None => socket_signal()?,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 event_loop: weak,
-                reader,
-                writer,
+                signal,
                 jobs: Mutex::new(Vec::new()),
                 signaled: AtomicBool::new(false),
             }),
         })
     }
 
-    /// The file descriptor the loop watches for reading.
-    fn fileno(&self) -> i32 {
-        self.inner.reader.as_raw_fd()
+    /// The file descriptor the loop watches for reading; `None` for a relay bridge.
+    fn fileno(&self) -> Option<i64> {
+        match &self.inner.signal {
+            #[cfg(unix)]
+            Signal::Socket { reader, .. } => Some(i64::from(reader.as_raw_fd())),
+            Signal::Relay(_) => None,
+        }
     }
 
-    /// Runs the queued jobs (the loop calls this when the descriptor is readable).
+    /// Runs the queued jobs (the loop calls this when the descriptor is readable, or when the
+    /// relay asked it to).
     fn run(&self, py: Python<'_>) {
-        let mut buf = [0u8; 64];
-        while let Ok(n) = (&self.inner.reader).read(&mut buf) {
-            if n < buf.len() {
-                break;
+        #[cfg(unix)]
+        if let Signal::Socket { reader, .. } = &self.inner.signal {
+            let mut buf = [0u8; 64];
+            while let Ok(n) = (&*reader).read(&mut buf) {
+                if n < buf.len() {
+                    break;
+                }
             }
         }
         // Cleared before the queue is taken: a job posted after this writes a new byte.
@@ -150,6 +233,23 @@ impl Bridge {
     fn pending(&self) -> usize {
         lock(&self.inner.jobs).len()
     }
+}
+
+/// The socket pair of a bridge without a relay.
+#[cfg(unix)]
+fn socket_signal() -> PyResult<Signal> {
+    let (reader, writer) = UnixStream::pair()?;
+    reader.set_nonblocking(true)?;
+    writer.set_nonblocking(true)?;
+    Ok(Signal::Socket { reader, writer })
+}
+
+/// Without Unix socket pairs, a bridge needs a relay.
+#[cfg(not(unix))]
+fn socket_signal() -> PyResult<Signal> {
+    Err(pyo3::exceptions::PyValueError::new_err(
+        "this platform has no socket-pair bridge: give a relay",
+    ))
 }
 
 /// One future being run for Python.

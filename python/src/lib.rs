@@ -9,7 +9,9 @@
 //! Every async method returns an awaitable that runs a Rust future **on the asyncio loop's
 //! thread**: [`bridge`] polls it once at once (a turn whose bytes can be written straight away
 //! never leaves the loop), and when it has to wait, its waker posts a poll to the loop through a
-//! socket pair the loop watches (`loop.add_reader`), so tokio's threads never take the GIL. Work
+//! socket pair the loop watches (`loop.add_reader`), or, for a loop that cannot watch one
+//! (Windows), through a relay thread that calls `loop.call_soon_threadsafe`; so tokio's threads
+//! never take the GIL. Work
 //! that takes time (tokenizing, detokenizing, model loading) runs on tokio's blocking pool; the
 //! QUIC connections are driven by tokio's worker threads ([`runtime`]).
 //!
