@@ -26,10 +26,10 @@ use crate::nn::model::{Manifest, ModelError};
 use crate::part::CodecConfig;
 
 /// Id of the shipped generic (raster, causal) transformer entropy model.
-pub const GENERIC_ID: &str = "unimic-entropy-generic-v8";
+pub const GENERIC_ID: &str = "unimic-entropy-generic-v9";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
-pub const MASKED_ID: &str = "unimic-entropy-masked-v8";
+pub const MASKED_ID: &str = "unimic-entropy-masked-v9";
 
 /// Id of the shipped text-conditioned transformer entropy model.
 pub const TEXT_ID: &str = "unimic-entropy-text-v7";
