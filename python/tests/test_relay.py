@@ -25,7 +25,7 @@ async def echo(conversation, sink):
 
 
 async def session(photo) -> None:
-    """A server and a client on the running loop: text, an image both ways, a cancelled turn."""
+    """A server and a client on the running loop: text turns, an image each way, a grid."""
     assert _loop.bridge().fileno() is None, "a relay bridge has no descriptor"
     server = await unimic.serve("127.0.0.1:0", echo)
     client = await unimic.Client.connect(server.address, pin=server.pin)
