@@ -30,7 +30,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -85,7 +85,7 @@ enum Signal {
     },
     /// A signal to the relay thread, which calls the loop's `call_soon_threadsafe`. The sender
     /// goes with the bridge, and with it the thread.
-    Relay(Mutex<Sender<()>>),
+    Relay(Sender<()>),
 }
 
 /// The shared state of a [`Bridge`]: what wakers hold.
@@ -110,9 +110,19 @@ impl Inner {
                 }
                 // A relay that ended (its loop is closed) has nothing left to wake.
                 Signal::Relay(tx) => {
-                    let _ = lock(tx).send(());
+                    let _ = tx.send(());
                 }
             }
+        }
+    }
+
+    /// Runs the queued jobs, on the loop's thread.
+    fn run_jobs(&self, py: Python<'_>) {
+        // Cleared before the queue is taken: a job posted after this wakes the loop again.
+        self.signaled.store(false, Ordering::Release);
+        let jobs = std::mem::take(&mut *lock(&self.jobs));
+        for job in jobs {
+            job(py);
         }
     }
 
@@ -129,75 +139,93 @@ impl Inner {
 /// The bridge between one asyncio event loop and the futures of this module (see the module
 /// docs). Made by the Python package, which registers `loop.add_reader(bridge.fileno(),
 /// bridge.run)` for a socket-pair bridge.
-#[pyclass(module = "unimic._native", frozen, weakref)]
+#[pyclass(module = "unimic._native", frozen)]
 pub struct Bridge {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// The relay thread: each signal (and those that came with it) becomes one call of `wake`, with
-/// the GIL, until the bridge is dropped (the channel closes) or `wake` answers false (its loop is
-/// closed or gone).
-fn relay(rx: std::sync::mpsc::Receiver<()>, wake: Py<PyAny>) {
+/// The relay thread: each signal (and those that came with it) becomes one
+/// `loop.call_soon_threadsafe(RunJobs)`, with the GIL, until the bridge is dropped (the channel
+/// closes) or its loop is closed or gone.
+fn relay(rx: Receiver<()>, inner: Weak<Inner>) {
     while rx.recv().is_ok() {
         while rx.try_recv().is_ok() {}
         // `None`: the interpreter is shutting down; nothing is left to wake.
-        let go_on = Python::try_attach(|py| match wake.bind(py).call0() {
-            Ok(r) => r.is_truthy().unwrap_or(false),
-            Err(e) => {
-                e.write_unraisable(py, Some(wake.bind(py)));
-                false
-            }
+        let go_on = Python::try_attach(|py| {
+            let Some(inner) = inner.upgrade() else {
+                return false;
+            };
+            let Ok(event_loop) = inner.event_loop(py) else {
+                return false;
+            };
+            let closed = event_loop
+                .call_method0("is_closed")
+                .and_then(|c| c.is_truthy())
+                .unwrap_or(true);
+            // A loop closed between the check and the call raises: the relay ends then too.
+            !closed
+                && event_loop
+                    .call_method1(
+                        "call_soon_threadsafe",
+                        (RunJobs {
+                            inner: Arc::downgrade(&inner),
+                        },),
+                    )
+                    .is_ok()
         });
         if go_on != Some(true) {
             break;
         }
     }
-    // Released with the GIL; during the interpreter's shutdown pyo3 defers it.
-    let _ = Python::try_attach(|_| drop(wake));
+}
+
+/// What the relay asks the loop to call: the bridge's [`Inner::run_jobs`].
+#[pyclass(module = "unimic._native", frozen)]
+struct RunJobs {
+    inner: Weak<Inner>,
+}
+
+#[pymethods]
+impl RunJobs {
+    fn __call__(&self, py: Python<'_>) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.run_jobs(py);
+        }
+    }
 }
 
 #[pymethods]
 impl Bridge {
-    /// A bridge for `event_loop`. With `relay` (a callable of no arguments that asks the loop to
-    /// call this bridge's [`Bridge::run`], through `call_soon_threadsafe`, and returns whether
-    /// the loop is still there), the loop is woken by a thread of the bridge's own; without it,
-    /// by a socket pair the loop watches (Unix only).
+    /// A bridge for `event_loop`. With `relay`, the loop is woken by a thread of the bridge's
+    /// own (through `call_soon_threadsafe`); without it, by a socket pair the loop watches (Unix
+    /// only).
     #[new]
-    #[pyo3(signature = (event_loop, relay=None))]
-    fn new(
-        py: Python<'_>,
-        event_loop: Bound<'_, PyAny>,
-        relay: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
+    #[pyo3(signature = (event_loop, relay=false))]
+    fn new(py: Python<'_>, event_loop: Bound<'_, PyAny>, relay: bool) -> PyResult<Self> {
         let weak = py
             .import("weakref")?
             .getattr("ref")?
             .call1((event_loop,))?
             .unbind();
-        let signal = match relay {
-            Some(wake) => {
-                if !wake.is_callable() {
-                    return Err(pyo3::exceptions::PyTypeError::new_err(
-                        "relay must be a callable",
-                    ));
-                }
-                let (tx, rx) = channel();
-                let wake = wake.unbind();
-                std::thread::Builder::new()
-                    .name("unimic-relay".into())
-                    .spawn(move || self::relay(rx, wake))?;
-                Signal::Relay(Mutex::new(tx))
-            }
-            None => socket_signal()?,
+        let (signal, rx) = if relay {
+            let (tx, rx) = channel();
+            (Signal::Relay(tx), Some(rx))
+        } else {
+            (socket_signal()?, None)
         };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                event_loop: weak,
-                signal,
-                jobs: Mutex::new(Vec::new()),
-                signaled: AtomicBool::new(false),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            event_loop: weak,
+            signal,
+            jobs: Mutex::new(Vec::new()),
+            signaled: AtomicBool::new(false),
+        });
+        if let Some(rx) = rx {
+            let weak_inner = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("unimic-relay".into())
+                .spawn(move || self::relay(rx, weak_inner))?;
+        }
+        Ok(Self { inner })
     }
 
     /// The file descriptor the loop watches for reading; `None` for a relay bridge.
@@ -221,12 +249,7 @@ impl Bridge {
                 }
             }
         }
-        // Cleared before the queue is taken: a job posted after this writes a new byte.
-        self.inner.signaled.store(false, Ordering::Release);
-        let jobs = std::mem::take(&mut *lock(&self.inner.jobs));
-        for job in jobs {
-            job(py);
-        }
+        self.inner.run_jobs(py);
     }
 
     /// Jobs waiting to run (for tests).

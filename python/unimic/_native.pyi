@@ -5,14 +5,14 @@ the bytes these functions take, and back. Every async method returns an awaitabl
 the event loop of the :class:`Bridge` passed to it (``unimic._loop.bridge()``).
 """
 
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Dict, List, Optional, Tuple, Union
 
 __version__: str
 SOURCE_MODELS_DIR: str
 REQUEST_MEDIA_TYPE: str
 
 class Bridge:
-    def __init__(self, event_loop: Any, relay: Optional[Callable[[], bool]] = None) -> None: ...
+    def __init__(self, event_loop: Any, relay: bool = False) -> None: ...
     def fileno(self) -> Optional[int]: ...
     def run(self) -> None: ...
     def pending(self) -> int: ...
