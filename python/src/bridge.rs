@@ -14,7 +14,7 @@
 //!   reading end the loop watches with `loop.add_reader`; nothing but the loop takes the GIL;
 //! - **relay thread** (Windows, whose asyncio loops have no `add_reader`, and any loop without
 //!   it): the waker signals a thread of the bridge's own, which takes the GIL and asks the loop
-//!   for [`Bridge::run`] with `loop.call_soon_threadsafe`. The thread ends with the bridge, or
+//!   to run the queued jobs with `loop.call_soon_threadsafe`. The thread ends with the bridge, or
 //!   when the loop is closed or gone.
 //!
 //! Cancelling the asyncio future (its task was cancelled, or `asyncio.wait_for` timed out) drops
@@ -237,8 +237,7 @@ impl Bridge {
         }
     }
 
-    /// Runs the queued jobs (the loop calls this when the descriptor is readable, or when the
-    /// relay asked it to).
+    /// Runs the queued jobs (the loop calls this when the descriptor is readable).
     fn run(&self, py: Python<'_>) {
         #[cfg(unix)]
         if let Signal::Socket { reader, .. } = &self.inner.signal {
