@@ -46,12 +46,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context};
 use image::{imageops, RgbImage};
 use serde::{Deserialize, Serialize};
+use unimic_codec::rdo::{RdoConfig, RdoTokenizer};
 use unimic_codec::tokenizer::metrics::{mean_ciede2000, ms_ssim, psnr, ssim};
 use unimic_codec::tokenizer::taef2::TAEF2_MANIFEST_FORMAT;
-use unimic_codec::tokenizer::{ImageTokenizer, Vq, MANIFEST_FILE, MANIFEST_FORMAT};
+use unimic_codec::tokenizer::{ImageTokenizer, Taef2Tokenizer, Vq, MANIFEST_FILE, MANIFEST_FORMAT};
 
 /// Arguments of `unimic bench tokenizer`.
 #[derive(clap::Args)]
@@ -94,6 +97,18 @@ pub struct Args {
     /// ../shared/models/recognizers next to the checkout.
     #[arg(long)]
     pub recognizers: Option<PathBuf>,
+    /// Also measure rate-distortion optimized level-1 codes (TAEF2 tokenizers only), one row per
+    /// λ listed (comma-separated; `0` is the nearest codes): `bytes` is then the range-coded
+    /// payload under the shipped generic model, not the raw size.
+    #[arg(long, value_delimiter = ',')]
+    pub rdo: Vec<f32>,
+    /// Codewords considered per cell for `--rdo`.
+    #[arg(long, default_value_t = unimic_codec::rdo::RdoConfig::default().candidates)]
+    pub rdo_candidates: usize,
+    /// Folder of the generic entropy model for `--rdo` (default: the shipped `models/entropy`,
+    /// or `$UNIMIC_ENTROPY`).
+    #[arg(long)]
+    pub entropy_dir: Option<PathBuf>,
 }
 
 /// The codes of `tok` ranked by use in the tokens of `dir`'s images (ties by index), and how many
@@ -793,6 +808,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    let rdo = if args.rdo.is_empty() {
+        None
+    } else {
+        let taef2 =
+            Arc::new(Taef2Tokenizer::from_dir(&dir).context("--rdo needs a TAEF2 tokenizer")?);
+        let edir = unimic_codec::shipped::entropy_dir(args.entropy_dir.as_deref());
+        let (generic, manifest) =
+            unimic_codec::shipped::generic_model(&edir, unimic_codec::shipped::GENERIC_ID)?
+                .with_context(|| {
+                    format!(
+                        "--rdo: no {} in {}",
+                        unimic_codec::shipped::GENERIC_ID,
+                        edir.display()
+                    )
+                })?;
+        let generic = Arc::new(generic);
+        let mut wrapped = Vec::new();
+        for &lambda in &args.rdo {
+            let cfg = RdoConfig {
+                lambda,
+                candidates: args.rdo_candidates,
+            };
+            if !(lambda.is_finite() && lambda >= 0.0) || cfg.candidates == 0 {
+                bail!("--rdo {lambda} with {} candidates: λ must be a finite number >= 0 and candidates >= 1", cfg.candidates);
+            }
+            wrapped.push(RdoTokenizer::new(taef2.clone(), generic.clone(), cfg));
+        }
+        Some((generic, manifest.id, wrapped))
+    };
+
     let threads = candle_threads();
     let jpeg_q: Vec<u8> = (1..=100).collect();
     let webp_q: Vec<u8> = (0..=100).collect();
@@ -863,6 +908,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 rn.decode_ms = Some(dec_n_ms);
                 rn.threads = Some(threads);
                 rows.push((rn, rec_n));
+            }
+        }
+
+        if let Some((generic, generic_id, wrapped)) = &rdo {
+            for r in wrapped {
+                let lambda = r.config().lambda;
+                let t = Instant::now();
+                let (grids, stats) = r.encode_levels_with_stats(&img, 1)?;
+                let enc_ms = t.elapsed().as_secs_f64() * 1e3;
+                let grid = &grids[0];
+                let payload = generic.encode(grid)?;
+                let back = generic.decode(grid.height(), grid.width(), &payload)?;
+                ensure!(
+                    back.ids() == grid.ids(),
+                    "{name}: the generic model's round trip failed at λ = {lambda}"
+                );
+                let rec = r.decode_to(grid, w, h)?;
+                let mut rr = row(
+                    &format!("{tok_codec}-rdo{lambda}"),
+                    &name,
+                    &img,
+                    &rec,
+                    payload.len() as f64,
+                )?;
+                rr.setting = Some(match stats {
+                    Some(s) => format!(
+                        "λ {lambda}, {} candidates: {} of {} codes not the nearest, \
+                         +{:.1}% squared error in the codes, {generic_id} payload",
+                        r.config().candidates,
+                        s.changed,
+                        grid.len(),
+                        100.0 * s.extra_distortion
+                    ),
+                    None => format!("the grid is too large for {generic_id}: nearest codes"),
+                });
+                rr.tokenizer = Some(tok_id.clone());
+                rr.encode_ms = Some(enc_ms);
+                rr.threads = Some(threads);
+                rows.push((rr, rec));
             }
         }
 

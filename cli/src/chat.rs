@@ -52,6 +52,11 @@ pub struct Args {
     /// the base and sharpens what the server sees).
     #[arg(long, default_value_t = 1)]
     pub levels: usize,
+    /// Rate-distortion trade-off of the image codes: the weight of a bit against the image's
+    /// mean quantization error (0 sends the nearest codes; the default saves about 3% of an
+    /// image's bytes for 0.02 dB).
+    #[arg(long, default_value_t = unimic_codec::rdo::DEFAULT_LAMBDA)]
+    pub rdo: f32,
 }
 
 /// An image attached to the next turn: its pixels as tokenized, and its grids (the base grid,
@@ -193,7 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => anyhow::bail!("give either --pin or --ca"),
     };
     let addr = resolve(&args.addr)?;
-    let tok = crate::models::tokenizer(None)?;
+    let tok = crate::models::image_encoder(None, None, args.rdo)?;
     let info = crate::serve::shipped_tokenizer_info()?;
     let codec = crate::serve::codec_config()?;
     let timeout = Duration::from_secs(args.timeout.max(1));

@@ -129,6 +129,7 @@ mod tests {
             entropy_dir: None,
             quality,
             bytes,
+            rdo: unimic_codec::rdo::DEFAULT_LAMBDA,
             json: true,
         }
     }

@@ -240,7 +240,7 @@ pub fn json_reply_bytes(content: &serde_json::Value) -> anyhow::Result<u64> {
 /// the demo's first question, over loopback QUIC to a server with the echo agent: the turn's
 /// bytes on the wire (a fresh session, so no context reuse).
 pub fn ladder_turn_bytes(photo: &Path, size: u32, levels: usize) -> anyhow::Result<u64> {
-    let tok = crate::models::tokenizer(None)?;
+    let tok = crate::models::image_encoder(None, None, unimic_codec::rdo::DEFAULT_LAMBDA)?;
     let img = image::open(photo)
         .with_context(|| format!("cannot read image {}", photo.display()))?
         .to_rgb8();
@@ -400,7 +400,7 @@ pub fn run_session(
     question_agent: Option<Arc<dyn Agent>>,
     mut on_turn: impl FnMut(&TurnReport),
 ) -> anyhow::Result<Vec<TurnReport>> {
-    let tok = crate::models::tokenizer(None)?;
+    let tok = crate::models::image_encoder(None, None, unimic_codec::rdo::DEFAULT_LAMBDA)?;
     let img = image::open(photo)
         .with_context(|| format!("cannot read image {}", photo.display()))?
         .to_rgb8();

@@ -23,6 +23,30 @@ pub fn tokenizer(dir: Option<&Path>) -> anyhow::Result<DynTokenizer> {
     }
 }
 
+/// The tokenizer that sends images (`chat`, `demo`, `encode`): the tokenizer from `dir` (else the
+/// shipped default) with its level-1 codes chosen for the shipped generic model's bits at
+/// `lambda` ([`unimic_codec::rdo`]; 0, a tokenizer other than TAEF2 or no generic model in
+/// `entropy`: the nearest codes). It decodes as [`tokenizer`]'s does.
+pub fn image_encoder(
+    dir: Option<&Path>,
+    entropy: Option<&Path>,
+    lambda: f32,
+) -> anyhow::Result<DynTokenizer> {
+    anyhow::ensure!(
+        lambda.is_finite() && lambda >= 0.0,
+        "--rdo {lambda}: give a number >= 0 (0 keeps the nearest codes)"
+    );
+    let generic = if lambda > 0.0 {
+        generic_model(entropy, GENERIC_ID)?.map(|(g, _)| std::sync::Arc::new(g))
+    } else {
+        None
+    };
+    let dir = dir.map_or_else(tokenizer::default_dir, Path::to_path_buf);
+    let cfg = unimic_codec::rdo::RdoConfig::with_lambda(lambda);
+    unimic_codec::rdo::load_dir(&dir, generic, cfg)
+        .with_context(|| format!("loading tokenizer from {}", dir.display()))
+}
+
 /// The tokenizer a file names (by `name` and the first 8 bytes of its hash): `dir` when given
 /// (which must match), else the default or whichever shipped tokenizer matches. The error names
 /// the tokenizer the file needs when none here does.

@@ -11,6 +11,8 @@ pub mod entropy;
 pub mod grid;
 pub mod nn;
 pub mod part;
+#[cfg(feature = "vq")]
+pub mod rdo;
 pub mod shipped;
 pub mod text;
 #[cfg(feature = "vq")]

@@ -11,6 +11,7 @@ use pyo3::types::{PyBytes, PyDict};
 use unimic_agents::local::LocalAgent;
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::part::CodecConfig;
+use unimic_codec::rdo::{self, RdoConfig};
 use unimic_codec::shipped;
 use unimic_codec::tokenizer::{self, DynTokenizer, ImageTokenizer};
 use unimic_transport::TokenizerInfo;
@@ -67,15 +68,6 @@ impl Stack {
 
     fn load(root: &Path) -> Result<Stack, Failure> {
         let tok_dir = root.join("tokenizer-taef2");
-        let tokenizer = tokenizer::load_dir(&tok_dir).map_err(|e| {
-            Failure::codec(format!(
-                "loading the image tokenizer from {}: {e} (pass models=PATH or set \
-                 UNIMIC_MODELS to a folder laid out like the repository's models/)",
-                tok_dir.display()
-            ))
-        })?;
-        let info =
-            unimic_chat::tokenizer_info(&tokenizer).map_err(|e| Failure::codec(e.to_string()))?;
         let entropy = root.join("entropy");
         let codec = shipped::codec_config(&entropy).map_err(|e| {
             Failure::codec(format!(
@@ -83,6 +75,17 @@ impl Stack {
                 entropy.display()
             ))
         })?;
+        // Images are sent with their level-1 codes chosen for the generic model's bits.
+        let tokenizer = rdo::load_dir(&tok_dir, codec.generic.clone(), RdoConfig::default())
+            .map_err(|e| {
+                Failure::codec(format!(
+                    "loading the image tokenizer from {}: {e} (pass models=PATH or set \
+                 UNIMIC_MODELS to a folder laid out like the repository's models/)",
+                    tok_dir.display()
+                ))
+            })?;
+        let info =
+            unimic_chat::tokenizer_info(&tokenizer).map_err(|e| Failure::codec(e.to_string()))?;
         Ok(Stack {
             root: root.to_path_buf(),
             tokenizer: Arc::new(tokenizer),

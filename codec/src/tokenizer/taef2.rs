@@ -716,29 +716,29 @@ impl Taef2Quantizer {
             candle_core::bail!("quantize: {levels} levels, model has {}", self.cfg.levels);
         }
         let flat = e.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(self.quantize_cells(&flat, b * h * w, levels))
+        Ok(self.quantize_cells(&flat, b * h * w, levels, None))
     }
 
-    /// [`Self::quantize`] of one image's `down` output (`[dim, h, w]`), levels already checked.
-    fn quantize_act(&self, e: &Act, levels: usize) -> Vec<Vec<u32>> {
-        let (d, n) = (e.c, e.h * e.w);
-        let mut cells = Vec::with_capacity(d * n);
-        for i in 0..n {
-            cells.extend((0..d).map(|j| e.data[j * n + i]));
-        }
-        self.quantize_cells(&cells, n, levels)
-    }
-
-    /// Residual search of `cells` vectors of `dim` values each (`flat`, cell-major).
-    fn quantize_cells(&self, flat: &[f32], cells: usize, levels: usize) -> Vec<Vec<u32>> {
+    /// Residual search of `cells` vectors of `dim` values each (`flat`, cell-major); level 1
+    /// takes `first`'s codes where given (checked by the caller).
+    fn quantize_cells(
+        &self,
+        flat: &[f32],
+        cells: usize,
+        levels: usize,
+        first: Option<&[u32]>,
+    ) -> Vec<Vec<u32>> {
         let d = self.cfg.dim;
         let mut out = vec![Vec::with_capacity(cells); levels];
         let mut r = vec![0f32; d];
-        for cell in flat.chunks_exact(d) {
+        for (i, cell) in flat.chunks_exact(d).enumerate() {
             r.copy_from_slice(cell);
             for (l, ids) in out.iter_mut().enumerate() {
                 let cb = self.codebook(l);
-                let k = nearest(&r, cb, d);
+                let k = match first {
+                    Some(f) if l == 0 => f[i] as usize,
+                    _ => nearest(&r, cb, d),
+                };
                 ids.push(k as u32);
                 for (x, c) in r.iter_mut().zip(&cb[k * d..(k + 1) * d]) {
                     *x -= c;
@@ -801,17 +801,80 @@ impl Taef2Quantizer {
         }
         Ok(q)
     }
+
+    /// The `k` codewords of level `level` (0-based) nearest to `r`, as `(squared distance,
+    /// code)` by increasing distance (lowest code first on ties), into `out` (cleared first).
+    /// The first is the code the residual search picks.
+    ///
+    /// # Panics
+    /// If `level >= levels` or `r` is not `dim` long.
+    pub fn nearest_k(&self, level: usize, r: &[f32], k: usize, out: &mut Vec<(f32, u32)>) {
+        let d = self.cfg.dim;
+        assert_eq!(
+            r.len(),
+            d,
+            "a vector of {} values, codewords have {d}",
+            r.len()
+        );
+        out.clear();
+        let k = k.clamp(1, self.cfg.codes);
+        for (i, c) in self.codebook(level).chunks_exact(d).enumerate() {
+            // NaN (from NaN weights) ranks last, as in the residual search.
+            let s = match sq_dist(r, c) {
+                s if s.is_nan() => f32::INFINITY,
+                s => s,
+            };
+            // Keep the k best seen so far, sorted; equal distances keep the earlier code first.
+            if out.len() == k && s >= out[k - 1].0 {
+                continue;
+            }
+            let at = out.partition_point(|&(t, _)| t <= s);
+            if out.len() == k {
+                out.pop();
+            }
+            out.insert(at, (s, i as u32));
+        }
+    }
+}
+
+/// The vectors a TAEF2 tokenizer quantizes, one per grid cell ([`Taef2Tokenizer::embed`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellVectors {
+    /// Grid rows.
+    pub height: usize,
+    /// Grid columns.
+    pub width: usize,
+    /// Values per vector (the quantizer's `dim`).
+    pub dim: usize,
+    /// `height × width` vectors of `dim` values, cell-major in raster order.
+    pub data: Vec<f32>,
+}
+
+impl CellVectors {
+    /// The vector of cell `i` (raster order).
+    ///
+    /// # Panics
+    /// If `i >= height × width`.
+    pub fn cell(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// `Σ_j (r_j − c_j)²`, summed in order in f32 (the module docs' distance).
+fn sq_dist(r: &[f32], c: &[f32]) -> f32 {
+    let mut s = 0f32;
+    for (x, y) in r.iter().zip(c) {
+        let t = x - y;
+        s += t * t;
+    }
+    s
 }
 
 /// Index of the row of `cb` (`K × d`) nearest to `r` by squared distance, lowest on ties.
 fn nearest(r: &[f32], cb: &[f32], d: usize) -> usize {
     let mut best = (f32::INFINITY, 0usize);
     for (k, c) in cb.chunks_exact(d).enumerate() {
-        let mut s = 0f32;
-        for (x, y) in r.iter().zip(c) {
-            let t = x - y;
-            s += t * t;
-        }
+        let s = sq_dist(r, c);
         if s < best.0 {
             best = (s, k);
         }
@@ -1007,14 +1070,81 @@ impl Taef2Tokenizer {
                 available: self.levels(),
             });
         }
+        let cells = self.embed(image)?;
+        self.quantize_levels(&cells, n, None)
+    }
+
+    /// The vector each grid cell is quantized from: the encoder and the quantizer's `down` run
+    /// on `image` (padded as for [`Self::encode_levels`]), before any codebook search. With
+    /// [`Self::quantize_levels`] it splits [`Self::encode_levels`] in two, so that an encoder can
+    /// choose the level-1 codes itself (for example for their bits, [`crate::rdo`]).
+    pub fn embed(&self, image: &RgbImage) -> std::result::Result<CellVectors, TokenizerError> {
         let (ph, pw, rgb) = super::padded_rgb8(image, TAEF2_FACTOR)?;
         let _scope = PoolScope::new();
         let x = Act::new(3, ph, pw, planes_of_rgb8(&rgb, ph * pw));
         let e = self.quantizer.down_act(self.encoder.latent_act(x)?)?;
-        let (h, w) = (e.h, e.w);
-        let ids = self.quantizer.quantize_act(&e, n);
+        let (d, n) = (e.c, e.h * e.w);
+        let mut data = Vec::with_capacity(d * n);
+        for i in 0..n {
+            data.extend((0..d).map(|j| e.data[j * n + i]));
+        }
+        Ok(CellVectors {
+            height: e.h,
+            width: e.w,
+            dim: d,
+            data,
+        })
+    }
+
+    /// The grids of levels `1..=n` of `cells` (from [`Self::embed`]): the residual search of
+    /// the [module docs](self), except that with `first` the level-1 codes are those given (one
+    /// per cell, raster order, each below `codes`) and the later levels quantize what they leave.
+    /// `first = None` gives exactly [`Self::encode_levels`]' grids.
+    pub fn quantize_levels(
+        &self,
+        cells: &CellVectors,
+        n: usize,
+        first: Option<&[u32]>,
+    ) -> std::result::Result<Vec<TokenGrid>, TokenizerError> {
+        if n == 0 || n > self.levels() {
+            return Err(TokenizerError::Levels {
+                requested: n,
+                available: self.levels(),
+            });
+        }
+        let count = cells.height * cells.width;
+        if cells.dim != self.quantizer.cfg.dim || cells.data.len() != count * cells.dim {
+            return Err(TokenizerError::Config(format!(
+                "{} values of dimension {} for {count} cells; the quantizer's vectors have {}",
+                cells.data.len(),
+                cells.dim,
+                self.quantizer.cfg.dim
+            )));
+        }
+        if let Some(f) = first {
+            if f.len() != count {
+                return Err(TokenizerError::Config(format!(
+                    "{} level-1 codes for {count} cells",
+                    f.len()
+                )));
+            }
+            if let Some(&k) = f.iter().find(|&&k| k as usize >= self.quantizer.cfg.codes) {
+                return Err(TokenizerError::Config(format!(
+                    "level-1 code {k} is not below the codebook size {}",
+                    self.quantizer.cfg.codes
+                )));
+            }
+        }
+        let ids = self.quantizer.quantize_cells(&cells.data, count, n, first);
         ids.into_iter()
-            .map(|v| Ok(TokenGrid::new(h as u32, w as u32, self.codebook_size(), v)?))
+            .map(|v| {
+                Ok(TokenGrid::new(
+                    cells.height as u32,
+                    cells.width as u32,
+                    self.codebook_size(),
+                    v,
+                )?)
+            })
             .collect()
     }
 
