@@ -11,9 +11,9 @@ use pyo3::types::{PyBytes, PyDict};
 use unimic_agents::local::LocalAgent;
 use unimic_codec::grid::TokenGrid;
 use unimic_codec::part::CodecConfig;
-use unimic_codec::rdo::{self, RdoConfig};
+use unimic_codec::rdo::{RdoConfig, RdoTokenizer};
 use unimic_codec::shipped;
-use unimic_codec::tokenizer::{self, DynTokenizer, ImageTokenizer};
+use unimic_codec::tokenizer::{self, DynTokenizer, ImageTokenizer, Taef2Tokenizer};
 use unimic_transport::TokenizerInfo;
 
 use crate::bridge::sync;
@@ -23,8 +23,11 @@ use crate::errors::Failure;
 pub struct Stack {
     /// The models folder.
     pub root: PathBuf,
-    /// The image tokenizer.
+    /// The image tokenizer, with the level-1 codes chosen for the generic model's bits at the
+    /// default λ when it is held ([`Stack::with_encoder`] for another λ).
     pub tokenizer: Arc<DynTokenizer>,
+    /// The TAEF2 tokenizer underneath.
+    taef2: Arc<Taef2Tokenizer>,
     /// Its handshake identity.
     pub info: TokenizerInfo,
     /// The codec: the generic and masked transformers when shipped.
@@ -66,6 +69,30 @@ impl Stack {
             .clone()
     }
 
+    /// Runs `f` with the tokenizer that sends images with level-1 codes chosen at `rdo`
+    /// ([`unimic_codec::rdo`]; 0: the nearest codes; the generic model must be held for any
+    /// other choice to be made).
+    pub fn with_encoder<R>(
+        &self,
+        rdo: f32,
+        f: impl FnOnce(&dyn ImageTokenizer) -> Result<R, Failure>,
+    ) -> Result<R, Failure> {
+        if !(rdo.is_finite() && rdo >= 0.0) {
+            return Err(Failure::content(format!(
+                "rdo={rdo}: give a number >= 0 (0 keeps the nearest codes)"
+            )));
+        }
+        match &self.codec.generic {
+            _ if rdo == RdoConfig::default().lambda => f(self.tokenizer.as_ref()),
+            Some(g) if rdo > 0.0 => f(&RdoTokenizer::new(
+                self.taef2.clone(),
+                g.clone(),
+                RdoConfig::with_lambda(rdo),
+            )),
+            _ => f(&self.taef2),
+        }
+    }
+
     fn load(root: &Path) -> Result<Stack, Failure> {
         let tok_dir = root.join("tokenizer-taef2");
         let entropy = root.join("entropy");
@@ -75,20 +102,28 @@ impl Stack {
                 entropy.display()
             ))
         })?;
-        // Images are sent with their level-1 codes chosen for the generic model's bits.
-        let tokenizer = rdo::load_dir(&tok_dir, codec.generic.clone(), RdoConfig::default())
-            .map_err(|e| {
-                Failure::codec(format!(
-                    "loading the image tokenizer from {}: {e} (pass models=PATH or set \
+        let taef2 = Arc::new(Taef2Tokenizer::from_dir(&tok_dir).map_err(|e| {
+            Failure::codec(format!(
+                "loading the image tokenizer from {}: {e} (pass models=PATH or set \
                  UNIMIC_MODELS to a folder laid out like the repository's models/)",
-                    tok_dir.display()
-                ))
-            })?;
+                tok_dir.display()
+            ))
+        })?);
+        // Images are sent with their level-1 codes chosen for the generic model's bits.
+        let tokenizer: DynTokenizer = match &codec.generic {
+            Some(g) => Box::new(RdoTokenizer::new(
+                taef2.clone(),
+                g.clone(),
+                RdoConfig::default(),
+            )),
+            None => Box::new(taef2.clone()),
+        };
         let info =
             unimic_chat::tokenizer_info(&tokenizer).map_err(|e| Failure::codec(e.to_string()))?;
         Ok(Stack {
             root: root.to_path_buf(),
             tokenizer: Arc::new(tokenizer),
+            taef2,
             info,
             codec,
             local: OnceLock::new(),
@@ -222,6 +257,8 @@ impl Models {
     /// Tokenizes an RGB image (`width × height × 3` bytes) into the grids of levels `1..=levels`
     /// after scaling it down to `max_side` (0: never): `(levels, height, width, ids as
     /// little-endian u32 bytes)`. Releases the GIL.
+    #[pyo3(signature = (width, height, rgb, levels, max_side, rdo=RdoConfig::default().lambda))]
+    #[allow(clippy::too_many_arguments)]
     fn tokenize<'py>(
         &self,
         py: Python<'py>,
@@ -230,21 +267,22 @@ impl Models {
         rgb: Vec<u8>,
         levels: usize,
         max_side: u32,
+        rdo: f32,
     ) -> PyResult<(usize, u32, u32, Bound<'py, PyBytes>)> {
         let r = py.detach(|| -> Result<_, Failure> {
             let stack = self.stack()?;
             let img = tokenizer::fit(rgb_from_bytes(width, height, rgb)?, max_side);
-            let t = &stack.tokenizer;
-            if levels == 0 || levels > t.levels() {
-                return Err(Failure::content(format!(
-                    "levels={levels}: the tokenizer {:?} has levels 1..={}",
-                    t.id().name,
-                    t.levels()
-                )));
-            }
-            let grids = t
-                .encode_levels(&img, levels)
-                .map_err(|e| Failure::content(format!("tokenizing the image: {e}")))?;
+            let grids = stack.with_encoder(rdo, |t| {
+                if levels == 0 || levels > t.levels() {
+                    return Err(Failure::content(format!(
+                        "levels={levels}: the tokenizer {:?} has levels 1..={}",
+                        t.id().name,
+                        t.levels()
+                    )));
+                }
+                t.encode_levels(&img, levels)
+                    .map_err(|e| Failure::content(format!("tokenizing the image: {e}")))
+            })?;
             let (h, w) = (grids[0].height(), grids[0].width());
             let bytes: Vec<u8> = grids.iter().flat_map(grid_bytes).collect();
             Ok((grids.len(), h, w, bytes))
@@ -295,7 +333,7 @@ impl Models {
     /// Encodes an RGB image into the bytes of a `.umic` file (what `unimic encode` writes):
     /// scaled down to `max_side`, `quality` levels of the ladder, or as many as fit in
     /// `max_bytes`. Releases the GIL.
-    #[pyo3(signature = (width, height, rgb, quality=1, max_bytes=None, max_side=1024))]
+    #[pyo3(signature = (width, height, rgb, quality=1, max_bytes=None, max_side=1024, rdo=RdoConfig::default().lambda))]
     #[allow(clippy::too_many_arguments)]
     fn encode<'py>(
         &self,
@@ -306,6 +344,7 @@ impl Models {
         quality: usize,
         max_bytes: Option<usize>,
         max_side: u32,
+        rdo: f32,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let r = py.detach(|| -> Result<Vec<u8>, Failure> {
             let stack = self.stack()?;
@@ -314,14 +353,10 @@ impl Models {
                 .with_levels(quality)
                 .with_max_bytes(max_bytes);
             let generic = stack.generic();
-            let encoded = unimic_codec::umic::encode_image(
-                stack.tokenizer.as_ref(),
-                &img,
-                generic,
-                &stack.entropy_dir(),
-                &options,
-            )
-            .map_err(umic_failure)?;
+            let encoded = stack.with_encoder(rdo, |t| {
+                unimic_codec::umic::encode_image(t, &img, generic, &stack.entropy_dir(), &options)
+                    .map_err(umic_failure)
+            })?;
             Ok(encoded.bytes)
         });
         let bytes = sync(py, r)?;

@@ -80,6 +80,36 @@ def test_large_photos_are_scaled_to_max_side(tmp_path):
     assert unimic.decode(unimic.encode(big, max_side=128)).size == (128, 96)
 
 
+def test_rdo_trades_a_little_distance_for_bytes(tmp_path: Path, rust_bins):
+    """`rdo` weighs the level-1 codes' bits: 0 gives the nearest codes, more saves bytes; the
+    files are the CLI's with the same `--rdo`, and decode like any other."""
+    with Image.open(SAMPLE) as im:
+        photo = ImageOps.fit(im.convert("RGB"), (256, 256))
+    assert unimic.RDO == 0.02
+    sizes = {}
+    for rdo in (0.0, unimic.RDO, 0.2):
+        data = unimic.encode(photo, rdo=rdo)
+        sizes[rdo] = len(data)
+        grid = unimic.tokenize(photo, rdo=rdo)
+        back = unimic.decode(data)
+        direct = unimic.detokenize(grid, size=photo.size)
+        assert np.array_equal(np.asarray(back), np.asarray(direct)), rdo
+    assert sizes[0.0] > sizes[unimic.RDO] > sizes[0.2], sizes
+    assert np.array_equal(unimic.tokenize(photo), unimic.tokenize(photo, rdo=unimic.RDO))
+    assert not np.array_equal(unimic.tokenize(photo, rdo=0), unimic.tokenize(photo, rdo=0.2))
+    src = tmp_path / "p.png"
+    photo.save(src)
+    g = tmp_path / "cli0.umic"
+    subprocess.run([str(rust_bins["unimic"]), "encode", str(src), "-o", str(g), "--rdo", "0"],
+                   check=True, stdout=subprocess.DEVNULL, timeout=300)
+    assert g.read_bytes() == unimic.encode(photo, rdo=0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(unimic.ContentError, match="rdo"):
+            unimic.encode(photo, rdo=bad)
+        with pytest.raises(unimic.ContentError, match="rdo"):
+            unimic.tokenize(photo, rdo=bad)
+
+
 def test_files_interchange_with_the_cli(tmp_path: Path, rust_bins, photo):
     """A file Python encodes, `unimic decode` decodes to the same pixels, and the other way."""
     data = unimic.encode(photo, quality=2)

@@ -32,7 +32,16 @@ from .errors import (
     TransportError,
     UnimicError,
 )
-from .models import Models, decode, default_models, detokenize, encode, models_path, tokenize
+from .models import (
+    RDO,
+    Models,
+    decode,
+    default_models,
+    detokenize,
+    encode,
+    models_path,
+    tokenize,
+)
 from .server import (
     REQUEST_MEDIA_TYPE,
     Attachment,
@@ -66,6 +75,7 @@ __all__ = [
     "LocalAgent",
     "REQUEST_MEDIA_TYPE",
     "Models",
+    "RDO",
     "default_models",
     "models_path",
     "encode",

@@ -32,7 +32,7 @@ class Models:
     def load(self) -> None: ...
     def tokenizer_info(self) -> Dict[str, Any]: ...
     def tokenize(
-        self, width: int, height: int, rgb: bytes, levels: int, max_side: int
+        self, width: int, height: int, rgb: bytes, levels: int, max_side: int, rdo: float = 0.02
     ) -> Tuple[int, int, int, bytes]: ...
     def detokenize(
         self,
@@ -50,6 +50,7 @@ class Models:
         quality: int = 1,
         max_bytes: Optional[int] = None,
         max_side: int = 1024,
+        rdo: float = 0.02,
     ) -> bytes: ...
     def decode(self, data: bytes, levels: int = 0) -> Tuple[int, int, bytes]: ...
 

@@ -311,6 +311,35 @@ impl<T: ImageTokenizer + ?Sized> ImageTokenizer for Box<T> {
     }
 }
 
+/// A shared tokenizer is a tokenizer (every method forwards), so one loaded model can serve
+/// several wrappers (for example [`crate::rdo::RdoTokenizer`]s of different settings).
+impl<T: ImageTokenizer + ?Sized> ImageTokenizer for std::sync::Arc<T> {
+    fn encode(&self, image: &RgbImage) -> Result<TokenGrid, TokenizerError> {
+        (**self).encode(image)
+    }
+    fn decode(&self, grid: &TokenGrid) -> Result<RgbImage, TokenizerError> {
+        (**self).decode(grid)
+    }
+    fn codebook_size(&self) -> u32 {
+        (**self).codebook_size()
+    }
+    fn factor(&self) -> u32 {
+        (**self).factor()
+    }
+    fn id(&self) -> &TokenizerId {
+        (**self).id()
+    }
+    fn levels(&self) -> usize {
+        (**self).levels()
+    }
+    fn encode_levels(&self, image: &RgbImage, n: usize) -> Result<Vec<TokenGrid>, TokenizerError> {
+        (**self).encode_levels(image, n)
+    }
+    fn decode_levels(&self, grids: &[TokenGrid]) -> Result<RgbImage, TokenizerError> {
+        (**self).decode_levels(grids)
+    }
+}
+
 /// Any tokenizer a directory may hold, behind the [`ImageTokenizer`] trait.
 pub type DynTokenizer = Box<dyn ImageTokenizer + Send + Sync>;
 
