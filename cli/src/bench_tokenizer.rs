@@ -830,10 +830,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 lambda,
                 candidates: args.rdo_candidates,
             };
-            if !(lambda.is_finite() && lambda >= 0.0) || cfg.candidates == 0 {
-                bail!("--rdo {lambda} with {} candidates: λ must be a finite number >= 0 and candidates >= 1", cfg.candidates);
-            }
-            wrapped.push(RdoTokenizer::new(taef2.clone(), generic.clone(), cfg));
+            wrapped.push(RdoTokenizer::new(taef2.clone(), generic.clone(), cfg)?);
         }
         Some((generic, manifest.id, wrapped))
     };
@@ -918,6 +915,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let (grids, stats) = r.encode_levels_with_stats(&img, 1)?;
                 let enc_ms = t.elapsed().as_secs_f64() * 1e3;
                 let grid = &grids[0];
+                let Some(s) = stats else {
+                    eprintln!(
+                        "{name}: its {}x{} grid does not fit {generic_id}: no --rdo rows",
+                        grid.height(),
+                        grid.width()
+                    );
+                    break;
+                };
                 let payload = generic.encode(grid)?;
                 let back = generic.decode(grid.height(), grid.width(), &payload)?;
                 ensure!(
@@ -932,17 +937,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     &rec,
                     payload.len() as f64,
                 )?;
-                rr.setting = Some(match stats {
-                    Some(s) => format!(
-                        "λ {lambda}, {} candidates: {} of {} codes not the nearest, \
-                         +{:.1}% squared error in the codes, {generic_id} payload",
-                        r.config().candidates,
-                        s.changed,
-                        grid.len(),
-                        100.0 * s.extra_distortion
-                    ),
-                    None => format!("the grid is too large for {generic_id}: nearest codes"),
-                });
+                rr.setting = Some(format!(
+                    "λ {lambda}, {} candidates: {} of {} codes not the nearest, \
+                     +{:.1}% squared error in the codes, {generic_id} payload",
+                    r.config().candidates,
+                    s.changed,
+                    grid.len(),
+                    100.0 * s.extra_distortion
+                ));
                 rr.tokenizer = Some(tok_id.clone());
                 rr.encode_ms = Some(enc_ms);
                 rr.threads = Some(threads);

@@ -37,6 +37,9 @@ pub struct Args {
     /// At most this many images (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// Rate-distortion trade-off of the level-1 codes, as `encode --rdo` (0: the nearest codes).
+    #[arg(long, default_value_t = unimic_codec::rdo::DEFAULT_LAMBDA)]
+    pub rdo: f32,
     /// One JSON object per line (otherwise a table).
     #[arg(long)]
     pub json: bool,
@@ -63,8 +66,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         files.truncate(args.limit);
     }
     anyhow::ensure!(!files.is_empty(), "no images in {}", args.images.display());
-    let tokenizer = models::tokenizer(None)?;
+    anyhow::ensure!(
+        args.rdo.is_finite() && args.rdo >= 0.0,
+        "--rdo {}: give a number >= 0 (0 keeps the nearest codes)",
+        args.rdo
+    );
     let generic = models::generic_model(None, models::GENERIC_ID)?;
+    // What `encode` writes: the level-1 codes chosen for the generic model at --rdo.
+    let shared = generic
+        .as_ref()
+        .map(|(g, _)| std::sync::Arc::new(g.clone()));
+    let tokenizer = models::image_encoder_with(None, shared, args.rdo)?;
     let dir = models::entropy_dir(None);
     let options = EncodeOptions::default();
     let threads = crate::bench_tokenizer::candle_threads();

@@ -198,9 +198,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => anyhow::bail!("give either --pin or --ca"),
     };
     let addr = resolve(&args.addr)?;
-    let tok = crate::models::image_encoder(None, None, args.rdo)?;
+    anyhow::ensure!(
+        args.rdo.is_finite() && args.rdo >= 0.0,
+        "--rdo {}: give a number >= 0 (0 keeps the nearest codes)",
+        args.rdo
+    );
     let info = crate::serve::shipped_tokenizer_info()?;
     let codec = crate::serve::codec_config()?;
+    let tok = crate::models::image_encoder_with(None, codec.generic.clone(), args.rdo)?;
     let timeout = Duration::from_secs(args.timeout.max(1));
     let rt = tokio::runtime::Runtime::new()?;
 

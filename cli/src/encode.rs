@@ -105,7 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(unimic_codec::tokenizer::default_dir);
     let rdo_model = generic.as_ref().map(|(g, _)| g.clone());
-    let tokenizer = unimic_codec::rdo::load_dir(
+    let (tokenizer, rdo) = unimic_codec::rdo::load_dir(
         &tokenizer_dir,
         rdo_model,
         unimic_codec::rdo::RdoConfig::with_lambda(args.rdo),
@@ -134,7 +134,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             image.height()
         )
     })?;
-    let rdo_used = generic.is_some() && encoded.exceeds_generic.is_none();
     if let (Some(side), false) = (encoded.exceeds_generic, args.json) {
         eprintln!(
             "note: the {}x{} token grid exceeds the {} model's {side}x{side} positions, so the \
@@ -151,6 +150,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         encoded.level1_bits,
         encoded.grid,
     );
+    // λ in force: the tokenizer was wrapped and the generic model coded level 1 (a grid too
+    // large for it kept the nearest codes).
+    let rdo_lambda = match rdo {
+        Some(cfg)
+            if generic
+                .as_ref()
+                .is_some_and(|(_, m)| m.id == file.model.name) =>
+        {
+            cfg.lambda
+        }
+        _ => 0.0,
+    };
     let level_bytes: Vec<usize> = std::iter::once(file.level1_payload_bytes())
         .chain(
             file.levels
@@ -172,7 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "tokenizer": tokenizer.id().name,
         "entropy_model": file.model.name,
         // λ of the level-1 codes' choice (0: the nearest codes, as without the generic model).
-        "rdo_lambda": if rdo_used { args.rdo } else { 0.0 },
+        "rdo_lambda": rdo_lambda,
         "tokens": grid.len(),
         "levels": 1 + file.levels.len(),
         "level_payload_bytes": level_bytes,

@@ -41,10 +41,20 @@ pub fn image_encoder(
     } else {
         None
     };
+    image_encoder_with(dir, generic, lambda)
+}
+
+/// [`image_encoder`] with the generic model already loaded (`None`: the nearest codes).
+pub fn image_encoder_with(
+    dir: Option<&Path>,
+    generic: Option<std::sync::Arc<Generic>>,
+    lambda: f32,
+) -> anyhow::Result<DynTokenizer> {
     let dir = dir.map_or_else(tokenizer::default_dir, Path::to_path_buf);
     let cfg = unimic_codec::rdo::RdoConfig::with_lambda(lambda);
-    unimic_codec::rdo::load_dir(&dir, generic, cfg)
-        .with_context(|| format!("loading tokenizer from {}", dir.display()))
+    let (tok, _) = unimic_codec::rdo::load_dir(&dir, generic, cfg)
+        .with_context(|| format!("loading tokenizer from {}", dir.display()))?;
+    Ok(tok)
 }
 
 /// The tokenizer a file names (by `name` and the first 8 bytes of its hash): `dir` when given

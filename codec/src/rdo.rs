@@ -15,7 +15,8 @@
 //! codeword, `d̄` the mean of `d(c₀)` over the image's cells (so `λ` does not depend on the
 //! image's scale: `λ = 0.05` trades one bit for 5% of the image's mean quantization error in one
 //! cell), and `bits(c) = 24 − log2 f(c)` the cost of `c` under the model's quantized
-//! distribution given the codes already chosen (CODING.md §2). Ties go to the nearer candidate,
+//! distribution given the codes already chosen, with `f(c) = 1 + ⌊w(c)·M/W⌋` (CODING.md §1; the
+//! coder's frequency is that or one more, so the estimate errs high by at most `log2(1 + 1/f)`). Ties go to the nearer candidate,
 //! so `λ = 0` gives exactly the tokenizer's own grid. The later levels of a quality ladder then
 //! quantize what the chosen codes leave ([`Taef2Tokenizer::quantize_levels`]).
 //!
@@ -35,7 +36,7 @@
 //! use unimic_codec::tokenizer::{ImageTokenizer, Taef2Tokenizer};
 //! let tok = Arc::new(Taef2Tokenizer::default_model()?);
 //! let (generic, _) = Generic::load(&manifest_path(&entropy_dir(None), GENERIC_ID))?;
-//! let rdo = RdoTokenizer::new(tok, Arc::new(generic), RdoConfig::default());
+//! let rdo = RdoTokenizer::new(tok, Arc::new(generic), RdoConfig::default())?;
 //! let img = image::RgbImage::from_pixel(64, 48, image::Rgb([120, 80, 40]));
 //! let grid = rdo.encode(&img)?; // cheaper to code than tok.encode(&img), nearly as close
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -59,31 +60,31 @@ use crate::tokenizer::{
 
 /// Loads the tokenizer in `dir` as [`crate::tokenizer::load_dir`] does, wrapped in an
 /// [`RdoTokenizer`] when it is a TAEF2 tokenizer, a model is given and `cfg.lambda > 0`: what a
-/// program that sends images uses (it decodes the same way).
+/// program that sends images uses (it decodes the same way). Returns the settings in force
+/// (`None`: not wrapped, the nearest codes). Settings [`RdoConfig::validate`] refuses, or a
+/// model of another codebook size than the tokenizer's, are an error.
 pub fn load_dir(
     dir: &Path,
     model: Option<Arc<Generic>>,
     cfg: RdoConfig,
-) -> Result<DynTokenizer, TokenizerError> {
+) -> Result<(DynTokenizer, Option<RdoConfig>), TokenizerError> {
     #[derive(Deserialize)]
     struct Format {
         format: String,
     }
+    cfg.validate()
+        .map_err(|e| TokenizerError::Rdo(Box::new(e)))?;
     let path = dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&path).map_err(|source| TokenizerError::Io { path, source })?;
     let f: Format = serde_json::from_slice(&bytes)?;
     match model {
         Some(model) if f.format == TAEF2_MANIFEST_FORMAT && cfg.lambda > 0.0 => {
-            if !cfg.lambda.is_finite() || cfg.candidates == 0 {
-                return Err(TokenizerError::Config(format!(
-                    "rate-distortion settings: lambda {} with {} candidates",
-                    cfg.lambda, cfg.candidates
-                )));
-            }
-            let tok = Taef2Tokenizer::from_dir(dir)?;
-            Ok(Box::new(RdoTokenizer::new(Arc::new(tok), model, cfg)))
+            let tok = Arc::new(Taef2Tokenizer::from_dir(dir)?);
+            let rdo =
+                RdoTokenizer::new(tok, model, cfg).map_err(|e| TokenizerError::Rdo(Box::new(e)))?;
+            Ok((Box::new(rdo), Some(cfg)))
         }
-        _ => crate::tokenizer::load_dir(dir),
+        _ => Ok((crate::tokenizer::load_dir(dir)?, None)),
     }
 }
 
@@ -119,6 +120,20 @@ impl RdoConfig {
             ..Self::default()
         }
     }
+
+    /// Checks that `lambda` is a finite number `>= 0` and `candidates` at least 1.
+    pub fn validate(&self) -> Result<(), RdoError> {
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(RdoError::Config(format!(
+                "lambda {} is not a finite number >= 0",
+                self.lambda
+            )));
+        }
+        if self.candidates == 0 {
+            return Err(RdoError::Config("candidates must be at least 1".into()));
+        }
+        Ok(())
+    }
 }
 
 /// What [`choose_level1`] did to one grid.
@@ -126,11 +141,11 @@ impl RdoConfig {
 pub struct RdoStats {
     /// Cells whose code is not the nearest codeword.
     pub changed: usize,
-    /// `Σ bits(c)` of the chosen codes: what the generic model codes them in (within the range
-    /// coder's few bytes of termination).
+    /// `Σ bits(c)` of the chosen codes: about what the generic model codes them in (each term
+    /// is at most a rounding unit above the coder's cost, so this errs a little high).
     pub bits: f64,
     /// The chosen codes' summed squared distance over the nearest codes', minus one (0 when
-    /// nothing changed).
+    /// nothing changed, or when the distances are not finite).
     pub extra_distortion: f64,
 }
 
@@ -138,12 +153,38 @@ pub struct RdoStats {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RdoError {
-    /// `lambda` is negative or not finite, or `candidates` is 0.
+    /// `lambda` is negative or not finite, or `candidates` is 0 ([`RdoConfig::validate`]).
     #[error("rate-distortion settings: {0}")]
     Config(String),
-    /// The model cannot code this grid (its shape or codebook), or failed.
+    /// The tokenizer and the model do not go together (codebook sizes), or the vectors are not
+    /// the tokenizer's (their dimension or count).
+    #[error("{0}")]
+    Mismatch(String),
+    /// The grid is empty, or wider or taller than the model's positions: nothing to choose for
+    /// ([`RdoTokenizer`] then keeps the nearest codes).
+    #[error("a {height}x{width} grid does not fit the model's {max_side} positions a side")]
+    TooLarge {
+        /// Grid rows.
+        height: usize,
+        /// Grid columns.
+        width: usize,
+        /// The model's largest side.
+        max_side: usize,
+    },
+    /// The model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+}
+
+/// Checks that `quantizer` and `model` go together: the same number of codes.
+fn check_pair(quantizer: &Taef2Quantizer, model: &Generic) -> Result<(), RdoError> {
+    let (codes, k) = (quantizer.config().codes, model.config().codebook_size);
+    if codes != k {
+        return Err(RdoError::Mismatch(format!(
+            "the tokenizer has {codes} codes, the generic model {k}"
+        )));
+    }
+    Ok(())
 }
 
 /// The level-1 codes of `cells` (from [`Taef2Tokenizer::embed`]), chosen cell by cell in raster
@@ -155,23 +196,30 @@ pub fn choose_level1(
     model: &Generic,
     cfg: &RdoConfig,
 ) -> Result<(Vec<u32>, RdoStats), RdoError> {
-    if !(cfg.lambda.is_finite() && cfg.lambda >= 0.0) {
-        return Err(RdoError::Config(format!(
-            "lambda {} is not a finite number >= 0",
-            cfg.lambda
-        )));
+    cfg.validate()?;
+    check_pair(quantizer, model)?;
+    let dim = quantizer.config().dim;
+    let n = cells
+        .height
+        .checked_mul(cells.width)
+        .filter(|&n| cells.dim == dim && n.checked_mul(dim) == Some(cells.data.len()))
+        .ok_or_else(|| {
+            RdoError::Mismatch(format!(
+                "{} values of dimension {} for a {}x{} grid; the quantizer's vectors have {dim}",
+                cells.data.len(),
+                cells.dim,
+                cells.height,
+                cells.width
+            ))
+        })?;
+    let max_side = model.config().max_side;
+    if n == 0 || cells.height > max_side || cells.width > max_side {
+        return Err(RdoError::TooLarge {
+            height: cells.height,
+            width: cells.width,
+            max_side,
+        });
     }
-    if cfg.candidates == 0 {
-        return Err(RdoError::Config("candidates must be at least 1".into()));
-    }
-    if quantizer.config().codes != model.config().codebook_size {
-        return Err(RdoError::Model(ModelError::Grid(format!(
-            "the tokenizer has {} codes, the model {}",
-            quantizer.config().codes,
-            model.config().codebook_size
-        ))));
-    }
-    let n = cells.height * cells.width;
     let k = cfg.candidates.min(quantizer.config().codes);
     let mut cand = Vec::with_capacity(n);
     let mut scratch = Vec::with_capacity(k);
@@ -179,14 +227,20 @@ pub fn choose_level1(
         quantizer.nearest_k(0, cells.cell(i), k, &mut scratch);
         cand.push(scratch.clone());
     }
-    let nearest_total: f64 = cand.iter().map(|c| f64::from(c[0].0)).sum();
-    let mean = (nearest_total / n.max(1) as f64).max(f64::MIN_POSITIVE);
+    // The mean over finite distances (NaN weights give infinite ones; those cells' costs are
+    // NaN, which never wins, so they keep the nearest code).
+    let finite: Vec<f64> = cand
+        .iter()
+        .map(|c| f64::from(c[0].0))
+        .filter(|d| d.is_finite())
+        .collect();
+    let nearest_total: f64 = finite.iter().sum();
+    let mean = (nearest_total / finite.len().max(1) as f64).max(f64::MIN_POSITIVE);
     let lambda = f64::from(cfg.lambda);
     let mut stats = RdoStats::default();
-    let mut chosen_total = 0f64;
-    let height = u32::try_from(cells.height).map_err(|_| ModelError::Grid("too tall".into()))?;
-    let width = u32::try_from(cells.width).map_err(|_| ModelError::Grid("too wide".into()))?;
-    let grid = model.generate(height, width, |i, w| {
+    let mut extra = 0f64;
+    // Both fit in u32: they are at most `max_side`.
+    let grid = model.generate(cells.height as u32, cells.width as u32, |i, w| {
         let c = &cand[i];
         let bits = bits_under(w);
         let (d0, _) = c[0];
@@ -200,11 +254,13 @@ pub fn choose_level1(
         let (d, code) = c[best.1];
         stats.changed += usize::from(best.1 != 0);
         stats.bits += bits(code);
-        chosen_total += f64::from(d);
+        if best.1 != 0 {
+            extra += f64::from(d - d0);
+        }
         Ok(code)
     })?;
-    stats.extra_distortion = if nearest_total > 0.0 {
-        chosen_total / nearest_total - 1.0
+    stats.extra_distortion = if nearest_total > 0.0 && extra.is_finite() {
+        extra / nearest_total
     } else {
         0.0
     };
@@ -242,13 +298,20 @@ pub struct RdoTokenizer {
 }
 
 impl RdoTokenizer {
-    /// Wraps `tokenizer`, choosing its level-1 codes for `model` with `cfg`.
-    pub fn new(tokenizer: Arc<Taef2Tokenizer>, model: Arc<Generic>, cfg: RdoConfig) -> Self {
-        Self {
+    /// Wraps `tokenizer`, choosing its level-1 codes for `model` with `cfg`; fails on settings
+    /// [`RdoConfig::validate`] refuses and on a model of another codebook size.
+    pub fn new(
+        tokenizer: Arc<Taef2Tokenizer>,
+        model: Arc<Generic>,
+        cfg: RdoConfig,
+    ) -> Result<Self, RdoError> {
+        cfg.validate()?;
+        check_pair(tokenizer.quantizer(), &model)?;
+        Ok(Self {
             tokenizer,
             model,
             cfg,
-        }
+        })
     }
 
     /// The wrapped tokenizer.
@@ -280,10 +343,10 @@ impl RdoTokenizer {
                 self.tokenizer.quantize_levels(&cells, n, Some(&first))?,
                 Some(stats),
             )),
-            Err(RdoError::Model(ModelError::Grid(_))) => {
+            Err(RdoError::TooLarge { .. }) => {
                 Ok((self.tokenizer.quantize_levels(&cells, n, None)?, None))
             }
-            Err(e) => Err(TokenizerError::Config(e.to_string())),
+            Err(e) => Err(TokenizerError::Rdo(Box::new(e))),
         }
     }
 }

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use image::RgbImage;
-use unimic_codec::entropy::generic::Generic;
+use unimic_codec::entropy::generic::{Generic, GenericConfig};
 use unimic_codec::rdo::{choose_level1, load_dir, RdoConfig, RdoError, RdoTokenizer};
 use unimic_codec::shipped::{entropy_dir, manifest_path, GENERIC_ID};
-use unimic_codec::tokenizer::{ImageTokenizer, Taef2Tokenizer};
+use unimic_codec::tokenizer::{ImageTokenizer, Taef2Tokenizer, TokenizerError};
 
 fn sample(side: u32) -> RgbImage {
     let p = PathBuf::from(concat!(
@@ -122,13 +122,13 @@ fn trades_distance_for_bits() {
         last = (payload.len(), s.extra_distortion);
 
         // The wrapper: the same codes, its levels quantize what they leave, same identity.
-        let rdo = RdoTokenizer::new(tok.clone(), generic.clone(), RdoConfig::with_lambda(lambda));
+        let rdo = RdoTokenizer::new(tok.clone(), generic.clone(), RdoConfig::with_lambda(lambda))
+            .unwrap();
         let (levels, stats) = rdo.encode_levels_with_stats(&img, 3).unwrap();
         assert_eq!(stats, Some(s));
         assert_eq!(levels[0].ids(), &ids[..]);
         assert_eq!(levels, tok.quantize_levels(&cells, 3, Some(&ids)).unwrap());
         assert_ne!(levels[1], plain[1], "level 2 refines the chosen codes");
-        assert_eq!(rdo.id(), tok.id());
         assert_eq!(rdo.encode(&img).unwrap(), levels[0]);
         assert_eq!(
             rdo.decode_levels(&levels).unwrap(),
@@ -144,7 +144,7 @@ fn falls_back_and_refuses() {
     let wide = RgbImage::from_fn(1040, 16, |x, y| {
         image::Rgb([(x % 256) as u8, (y * 9) as u8, 90])
     });
-    let rdo = RdoTokenizer::new(tok.clone(), generic.clone(), RdoConfig::with_lambda(0.5));
+    let rdo = RdoTokenizer::new(tok.clone(), generic.clone(), RdoConfig::with_lambda(0.5)).unwrap();
     let (grids, stats) = rdo.encode_levels_with_stats(&wide, 1).unwrap();
     assert_eq!(stats, None);
     assert_eq!(grids, tok.encode_levels(&wide, 1).unwrap());
@@ -153,6 +153,7 @@ fn falls_back_and_refuses() {
     for (cfg, what) in [
         (RdoConfig::with_lambda(-1.0), "lambda"),
         (RdoConfig::with_lambda(f32::NAN), "lambda"),
+        (RdoConfig::with_lambda(f32::INFINITY), "lambda"),
         (
             RdoConfig {
                 lambda: 0.1,
@@ -165,28 +166,118 @@ fn falls_back_and_refuses() {
             Err(e @ RdoError::Config(_)) => assert!(e.to_string().contains(what), "{e}"),
             other => panic!("{cfg:?}: {other:?}"),
         }
+        assert!(matches!(
+            RdoTokenizer::new(tok.clone(), generic.clone(), cfg),
+            Err(RdoError::Config(_))
+        ));
+        let dir = unimic_codec::tokenizer::default_dir();
+        match load_dir(&dir, Some(generic.clone()), cfg) {
+            Err(TokenizerError::Rdo(e)) => assert!(matches!(*e, RdoError::Config(_)), "{e}"),
+            other => panic!("{cfg:?}: {:?}", other.map(|(_, c)| c)),
+        }
     }
+    // Vectors that are not the tokenizer's, and a model of another codebook size.
+    let mut short = cells.clone();
+    short.data.pop();
+    let mut wide = cells.clone();
+    wide.width = usize::MAX;
+    for bad in [short, wide] {
+        let r = choose_level1(tok.quantizer(), &bad, &generic, &RdoConfig::default());
+        assert!(matches!(r, Err(RdoError::Mismatch(_))), "{r:?}");
+    }
+    let other = Arc::new(Generic::synthetic(&GenericConfig::tiny(16), 1).unwrap());
+    let r = choose_level1(tok.quantizer(), &cells, &other, &RdoConfig::default());
+    assert!(
+        matches!(&r, Err(RdoError::Mismatch(m)) if m.contains("16")),
+        "{r:?}"
+    );
+    assert!(matches!(
+        RdoTokenizer::new(tok.clone(), other.clone(), RdoConfig::default()),
+        Err(RdoError::Mismatch(_))
+    ));
     // Levels out of range, and level-1 codes that do not fit.
-    assert!(rdo.encode_levels_with_stats(&sample(32), 0).is_err());
-    assert!(rdo.encode_levels_with_stats(&sample(32), 5).is_err());
-    assert!(tok.quantize_levels(&cells, 1, Some(&[0, 1, 2])).is_err());
-    assert!(tok
-        .quantize_levels(&cells, 1, Some(&[1024, 0, 0, 0]))
-        .is_err());
+    assert!(matches!(
+        rdo.encode_levels_with_stats(&sample(32), 0),
+        Err(TokenizerError::Levels { requested: 0, .. })
+    ));
+    assert!(matches!(
+        rdo.encode_levels_with_stats(&sample(32), 5),
+        Err(TokenizerError::Levels { requested: 5, .. })
+    ));
+    assert!(matches!(
+        tok.quantize_levels(&cells, 1, Some(&[0, 1, 2])),
+        Err(TokenizerError::Config(_))
+    ));
+    assert!(matches!(
+        tok.quantize_levels(&cells, 1, Some(&[1024, 0, 0, 0])),
+        Err(TokenizerError::Config(_))
+    ));
 
-    // load_dir wraps only a TAEF2 tokenizer, with a model, at λ > 0.
+    // load_dir wraps only a TAEF2 tokenizer, with a model, at λ > 0, and says so.
     let dir = unimic_codec::tokenizer::default_dir();
     let img = sample(64);
-    let wrapped = load_dir(&dir, Some(generic.clone()), RdoConfig::with_lambda(0.3)).unwrap();
+    let (wrapped, cfg) =
+        load_dir(&dir, Some(generic.clone()), RdoConfig::with_lambda(0.3)).unwrap();
+    assert_eq!(cfg, Some(RdoConfig::with_lambda(0.3)));
     let (direct, _) = RdoTokenizer::new(tok.clone(), generic.clone(), RdoConfig::with_lambda(0.3))
+        .unwrap()
         .encode_levels_with_stats(&img, 1)
         .unwrap();
     assert_eq!(wrapped.encode(&img).unwrap(), direct[0]);
-    for plain in [
+    assert_ne!(
+        direct[0],
+        tok.encode(&img).unwrap(),
+        "λ 0.3 changes some code"
+    );
+    for (plain, cfg) in [
         load_dir(&dir, None, RdoConfig::with_lambda(0.3)).unwrap(),
         load_dir(&dir, Some(generic.clone()), RdoConfig::with_lambda(0.0)).unwrap(),
     ] {
+        assert_eq!(cfg, None);
         assert_eq!(plain.encode(&img).unwrap(), tok.encode(&img).unwrap());
     }
-    assert!(load_dir(&dir, Some(generic), RdoConfig::with_lambda(f32::INFINITY)).is_err());
+    let r = load_dir(&dir, Some(other), RdoConfig::default());
+    assert!(
+        matches!(r, Err(TokenizerError::Rdo(_))),
+        "{:?}",
+        r.map(|(_, c)| c)
+    );
+}
+
+/// A grid wider than tall: the model reads the chosen codes in raster order, so the estimate
+/// of their bits is the range coder's size (a walk with the sides swapped would be off).
+#[test]
+fn wide_grids_are_walked_in_raster_order() {
+    let (tok, generic) = models();
+    let img = image::imageops::resize(
+        &sample(256),
+        256,
+        128,
+        image::imageops::FilterType::Triangle,
+    );
+    let cells = tok.embed(&img).unwrap();
+    assert_eq!((cells.height, cells.width), (8, 16));
+    let (ids, s) = choose_level1(
+        tok.quantizer(),
+        &cells,
+        &generic,
+        &RdoConfig::with_lambda(0.1),
+    )
+    .unwrap();
+    assert!(s.changed > 0);
+    let grid = unimic_codec::grid::TokenGrid::new(8, 16, 1024, ids).unwrap();
+    let payload = generic.encode(&grid).unwrap();
+    assert!(
+        (s.bits / 8.0 - payload.len() as f64).abs() <= 4.0,
+        "{} vs {}",
+        s.bits / 8.0,
+        payload.len()
+    );
+    // The same codes read as a 16×8 grid (what a walk with the sides swapped would price).
+    let swapped = unimic_codec::grid::TokenGrid::new(16, 8, 1024, grid.ids().to_vec()).unwrap();
+    let t_bytes = generic.encode(&swapped).unwrap().len();
+    assert!(
+        (s.bits / 8.0 - t_bytes as f64).abs() > 4.0,
+        "the swapped grid costs {t_bytes} B too"
+    );
 }

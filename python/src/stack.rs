@@ -84,11 +84,12 @@ impl Stack {
         }
         match &self.codec.generic {
             _ if rdo == RdoConfig::default().lambda => f(self.tokenizer.as_ref()),
-            Some(g) if rdo > 0.0 => f(&RdoTokenizer::new(
-                self.taef2.clone(),
-                g.clone(),
-                RdoConfig::with_lambda(rdo),
-            )),
+            Some(g) if rdo > 0.0 => {
+                f(
+                    &RdoTokenizer::new(self.taef2.clone(), g.clone(), RdoConfig::with_lambda(rdo))
+                        .map_err(|e| Failure::codec(format!("the image tokenizer: {e}")))?,
+                )
+            }
             _ => f(&self.taef2),
         }
     }
@@ -111,11 +112,10 @@ impl Stack {
         })?);
         // Images are sent with their level-1 codes chosen for the generic model's bits.
         let tokenizer: DynTokenizer = match &codec.generic {
-            Some(g) => Box::new(RdoTokenizer::new(
-                taef2.clone(),
-                g.clone(),
-                RdoConfig::default(),
-            )),
+            Some(g) => Box::new(
+                RdoTokenizer::new(taef2.clone(), g.clone(), RdoConfig::default())
+                    .map_err(|e| Failure::codec(format!("the image tokenizer: {e}")))?,
+            ),
             None => Box::new(taef2.clone()),
         };
         let info =

@@ -126,6 +126,9 @@ pub enum TokenizerError {
         /// Columns of the level-1 grid.
         expected_width: u32,
     },
+    /// Choosing the level-1 codes for their bits failed ([`crate::rdo::RdoTokenizer`]).
+    #[error("choosing the codes for their bits: {0}")]
+    Rdo(#[source] Box<crate::rdo::RdoError>),
     /// The requested crop is larger than the decoded image.
     #[error("crop {width}x{height} exceeds the decoded {max_width}x{max_height}")]
     BadCrop {
