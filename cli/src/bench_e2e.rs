@@ -30,6 +30,10 @@ pub struct Args {
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// Rate-distortion trade-off of the photo's level-1 codes, as `encode --rdo` (0: the
+    /// nearest codes).
+    #[arg(long, default_value_t = unimic_codec::rdo::DEFAULT_LAMBDA)]
+    pub rdo: f32,
     /// The photo of the scripted turns (default: the committed samples/kodim23.png).
     #[arg(long)]
     pub image: Option<std::path::PathBuf>,
@@ -314,7 +318,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let out =
             std::env::temp_dir().join(format!("unimic-bench-e2e-{}-{size}", std::process::id()));
         std::fs::create_dir_all(&out)?;
-        let reports = crate::demo::run_session(&out, &photo, size, 1, None, |_| {});
+        let reports = crate::demo::run_session(&out, &photo, size, 1, args.rdo, None, |_| {});
         let _ = std::fs::remove_dir_all(&out);
         let reports = reports?;
         if !args.json {
@@ -354,7 +358,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             // The same turn with the photo's quality ladder (levels 2-4 as refinement parts).
             for levels in [2usize, 4] {
-                let wire = crate::demo::ladder_turn_bytes(&photo, size, levels)?;
+                let wire = crate::demo::ladder_turn_bytes(&photo, size, levels, args.rdo)?;
                 let ratio = first.json_up as f64 / wire.max(1) as f64;
                 emit(json!({
                     "bench": "e2e", "kind": "ladder_turn", "size": size, "levels": levels,

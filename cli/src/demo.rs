@@ -45,6 +45,10 @@ pub struct Args {
     /// Seed of the local agent's sampling.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Rate-distortion trade-off of the photo's level-1 codes, as `encode --rdo` (0: the
+    /// nearest codes).
+    #[arg(long, default_value_t = unimic_codec::rdo::DEFAULT_LAMBDA)]
+    pub rdo: f32,
 }
 
 /// One scripted turn.
@@ -239,8 +243,8 @@ pub fn json_reply_bytes(content: &serde_json::Value) -> anyhow::Result<u64> {
 /// What the edge sends for the photo at `size` with its first `levels` quality-ladder levels and
 /// the demo's first question, over loopback QUIC to a server with the echo agent: the turn's
 /// bytes on the wire (a fresh session, so no context reuse).
-pub fn ladder_turn_bytes(photo: &Path, size: u32, levels: usize) -> anyhow::Result<u64> {
-    let tok = crate::models::image_encoder(None, None, unimic_codec::rdo::DEFAULT_LAMBDA)?;
+pub fn ladder_turn_bytes(photo: &Path, size: u32, levels: usize, rdo: f32) -> anyhow::Result<u64> {
+    let tok = crate::models::image_encoder(None, None, rdo)?;
     let img = image::open(photo)
         .with_context(|| format!("cannot read image {}", photo.display()))?
         .to_rgb8();
@@ -391,16 +395,19 @@ fn start_server(
     Ok((addr, pin))
 }
 
-/// Runs the scripted session; returns its per-turn reports (images written under `out`).
+/// Runs the scripted session; returns its per-turn reports (images written under `out`). The
+/// photo's level-1 codes are chosen at `rdo` (`encode --rdo`).
+#[allow(clippy::too_many_arguments)]
 pub fn run_session(
     out: &Path,
     photo: &Path,
     size: u32,
     seed: u64,
+    rdo: f32,
     question_agent: Option<Arc<dyn Agent>>,
     mut on_turn: impl FnMut(&TurnReport),
 ) -> anyhow::Result<Vec<TurnReport>> {
-    let tok = crate::models::image_encoder(None, None, unimic_codec::rdo::DEFAULT_LAMBDA)?;
+    let tok = crate::models::image_encoder(None, None, rdo)?;
     let img = image::open(photo)
         .with_context(|| format!("cannot read image {}", photo.display()))?
         .to_rgb8();
@@ -564,6 +571,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &photo,
         args.size,
         args.seed,
+        args.rdo,
         questions.map(|(_, a)| a),
         |r| {
             if json {
@@ -758,7 +766,16 @@ mod tests {
         std::fs::create_dir_all(out.path()).unwrap();
         let photo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../samples/kodim23.png");
         let mut seen = Vec::new();
-        let reports = run_session(out.path(), &photo, 128, 7, None, |r| seen.push(r.turn)).unwrap();
+        let reports = run_session(
+            out.path(),
+            &photo,
+            128,
+            7,
+            unimic_codec::rdo::DEFAULT_LAMBDA,
+            None,
+            |r| seen.push(r.turn),
+        )
+        .unwrap();
         assert_eq!(seen, [1, 2, 3, 4, 5]);
         write_report(out.path(), "the local agent", &reports).unwrap();
         for r in &reports {
@@ -811,6 +828,7 @@ mod tests {
             Path::new("/nonexistent.png"),
             128,
             1,
+            unimic_codec::rdo::DEFAULT_LAMBDA,
             None,
             |_| {},
         )

@@ -65,7 +65,7 @@ pub enum Entropy {
     Auto,
     /// The adaptive context-mixing model (no weights; chunkable).
     Adaptive,
-    /// The shipped generic transformer (`unimic-entropy-generic-v9`, trained on the default tokenizer's level-1 tokens).
+    /// The shipped generic transformer (`unimic-entropy-generic-v10`, trained on the default tokenizer's level-1 tokens).
     Generic,
 }
 
@@ -158,7 +158,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .as_ref()
                 .is_some_and(|(_, m)| m.id == file.model.name) =>
         {
-            cfg.lambda
+            // As given (0.02, not the f32's 0.0199999995…).
+            cfg.lambda.to_string().parse::<f64>().unwrap_or(0.0)
         }
         _ => 0.0,
     };
