@@ -54,7 +54,7 @@ pub struct Args {
     pub levels: usize,
     /// Rate-distortion trade-off of the image codes: the weight of a bit against the image's
     /// mean quantization error (0 sends the nearest codes; the default saves about 3% of an
-    /// image's bytes for 0.02 dB).
+    /// image's bytes for 0.03 dB).
     #[arg(long, default_value_t = unimic_codec::rdo::DEFAULT_LAMBDA)]
     pub rdo: f32,
 }

@@ -50,7 +50,7 @@ pub struct Args {
     pub bytes: Option<usize>,
     /// Rate-distortion trade-off of the level-1 codes when the generic transformer codes them:
     /// the weight of a bit against the image's mean quantization error (0 writes the nearest
-    /// codes; the default saves about 3% of the bytes for 0.02 dB; see docs/CODING.md §7.12).
+    /// codes; the default saves about 3% of the bytes for 0.03 dB; see docs/CODING.md §7.12).
     #[arg(long, default_value_t = unimic_codec::rdo::DEFAULT_LAMBDA)]
     pub rdo: f32,
     /// Print the summary as one JSON object.
