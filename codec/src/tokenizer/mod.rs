@@ -36,6 +36,7 @@ pub mod taef2;
 pub mod vq;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -285,63 +286,54 @@ fn crop_top_left(full: RgbImage, width: u32, height: u32) -> Result<RgbImage, To
     Ok(image::imageops::crop_imm(&full, 0, 0, width, height).to_image())
 }
 
-/// A boxed tokenizer is a tokenizer (every method forwards), so `&Box<dyn ImageTokenizer>` goes
-/// wherever a `&impl ImageTokenizer` or `&dyn ImageTokenizer` does.
-impl<T: ImageTokenizer + ?Sized> ImageTokenizer for Box<T> {
-    fn encode(&self, image: &RgbImage) -> Result<TokenGrid, TokenizerError> {
-        (**self).encode(image)
-    }
-    fn decode(&self, grid: &TokenGrid) -> Result<RgbImage, TokenizerError> {
-        (**self).decode(grid)
-    }
-    fn codebook_size(&self) -> u32 {
-        (**self).codebook_size()
-    }
-    fn factor(&self) -> u32 {
-        (**self).factor()
-    }
-    fn id(&self) -> &TokenizerId {
-        (**self).id()
-    }
-    fn levels(&self) -> usize {
-        (**self).levels()
-    }
-    fn encode_levels(&self, image: &RgbImage, n: usize) -> Result<Vec<TokenGrid>, TokenizerError> {
-        (**self).encode_levels(image, n)
-    }
-    fn decode_levels(&self, grids: &[TokenGrid]) -> Result<RgbImage, TokenizerError> {
-        (**self).decode_levels(grids)
-    }
+/// Implements [`ImageTokenizer`] for a smart pointer to a tokenizer: every method forwards.
+macro_rules! forward_tokenizer {
+    ($(#[$doc:meta])* $ptr:ident) => {
+        $(#[$doc])*
+        impl<T: ImageTokenizer + ?Sized> ImageTokenizer for $ptr<T> {
+            fn encode(&self, image: &RgbImage) -> Result<TokenGrid, TokenizerError> {
+                (**self).encode(image)
+            }
+            fn decode(&self, grid: &TokenGrid) -> Result<RgbImage, TokenizerError> {
+                (**self).decode(grid)
+            }
+            fn codebook_size(&self) -> u32 {
+                (**self).codebook_size()
+            }
+            fn factor(&self) -> u32 {
+                (**self).factor()
+            }
+            fn id(&self) -> &TokenizerId {
+                (**self).id()
+            }
+            fn levels(&self) -> usize {
+                (**self).levels()
+            }
+            fn encode_levels(
+                &self,
+                image: &RgbImage,
+                n: usize,
+            ) -> Result<Vec<TokenGrid>, TokenizerError> {
+                (**self).encode_levels(image, n)
+            }
+            fn decode_levels(&self, grids: &[TokenGrid]) -> Result<RgbImage, TokenizerError> {
+                (**self).decode_levels(grids)
+            }
+        }
+    };
 }
 
-/// A shared tokenizer is a tokenizer (every method forwards), so one loaded model can serve
-/// several wrappers (for example [`crate::rdo::RdoTokenizer`]s of different settings).
-impl<T: ImageTokenizer + ?Sized> ImageTokenizer for std::sync::Arc<T> {
-    fn encode(&self, image: &RgbImage) -> Result<TokenGrid, TokenizerError> {
-        (**self).encode(image)
-    }
-    fn decode(&self, grid: &TokenGrid) -> Result<RgbImage, TokenizerError> {
-        (**self).decode(grid)
-    }
-    fn codebook_size(&self) -> u32 {
-        (**self).codebook_size()
-    }
-    fn factor(&self) -> u32 {
-        (**self).factor()
-    }
-    fn id(&self) -> &TokenizerId {
-        (**self).id()
-    }
-    fn levels(&self) -> usize {
-        (**self).levels()
-    }
-    fn encode_levels(&self, image: &RgbImage, n: usize) -> Result<Vec<TokenGrid>, TokenizerError> {
-        (**self).encode_levels(image, n)
-    }
-    fn decode_levels(&self, grids: &[TokenGrid]) -> Result<RgbImage, TokenizerError> {
-        (**self).decode_levels(grids)
-    }
-}
+forward_tokenizer!(
+    /// A boxed tokenizer is a tokenizer, so `&Box<dyn ImageTokenizer>` goes wherever a
+    /// `&impl ImageTokenizer` or `&dyn ImageTokenizer` does.
+    Box
+);
+
+forward_tokenizer!(
+    /// A shared tokenizer is a tokenizer, so one loaded model can serve several wrappers (for
+    /// example [`crate::rdo::RdoTokenizer`]s of different settings).
+    Arc
+);
 
 /// Any tokenizer a directory may hold, behind the [`ImageTokenizer`] trait.
 pub type DynTokenizer = Box<dyn ImageTokenizer + Send + Sync>;
