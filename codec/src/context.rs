@@ -214,6 +214,9 @@ pub struct SessionContext {
     next_seq: u64,
     used: u64,
     budget: u64,
+    /// Sequences removed so far (evicted or taken out): while it stays the same, every key
+    /// that was present still holds what it held (a key is never stored twice at once).
+    removals: u64,
     memo: DigestMemo,
 }
 
@@ -227,8 +230,9 @@ const MEMO_ENTRIES: usize = 8;
 #[derive(Debug, Default)]
 struct DigestMemo(std::sync::Mutex<VecDeque<Remembered>>);
 
-/// A remembered digest: the references with the insertion number of each, and the digest.
-type Remembered = (Vec<(ContextKey, u64)>, [u8; 32]);
+/// A remembered digest: the references with the insertion number of each, the context's
+/// removal count then, and the digest.
+type Remembered = (Vec<(ContextKey, u64)>, u64, [u8; 32]);
 
 impl Clone for DigestMemo {
     fn clone(&self) -> Self {
@@ -260,6 +264,7 @@ impl SessionContext {
             next_seq: 0,
             used: 0,
             budget: budget_bytes,
+            removals: 0,
             memo: DigestMemo::default(),
         }
     }
@@ -304,6 +309,7 @@ impl SessionContext {
 
     fn remove(&mut self, key: &ContextKey) -> Option<Sequence> {
         let (_, seq) = self.entries.remove(key)?;
+        self.removals += 1;
         self.used -= seq.cost();
         Some(seq)
     }
@@ -358,22 +364,33 @@ impl SessionContext {
 
     /// The context digest over `refs` (see the [module docs](self)).
     pub fn digest(&self, refs: &[ContextKey]) -> Result<[u8; 32], ContextError> {
+        // The memo first, without allocating: what a streamed part's every chunk asks.
+        if let Ok(memo) = self.memo.0.lock() {
+            let same = |r: &[(ContextKey, u64)], removals: u64| {
+                r.len() == refs.len()
+                    && r.iter().map(|e| &e.0).eq(refs.iter())
+                    // Nothing removed since: the same keys hold the same sequences. Otherwise
+                    // each must still be the sequence stored then.
+                    && (removals == self.removals
+                        || r.iter().all(|(k, stamp)| {
+                            self.entries.get(k).is_some_and(|e| e.0 == *stamp)
+                        }))
+            };
+            if let Some((_, _, d)) = memo.iter().find(|(r, n, _)| same(r, *n)) {
+                return Ok(*d);
+            }
+        }
         let seqs = self.resolve(refs)?;
         let stamped: Vec<(ContextKey, u64)> = refs
             .iter()
             .map(|k| (*k, self.entries.get(k).map_or(u64::MAX, |e| e.0)))
             .collect();
-        if let Ok(memo) = self.memo.0.lock() {
-            if let Some((_, d)) = memo.iter().find(|(r, _)| *r == stamped) {
-                return Ok(*d);
-            }
-        }
         let digest = Self::hash(refs, &seqs);
         if let Ok(mut memo) = self.memo.0.lock() {
             if memo.len() >= MEMO_ENTRIES {
                 memo.pop_front();
             }
-            memo.push_back((stamped, digest));
+            memo.push_back((stamped, self.removals, digest));
         }
         Ok(digest)
     }
@@ -462,6 +479,12 @@ mod tests {
         let after = ctx.digest(&[a, b]).unwrap();
         assert_ne!(after, before);
         assert_eq!(after, fresh(&ctx, &[a, b]));
+        // A removal elsewhere: what is remembered for the keys still there still holds.
+        let c = ContextKey::new(2, 0);
+        ctx.insert(c, Sequence::text(vec![5])).unwrap();
+        assert!(ctx.evict(c));
+        assert_eq!(ctx.digest(&[a, b]).unwrap(), after);
+        assert_eq!(ctx.digest(&[b]).unwrap(), fresh(&ctx, &[b]));
         // Clones and equality ignore what is remembered.
         assert_eq!(ctx.clone(), ctx);
         assert_eq!(ctx.clone().digest(&[b]).unwrap(), fresh(&ctx, &[b]));

@@ -1,6 +1,9 @@
 //! Text tokenizers: the [`TextTokenizer`] trait and [`O200k`] (OpenAI's o200k_base through
 //! tiktoken-rs, whose BPE tables are compiled in, so it works offline).
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex, MutexGuard};
+
 use thiserror::Error;
 
 /// Why text could not be decoded from ids.
@@ -49,6 +52,20 @@ impl O200k {
     }
 }
 
+/// Texts up to this many bytes are remembered with their ids (see [`memo`]).
+const MEMO_TEXT_BYTES: usize = 32;
+/// Short texts remembered at most (emptied when full: bounded, about 0.5 MB at most).
+const MEMO_ENTRIES: usize = 4096;
+
+/// Ids of short texts tokenized recently. A streamed reply tokenizes one delta (a word or two)
+/// at a time, far apart: the regex and BPE tables are then cold in the CPU's caches and one
+/// delta takes microseconds; the same words recur, and a hash lookup costs a fraction of that.
+fn memo() -> MutexGuard<'static, HashMap<Box<str>, Vec<u32>>> {
+    static MEMO: LazyLock<Mutex<HashMap<Box<str>, Vec<u32>>>> = LazyLock::new(Default::default);
+    // The map is only ever complete entries: a panic elsewhere cannot leave it half-written.
+    MEMO.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl TextTokenizer for O200k {
     fn name(&self) -> &str {
         "o200k_base"
@@ -59,7 +76,19 @@ impl TextTokenizer for O200k {
     }
 
     fn encode(&self, text: &str) -> Vec<u32> {
-        tiktoken_rs::o200k_base_singleton().encode_ordinary(text)
+        if text.len() > MEMO_TEXT_BYTES {
+            return tiktoken_rs::o200k_base_singleton().encode_ordinary(text);
+        }
+        if let Some(ids) = memo().get(text) {
+            return ids.clone();
+        }
+        let ids = tiktoken_rs::o200k_base_singleton().encode_ordinary(text);
+        let mut memo = memo();
+        if memo.len() >= MEMO_ENTRIES {
+            memo.clear();
+        }
+        memo.insert(text.into(), ids.clone());
+        ids
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, TextError> {
@@ -71,5 +100,35 @@ impl TextTokenizer for O200k {
             .decode_bytes(ids)
             .map_err(|e| TextError::UnknownId(e.token))?;
         String::from_utf8(bytes).map_err(|_| TextError::InvalidUtf8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Remembered or not, short or long, asked once or again: the ids are tiktoken's.
+        #[test]
+        fn remembered_ids_are_the_tokenizers(text in "\\PC{0,48}") {
+            let direct = tiktoken_rs::o200k_base_singleton().encode_ordinary(&text);
+            prop_assert_eq!(&O200k.encode(&text), &direct);
+            prop_assert_eq!(&O200k.encode(&text), &direct);
+            prop_assert_eq!(O200k.decode(&direct).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn the_memo_stays_bounded() {
+        for i in 0..MEMO_ENTRIES + 10 {
+            let text = format!(" w{i}");
+            assert_eq!(
+                O200k.encode(&text),
+                tiktoken_rs::o200k_base_singleton().encode_ordinary(&text)
+            );
+        }
+        assert!(memo().len() <= MEMO_ENTRIES);
     }
 }

@@ -511,7 +511,9 @@ impl AdaptiveText {
     /// copy every table the session has learned).
     pub fn encode_trial(&mut self, enc: &mut Encoder, ids: &[u32]) -> Result<(), CodeError> {
         self.begin_trial();
-        let r = self.encode(enc, ids);
+        // The update after the last id would only be undone: a one-token chunk (a streamed
+        // reply's usual delta) changes nothing at all.
+        let r = self.encode_ids(enc, ids, false);
         self.rollback();
         r
     }
@@ -520,7 +522,7 @@ impl AdaptiveText {
     /// [`encode_trial`](Self::encode_trial)).
     pub fn decode_trial(&mut self, dec: &mut Decoder, count: usize) -> Result<Vec<u32>, CodeError> {
         self.begin_trial();
-        let r = self.decode(dec, count);
+        let r = self.decode_ids(dec, count, false);
         self.rollback();
         r
     }
@@ -608,9 +610,20 @@ impl AdaptiveText {
 
     /// Encodes one sequence (a text part or chunk), learning as it goes unless frozen.
     pub fn encode(&mut self, enc: &mut Encoder, ids: &[u32]) -> Result<(), CodeError> {
+        self.encode_ids(enc, ids, true)
+    }
+
+    /// [`encode`](Self::encode); `learn_last`: whether the model learns the last id too (not
+    /// when the changes are undone right after).
+    fn encode_ids(
+        &mut self,
+        enc: &mut Encoder,
+        ids: &[u32],
+        learn_last: bool,
+    ) -> Result<(), CodeError> {
         self.reserve(ids.len());
         let mut prev = (NONE, NONE);
-        for &id in ids {
+        for (i, &id) in ids.iter().enumerate() {
             if id >= self.space {
                 return Err(CodeError::SymbolOutOfRange {
                     symbol: id,
@@ -624,7 +637,9 @@ impl AdaptiveText {
                 enc.encode(id >> 8, &self.bucket_blend())?;
                 enc.encode(id & 255, &Uniform::new(self.bucket_size(id >> 8)))?;
             }
-            prev = self.update(prev, id, sym == v);
+            if learn_last || i + 1 < ids.len() {
+                prev = self.update(prev, id, sym == v);
+            }
         }
         Ok(())
     }
@@ -632,10 +647,20 @@ impl AdaptiveText {
     /// Decodes a sequence of `count` ids. Returns an error if the payload decodes to an id
     /// outside the id space.
     pub fn decode(&mut self, dec: &mut Decoder, count: usize) -> Result<Vec<u32>, CodeError> {
+        self.decode_ids(dec, count, true)
+    }
+
+    /// [`decode`](Self::decode); `learn_last` as for [`encode_ids`](Self::encode_ids).
+    fn decode_ids(
+        &mut self,
+        dec: &mut Decoder,
+        count: usize,
+        learn_last: bool,
+    ) -> Result<Vec<u32>, CodeError> {
         let mut out = Vec::with_capacity(count.min(1 << 16));
         self.reserve(count);
         let mut prev = (NONE, NONE);
-        for _ in 0..count {
+        for i in 0..count {
             let v = self.vocab.len() as u32;
             let sym = dec.decode(&self.token_blend(prev))?;
             let id = if sym == v {
@@ -648,7 +673,9 @@ impl AdaptiveText {
             if id >= self.space {
                 return Err(CodeError::InvalidData);
             }
-            prev = self.update(prev, id, sym == v);
+            if learn_last || i + 1 < count {
+                prev = self.update(prev, id, sym == v);
+            }
             out.push(id);
         }
         Ok(out)

@@ -125,7 +125,7 @@ use crate::entropy::{AdaptiveGrid, AdaptiveText, Dense, Static, TextPrior, Unifo
 use crate::grid::{GridError, TokenGrid};
 use crate::text::O200K_VOCAB;
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, OnceLock};
 use thiserror::Error;
 
 /// A model ready to code one chunk (cloned per chunk).
@@ -165,6 +165,9 @@ struct Cached {
 pub struct PartCodec {
     config: CodecConfig,
     cache: Vec<Cached>,
+    /// The adaptive text model's identity hash, made at first use (the configuration does not
+    /// change; a streamed part asks for it at every chunk).
+    adaptive_text_hash: OnceLock<[u8; 32]>,
 }
 
 fn hash_str(s: &str) -> [u8; 32] {
@@ -279,6 +282,7 @@ impl PartCodec {
         Self {
             config,
             cache: Vec::new(),
+            adaptive_text_hash: OnceLock::new(),
         }
     }
 
@@ -298,7 +302,11 @@ impl PartCodec {
     ) -> Result<ModelIdentity, PartError> {
         let unavailable = PartError::ModelUnavailable { model, kind };
         let (id, hash) = match (model, kind) {
-            (ModelChoice::Uniform, _) => (model_id::UNIFORM, hash_str("unimic-entropy/uniform/v1")),
+            (ModelChoice::Uniform, _) => {
+                static UNIFORM: LazyLock<[u8; 32]> =
+                    LazyLock::new(|| hash_str("unimic-entropy/uniform/v1"));
+                (model_id::UNIFORM, *UNIFORM)
+            }
             (ModelChoice::Static, SequenceKind::Grid) => {
                 let s = self.config.static_grid.as_ref().ok_or(unavailable)?;
                 (model_id::STATIC_GRID, s.content_hash())
@@ -334,21 +342,25 @@ impl PartCodec {
                 | ModelChoice::Ladder,
                 _,
             ) => return Err(unavailable),
-            (ModelChoice::Adaptive, SequenceKind::Grid) => (
-                model_id::ADAPTIVE_GRID,
-                hash_str("unimic-entropy/adaptive-grid/v1"),
-            ),
+            (ModelChoice::Adaptive, SequenceKind::Grid) => {
+                static ADAPTIVE_GRID: LazyLock<[u8; 32]> =
+                    LazyLock::new(|| hash_str("unimic-entropy/adaptive-grid/v1"));
+                (model_id::ADAPTIVE_GRID, *ADAPTIVE_GRID)
+            }
             (ModelChoice::Adaptive, _) => {
-                let mut desc = String::from("unimic-entropy/adaptive-text/v1");
-                if let (true, Some(p)) = (self.config.prime_adaptive_text, &self.config.text_prior)
-                {
-                    let h = p.content_hash();
-                    desc.push_str(";prior=");
-                    for b in h {
-                        desc.push_str(&format!("{b:02x}"));
+                let hash = self.adaptive_text_hash.get_or_init(|| {
+                    let mut desc = String::from("unimic-entropy/adaptive-text/v1");
+                    if let (true, Some(p)) =
+                        (self.config.prime_adaptive_text, &self.config.text_prior)
+                    {
+                        desc.push_str(";prior=");
+                        for b in p.content_hash() {
+                            desc.push_str(&format!("{b:02x}"));
+                        }
                     }
-                }
-                (model_id::ADAPTIVE_TEXT, hash_str(&desc))
+                    hash_str(&desc)
+                });
+                (model_id::ADAPTIVE_TEXT, *hash)
             }
         };
         Ok(ModelIdentity {
