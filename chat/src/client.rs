@@ -56,6 +56,11 @@ pub struct ChatConfig {
     #[cfg(feature = "pixels")]
     /// The image tokenizer for pixels ([`Prompt::with_image`]).
     pub pixels: Option<Arc<dyn unimic_codec::tokenizer::ImageTokenizer + Send + Sync>>,
+    #[cfg(feature = "pixels")]
+    /// The same tokenizer with its codes chosen for the generic model's bits
+    /// ([`unimic_codec::rdo::RdoTokenizer`]), used instead of `pixels` when the session codes
+    /// images with that model ([`ChatConfig::with_generic_pixels`]).
+    pub generic_pixels: Option<Arc<dyn unimic_codec::tokenizer::ImageTokenizer + Send + Sync>>,
 }
 
 impl std::fmt::Debug for ChatConfig {
@@ -107,6 +112,8 @@ impl ChatConfig {
             connect_timeout: Duration::from_secs(10),
             #[cfg(feature = "pixels")]
             pixels: None,
+            #[cfg(feature = "pixels")]
+            generic_pixels: None,
         }
     }
 
@@ -162,6 +169,71 @@ impl ChatConfig {
         self.session = self.session.with_tokenizer(info);
         self.pixels = Some(tokenizer);
         Ok(self)
+    }
+
+    /// Uses `tokenizer` for images given as pixels when the session codes images with the
+    /// generic model, and the [`with_pixels`](Self::with_pixels) one otherwise: for a tokenizer
+    /// that chooses its codes for that model's bits
+    /// ([`RdoTokenizer`](unimic_codec::rdo::RdoTokenizer)), which would trade a little
+    /// distance for nothing with a server that does not hold the model. It must be the
+    /// `with_pixels` tokenizer's identity (the same tokens' meaning; call that first), else
+    /// `ChatError::Content`.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use unimic_chat::ChatConfig;
+    /// use unimic_codec::rdo::{RdoConfig, RdoTokenizer};
+    /// use unimic_codec::shipped;
+    /// use unimic_codec::tokenizer::Taef2Tokenizer;
+    ///
+    /// let plain = Arc::new(Taef2Tokenizer::from_dir(&Taef2Tokenizer::default_dir())?);
+    /// let codec = shipped::codec_config(&shipped::entropy_dir(None))?;
+    /// let generic = codec.generic.clone().ok_or("the generic model is not shipped here")?;
+    /// let rdo = RdoTokenizer::new(plain.clone(), generic, RdoConfig::default())?;
+    /// let pin = unimic_transport::tls::CertHash([0; 32]); // the server's
+    /// let config = ChatConfig::pinned(pin)
+    ///     .with_codec(codec)
+    ///     .with_pixels(plain)?
+    ///     .with_generic_pixels(Arc::new(rdo))?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "pixels")]
+    pub fn with_generic_pixels(
+        mut self,
+        tokenizer: Arc<dyn unimic_codec::tokenizer::ImageTokenizer + Send + Sync>,
+    ) -> Result<Self, ChatError> {
+        let info = crate::tokenizer_info(tokenizer.as_ref())?;
+        let plain = self
+            .pixels
+            .as_deref()
+            .map(|t| crate::tokenizer_info(t))
+            .transpose()?;
+        if plain.as_ref() != Some(&info) {
+            return Err(ChatError::Content(format!(
+                "the tokenizer for the generic model ({:?}) is not the pixels tokenizer ({}): \
+                 give both the same identity, with_pixels first",
+                tokenizer.id().name,
+                self.pixels
+                    .as_ref()
+                    .map_or("none given".to_string(), |t| format!("{:?}", t.id().name)),
+            )));
+        }
+        self.generic_pixels = Some(tokenizer);
+        Ok(self)
+    }
+
+    /// The tokenizer for images given as pixels in a session that codes images with the generic
+    /// model (`generic`) or not.
+    #[cfg(feature = "pixels")]
+    fn pixels_for(
+        &self,
+        generic: bool,
+    ) -> Option<Arc<dyn unimic_codec::tokenizer::ImageTokenizer + Send + Sync>> {
+        match (generic, &self.generic_pixels) {
+            (true, Some(t)) => Some(t.clone()),
+            _ => self.pixels.clone(),
+        }
     }
 }
 
@@ -409,6 +481,13 @@ impl Chat {
         &self.inner.session
     }
 
+    /// Whether this chat codes the images it sends with the generic transformer (the session
+    /// negotiated it and [`ChatConfig::transformer_images`] is on): then codes chosen for that
+    /// model's bits ([`unimic_codec::rdo`]) pay off; otherwise the nearest codes are as cheap.
+    pub fn images_use_generic(&self) -> bool {
+        self.inner.generic
+    }
+
     /// Codes and sends a user turn; returns its reply, to read with [`Reply::next`].
     pub async fn send(&self, prompt: Prompt) -> Result<Reply, ChatError> {
         if let Some(reason) = self.inner.routes().closed.clone() {
@@ -452,7 +531,7 @@ impl Chat {
                 PromptPart::Levels(levels) => levels,
                 #[cfg(feature = "pixels")]
                 PromptPart::Pixels(image, levels) => {
-                    let tok = inner.config.pixels.clone().ok_or_else(|| {
+                    let tok = inner.config.pixels_for(inner.generic).ok_or_else(|| {
                         ChatError::Content(
                             "an image given as pixels needs ChatConfig::with_pixels".into(),
                         )

@@ -874,3 +874,79 @@ async fn edits_stream_as_masked_parts() {
     // Streamed, the part came in four chunks (a row each), each with its frame: more bytes.
     assert!(part_bytes[0] > part_bytes[1], "{part_bytes:?}");
 }
+
+/// Images given as pixels carry codes chosen for the generic model's bits only when the session
+/// codes images with that model; with a server that does not hold it, the nearest codes.
+#[cfg(feature = "pixels")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pixels_take_the_generic_models_codes_only_where_the_server_codes_with_it() {
+    use unimic_codec::rdo::{RdoConfig, RdoTokenizer};
+    use unimic_codec::shipped;
+    use unimic_codec::tokenizer::{ImageTokenizer, Taef2Tokenizer};
+    use unimic_transport::{Server, ServerConfig, SessionConfig};
+
+    let plain = Arc::new(Taef2Tokenizer::from_dir(&Taef2Tokenizer::default_dir()).unwrap());
+    let codec = shipped::codec_config(&shipped::entropy_dir(None)).unwrap();
+    let generic = codec.generic.clone().expect("the generic model is shipped");
+    // A strong trade, so that the chosen codes surely differ from the nearest ones.
+    let rdo =
+        Arc::new(RdoTokenizer::new(plain.clone(), generic, RdoConfig::with_lambda(1.0)).unwrap());
+    let photo = image::open(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../samples/kodim23.png"
+    ))
+    .unwrap()
+    .resize_exact(128, 128, image::imageops::FilterType::Triangle)
+    .to_rgb8();
+    let nearest = plain.encode(&photo).unwrap();
+    let chosen = rdo.encode(&photo).unwrap();
+    assert_ne!(nearest, chosen, "the test needs codes that differ");
+    let info = unimic_chat::tokenizer_info(plain.as_ref()).unwrap();
+
+    for (server_codec, generic_session, expected) in [
+        (codec.clone(), true, &chosen),
+        (unimic_codec::part::CodecConfig::default(), false, &nearest),
+    ] {
+        let tls = ServerTls::self_signed().unwrap();
+        let pin = tls.identity.cert_hash();
+        let server = Server::bind(
+            ServerConfig::new(tls)
+                .with_bind("127.0.0.1:0".parse().unwrap())
+                .with_session(
+                    SessionConfig::default()
+                        .with_tokenizer(info.clone())
+                        .with_codec(server_codec),
+                ),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(serve_with(server, Arc::new(Echo), ServeOptions::default()));
+        let config = ChatConfig::pinned(pin)
+            .with_codec(codec.clone())
+            .with_pixels(plain.clone())
+            .unwrap()
+            .with_generic_pixels(rdo.clone())
+            .unwrap();
+        let chat = within(Chat::connect(addr, config)).await.unwrap();
+        assert_eq!(chat.images_use_generic(), generic_session);
+        let ev = events(
+            within(chat.send(Prompt::text("look:").with_image(photo.clone())))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert!(
+            ev.contains(&ReplyEvent::Image(expected.clone())),
+            "generic session: {generic_session}"
+        );
+    }
+
+    // The two tokenizers must mean the same tokens.
+    let other = Arc::new(unimic_codec::tokenizer::Vq::default_model().unwrap());
+    let err = ChatConfig::pinned(CertHash([0; 32]))
+        .with_pixels(other)
+        .unwrap()
+        .with_generic_pixels(rdo)
+        .unwrap_err();
+    assert!(matches!(err, ChatError::Content(_)), "{err}");
+}

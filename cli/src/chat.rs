@@ -205,7 +205,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let info = crate::serve::shipped_tokenizer_info()?;
     let codec = crate::serve::codec_config()?;
-    let tok = crate::models::image_encoder_with(None, codec.generic.clone(), args.rdo)?;
+    // Codes chosen for the generic model's bits when the server codes images with it (known
+    // once connected), the nearest codes otherwise; both decode the same way.
+    let rdo_tok = crate::models::image_encoder_with(None, codec.generic.clone(), args.rdo)?;
+    let nearest_tok = crate::models::image_encoder_with(None, None, 0.0)?;
     let timeout = Duration::from_secs(args.timeout.max(1));
     let rt = tokio::runtime::Runtime::new()?;
 
@@ -228,6 +231,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             other => other.into(),
         })?;
     println!("connected to {addr}. Type a message; /help lists the commands.");
+    let tok = if chat.images_use_generic() {
+        rdo_tok
+    } else {
+        nearest_tok
+    };
 
     let mut attached: Vec<Attached> = Vec::new();
     let mut history: Vec<serde_json::Value> = Vec::new();

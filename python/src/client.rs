@@ -103,7 +103,10 @@ pub fn connect<'py>(
         let addr = resolve(&addr).await?;
         let mut config = base
             .with_codec(stack.codec.clone())
-            .with_pixels(stack.tokenizer.clone())
+            .with_pixels(stack.nearest_tokenizer())
+            .map_err(Failure::from)?
+            // Codes chosen for the generic model's bits only where the server codes with it.
+            .with_generic_pixels(stack.tokenizer.clone())
             .map_err(Failure::from)?
             .with_reply_timeout(reply_timeout)
             .with_idle_timeout(idle_timeout)

@@ -44,6 +44,11 @@ impl Stack {
             .map(|g| (shipped::GENERIC_ID, g))
     }
 
+    /// The image tokenizer with the nearest codes (the same identity as [`Stack::tokenizer`]).
+    pub fn nearest_tokenizer(&self) -> Arc<Taef2Tokenizer> {
+        self.taef2.clone()
+    }
+
     /// The entropy models' folder.
     pub fn entropy_dir(&self) -> PathBuf {
         self.root.join("entropy")
