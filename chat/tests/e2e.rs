@@ -63,12 +63,21 @@ fn start_with_codec(
     agent: Arc<dyn Agent>,
     options: ServeOptions,
 ) -> (SocketAddr, CertHash) {
-    use unimic_transport::{Server, ServerConfig, SessionConfig};
-    let tls = ServerTls::self_signed().unwrap();
-    let pin = tls.identity.cert_hash();
-    let session = SessionConfig::default()
+    let session = unimic_transport::SessionConfig::default()
         .with_tokenizer(vq())
         .with_codec(codec);
+    start_with_session(session, agent, options)
+}
+
+/// A dev server on loopback with `session`'s settings, answering with `agent`.
+fn start_with_session(
+    session: unimic_transport::SessionConfig,
+    agent: Arc<dyn Agent>,
+    options: ServeOptions,
+) -> (SocketAddr, CertHash) {
+    use unimic_transport::{Server, ServerConfig};
+    let tls = ServerTls::self_signed().unwrap();
+    let pin = tls.identity.cert_hash();
     let server = Server::bind(
         ServerConfig::new(tls)
             .with_bind("127.0.0.1:0".parse().unwrap())
@@ -492,7 +501,6 @@ async fn ladder_images_reach_the_agent_as_one_image_with_its_levels() {
     use unimic_codec::entropy::ladder::{Ladder, LadderModel};
     use unimic_codec::entropy::Static;
     use unimic_codec::part::CodecConfig;
-    use unimic_transport::{Server, ServerConfig, SessionConfig};
 
     let ladder = Arc::new(
         Ladder::new(
@@ -503,24 +511,11 @@ async fn ladder_images_reach_the_agent_as_one_image_with_its_levels() {
         .unwrap(),
     );
     let codec = CodecConfig::default().with_ladder(ladder);
-    let tls = unimic_transport::tls::ServerTls::self_signed().unwrap();
-    let pin = tls.identity.cert_hash();
-    let server = Server::bind(
-        ServerConfig::new(tls)
-            .with_bind("127.0.0.1:0".parse().unwrap())
-            .with_session(
-                SessionConfig::default()
-                    .with_tokenizer(vq())
-                    .with_codec(codec.clone()),
-            ),
-    )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    tokio::spawn(serve_with(
-        server,
+    let (addr, pin) = start_with_codec(
+        codec.clone(),
         Arc::new(LevelCounter),
         ServeOptions::default(),
-    ));
+    );
     let chat = within(Chat::connect(
         addr,
         ChatConfig::pinned(pin)
@@ -883,7 +878,7 @@ async fn pixels_take_the_generic_models_codes_only_where_the_server_codes_with_i
     use unimic_codec::rdo::{RdoConfig, RdoTokenizer};
     use unimic_codec::shipped;
     use unimic_codec::tokenizer::{ImageTokenizer, Taef2Tokenizer};
-    use unimic_transport::{Server, ServerConfig, SessionConfig};
+    use unimic_transport::SessionConfig;
 
     let plain = Arc::new(Taef2Tokenizer::from_dir(&Taef2Tokenizer::default_dir()).unwrap());
     let codec = shipped::codec_config(&shipped::entropy_dir(None)).unwrap();
@@ -907,20 +902,13 @@ async fn pixels_take_the_generic_models_codes_only_where_the_server_codes_with_i
         (codec.clone(), true, &chosen),
         (unimic_codec::part::CodecConfig::default(), false, &nearest),
     ] {
-        let tls = ServerTls::self_signed().unwrap();
-        let pin = tls.identity.cert_hash();
-        let server = Server::bind(
-            ServerConfig::new(tls)
-                .with_bind("127.0.0.1:0".parse().unwrap())
-                .with_session(
-                    SessionConfig::default()
-                        .with_tokenizer(info.clone())
-                        .with_codec(server_codec),
-                ),
-        )
-        .unwrap();
-        let addr = server.local_addr().unwrap();
-        tokio::spawn(serve_with(server, Arc::new(Echo), ServeOptions::default()));
+        let (addr, pin) = start_with_session(
+            SessionConfig::default()
+                .with_tokenizer(info.clone())
+                .with_codec(server_codec),
+            Arc::new(Echo),
+            ServeOptions::default(),
+        );
         let config = ChatConfig::pinned(pin)
             .with_codec(codec.clone())
             .with_pixels(plain.clone())
