@@ -59,7 +59,8 @@ pub struct ChatConfig {
     #[cfg(feature = "pixels")]
     /// The same tokenizer with its codes chosen for the generic model's bits
     /// ([`unimic_codec::rdo::RdoTokenizer`]), used instead of `pixels` when the session codes
-    /// images with that model ([`ChatConfig::with_generic_pixels`]).
+    /// images with that model ([`ChatConfig::with_generic_pixels`], which checks that both have
+    /// one identity; set directly, that is the caller's to keep).
     pub generic_pixels: Option<Arc<dyn unimic_codec::tokenizer::ImageTokenizer + Send + Sync>>,
 }
 
@@ -166,6 +167,12 @@ impl ChatConfig {
         tokenizer: Arc<dyn unimic_codec::tokenizer::ImageTokenizer + Send + Sync>,
     ) -> Result<Self, ChatError> {
         let info = crate::tokenizer_info(tokenizer.as_ref())?;
+        // A tokenizer for the generic model given before, of another identity, no longer fits.
+        if let Some(g) = &self.generic_pixels {
+            if crate::tokenizer_info(g.as_ref())? != info {
+                self.generic_pixels = None;
+            }
+        }
         self.session = self.session.with_tokenizer(info);
         self.pixels = Some(tokenizer);
         Ok(self)

@@ -932,9 +932,17 @@ async fn pixels_take_the_generic_models_codes_only_where_the_server_codes_with_i
     // The two tokenizers must mean the same tokens.
     let other = Arc::new(unimic_codec::tokenizer::Vq::default_model().unwrap());
     let err = ChatConfig::pinned(CertHash([0; 32]))
-        .with_pixels(other)
+        .with_pixels(other.clone())
         .unwrap()
-        .with_generic_pixels(rdo)
+        .with_generic_pixels(rdo.clone())
         .unwrap_err();
     assert!(matches!(err, ChatError::Content(_)), "{err}");
+    // Another pixels tokenizer afterwards drops the one for the generic model.
+    let config = ChatConfig::pinned(CertHash([0; 32]))
+        .with_pixels(plain.clone())
+        .unwrap()
+        .with_generic_pixels(rdo)
+        .unwrap();
+    assert!(config.generic_pixels.is_some());
+    assert!(config.with_pixels(other).unwrap().generic_pixels.is_none());
 }

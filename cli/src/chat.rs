@@ -54,7 +54,8 @@ pub struct Args {
     pub levels: usize,
     /// Rate-distortion trade-off of the image codes: the weight of a bit against the image's
     /// mean quantization error (0 sends the nearest codes; the default saves about 3% of an
-    /// image's bytes for 0.03 dB).
+    /// image's bytes for 0.03 dB). Only when the server codes images with the generic model:
+    /// otherwise the nearest codes are sent.
     #[arg(long, default_value_t = unimic_codec::rdo::DEFAULT_LAMBDA)]
     pub rdo: f32,
 }
@@ -205,10 +206,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let info = crate::serve::shipped_tokenizer_info()?;
     let codec = crate::serve::codec_config()?;
-    // Codes chosen for the generic model's bits when the server codes images with it (known
-    // once connected), the nearest codes otherwise; both decode the same way.
-    let rdo_tok = crate::models::image_encoder_with(None, codec.generic.clone(), args.rdo)?;
-    let nearest_tok = crate::models::image_encoder_with(None, None, 0.0)?;
+    let generic = codec.generic.clone();
     let timeout = Duration::from_secs(args.timeout.max(1));
     let rt = tokio::runtime::Runtime::new()?;
 
@@ -231,11 +229,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             other => other.into(),
         })?;
     println!("connected to {addr}. Type a message; /help lists the commands.");
-    let tok = if chat.images_use_generic() {
-        rdo_tok
-    } else {
-        nearest_tok
-    };
+    // Codes chosen for the generic model's bits when the server codes images with it (known
+    // once connected), the nearest codes otherwise; both decode the same way.
+    let generic = generic.filter(|_| chat.images_use_generic());
+    let tok = crate::models::image_encoder_with(None, generic, args.rdo)?;
 
     let mut attached: Vec<Attached> = Vec::new();
     let mut history: Vec<serde_json::Value> = Vec::new();

@@ -54,7 +54,7 @@ impl O200k {
 
 /// Texts up to this many bytes are remembered with their ids (see [`memo`]).
 const MEMO_TEXT_BYTES: usize = 32;
-/// Short texts remembered at most (emptied when full: bounded, about 0.5 MB at most).
+/// Short texts remembered at most (emptied when full: bounded, about 1 MB at most).
 const MEMO_ENTRIES: usize = 4096;
 
 /// Ids of short texts tokenized recently. A streamed reply tokenizes one delta (a word or two)
