@@ -65,7 +65,7 @@ pub enum Entropy {
     Auto,
     /// The adaptive context-mixing model (no weights; chunkable).
     Adaptive,
-    /// The shipped generic transformer (`unimic-entropy-generic-v10`, trained on the default tokenizer's level-1 tokens).
+    /// The shipped generic transformer (`unimic-entropy-generic-v11`, trained on the default tokenizer's level-1 tokens).
     Generic,
 }
 

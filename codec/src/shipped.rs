@@ -26,7 +26,7 @@ use crate::nn::model::{Manifest, ModelError};
 use crate::part::CodecConfig;
 
 /// Id of the shipped generic (raster, causal) transformer entropy model.
-pub const GENERIC_ID: &str = "unimic-entropy-generic-v10";
+pub const GENERIC_ID: &str = "unimic-entropy-generic-v11";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
 pub const MASKED_ID: &str = "unimic-entropy-masked-v9";

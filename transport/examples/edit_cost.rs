@@ -14,7 +14,7 @@
 //! client checks that every reply decodes to `a`. Prints the mean wire bytes (frames of the part)
 //! and payload bytes of each, then one JSON line.
 //!
-//! The models are the shipped manifests `unimic-entropy-generic-v10.json` and
+//! The models are the shipped manifests `unimic-entropy-generic-v11.json` and
 //! `unimic-entropy-masked-v9.json` in `--models`; the grids must use their codebook (1,024) and
 //! fit their largest side.
 
