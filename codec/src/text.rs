@@ -33,7 +33,9 @@ pub trait TextTokenizer: Send + Sync {
 /// Number of ids of o200k_base (ordinary ranks `0..199_998` plus special tokens up to 200,018).
 pub const O200K_VOCAB: u32 = 200_019;
 
-/// o200k_base. The BPE tables load once per process (hundreds of milliseconds the first time).
+/// o200k_base. The BPE tables load once per process (hundreds of milliseconds the first time);
+/// the ids of recent short texts (up to 32 bytes, a streamed reply's deltas) are remembered, in
+/// a bounded map shared by the process.
 ///
 /// ```
 /// use unimic_codec::text::{O200k, TextTokenizer};
