@@ -1,7 +1,7 @@
 //! Which earlier parts a new part is coded against (context reuse): the most recent parts of the
 //! same kind that both ends still hold.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use unimic_transport::{ContextKey, Session, TokenGrid};
@@ -56,12 +56,13 @@ impl Tracker {
     /// The most recent parts of `kind` still in the session context (evictions dropped),
     /// oldest first.
     pub fn refs(&self, session: &Session, kind: Kind) -> Vec<ContextKey> {
-        let held: HashSet<ContextKey> = session.context_keys().into_iter().collect();
+        // One lookup per recent entry (at most `4 · MAX_REFS`), not a pass over the whole
+        // context, which may hold thousands of short parts.
         let mut refs: Vec<ContextKey> = self
             .entries
             .iter()
             .rev()
-            .filter(|(k, kd)| *kd == kind && held.contains(k))
+            .filter(|(k, kd)| *kd == kind && session.context_holds(*k))
             .map(|(k, _)| *k)
             .take(MAX_REFS)
             .collect();

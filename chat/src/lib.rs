@@ -69,6 +69,7 @@
 mod client;
 mod context;
 mod error;
+mod history;
 mod serve;
 mod text;
 
@@ -76,6 +77,7 @@ use std::net::SocketAddr;
 
 pub use client::{Chat, ChatConfig, Prompt, Reply, ReplyEvent, ReplyStats};
 pub use error::ChatError;
+pub use history::{content_bytes, HistoryLimits};
 pub use serve::{
     serve, serve_session, serve_until, serve_with, ServeOptions, TurnCallback, TurnLog, TurnOutcome,
 };

@@ -11,15 +11,15 @@
 //! it); the session goes on. A session that fails, or a peer that misbehaves, ends only that
 //! session: each one runs in a task of its own.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use unimic_agents::{
-    Agent, AgentError, BoolFuture, Content, Conversation, ImageRef, ReplySink, Role as AgentRole,
-    SinkError, SinkFuture, Turn,
+    Agent, AgentError, BoolFuture, Content, ImageRef, ReplySink, Role as AgentRole, SinkError,
+    SinkFuture, Turn,
 };
 use unimic_codec::grid::fill_region;
 use unimic_codec::text::{O200k, TextTokenizer};
@@ -29,6 +29,7 @@ use unimic_transport::{
 };
 
 use crate::context::{Kind, Tracker};
+use crate::history::{History, HistoryLimits};
 
 /// One answered (or not) turn, for logs: [`ServeOptions::on_turn`].
 #[derive(Debug, Clone)]
@@ -85,6 +86,11 @@ pub struct ServeOptions {
     /// so the client sees the picture grow. An image complete before then goes in one chunk
     /// (the fewest bytes). `None`: always one chunk. Default: 50 ms.
     pub stream_images_after: Option<Duration>,
+    /// How much of each session's conversation the agent is shown and the server keeps: the
+    /// newest turns within these bounds (default: 256 turns, 16 MiB). Older turns leave, so a
+    /// long session holds bounded memory; an edit or refinement of an image that left is
+    /// answered as of a new image.
+    pub history: HistoryLimits,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -94,6 +100,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("on_turn", &self.on_turn.is_some())
             .field("transformer_images", &self.transformer_images)
             .field("stream_images_after", &self.stream_images_after)
+            .field("history", &self.history)
             .finish()
     }
 }
@@ -105,11 +112,17 @@ impl Default for ServeOptions {
             on_turn: None,
             transformer_images: true,
             stream_images_after: Some(Duration::from_millis(50)),
+            history: HistoryLimits::default(),
         }
     }
 }
 
 impl ServeOptions {
+    /// Sets [`history`](Self::history): how much of each session's conversation is kept.
+    pub fn with_history(mut self, history: HistoryLimits) -> Self {
+        self.history = history;
+        self
+    }
     /// Sets [`stream_images_after`](Self::stream_images_after) (`None`: reply images always go
     /// in one chunk).
     pub fn with_stream_images_after(mut self, after: Option<Duration>) -> Self {
@@ -245,13 +258,10 @@ fn content(parts: &[ReceivedPart], text: &dyn TextTokenizer) -> (Vec<Content>, V
 /// per accepted session; call it directly to serve sessions accepted elsewhere.
 pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: ServeOptions) {
     let remote = session.remote_address();
-    let mut conversation = Conversation::default();
-    // The context key of every piece of the conversation that both ends hold (by turn and
-    // content index, like `conversation`): what an edit reply references.
-    let mut keys: Vec<Vec<Option<ContextKey>>> = Vec::new();
+    // The conversation (bounded), with the context key of every piece both ends hold (what an
+    // edit reply references) and where refinement levels went.
+    let mut history = History::new(options.history);
     let mut tracker = Tracker::default();
-    // Where the image that each received refinement level sharpens sits in `conversation`.
-    let mut refined: HashMap<ContextKey, (usize, usize)> = HashMap::new();
     loop {
         let incoming = match session.recv().await {
             Ok(Some(m)) => m,
@@ -291,20 +301,21 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
             tracker.record(received_key(&received, i), kind);
         }
         let (turn_content, parts) = content(&received.parts, options.text.as_ref());
-        conversation.turns.push(Turn {
-            role: agent_role(received.role),
-            content: turn_content,
-        });
-        keys.push(
-            parts
-                .into_iter()
-                .map(|i| i.map(|i| received_key(&received, i)))
-                .collect(),
+        let keys = parts
+            .into_iter()
+            .map(|i| i.map(|i| received_key(&received, i)))
+            .collect();
+        history.push(
+            Turn {
+                role: agent_role(received.role),
+                content: turn_content,
+            },
+            keys,
         );
-        fold_refinements(&received, &mut conversation, &keys, &mut refined);
-        let mut sink = WireSink::new(&session, turn, &tracker, &options, &keys);
+        fold_refinements(&received, &mut history);
+        let mut sink = WireSink::new(&session, turn, &tracker, &options, history.keys());
         let result = tokio::select! {
-            r = agent.respond(&conversation, &mut sink) => r,
+            r = agent.respond(history.conversation(), &mut sink) => r,
             () = session.cancelled(turn) => Err(AgentError::Sink(SinkError("cancelled".into()))),
         };
         let result = match (result, sink.incomplete()) {
@@ -358,11 +369,13 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
         if outcome == TurnOutcome::Answered {
             let (content, content_keys): (Vec<Content>, Vec<Option<ContextKey>>) =
                 reply_content.into_iter().unzip();
-            conversation.turns.push(Turn {
-                role: AgentRole::Assistant,
-                content,
-            });
-            keys.push(content_keys);
+            history.push(
+                Turn {
+                    role: AgentRole::Assistant,
+                    content,
+                },
+                content_keys,
+            );
         }
         log(
             &options,
@@ -383,45 +396,17 @@ pub async fn serve_session(session: Session, agent: Arc<dyn Agent>, options: Ser
 /// 5), found by the key of its base (an image, or a refinement already added): the image
 /// becomes [`Content::ImageLevels`]. The transport has checked that each level follows its base;
 /// a second refinement of the same level replaces the first and the levels above it.
-fn fold_refinements(
-    received: &ReceivedMessage,
-    conversation: &mut Conversation,
-    keys: &[Vec<Option<ContextKey>>],
-    refined: &mut HashMap<ContextKey, (usize, usize)>,
-) {
+fn fold_refinements(received: &ReceivedMessage, history: &mut History) {
     for (i, part) in received.parts.iter().enumerate() {
         let ReceivedPart::Refinement { level, base, grid } = part else {
             continue;
         };
-        let at = refined.get(base).copied().or_else(|| {
-            keys.iter()
-                .enumerate()
-                .find_map(|(t, turn)| turn.iter().position(|k| *k == Some(*base)).map(|c| (t, c)))
-        });
-        let Some((t, c)) = at else {
+        if !history.refine(received_key(received, i), *base, *level, grid) {
             tracing::debug!(
                 ?base,
                 "a refinement of an image the conversation does not hold"
             );
-            continue;
-        };
-        let Some(content) = conversation
-            .turns
-            .get_mut(t)
-            .and_then(|turn| turn.content.get_mut(c))
-        else {
-            continue;
-        };
-        let below = (*level as usize).saturating_sub(1);
-        match content {
-            Content::Image(g) => *content = Content::ImageLevels(vec![g.clone(), grid.clone()]),
-            Content::ImageLevels(levels) if levels.len() >= below => {
-                levels.truncate(below);
-                levels.push(grid.clone());
-            }
-            _ => continue,
         }
-        refined.insert(received_key(received, i), (t, c));
     }
 }
 
@@ -509,7 +494,7 @@ struct WireSink<'s> {
     content: Vec<(Content, Option<ContextKey>)>,
     written: Vec<(ContextKey, Kind)>,
     /// The conversation's context keys (see `serve_session`), for edits.
-    keys: &'s [Vec<Option<ContextKey>>],
+    keys: &'s VecDeque<Vec<Option<ContextKey>>>,
     stopped: bool,
 }
 
@@ -519,7 +504,7 @@ impl<'s> WireSink<'s> {
         turn: u64,
         tracker: &Tracker,
         options: &'s ServeOptions,
-        keys: &'s [Vec<Option<ContextKey>>],
+        keys: &'s VecDeque<Vec<Option<ContextKey>>>,
     ) -> Self {
         Self {
             session,
@@ -809,7 +794,7 @@ impl<'s> WireSink<'s> {
                     && has_model(self.session, "unimic-entropy/masked")
                     && region.len() == cells
                     && region.iter().any(|&r| r)
-                    && self.session.context_keys().contains(key)
+                    && self.session.context_holds(*key)
             })
     }
 

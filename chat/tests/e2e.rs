@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 use unimic_agents::echo::Echo;
 use unimic_agents::{Agent, AgentError, AgentFuture, Content, Conversation, ReplySink};
 use unimic_chat::{
-    bind, bind_dev, image_tokenizer_info, serve_with, Chat, ChatConfig, ChatError, Prompt,
-    ReplyEvent, ServeOptions, TurnLog, TurnOutcome,
+    bind, bind_dev, content_bytes, image_tokenizer_info, serve_with, Chat, ChatConfig, ChatError,
+    HistoryLimits, Prompt, ReplyEvent, ServeOptions, TurnLog, TurnOutcome,
 };
 use unimic_transport::tls::{CertHash, ClientTls, Roots, ServerTls};
 use unimic_transport::{TokenGrid, TokenizerInfo};
@@ -945,4 +945,88 @@ async fn pixels_take_the_generic_models_codes_only_where_the_server_codes_with_i
         .unwrap();
     assert!(config.generic_pixels.is_some());
     assert!(config.with_pixels(other).unwrap().generic_pixels.is_none());
+}
+
+/// Replies with what it was shown: how many turns, their bytes, how many images, and the first
+/// turn's first text.
+struct Recall;
+
+impl Agent for Recall {
+    fn respond<'a>(&'a self, c: &'a Conversation, sink: &'a mut dyn ReplySink) -> AgentFuture<'a> {
+        Box::pin(async move {
+            let bytes: usize = c
+                .turns
+                .iter()
+                .flat_map(|t| &t.content)
+                .map(content_bytes)
+                .sum();
+            let images = c
+                .turns
+                .iter()
+                .flat_map(|t| &t.content)
+                .filter(|x| matches!(x, Content::Image(_)))
+                .count();
+            let first = match c.turns.first().and_then(|t| t.content.first()) {
+                Some(Content::Text { text, .. }) => text.clone(),
+                _ => String::new(),
+            };
+            let reply = format!(
+                "{} turns, {bytes} bytes, {images} images, first {first}",
+                c.turns.len()
+            );
+            sink.text_delta(&reply).await.map_err(Into::into)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_sees_the_newest_turns_within_the_history_limits() {
+    let limits = HistoryLimits {
+        max_turns: 5,
+        max_bytes: 2500,
+    };
+    let (addr, pin) = start_with_session(
+        unimic_transport::SessionConfig::default().with_tokenizer(vq()),
+        Arc::new(Recall),
+        ServeOptions::default().with_history(limits),
+    );
+    let chat = within(Chat::connect(
+        addr,
+        ChatConfig::pinned(pin).with_image_tokenizer(vq()),
+    ))
+    .await
+    .unwrap();
+    let mut said = Vec::new();
+    for i in 0..6 {
+        let reply = within(chat.send(Prompt::text(format!("t{i}"))))
+            .await
+            .unwrap();
+        said.push(within(reply.text()).await.unwrap());
+    }
+    // Turns so far: t0, its reply, …, t5: the agent saw t3, its reply, t4, its reply and t5.
+    assert!(said[1].starts_with("3 turns,"), "{said:?}");
+    assert!(
+        said[2].starts_with("5 turns,") && said[2].ends_with("first t0"),
+        "{said:?}"
+    );
+    assert!(
+        said[5].starts_with("5 turns,") && said[5].ends_with("first t3"),
+        "{said:?}"
+    );
+    // 16×16 grids count 1 KiB each: with 2,500 bytes two images fit, with the replies between.
+    for i in 0..3 {
+        let prompt = Prompt::text(format!("g{i}")).with_grid(grid(16, 16, i));
+        let reply = within(chat.send(prompt)).await.unwrap();
+        said.push(within(reply.text()).await.unwrap());
+    }
+    let last = said.last().unwrap();
+    assert!(
+        last.starts_with("4 turns,") && last.contains(" 2 images,"),
+        "{said:?}"
+    );
+    let bytes: usize = last.split(' ').nth(2).unwrap().parse().unwrap();
+    assert!(bytes <= limits.max_bytes, "{last}");
+    // The session itself goes on as usual.
+    let reply = within(chat.send(Prompt::text("still here"))).await.unwrap();
+    assert!(within(reply.text()).await.unwrap().ends_with("first g1"));
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use unimic_agents::echo::Echo;
 use unimic_agents::Agent;
-use unimic_chat::{serve_with, ServeOptions, TurnOutcome};
+use unimic_chat::{serve_with, HistoryLimits, ServeOptions, TurnOutcome};
 use unimic_codec::part::CodecConfig;
 #[allow(unused_imports)] // the trait's methods, whatever type the shipped tokenizer has
 use unimic_codec::tokenizer::ImageTokenizer;
@@ -43,6 +43,16 @@ pub struct Args {
     /// bytes). `off`: always send images whole.
     #[arg(long, default_value = "50", value_name = "MS|off", value_parser = parse_stream_after)]
     pub stream_images_after: StreamAfter,
+    /// Most turns of each session's conversation the agent is shown and the server keeps (the
+    /// newest; the turn being answered is always kept).
+    #[arg(long, default_value_t = HistoryLimits::default().max_turns as u32, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub history_turns: u32,
+    /// Most mebibytes of each session's conversation kept (text, 4 bytes per image token, raw
+    /// attachments; the newest turns that fit).
+    #[arg(long, default_value_t = (HistoryLimits::default().max_bytes >> 20) as u32, value_name = "MIB",
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub history_mib: u32,
 }
 
 /// `--stream-images-after`: milliseconds, or `None` for `off`.
@@ -148,6 +158,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let options = ServeOptions::default()
             .with_stream_images_after(args.stream_images_after.0)
+            .with_history(HistoryLimits {
+                max_turns: args.history_turns as usize,
+                max_bytes: (args.history_mib as usize) << 20,
+            })
             .on_turn(|log| {
             let outcome = match &log.outcome {
                 TurnOutcome::Answered => "answered".to_string(),

@@ -674,6 +674,12 @@ impl Session {
         self.shared.state().context.keys()
     }
 
+    /// Whether this end's session context still holds `key` (not evicted, not unknown): one
+    /// lookup, where [`Self::context_keys`] lists every entry.
+    pub fn context_holds(&self, key: ContextKey) -> bool {
+        self.shared.state().context.get(key).is_some()
+    }
+
     /// The context digest (PROTOCOL.md §8) over every entry this end holds, in key order
     /// (message id, then part index): keys and tokens. Two ends hold the same context when
     /// their digests are equal (whatever order the entries arrived in).
