@@ -32,19 +32,25 @@ impl Default for HistoryLimits {
     }
 }
 
-/// What a piece of content costs the history: text as its UTF-8 bytes plus 4 per token id, an
-/// image 4 bytes per token of every level, a raw attachment its bytes, a request its JSON.
+/// What each piece of content costs the history besides its data (about what it takes in
+/// memory), so that a turn of thousands of empty parts is not free.
+pub const BYTES_PER_CONTENT: usize = 64;
+
+/// What a piece of content costs the history: [`BYTES_PER_CONTENT`] plus, for text, its UTF-8
+/// bytes and 4 per token id; for an image, 4 bytes per token of every level; for a raw
+/// attachment, its bytes; for a request, its JSON.
 pub fn content_bytes(content: &Content) -> usize {
-    match content {
-        Content::Text { text, ids } => text.len() + 4 * ids.as_ref().map_or(0, Vec::len),
-        Content::Image(grid) => 4 * grid.len(),
-        Content::ImageLevels(levels) => levels.iter().map(|g| 4 * g.len()).sum(),
-        Content::Raw { bytes, .. } => bytes.len(),
-        Content::Request(r) => r.to_json().len(),
-        // A variant added later: count its debug form rather than nothing.
-        #[allow(unreachable_patterns)]
-        other => format!("{other:?}").len(),
-    }
+    BYTES_PER_CONTENT
+        + match content {
+            Content::Text { text, ids } => text.len() + 4 * ids.as_ref().map_or(0, Vec::len),
+            Content::Image(grid) => 4 * grid.len(),
+            Content::ImageLevels(levels) => levels.iter().map(|g| 4 * g.len()).sum(),
+            Content::Raw { bytes, .. } => bytes.len(),
+            Content::Request(r) => r.to_json().len(),
+            // A variant added later: count its debug form rather than nothing.
+            #[allow(unreachable_patterns)]
+            other => format!("{other:?}").len(),
+        }
 }
 
 /// A served session's conversation, bounded by [`HistoryLimits`].
@@ -220,14 +226,14 @@ mod tests {
             .collect();
         assert_eq!(texts, ["turn 7", "turn 8", "turn 9"]);
         assert_eq!(h.keys().len(), 3);
-        assert_eq!(h.bytes(), 18);
-        // 16×16 images cost 1 KiB each: only the newest fits, and one bigger than the budget
-        // is still kept (it is the turn being answered).
+        assert_eq!(h.bytes(), 3 * (64 + 6));
+        // A 16×16 image costs 64 + 1,024 bytes: more than the budget, yet kept, as the turn
+        // being answered.
         h.push(image_turn(16), vec![Some(ContextKey::new(20, 0))]);
         assert_eq!(h.conversation().turns.len(), 1);
         h.push(image_turn(8), vec![Some(ContextKey::new(22, 0))]);
         assert_eq!(h.conversation().turns.len(), 1);
-        assert_eq!(h.bytes(), 256);
+        assert_eq!(h.bytes(), 64 + 256);
         assert_eq!(h.keys()[0], vec![Some(ContextKey::new(22, 0))]);
     }
 
@@ -249,13 +255,13 @@ mod tests {
             Content::ImageLevels(levels) => assert_eq!(levels.len(), 3),
             other => panic!("{other:?}"),
         }
-        assert_eq!(h.bytes(), 3 * 64 + 1);
+        assert_eq!(h.bytes(), (64 + 3 * 64) + (64 + 1));
         // Two more turns push the image out; a later refinement of it finds nothing.
         h.push(text_turn("b"), vec![None]);
         h.push(text_turn("c"), vec![None]);
         assert!(!h.refine(ContextKey::new(12, 0), ContextKey::new(8, 0), 4, &level3));
         assert!(!h.refine(ContextKey::new(12, 0), base, 2, &level2));
         assert!(h.refined.is_empty());
-        assert_eq!(h.bytes(), 2);
+        assert_eq!(h.bytes(), 2 * (64 + 1));
     }
 }

@@ -77,7 +77,7 @@ use std::net::SocketAddr;
 
 pub use client::{Chat, ChatConfig, Prompt, Reply, ReplyEvent, ReplyStats};
 pub use error::ChatError;
-pub use history::{content_bytes, HistoryLimits};
+pub use history::{content_bytes, HistoryLimits, BYTES_PER_CONTENT};
 pub use serve::{
     serve, serve_session, serve_until, serve_with, ServeOptions, TurnCallback, TurnLog, TurnOutcome,
 };

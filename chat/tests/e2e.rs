@@ -983,7 +983,7 @@ impl Agent for Recall {
 async fn the_agent_sees_the_newest_turns_within_the_history_limits() {
     let limits = HistoryLimits {
         max_turns: 5,
-        max_bytes: 2500,
+        max_bytes: 3000,
     };
     let (addr, pin) = start_with_session(
         unimic_transport::SessionConfig::default().with_tokenizer(vq()),
@@ -1013,7 +1013,8 @@ async fn the_agent_sees_the_newest_turns_within_the_history_limits() {
         said[5].starts_with("5 turns,") && said[5].ends_with("first t3"),
         "{said:?}"
     );
-    // 16×16 grids count 1 KiB each: with 2,500 bytes two images fit, with the replies between.
+    // A turn with a 16×16 grid counts about 1.2 KB: in 3,000 bytes two fit, with the replies
+    // between.
     for i in 0..3 {
         let prompt = Prompt::text(format!("g{i}")).with_grid(grid(16, 16, i));
         let reply = within(chat.send(prompt)).await.unwrap();

@@ -13,7 +13,9 @@
 //! `cols` = width); `varint` is the QUIC variable-length integer (RFC 9000 §16, shortest form).
 //!
 //! # Memory bound and eviction
-//! Each stored token costs [`BYTES_PER_TOKEN`] bytes of the budget. Inserting a sequence that
+//! Each stored sequence costs [`BYTES_PER_SEQUENCE`] bytes of the budget, plus
+//! [`BYTES_PER_TOKEN`] per token (so parts with few or no tokens cannot grow a context without
+//! bound: each entry's bookkeeping costs memory too). Inserting a sequence that
 //! takes the total above the budget evicts the oldest stored sequences (insertion order) until it
 //! fits again; [`SessionContext::evict`] removes one explicitly. Both are deterministic, so two
 //! ends that apply the same inserts and evictions in the same order hold the same context, and
@@ -40,6 +42,9 @@ use thiserror::Error;
 
 /// Budget bytes charged per stored token.
 pub const BYTES_PER_TOKEN: u64 = 4;
+/// Budget bytes charged per stored sequence, whatever its length (about what an entry's
+/// bookkeeping takes in memory here).
+pub const BYTES_PER_SEQUENCE: u64 = 128;
 /// Domain separator at the start of the digest input.
 pub const DIGEST_DOMAIN: &[u8; 17] = b"unimic-context-v1";
 /// Budget of [`SessionContext::default`]: 64 MiB (16 Mi tokens).
@@ -169,9 +174,10 @@ impl Sequence {
     pub fn ids(&self) -> &[u32] {
         &self.ids
     }
-    /// Budget bytes this sequence costs.
+    /// Budget bytes this sequence costs: [`BYTES_PER_SEQUENCE`] plus [`BYTES_PER_TOKEN`] per
+    /// token.
     pub fn cost(&self) -> u64 {
-        self.ids.len() as u64 * BYTES_PER_TOKEN
+        BYTES_PER_SEQUENCE + self.ids.len() as u64 * BYTES_PER_TOKEN
     }
 }
 
@@ -256,7 +262,7 @@ impl Default for SessionContext {
 }
 
 impl SessionContext {
-    /// An empty context holding at most `budget_bytes` (at [`BYTES_PER_TOKEN`] per token).
+    /// An empty context holding at most `budget_bytes` (see [`Sequence::cost`]).
     pub fn new(budget_bytes: u64) -> Self {
         Self {
             entries: BTreeMap::new(),
@@ -502,7 +508,8 @@ mod tests {
 
     #[test]
     fn eviction_is_oldest_first_and_reported() {
-        let mut c = SessionContext::new(40); // 10 tokens
+        // Room for two 4-token parts (128 + 16 bytes each), not three.
+        let mut c = SessionContext::new(2 * (BYTES_PER_SEQUENCE + 16) + 40);
         c.insert(ContextKey::new(1, 0), Sequence::text(vec![1; 4]))
             .unwrap();
         c.insert(ContextKey::new(2, 0), Sequence::text(vec![2; 4]))
@@ -511,7 +518,7 @@ mod tests {
             .insert(ContextKey::new(3, 0), Sequence::text(vec![3; 4]))
             .unwrap();
         assert_eq!(ev, vec![ContextKey::new(1, 0)]);
-        assert_eq!(c.used_bytes(), 32);
+        assert_eq!(c.used_bytes(), 2 * (BYTES_PER_SEQUENCE + 16));
         assert!(matches!(
             c.digest(&[ContextKey::new(1, 0)]),
             Err(ContextError::Missing(_))
@@ -520,8 +527,17 @@ mod tests {
         assert!(!c.evict(ContextKey::new(3, 0)));
         assert_eq!(c.keys(), vec![ContextKey::new(2, 0)]);
         assert!(matches!(
-            c.insert(ContextKey::new(9, 0), Sequence::text(vec![0; 11])),
+            c.insert(ContextKey::new(9, 0), Sequence::text(vec![0; 83])),
             Err(ContextError::TooLarge { .. })
         ));
+        // Parts without tokens cost their entry: no more of them fit than the budget pays for.
+        let mut c = SessionContext::new(10 * BYTES_PER_SEQUENCE);
+        for i in 0..100 {
+            c.insert(ContextKey::new(i, 0), Sequence::text(Vec::new()))
+                .unwrap();
+            assert!(c.len() <= 10);
+        }
+        assert_eq!(c.len(), 10);
+        assert_eq!(c.keys()[0], ContextKey::new(90, 0));
     }
 }

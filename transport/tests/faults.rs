@@ -43,10 +43,11 @@ fn quic() -> QuicConfig {
         .with_keep_alive(Some(KEEP_ALIVE))
 }
 
-/// A context budget small enough that a few turns evict (evictions must stay in step too).
+/// A context budget small enough that a few turns evict (evictions must stay in step too):
+/// about a dozen parts of 30-40 tokens (128 bytes each plus 4 per token).
 fn limits() -> Limits {
     Limits {
-        max_context_bytes: 2_000u32.into(),
+        max_context_bytes: 3_500u32.into(),
         ..Limits::default()
     }
 }

@@ -558,9 +558,9 @@ async fn go_away_then_graceful_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_stays_in_step_through_eviction() {
-    // 100 tokens of context.
+    // Room for two parts of 40 tokens (128 + 160 bytes each), not three.
     let limits = Limits {
-        max_context_bytes: 400u32.into(),
+        max_context_bytes: 700u32.into(),
         ..Limits::default()
     };
     let (mut server, pin) = server_with(|c| {
@@ -572,7 +572,7 @@ async fn context_stays_in_step_through_eviction() {
     let (c, s) =
         within(async { tokio::join!(client.connect(addr, "localhost"), server.accept()) }).await;
     let (client, server) = (c.unwrap(), s.unwrap());
-    assert_eq!(client.negotiated().limits.max_context_bytes, 400u32.into());
+    assert_eq!(client.negotiated().limits.max_context_bytes, 700u32.into());
     for turn in 0..6u32 {
         let ids: Vec<u32> = (0..40).map(|i| i * 3 + turn).collect();
         let last = client.context_keys().last().copied();
@@ -592,7 +592,7 @@ async fn context_stays_in_step_through_eviction() {
             .unwrap();
         assert_eq!(client.context_keys(), server.context_keys());
     }
-    // 40 tokens each, 100 tokens of budget: only the last two messages remain.
+    // Only the last two messages remain.
     assert_eq!(
         server.context_keys(),
         vec![ContextKey::new(8, 0), ContextKey::new(10, 0)]

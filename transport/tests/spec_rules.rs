@@ -15,7 +15,9 @@
 //! * §7.4: who closes after GO_AWAY;
 //! * §2.2: the initial stream limits (message streams only after the hellos, at most
 //!   `max_concurrent_messages`, one bidirectional stream);
-//! * §2.3: TLS: pinning ignores the server name.
+//! * §2.3: TLS: pinning ignores the server name;
+//! * §8 / CODING.md §4.2: every context entry costs budget, so parts without tokens cannot grow
+//!   a context without bound.
 
 mod common;
 
@@ -800,4 +802,54 @@ async fn tls_pinning_ignores_the_server_name() {
     .await;
     c.unwrap();
     s.unwrap();
+}
+
+/// CODING.md §4.2: each stored part costs 128 budget bytes plus 4 per token, so a peer that
+/// sends thousands of parts with no tokens (20 bytes each on the wire) fills the context to its
+/// budget and evicts, oldest first, like any other part: it cannot grow the other end's memory
+/// past `max_context_bytes`. Both ends stay in step, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_without_tokens_cannot_grow_a_context_past_its_budget() {
+    let budget = 64 * 1024;
+    let limits = Limits {
+        max_context_bytes: v(budget),
+        ..Limits::default()
+    };
+    let (mut server, pin) = server_with(|c| c.with_session(session_config().with_limits(limits)));
+    let addr = server.local_addr().unwrap();
+    let client = client_with(pin, |c| c);
+    let (c, s) =
+        within(async { tokio::join!(client.connect(addr, "localhost"), server.accept()) }).await;
+    let (client, server) = (c.unwrap(), s.unwrap());
+    let most = (budget / Sequence::text(Vec::new()).cost()) as usize;
+    assert_eq!(most, 512);
+    for _ in 0..3 {
+        let mut m = OutgoingMessage::new(Role::User);
+        for _ in 0..400 {
+            m = m.with_part(OutgoingPart::text(Vec::new()));
+        }
+        let sent = within(client.send(m)).await.unwrap();
+        let got = within(within(server.recv()).await.unwrap().unwrap().collect())
+            .await
+            .unwrap();
+        assert_eq!(got.parts.len(), 400);
+        within(client.wait_ack(sent.message_id, unimic_protocol::AckStage::Decoded))
+            .await
+            .unwrap();
+        assert!(server.context_keys().len() <= most);
+    }
+    assert_eq!(server.context_keys().len(), most);
+    assert_eq!(client.context_keys(), server.context_keys());
+    // A part that references the newest of them still codes against the same context.
+    let last = *server.context_keys().last().unwrap();
+    let m = OutgoingMessage::new(Role::User)
+        .with_part(OutgoingPart::text(vec![5, 6, 7]).with_context(vec![last]));
+    within(client.send(m)).await.unwrap();
+    let got = within(within(server.recv()).await.unwrap().unwrap().collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        got.parts,
+        vec![unimic_transport::ReceivedPart::Text(vec![5, 6, 7])]
+    );
 }
