@@ -101,7 +101,7 @@ impl LocalAgent {
     }
 
     /// Loads the two models from their manifests (for example the shipped
-    /// `models/entropy/unimic-entropy-masked-v9.json` and `unimic-entropy-text-v7.json`; their ids
+    /// `models/entropy/unimic-entropy-masked-v10.json` and `unimic-entropy-text-v7.json`; their ids
     /// are `unimic_codec::shipped::MASKED_ID` and `TEXT_ID`).
     pub fn load(masked_manifest: &Path, text_manifest: &Path) -> Result<Self, ModelError> {
         let (masked, m) = Masked::load(masked_manifest)?;

@@ -81,7 +81,7 @@ pub struct Args {
     /// Tokens per independently decodable chunk (0: one chunk per message).
     #[arg(long, default_value_t = 0)]
     pub chunk_tokens: u32,
-    /// Session context budget in bytes (4 bytes per stored token).
+    /// Session context budget in bytes (128 per stored part plus 4 per token).
     #[arg(long, default_value_t = 64 << 20)]
     pub context_bytes: u64,
     /// Pixels per token side, for bpp of --tokens runs (a VQ-16 tokenizer: 16).

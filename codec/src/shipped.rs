@@ -29,7 +29,7 @@ use crate::part::CodecConfig;
 pub const GENERIC_ID: &str = "unimic-entropy-generic-v11";
 
 /// Id of the shipped masked (known-prefix) transformer entropy model.
-pub const MASKED_ID: &str = "unimic-entropy-masked-v9";
+pub const MASKED_ID: &str = "unimic-entropy-masked-v10";
 
 /// Id of the shipped text-conditioned transformer entropy model.
 pub const TEXT_ID: &str = "unimic-entropy-text-v7";

@@ -15,7 +15,7 @@
 //! and payload bytes of each, then one JSON line.
 //!
 //! The models are the shipped manifests `unimic-entropy-generic-v11.json` and
-//! `unimic-entropy-masked-v9.json` in `--models`; the grids must use their codebook (1,024) and
+//! `unimic-entropy-masked-v10.json` in `--models`; the grids must use their codebook (1,024) and
 //! fit their largest side.
 
 use std::net::SocketAddr;
