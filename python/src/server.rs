@@ -23,7 +23,7 @@ use unimic_agents::{
     Agent, AgentError, AgentFuture, Capabilities, Content, Conversation, ImageRef, ReplySink, Role,
     SinkError,
 };
-use unimic_chat::{ServeOptions, TurnLog, TurnOutcome};
+use unimic_chat::{HistoryLimits, ServeOptions, TurnLog, TurnOutcome};
 use unimic_codec::grid::{fill_region, TokenGrid};
 use unimic_codec::tokenizer::{self, ImageTokenizer};
 
@@ -670,7 +670,7 @@ impl Agent for PyAgent {
 /// [`EchoAgent`], a [`LocalAgent`], or `entry(conversation_items, sink) -> awaitable` (the
 /// Python package makes it around a Python agent).
 #[pyfunction]
-#[pyo3(signature = (bridge, addr, agent, models, token=None, cert=None, key=None))]
+#[pyo3(signature = (bridge, addr, agent, models, token=None, cert=None, key=None, history=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn serve<'py>(
     py: Python<'py>,
@@ -681,7 +681,21 @@ pub fn serve<'py>(
     token: Option<Vec<u8>>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    history: Option<(usize, usize)>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let history = match history {
+        None => HistoryLimits::default(),
+        Some((0, _)) | Some((_, 0)) => {
+            return Err(
+                Failure::content("history_turns and history_bytes must be at least 1")
+                    .into_pyerr(py),
+            )
+        }
+        Some((max_turns, max_bytes)) => HistoryLimits {
+            max_turns,
+            max_bytes,
+        },
+    };
     let tls = match (cert, key) {
         (Some(c), Some(k)) => ServerTls::from_pem_files(&c, &k).map_err(|e| {
             Failure::content(format!("cert {} / key {}: {e}", c.display(), k.display()))
@@ -741,13 +755,15 @@ pub fn serve<'py>(
             .map_err(|e| Failure::new("ConnectError", e.to_string()))?;
         let turns: Arc<Mutex<VecDeque<TurnLog>>> = Arc::default();
         let log = turns.clone();
-        let options = ServeOptions::default().on_turn(move |t| {
-            let mut l = lock(&log);
-            if l.len() >= MAX_TURN_LOGS {
-                l.pop_front();
-            }
-            l.push_back(t.clone());
-        });
+        let options = ServeOptions::default()
+            .with_history(history)
+            .on_turn(move |t| {
+                let mut l = lock(&log);
+                if l.len() >= MAX_TURN_LOGS {
+                    l.pop_front();
+                }
+                l.push_back(t.clone());
+            });
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (done_tx, done_rx) = watch::channel(false);
         tokio::spawn(async move {

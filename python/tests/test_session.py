@@ -125,6 +125,24 @@ def test_agent_exceptions_reach_the_client_and_the_session_goes_on():
     run(main())
 
 
+def test_the_agent_sees_the_newest_turns_within_the_history_limits():
+    async def recall(conversation, sink):
+        await sink.text(f"{len(conversation.turns)} {conversation.turns[0].text}")
+
+    async def main():
+        server = await unimic.serve("127.0.0.1:0", recall, history_turns=3)
+        client = await unimic.Client.connect(server.address, pin=server.pin)
+        said = [await client.ask(f"t{i}") for i in range(4)]
+        # t0, its reply, t1, its reply, t2, …: the agent sees the newest three turns.
+        assert said == ["1 t0", "3 t0", "3 t1", "3 t2"]
+        await client.close()
+        await server.close()
+        with pytest.raises(unimic.ContentError, match="at least 1"):
+            await unimic.serve("127.0.0.1:0", recall, history_bytes=0)
+
+    run(main())
+
+
 def test_a_sync_agent_is_refused_with_a_clear_error():
     def not_async(conversation, sink):
         return None

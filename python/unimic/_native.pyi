@@ -147,4 +147,5 @@ def serve(
     token: Optional[bytes] = None,
     cert: Optional[str] = None,
     key: Optional[str] = None,
+    history: Optional[Tuple[int, int]] = None,
 ) -> Awaitable[Server]: ...

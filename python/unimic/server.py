@@ -426,6 +426,8 @@ async def serve(
     models: Union[Models, PathLike, None] = None,
     cert: Optional[PathLike] = None,
     key: Optional[PathLike] = None,
+    history_turns: int = 256,
+    history_bytes: int = 16 << 20,
 ) -> Server:
     """Listens on ``addr`` (``"host:port"``; port 0 picks one) and answers every session with
     ``agent``: an object with an async ``respond(conversation, sink)``, an async function
@@ -433,10 +435,14 @@ async def serve(
     the PEM chain ``cert`` with its private key ``key`` (for example one a CA signed for the
     server's name; clients verify it with ``Client.connect(..., ca=...)``), or without them a
     fresh self-signed one; either way clients may pin :attr:`Server.pin`. With ``token``, only
-    clients that send it are accepted. Returns once listening. Keep the returned
-    :class:`Server`: it stops when it is closed or garbage-collected.
+    clients that send it are accepted. Each session's agent is shown, and the server keeps,
+    the newest turns of its conversation within ``history_turns`` turns and ``history_bytes``
+    bytes (64 per item plus its text, 4 per image token, raw bytes; the turn being answered
+    always stays), so a long session holds bounded memory. Returns once listening. Keep the
+    returned :class:`Server`: it stops when it is closed or garbage-collected.
 
-    Raises :class:`ContentError` for an unreadable ``cert``/``key`` or one without the other."""
+    Raises :class:`ContentError` for an unreadable ``cert``/``key``, one without the other, or
+    a history limit below 1."""
     m = _models(models)
     if isinstance(agent, (EchoAgent, LocalAgent)):
         target: Any = agent._native
@@ -452,5 +458,6 @@ async def serve(
         token,
         None if cert is None else str(cert),
         None if key is None else str(key),
+        (history_turns, history_bytes),
     )
     return Server(native)
