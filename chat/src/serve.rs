@@ -88,8 +88,8 @@ pub struct ServeOptions {
     pub stream_images_after: Option<Duration>,
     /// How much of each session's conversation the agent is shown and the server keeps: the
     /// newest turns within these bounds (default: 256 turns, 16 MiB). Older turns leave, so a
-    /// long session holds bounded memory; an edit or refinement of an image that left is
-    /// answered as of a new image.
+    /// long session holds bounded memory; an agent cannot name an image that has left, and a
+    /// refinement level that arrives for one is dropped.
     pub history: HistoryLimits,
 }
 
@@ -123,6 +123,7 @@ impl ServeOptions {
         self.history = history;
         self
     }
+
     /// Sets [`stream_images_after`](Self::stream_images_after) (`None`: reply images always go
     /// in one chunk).
     pub fn with_stream_images_after(mut self, after: Option<Duration>) -> Self {
